@@ -1,0 +1,66 @@
+"""Plain PyTorch training and evaluation loops, shared by the baseline and fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, inputs) -> loss
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _inputs: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    loss_fn: LossFn = cross_entropy,
+    device: str | torch.device = "cpu",
+) -> list[float]:
+    """Adam on ``dataset`` for ``epochs``; returns the mean loss of each epoch.
+
+    Shuffling is drawn from a generator seeded with ``seed`` so a rerun gives the same model.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    model.to(device).train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    history = []
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            loss = loss_fn(model(inputs), labels, inputs)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(labels)
+            count += len(labels)
+        history.append(total / max(count, 1))
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy in [0, 1]."""
+    model.to(device).eval()
+    correct, count = 0, 0
+    for inputs, labels in DataLoader(dataset, batch_size=batch_size):
+        predictions = model(inputs.to(device)).argmax(dim=1).cpu()
+        correct += int((predictions == labels).sum())
+        count += len(labels)
+    return correct / max(count, 1)

@@ -1,0 +1,27 @@
+"""Compression techniques as plain PyTorch: no Ray, Optuna or MLflow in here."""
+
+from .artifact import load_artifact, read_artifact, save_artifact
+from .base import CompressionContext, Stage, Technique, TechniqueConfig
+from .encoding import TensorEncoding
+from .pipeline import Compressed, Pipeline, compress
+from .pruning import PruningConfig
+from .quantization import QuantizationConfig
+from .registry import REGISTRY, get_technique
+
+__all__ = [
+    "REGISTRY",
+    "Compressed",
+    "CompressionContext",
+    "Pipeline",
+    "PruningConfig",
+    "QuantizationConfig",
+    "Stage",
+    "Technique",
+    "TechniqueConfig",
+    "TensorEncoding",
+    "compress",
+    "get_technique",
+    "load_artifact",
+    "read_artifact",
+    "save_artifact",
+]

@@ -1,0 +1,107 @@
+"""The compressed artifact: one safetensors file, no pickle.
+
+Layout (documented in the README):
+- tensors: for each state entry ``name``, ``name.values`` (dense, or only the
+  nonzeros when sparse), ``name.mask`` (packed bitmask, when sparse) and
+  ``name.scale`` (per-output-channel float32 scales, when int8). Integer buffers
+  are stored as they are under ``name``.
+- metadata ``netshrink``: JSON with the format version, each entry's shape and
+  encoding, and the recipe that produced the model.
+
+Loading rebuilds the model from its factory, resizes layers whose shapes
+changed (structured pruning removes channels) and loads the decoded weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .encoding import TensorEncoding, decode_tensor, encode_tensor
+
+FORMAT = "netshrink-artifact/1"
+
+
+def encode_state(model: nn.Module, encodings: dict[str, TensorEncoding]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and per-entry metadata that store ``model``'s state under ``encodings``."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, Any] = {}
+    for name, value in model.state_dict().items():
+        encoding = encodings.get(name, TensorEncoding())
+        tensors.update(encode_tensor(name, value, encoding))
+        entries[name] = {"shape": list(value.shape), "encoding": encoding.model_dump()}
+    return tensors, entries
+
+
+def save_artifact(path: str | os.PathLike, model: nn.Module, encodings: dict[str, TensorEncoding], recipe: str) -> int:
+    """Write the artifact and return its size in bytes (the file's size, as the OS reports it)."""
+    tensors, entries = encode_state(model, encodings)
+    header = {"format": FORMAT, "entries": entries, "recipe": json.loads(recipe)}
+    save_file(tensors, os.fspath(path), metadata={"netshrink": json.dumps(header, separators=(",", ":"))})
+    return os.path.getsize(path)
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Decoded float state dict and the artifact header."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "netshrink" not in metadata:
+        raise ValueError(f"{path}: not a netshrink artifact (no 'netshrink' metadata)")
+    header = json.loads(metadata["netshrink"])
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported artifact format {header.get('format')!r}, expected {FORMAT!r}")
+    stored = load_file(os.fspath(path))
+    state = {
+        name: decode_tensor(name, stored, tuple(entry["shape"]), TensorEncoding(**entry["encoding"]))
+        for name, entry in header["entries"].items()
+    }
+    return state, header
+
+
+def resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give ``model``'s tensors the shapes in ``state`` and fix the layer attributes that depend on them.
+
+    Structured pruning changes channel counts; the pruned architecture is fully
+    described by the stored shapes, so no pickled module is needed.
+    """
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        changed = False
+        for tensor_name, current in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            stored = state.get(prefix + tensor_name)
+            if stored is None or stored.shape == current.shape:
+                continue
+            replacement = torch.empty(stored.shape, dtype=current.dtype)
+            if isinstance(current, nn.Parameter):
+                setattr(module, tensor_name, nn.Parameter(replacement, requires_grad=current.requires_grad))
+            else:
+                module.register_buffer(tensor_name, replacement)
+            changed = True
+        if changed:
+            _sync_layer_attributes(module)
+
+
+def _sync_layer_attributes(module: nn.Module) -> None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+
+
+def load_artifact(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """Load an artifact into ``model`` (a fresh instance of the original architecture)."""
+    state, header = read_artifact(Path(path))
+    resize_to_state(model, state)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), header

@@ -1,0 +1,83 @@
+"""The contract every compression technique implements.
+
+A technique is a frozen pydantic config (what to do) plus a handler (how to do
+it), in the style of torchao's ``quantize_(model, Config())``. Handlers mutate
+a model that the pipeline has already copied; they never see the caller's model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from .encoding import TensorEncoding
+
+
+class Stage(IntEnum):
+    """Where a technique sits in a pipeline: architecture -> distillation -> pruning -> quantization."""
+
+    ARCHITECTURE = 0
+    DISTILLATION = 1
+    PRUNING = 2
+    QUANTIZATION = 3
+
+
+class TechniqueConfig(BaseModel):
+    """Base of every technique config: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str
+
+    def is_noop(self) -> bool:
+        """True when this config leaves the model as it is (e.g. 32-bit quantization)."""
+        return False
+
+
+FineTune = Callable[[nn.Module], None]
+
+
+@dataclass
+class CompressionContext:
+    """What a handler may use besides the model and its config.
+
+    ``encodings`` is the storage plan: parameter name -> how the artifact stores
+    it. Handlers update it; the artifact writer and the size accounting read it.
+    """
+
+    example_inputs: torch.Tensor
+    encodings: dict[str, TensorEncoding]
+    protected_modules: frozenset[str] = frozenset()
+    fine_tune: FineTune | None = None
+    seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Technique(Protocol):
+    """A registered technique: its config type, its stage and how to apply it."""
+
+    kind: ClassVar[str]
+    config_type: ClassVar[type[TechniqueConfig]]
+    stage: ClassVar[Stage]
+
+    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> None:
+        """Transform ``model`` in place and record the storage plan in ``ctx.encodings``."""
+        ...
+
+
+def compressible_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """Weight tensors of convolutions and linear layers, by parameter name.
+
+    These are the tensors that pruning and quantization act on; biases and
+    normalisation parameters are a rounding error in size and stay float32.
+    """
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            found[f"{name}.weight" if name else "weight"] = module
+    return found

@@ -1,0 +1,134 @@
+"""A pipeline: an ordered list of technique configs, and the function that applies it.
+
+The pipeline's JSON is the *recipe*: MLflow stores it and export replays it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Annotated, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .base import CompressionContext, FineTune, TechniqueConfig
+from .encoding import TensorEncoding
+from .registry import REGISTRY
+
+Step = Annotated[
+    Union[tuple(technique.config_type for technique in REGISTRY.values())],  # type: ignore[valid-type]
+    Field(discriminator="kind"),
+]
+
+
+class Pipeline(BaseModel):
+    """Techniques in application order: architecture -> distillation -> pruning -> quantization."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: list[Step] = Field(default_factory=list)
+
+    @field_validator("steps")
+    @classmethod
+    def _order(cls, steps: list[TechniqueConfig]) -> list[TechniqueConfig]:
+        kinds = [step.kind for step in steps]
+        for kind in set(kinds):
+            if kinds.count(kind) > 1:
+                raise ValueError(f"technique {kind!r} appears {kinds.count(kind)} times; each technique may appear once")
+        stages = [REGISTRY[kind].stage for kind in kinds]
+        for (before, after), (kind_a, kind_b) in zip(zip(stages, stages[1:]), zip(kinds, kinds[1:])):
+            if after < before:
+                raise ValueError(
+                    f"{kind_b!r} cannot come after {kind_a!r}: the order is architecture -> distillation -> pruning -> quantization"
+                )
+        return steps
+
+    def recipe(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_recipe(cls, recipe: str) -> "Pipeline":
+        return cls.model_validate_json(recipe)
+
+    def active_steps(self) -> list[TechniqueConfig]:
+        return [step for step in self.steps if not step.is_noop()]
+
+    def describe(self) -> str:
+        """One line for tables: ``pruning(channel, ratio=0.52) + quantization(bits=8)``."""
+        if not self.active_steps():
+            return "uncompressed"
+        parts = []
+        for step in self.active_steps():
+            fields = [
+                f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                for key, value in step.model_dump(exclude={"kind"}).items()
+            ]
+            parts.append(f"{step.kind}({', '.join(fields)})")
+        return " + ".join(parts)
+
+
+@dataclass
+class Compressed:
+    model: nn.Module
+    encodings: dict[str, TensorEncoding]
+    pipeline: Pipeline
+
+
+def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> frozenset[str]:
+    """Names of the layers that produce the model's outputs (their output size is the class count)."""
+    order: list[str] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name))
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return frozenset(order[-1:])
+
+
+def compress(
+    model: nn.Module,
+    pipeline: Pipeline,
+    example_inputs: torch.Tensor,
+    *,
+    fine_tune: FineTune | None = None,
+    seed: int = 0,
+) -> Compressed:
+    """Apply ``pipeline`` to a copy of ``model``, fine-tune, and bake the result.
+
+    The caller's model is never mutated. After this returns, the model's weights
+    are exactly the values the artifact stores (masks and fake quantization are
+    folded in), so evaluating it evaluates the artifact.
+    """
+    torch.manual_seed(seed)
+    model = copy.deepcopy(model)
+    ctx = CompressionContext(
+        example_inputs=example_inputs,
+        encodings={},
+        protected_modules=output_layers(model, example_inputs),
+        fine_tune=fine_tune,
+        seed=seed,
+    )
+    active = pipeline.active_steps()
+    for step in active:
+        REGISTRY[step.kind].apply(model, step, ctx)
+    if active and fine_tune is not None:
+        fine_tune(model)
+    bake_parametrizations(model)
+    return Compressed(model=model.eval(), encodings=ctx.encodings, pipeline=pipeline)
+
+
+def bake_parametrizations(model: nn.Module) -> None:
+    """Replace every parametrized tensor by its current parametrized value."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
