@@ -1,0 +1,90 @@
+"""The ``netshrink`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from netshrink.errors import UserError
+
+app = typer.Typer(
+    help="Find the best way to compress a neural network: a multi-objective search over "
+    "compression pipelines (pruning, quantization, ...), run on Ray Tune, steered by Optuna, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (CI logs, `| tee`) gets a wide console so the front table does not fold.
+console = Console(width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+@app.command()
+def search(
+    config: Path = typer.Argument(..., help="Experiment YAML file (see spaces/digits.yaml for a commented example)."),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Number of trials; overrides search.trials."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Trials run at once; overrides search.max_concurrent."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join, e.g. 'auto' or 'ray://head:10001'. Default: start a local Ray."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI; overrides tracking_uri. Default: sqlite mlflow.db here."),
+) -> None:
+    """Run a compression search and print the Pareto front of accuracy, size and latency.
+
+    The baseline model is trained once per task and cached in .netshrink/. Every
+    trial samples a pipeline, applies it to the baseline, fine-tunes, and
+    measures validation accuracy, the compressed file's size and ONNX Runtime
+    latency. All of it goes to MLflow: a parent run per search, a child per trial.
+    """
+    from netshrink.config import load_experiment
+
+    experiment = load_experiment(config)
+    from netshrink.search.runner import Overrides, run_search
+
+    run_search(experiment, config, Overrides(trials=trials, concurrency=concurrency, address=address, tracking_uri=tracking_uri), console=console)
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="Experiment YAML file.")) -> None:
+    """Check an experiment file without running anything; lists every problem at once."""
+    from netshrink.config import load_experiment
+
+    experiment = load_experiment(config)
+    names = experiment.space.searched_names()
+    console.print(f"{config}: valid. Searched knobs ({len(names)}): {', '.join(names) or 'none'}")
+
+
+@app.command()
+def front(
+    experiment: str = typer.Option(..., "--experiment", "-e", help="MLflow experiment name (the 'name' in the experiment file)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI. Default: sqlite mlflow.db here."),
+    search_run: Optional[str] = typer.Option(None, "--search", help="Parent run id of one search. Default: the latest search."),
+    as_json: bool = typer.Option(False, "--json", help="Print the front as JSON (run_id, accuracy, size_bytes, latency_ms, recipe, ...)."),
+) -> None:
+    """Print the Pareto front of a finished (or running) search, read back from MLflow."""
+    from netshrink.search.report import load_front
+
+    result = load_front(experiment, tracking_uri, search_run)
+    from netshrink.search.front import front_json, print_front
+
+    if as_json:
+        print(front_json(result.front, result.baseline))
+    else:
+        print_front(result.front, result.baseline, title=f"Pareto front of {experiment!r} (search {result.parent_run_id})", console=console)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as error:
+        errors.print(f"[bold red]error:[/bold red] {error.render()}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The experiment file: one YAML document, validated whole before anything expensive starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from netshrink.errors import UserError, describe_validation_error
+from netshrink.spaces import SearchSpace
+
+# Direction of each metric a search can optimise; fixed, because e.g. minimising accuracy is never meant.
+OBJECTIVES: dict[str, Literal["max", "min"]] = {"accuracy": "max", "size_bytes": "min", "latency_ms": "min"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainSettings(Strict):
+    """How the baseline is trained (and cached: the same settings never train twice)."""
+
+    epochs: int = Field(30, ge=1, le=10_000)
+    lr: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class FinetuneSettings(Strict):
+    """How each trial fine-tunes its compressed model."""
+
+    epochs: int = Field(3, ge=0, le=10_000)
+    lr: float = Field(5e-4, gt=0, le=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class TaskConfig(Strict):
+    dataset: str = Field("digits", description="built-in name (digits) or 'package.module:factory'")
+    dataset_args: dict[str, Any] = Field(default_factory=dict)
+    model: str = Field("lenet5", description="built-in name (lenet5) or 'package.module:factory'")
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @field_validator("dataset", "model")
+    @classmethod
+    def _reference_shape(cls, value: str) -> str:
+        if ":" in value and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            raise ValueError(f"must be a built-in name or 'package.module:factory', got {value!r}")
+        return value
+
+
+class SearchSettings(Strict):
+    trials: int = Field(24, ge=1, le=100_000)
+    max_concurrent: int = Field(2, ge=1)
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    population_size: int = Field(8, ge=2, description="NSGA-II generation size")
+    seed: int = 0
+
+
+class Resources(Strict):
+    """Per trial; fractions are allowed (e.g. gpu: 0.25 puts four trials on one card)."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class MeasureSettings(Strict):
+    """Latency: median of ``repeats`` batch-1 runs on ONNX Runtime CPU after ``warmup`` runs."""
+
+    threads: int = Field(1, ge=1, le=256)
+    warmup: int = Field(50, ge=0)
+    repeats: int = Field(300, ge=5)
+
+
+class Experiment(Strict):
+    name: str = Field(description="MLflow experiment name")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    objectives: list[str] = Field(default_factory=lambda: list(OBJECTIVES))
+    min_accuracy: float | None = Field(None, gt=0, le=1, description="points below it never enter the front")
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    resources: Resources = Field(default_factory=Resources)
+    measure: MeasureSettings = Field(default_factory=MeasureSettings)
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite mlflow.db in the working directory")
+    space: SearchSpace = Field(description="techniques to search and the ranges of their knobs")  # type: ignore[valid-type]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,127}", value):
+            raise ValueError("must start with a letter or digit and use only letters, digits, space, '_', '-', '.'")
+        return value
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in OBJECTIVES]
+        if unknown:
+            raise ValueError(f"unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
+        if len(set(value)) != len(value) or not value:
+            raise ValueError("list each objective once, at least one")
+        return value
+
+    @model_validator(mode="after")
+    def _space_not_empty(self) -> "Experiment":
+        if not self.space.techniques():
+            raise ValueError("space: lists no technique; add at least one (e.g. pruning:)")
+        return self
+
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[name] for name in self.objectives]
+
+
+def baseline_key(task: TaskConfig) -> str:
+    """Cache key of the trained baseline: a hash of everything that determines it."""
+    canonical = json.dumps(task.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment file; every problem is reported at once as a ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"experiment file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: must be a YAML mapping with at least 'name' and 'space'")
+    try:
+        experiment = Experiment.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(describe_validation_error(error), title=f"{path}: invalid experiment file") from None
+    check_references(experiment, search_path=str(path.resolve().parent))
+    return experiment
+
+
+def check_references(experiment: Experiment, search_path: str) -> None:
+    """Import ``module:factory`` references now, so a typo fails before Ray starts."""
+    from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, resolve_factory
+
+    problems = []
+    for field, builtins in (("dataset", BUILTIN_DATASETS), ("model", BUILTIN_MODELS)):
+        try:
+            resolve_factory(getattr(experiment.task, field), builtins, search_path)
+        except ValueError as error:
+            problems.append(f"task.{field}: {error}")
+    if problems:
+        raise UserError(problems, title="invalid experiment file")

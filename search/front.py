@@ -1,0 +1,87 @@
+"""The Pareto front of finished trials, and how it is shown."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    run_id: str
+    name: str
+    accuracy: float
+    size_bytes: float
+    latency_ms: float
+    recipe: str  # the pipeline JSON
+    summary: str  # the pipeline in one line
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def value(self, objective: str) -> float:
+        return getattr(self, objective)
+
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
+    """``a`` is at least as good as ``b`` everywhere and better somewhere."""
+    better = False
+    for x, y, direction in zip(a, b, directions):
+        if direction == "max":
+            x, y = -x, -y
+        if x > y:
+            return False
+        if x < y:
+            better = True
+    return better
+
+
+def pareto_front(points: list[TrialPoint], objectives: list[str], directions: list[str], min_accuracy: float | None = None) -> list[TrialPoint]:
+    """Non-dominated points, best accuracy first. Points under ``min_accuracy`` are not eligible."""
+    eligible = [p for p in points if min_accuracy is None or p.accuracy >= min_accuracy]
+    values = [[p.value(o) for o in objectives] for p in eligible]
+    front = [p for i, p in enumerate(eligible) if not any(dominates(values[j], values[i], directions) for j in range(len(eligible)) if j != i)]
+    return sorted(front, key=lambda p: (-p.accuracy, p.size_bytes, p.latency_ms))
+
+
+def _size(num_bytes: float) -> str:
+    for unit, scale in (("MB", 1e6), ("KB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
+def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("trial", "left"), ("accuracy", "right"), ("size", "right"), ("x smaller", "right"), ("latency ms", "right"), ("x faster", "right"), ("recipe", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    if baseline:
+        table.add_row("baseline", f"{baseline['accuracy']:.2%}", _size(baseline["size_bytes"]), "1.0", f"{baseline['latency_ms']:.4f}", "1.0", "uncompressed", style="dim")
+    for point in front:
+        smaller = f"{baseline['size_bytes'] / point.size_bytes:.1f}" if baseline else "-"
+        faster = f"{baseline['latency_ms'] / point.latency_ms:.2f}" if baseline else "-"
+        table.add_row(point.name, f"{point.accuracy:.2%}", _size(point.size_bytes), smaller, f"{point.latency_ms:.4f}", faster, point.summary)
+    return table
+
+
+def print_front(front: list[TrialPoint], baseline: dict[str, float] | None, title: str, console: Console | None = None) -> None:
+    console = console or Console()
+    if not front:
+        console.print("[yellow]No finished trial is on the front (none finished, or none reached min_accuracy).[/yellow]")
+        return
+    console.print(front_table(front, baseline, title))
+    console.print("latency: median batch-1 ONNX Runtime CPU time; size: bytes of the compressed artifact file")
+
+
+def front_json(front: list[TrialPoint], baseline: dict[str, float] | None) -> str:
+    rows = []
+    for point in front:
+        row = asdict(point)
+        row["recipe"] = json.loads(point.recipe)
+        if baseline:
+            row["size_ratio"] = baseline["size_bytes"] / point.size_bytes
+            row["speedup"] = baseline["latency_ms"] / point.latency_ms
+        rows.append(row)
+    return json.dumps(rows, indent=2)

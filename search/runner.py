@@ -1,0 +1,273 @@
+"""``netshrink search``: baseline, then Ray Tune trials steered by Optuna, then the Pareto front in MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from netshrink.config import Experiment
+from netshrink.spaces import SearchSpace
+
+from .baseline import prepare_baseline
+from .front import TrialPoint, front_json, pareto_front, print_front
+from .tracking import PARETO_TAG, RECIPE_TAG, SUMMARY_TAG, Tracker, default_tracking_uri, is_local
+from .trial import TrialSetup, run_trial
+
+STATE_DIR = ".netshrink"
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line values that replace the experiment file's."""
+
+    trials: int | None = None
+    concurrency: int | None = None
+    address: str | None = None
+    tracking_uri: str | None = None
+
+
+@dataclass
+class SearchResult:
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    study_name: str
+    optuna_storage: str
+    front: list[TrialPoint]
+    points: list[TrialPoint]
+    failed: int
+    baseline: dict[str, float]
+    seconds: float
+
+
+class SpaceSampler:
+    """Define-by-run function for ``OptunaSearch``: samples a pipeline and hands the trial its recipe.
+
+    Returning the recipe (instead of letting each trial rebuild it) means the
+    pipeline is validated once, in the driver, and the trial replays exactly it.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:  # type: ignore[valid-type]
+        self.space = space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        pipeline = self.space.sample(trial)
+        return {"recipe": pipeline.recipe(), "optuna_trial": trial.number}
+
+
+def make_sampler(experiment: Experiment):
+    import optuna
+
+    settings = experiment.search
+    if settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=settings.population_size, seed=settings.seed)
+    if settings.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=settings.seed)
+
+
+def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
+    """Next to the MLflow store when that is a local SQLite file, else in the state folder."""
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    return f"sqlite:///{(state_dir / 'optuna.db').resolve()}"
+
+
+def collect_points(tracker: Tracker, experiment_id: str, parent_run_id: str | None = None) -> tuple[list[TrialPoint], int]:
+    """Finished trials of one search (or of all searches) as points, and the count of failed ones."""
+    points, failed = [], 0
+    for run in tracker.trial_runs(experiment_id, parent_run_id):
+        metrics = run.data.metrics
+        if run.info.status != "FINISHED" or not {"accuracy", "size_bytes", "latency_ms"} <= metrics.keys():
+            failed += run.info.status == "FAILED"
+            continue
+        points.append(
+            TrialPoint(
+                run_id=run.info.run_id,
+                name=run.info.run_name,
+                accuracy=metrics["accuracy"],
+                size_bytes=metrics["size_bytes"],
+                latency_ms=metrics["latency_ms"],
+                recipe=run.data.tags.get(RECIPE_TAG, "{}"),
+                summary=run.data.tags.get(SUMMARY_TAG, ""),
+                extra={k: v for k, v in metrics.items() if k not in {"accuracy", "size_bytes", "latency_ms"}},
+            )
+        )
+    return points, failed
+
+
+def run_search(experiment: Experiment, config_path: Path, overrides: Overrides = Overrides(), console: Console | None = None) -> SearchResult:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    console = console or Console()
+    started = time.time()
+    workdir = Path.cwd()
+    state_dir = workdir / STATE_DIR
+    search_path = str(config_path.resolve().parent)
+    trials = overrides.trials or experiment.search.trials
+    concurrency = overrides.concurrency or experiment.search.max_concurrent
+    tracking_uri = overrides.tracking_uri or experiment.tracking_uri or default_tracking_uri(workdir)
+
+    baseline = prepare_baseline(experiment, state_dir / "baselines", search_path, log=console.print)
+    b = baseline.metrics
+    console.print(
+        f"Baseline: accuracy {b['accuracy']:.2%}, {b['size_bytes'] / 1e6:.3f} MB, {b['latency_ms']:.4f} ms "
+        f"({int(b['parameters']):,} parameters)"
+    )
+
+    tracker = Tracker(tracking_uri)
+    experiment_id = tracker.experiment_id(experiment.name)
+    storage_url = optuna_storage_url(tracking_uri, state_dir)
+    state_dir.mkdir(exist_ok=True)
+    run_name = time.strftime("search-%Y%m%d-%H%M%S")
+    parent = tracker.start_search(
+        experiment_id,
+        run_name,
+        params={"config": experiment.model_dump(mode="json", exclude={"space"}), "trials": trials, "concurrency": concurrency},
+        tags={"optuna.storage": storage_url, "config_file": str(config_path)},
+    )
+    study_name = f"{experiment.name}/{parent}"
+    tracker.log(parent, metrics={f"baseline_{key}": value for key, value in b.items()}, tags={
+            "optuna.study_name": study_name,
+            "objectives": json.dumps(experiment.objectives),
+            "min_accuracy": "" if experiment.min_accuracy is None else str(experiment.min_accuracy),
+        },
+    )
+    tracker.client.log_text(parent, config_path.read_text(), "experiment.yaml")
+    console.print(f"MLflow: experiment {experiment.name!r}, search run {parent} at {tracking_uri}")
+    console.print(f"Optuna: study {study_name!r} in {storage_url}")
+
+    setup = TrialSetup(
+        task=experiment.task,
+        finetune=experiment.finetune,
+        measure=experiment.measure,
+        seed=experiment.search.seed,
+        cpus=experiment.resources.cpu,
+        search_path=search_path,
+        baseline_weights=baseline.artifact.read_bytes(),
+        baseline_metrics=b,
+        tracking_uri=tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(
+        space=SpaceSampler(experiment.space),
+        metric=list(experiment.objectives),
+        mode=experiment.directions(),
+        sampler=make_sampler(experiment),
+        storage=optuna.storages.RDBStorage(storage_url),
+        study_name=study_name,
+    )
+
+    failed_run = True
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        ray.init(
+            address=overrides.address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [search_path, os.environ.get("PYTHONPATH")]))}},
+        )
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, setup=setup),
+            {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(
+                name=run_name,
+                storage_path=str((state_dir / "ray").resolve()),
+                verbose=0,
+                callbacks=[progress_printer(trials, b)],
+            ),
+        )
+        console.print(f"Running {trials} trials, {concurrency} at a time ...")
+        tuner.fit()
+        failed_run = False
+    finally:
+        if owns_ray:
+            ray.shutdown()
+        if failed_run:
+            tracker.finish(parent, failed=True)
+
+    points, failed = collect_points(tracker, experiment_id, parent)
+    front = pareto_front(points, experiment.objectives, experiment.directions(), experiment.min_accuracy)
+    on_front = {p.run_id for p in front}
+    for point in points:
+        tracker.client.set_tag(point.run_id, PARETO_TAG, "true" if point.run_id in on_front else "false")
+    tracker.log(parent, metrics={"trials_finished": len(points), "trials_failed": failed, "front_size": len(front)})
+    tracker.client.log_text(parent, front_json(front, b), "front.json")
+    tracker.finish(parent)
+    seconds = time.time() - started
+    print_front(front, b, title=f"Pareto front of {experiment.name!r}: {len(front)} of {len(points)} finished trials ({failed} failed), {seconds:.0f} s", console=console)
+    if is_local(tracking_uri):
+        console.print(f"Browse it: mlflow ui --backend-store-uri {tracking_uri}")
+    return SearchResult(
+        parent_run_id=parent,
+        experiment_id=experiment_id,
+        tracking_uri=tracking_uri,
+        study_name=study_name,
+        optuna_storage=storage_url,
+        front=front,
+        points=points,
+        failed=failed,
+        baseline=b,
+        seconds=seconds,
+    )
+
+
+def progress_printer(total: int, baseline: dict[str, float]):
+    """Tune callback printing one line per finished or failed trial (Tune pickles it: it holds no console)."""
+    from ray.tune import Callback
+    from rich import get_console
+
+    class ProgressPrinter(Callback):
+        def __init__(self) -> None:
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            r = trial.last_result or {}
+            if "accuracy" not in r:
+                return
+            get_console().print(
+                f"[{self.done}/{total}] acc {r['accuracy']:.2%}  size {r['size_bytes'] / 1e3:.1f} KB "
+                f"({baseline['size_bytes'] / r['size_bytes']:.1f}x smaller)  latency {r['latency_ms']:.4f} ms "
+                f"({baseline['latency_ms'] / r['latency_ms']:.2f}x)  {_describe(trial.config.get('recipe'))}",
+                highlight=False,
+            )
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            get_console().print(f"[{self.done}/{total}] [red]trial failed[/red]: {_first_error_line(trial)}", highlight=False)
+
+    return ProgressPrinter()
+
+
+def _describe(recipe: str | None) -> str:
+    from netshrink.techniques import Pipeline
+
+    return Pipeline.from_recipe(recipe).describe() if recipe else ""
+
+
+def _first_error_line(trial) -> str:
+    try:
+        text = Path(trial.error_file).read_text().strip().splitlines()
+        return text[-1] if text else "see the Ray trial folder"
+    except (OSError, TypeError):
+        return "see the Ray trial folder"

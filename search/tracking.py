@@ -1,0 +1,110 @@
+"""MLflow layout: one experiment per experiment name, a parent run per search, a child run per trial.
+
+Children are created from Ray workers with ``mlflow.parentRunId`` set, so the
+MLflow UI nests them under their search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+ROLE_TAG = "netshrink.role"
+PARENT_TAG = "mlflow.parentRunId"
+PARETO_TAG = "pareto"
+RECIPE_FILE = "recipe.json"
+RECIPE_TAG = "recipe"  # the pipeline JSON, also kept as a tag so the front needs no artifact downloads
+SUMMARY_TAG = "recipe_summary"  # the pipeline in one line
+
+
+def default_tracking_uri(workdir: Path | None = None) -> str:
+    """A SQLite store in the working directory (MLflow's file store is deprecated)."""
+    return f"sqlite:///{(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    """Thin, explicit wrapper over ``MlflowClient`` (no fluent global state; safe in Ray workers)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def experiment_id(self, name: str, create: bool = True) -> str | None:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        if not create:
+            return None
+        location = None
+        if is_local(self.uri):
+            # Without an explicit location MLflow resolves artifacts relative to each process's
+            # working directory; Ray workers run in trial folders, so pin it down.
+            store = Path(self.uri.removeprefix("sqlite:///")).parent if self.uri.startswith("sqlite:") else Path.cwd()
+            location = (store / "mlartifacts").resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_search(self, experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = self.client.create_run(experiment_id, run_name=run_name, tags={ROLE_TAG: "search", **tags})
+        self.log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def start_trial(self, experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(
+            experiment_id, run_name=run_name, tags={ROLE_TAG: "trial", PARENT_TAG: parent_run_id, **tags}
+        )
+        return run.info.run_id
+
+    def log(self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        # MLflow caps a param value at 6000 characters and a batch at 100 params
+        param_items = [Param(key, str(value)[:6000]) for key, value in flatten(params or {}).items()]
+        for start in range(0, max(len(param_items), 1), 100):
+            self.client.log_batch(
+                run_id,
+                params=param_items[start : start + 100],
+                metrics=[Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()] if start == 0 else [],
+                tags=[RunTag(key, str(value)) for key, value in (tags or {}).items()] if start == 0 else [],
+            )
+
+    def log_json(self, run_id: str, payload: Any, name: str) -> None:
+        self.client.log_text(run_id, json.dumps(payload, indent=2), name)
+
+    def log_file(self, run_id: str, path: str | os.PathLike, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, os.fspath(path), folder)
+
+    def finish(self, run_id: str, failed: bool = False) -> None:
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def trial_runs(self, experiment_id: str, parent_run_id: str | None = None) -> list:
+        query = f"tags.{ROLE_TAG} = 'trial'"
+        if parent_run_id:
+            query += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
+        return self.client.search_runs([experiment_id], filter_string=query, max_results=50_000)
+
+    def latest_search(self, experiment_id: str):
+        runs = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.{ROLE_TAG} = 'search'", order_by=["attributes.start_time DESC"], max_results=1
+        )
+        return runs[0] if runs else None

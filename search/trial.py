@@ -1,0 +1,120 @@
+"""One trial: replay a sampled recipe on the baseline, fine-tune, measure, report, log.
+
+Everything measured comes from the artifact the trial wrote: the model is
+reloaded from that file before accuracy and latency are taken, so the numbers
+describe exactly what export ships.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from netshrink.config import FinetuneSettings, MeasureSettings, TaskConfig
+from netshrink.tasks import build_model, example_inputs, load_data
+from netshrink.techniques import Pipeline, compress, load_artifact, save_artifact
+from netshrink.training import accuracy, train
+
+from .measure import LatencySettings, export_onnx, measure_latency_ms
+from .tracking import RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, Tracker
+
+ARTIFACT_FILE = "compressed.safetensors"
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a search shares; shipped to the workers once through Ray's object store."""
+
+    task: TaskConfig
+    finetune: FinetuneSettings
+    measure: MeasureSettings
+    seed: int
+    cpus: float
+    search_path: str
+    baseline_weights: bytes  # the baseline artifact file, so remote nodes need no shared disk
+    baseline_metrics: dict[str, float]
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dict[str, float]:
+    """Compress, fine-tune and measure; returns the trial's metrics. Plain function: no Ray, no MLflow."""
+    torch.set_num_threads(max(1, int(setup.cpus)))
+    task = setup.task
+    data = load_data(task.dataset, task.dataset_args, setup.search_path)
+    baseline_file = workdir / "baseline.safetensors"
+    baseline_file.write_bytes(setup.baseline_weights)
+    fresh = partial(build_model, task.model, task.model_args, data, setup.search_path)
+    baseline = load_artifact(baseline_file, fresh())[0]
+    example = example_inputs(data)
+    fine_tune = partial(
+        train, dataset=data.train, epochs=setup.finetune.epochs, lr=setup.finetune.lr, batch_size=setup.finetune.batch_size, seed=setup.seed
+    )
+    compressed = compress(baseline, pipeline, example, fine_tune=lambda model: fine_tune(model), seed=setup.seed)
+
+    artifact = workdir / ARTIFACT_FILE
+    size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, pipeline.recipe())
+    restored = load_artifact(artifact, fresh())[0]
+    onnx_bytes = export_onnx(restored, example, workdir / ONNX_FILE, compressed.encodings)
+    latency = measure_latency_ms(workdir / ONNX_FILE, data.input_shape, LatencySettings(**setup.measure.model_dump()))
+    metrics = {
+        "accuracy": accuracy(restored, data.val),
+        "test_accuracy": accuracy(restored, data.test),
+        "size_bytes": float(size_bytes),
+        "latency_ms": latency,
+        "onnx_bytes": float(onnx_bytes),
+        "parameters": float(sum(p.numel() for p in restored.parameters())),
+        "nonzero_parameters": float(sum(int((p != 0).sum()) for p in restored.parameters())),
+    }
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"non-finite metrics: {bad}")
+    base = setup.baseline_metrics
+    metrics["size_ratio"] = base["size_bytes"] / metrics["size_bytes"]
+    metrics["speedup"] = base["latency_ms"] / metrics["latency_ms"]
+    metrics["accuracy_delta"] = metrics["accuracy"] - base["accuracy"]
+    return metrics
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Ray Tune function trainable: one child MLflow run, one report with all objectives."""
+    from ray import tune
+
+    pipeline = Pipeline.from_recipe(config["recipe"])
+    number = int(config.get("optuna_trial", -1))
+    params = {key: value for key, value in config.items() if key not in {"recipe", "optuna_trial"}}
+    tracker = Tracker(setup.tracking_uri)
+    run_id = tracker.start_trial(
+        setup.experiment_id,
+        setup.parent_run_id,
+        run_name=f"trial-{number:03d}",
+        tags={
+            "optuna_trial": str(number),
+            "ray_trial_id": tune.get_context().get_trial_id() or "",
+            RECIPE_TAG: pipeline.recipe(),
+            SUMMARY_TAG: pipeline.describe(),
+        },
+    )
+    try:
+        tracker.log(run_id, params=params)
+        tracker.log_json(run_id, pipeline.model_dump(mode="json"), RECIPE_FILE)
+        trial_dir = tune.get_context().get_trial_dir()
+        workdir = Path(trial_dir) if trial_dir else Path(tempfile.mkdtemp(prefix="netshrink-trial-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        metrics = evaluate_recipe(setup, pipeline, workdir)
+        tracker.log(run_id, metrics=metrics)
+        tracker.log_file(run_id, workdir / ARTIFACT_FILE)
+    except BaseException as error:
+        tracker.log(run_id, tags={"error": f"{type(error).__name__}: {error}"[:5000]})
+        tracker.finish(run_id, failed=True)
+        raise
+    tracker.finish(run_id)
+    tune.report({**metrics, "mlflow_run_id": run_id})

@@ -1,0 +1,114 @@
+"""The search space: per technique an on/off switch and its knobs.
+
+The schema is generated from the technique registry: each technique's space
+accepts exactly the fields of its config, and each knob is checked against
+that field's own constraints. Adding a technique needs no change here.
+
+YAML::
+
+    space:
+      pruning:
+        enabled: search            # search (the sampler decides) | true | false
+        granularity: [weight, channel]
+        ratio: {low: 0.2, high: 0.9}
+      quantization:
+        bits: [16, 8]
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
+
+from netshrink.techniques import REGISTRY, Pipeline, TechniqueConfig
+
+from .knobs import Choice, Fixed, Knob, Range, Trial, parse_knob
+
+def _parse_switch(value: Any) -> Any:
+    if value == "search" or isinstance(value, bool):
+        return value
+    raise ValueError(f"must be 'search' (the sampler decides), true or false, got {value!r}")
+
+
+Switch = Annotated[Literal["search"] | bool, BeforeValidator(_parse_switch)]
+
+
+class TechniqueSpace(BaseModel):
+    """Base of the generated per-technique spaces."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    enabled: Switch = Field("search", description="search: the sampler switches it on or off; true/false: always/never")
+
+    def knobs(self) -> dict[str, Knob]:
+        return {name: getattr(self, name) for name in type(self).model_fields if name != "enabled"}
+
+
+def _technique_space_model(kind: str) -> type[TechniqueSpace]:
+    technique = REGISTRY[kind]
+    config_type: type[TechniqueConfig] = technique.config_type
+    defaults = getattr(technique, "default_space", {})
+    fields: dict[str, Any] = {}
+    for name, info in config_type.model_fields.items():
+        if name == "kind":
+            continue
+        default = parse_knob(defaults[name], info) if name in defaults else Fixed(info.default)
+        fields[name] = (
+            Annotated[Knob, BeforeValidator(partial(parse_knob, field=info))],
+            Field(default, description=info.description),
+        )
+    return create_model(f"{config_type.__name__.removesuffix('Config')}Space", __base__=TechniqueSpace, **fields)
+
+
+TECHNIQUE_SPACES: dict[str, type[TechniqueSpace]] = {kind: _technique_space_model(kind) for kind in REGISTRY}
+# Generated classes must be importable by name: Ray pickles the searcher, and with it the space.
+globals().update({model.__name__: model for model in TECHNIQUE_SPACES.values()})
+
+
+class _SearchSpaceBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_defaults(cls, data: Any) -> Any:
+        # ``pruning:`` with nothing under it in YAML means "search it with the default knobs".
+        if isinstance(data, dict):
+            return {key: ({} if value is None else value) for key, value in data.items()}
+        return data
+
+    def techniques(self) -> dict[str, TechniqueSpace]:
+        """Listed techniques in pipeline order."""
+        listed = {kind: getattr(self, kind) for kind in type(self).model_fields if getattr(self, kind) is not None}
+        return dict(sorted(listed.items(), key=lambda item: REGISTRY[item[0]].stage))
+
+    def sample(self, trial: Trial) -> Pipeline:
+        """Define-by-run: ask ``trial`` for each knob (``<technique>/<field>``) and build the pipeline."""
+        steps = []
+        for kind, space in self.techniques().items():
+            enabled = space.enabled
+            if enabled == "search":
+                enabled = trial.suggest_categorical(f"{kind}/enabled", [True, False])
+            if not enabled:
+                continue
+            values = {name: knob.suggest(trial, f"{kind}/{name}") for name, knob in space.knobs().items()}
+            steps.append(REGISTRY[kind].config_type(**values))
+        return Pipeline(steps=steps)
+
+    def searched_names(self) -> list[str]:
+        """Parameter names the sampler may ask for."""
+        names = []
+        for kind, space in self.techniques().items():
+            if space.enabled == "search":
+                names.append(f"{kind}/enabled")
+            if space.enabled is not False:
+                names += [f"{kind}/{name}" for name, knob in space.knobs().items() if isinstance(knob, (Choice, Range))]
+        return names
+
+
+SearchSpace: type[_SearchSpaceBase] = create_model(
+    "SearchSpace",
+    __base__=_SearchSpaceBase,
+    **{kind: (Optional[model], None) for kind, model in TECHNIQUE_SPACES.items()},
+)
