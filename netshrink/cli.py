@@ -43,7 +43,9 @@ def search(
     experiment = load_experiment(config)
     from netshrink.search.runner import Overrides, run_search
 
-    run_search(experiment, config, Overrides(trials=trials, concurrency=concurrency, address=address, tracking_uri=tracking_uri), console=console)
+    result = run_search(experiment, config, Overrides(trials=trials, concurrency=concurrency, address=address, tracking_uri=tracking_uri), console=console)
+    if not result.points:
+        raise typer.Exit(code=1)  # every trial failed: nothing to show, and scripts should notice
 
 
 @app.command()

@@ -31,12 +31,12 @@ def is_local(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
-def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(nested: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in nested.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}{sep}", sep))
         else:
             flat[name] = value
     return flat

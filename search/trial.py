@@ -22,7 +22,7 @@ from netshrink.techniques import Pipeline, compress, load_artifact, save_artifac
 from netshrink.training import accuracy, train
 
 from .measure import LatencySettings, export_onnx, measure_latency_ms
-from .tracking import RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, Tracker
+from .tracking import RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, Tracker, flatten
 
 ARTIFACT_FILE = "compressed.safetensors"
 ONNX_FILE = "model.onnx"
@@ -90,7 +90,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     pipeline = Pipeline.from_recipe(config["recipe"])
     number = int(config.get("optuna_trial", -1))
-    params = {key: value for key, value in config.items() if key not in {"recipe", "optuna_trial"}}
+    # Ray hands define-by-run values back nested ({"pruning": {"ratio": ...}}); log them under Optuna's names.
+    params = flatten({key: value for key, value in config.items() if key not in {"recipe", "optuna_trial"}}, sep="/")
     tracker = Tracker(setup.tracking_uri)
     run_id = tracker.start_trial(
         setup.experiment_id,

@@ -1,0 +1,156 @@
+"""Real local Ray, Optuna and SQLite MLflow, driven through the CLI as a user would, on a small budget."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from netshrink.search.front import TrialPoint, pareto_front
+from netshrink.techniques import Pipeline
+
+TRIALS = 4
+EXPERIMENT = f"""
+name: e2e
+task:
+  dataset_args: {{image_size: 16}}
+  train: {{epochs: 3}}
+finetune: {{epochs: 1}}
+search: {{trials: {TRIALS}, max_concurrent: 2, sampler: random, seed: 3}}
+measure: {{warmup: 10, repeats: 50}}
+space:
+  pruning: {{ratio: {{low: 0.3, high: 0.8}}}}
+  quantization: {{bits: [16, 8]}}
+"""
+
+
+def netshrink(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "netshrink.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("search")
+    (workdir / "exp.yaml").write_text(textwrap.dedent(EXPERIMENT))
+    result = netshrink("search", "exp.yaml", cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("netshrink.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("netshrink.role") == "trial"]
+    return workdir, result, client, parents, children
+
+
+def test_cli_prints_progress_and_the_front(finished_search):
+    _, result, _, _, children = finished_search
+    assert "Training the baseline" in result.stdout
+    assert f"[{TRIALS}/{TRIALS}]" in result.stdout
+    assert "Pareto front of 'e2e'" in result.stdout
+    assert "x smaller" in result.stdout and "x faster" in result.stdout
+
+
+def test_one_parent_run_with_the_baseline(finished_search):
+    _, _, client, parents, _ = finished_search
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    for key in ("baseline_accuracy", "baseline_size_bytes", "baseline_latency_ms"):
+        assert parent.data.metrics[key] > 0
+    assert parent.data.metrics["trials_finished"] == TRIALS
+    assert "experiment.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_one_child_run_per_trial_with_metrics_recipe_and_artifact(finished_search, tmp_path):
+    _, _, client, parents, children = finished_search
+    assert len(children) == TRIALS
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        metrics = child.data.metrics
+        for key in ("accuracy", "size_bytes", "latency_ms", "size_ratio", "speedup", "test_accuracy"):
+            assert key in metrics, key
+        assert 0 < metrics["accuracy"] <= 1 and metrics["latency_ms"] > 0
+        assert metrics["size_ratio"] == pytest.approx(parents[0].data.metrics["baseline_size_bytes"] / metrics["size_bytes"])
+        local = Path(client.download_artifacts(child.info.run_id, "", str(tmp_path / child.info.run_id)))
+        recipe = Pipeline.model_validate(json.loads((local / "recipe.json").read_text()))
+        assert recipe == Pipeline.from_recipe(child.data.tags["recipe"])
+        # size_bytes is the size of the artifact file the trial wrote, not a formula
+        assert (local / "compressed.safetensors").stat().st_size == metrics["size_bytes"]
+        assert {key for key in child.data.params} >= {"pruning/enabled", "quantization/enabled"}
+
+
+def test_pareto_tags_mark_exactly_the_non_dominated_trials(finished_search):
+    _, _, _, _, children = finished_search
+    points = [
+        TrialPoint(c.info.run_id, c.info.run_name, c.data.metrics["accuracy"], c.data.metrics["size_bytes"], c.data.metrics["latency_ms"], "{}", "")
+        for c in children
+    ]
+    expected = {p.run_id for p in pareto_front(points, ["accuracy", "size_bytes", "latency_ms"], ["max", "min", "min"])}
+    tagged = {c.info.run_id for c in children if c.data.tags["pareto"] == "true"}
+    assert tagged == expected and tagged
+    assert all(c.data.tags["pareto"] in {"true", "false"} for c in children)
+
+
+def test_optuna_study_persists_with_the_same_values(finished_search):
+    _, _, _, parents, children = finished_search
+    tags = parents[0].data.tags
+    study = optuna.load_study(study_name=tags["optuna.study_name"], storage=tags["optuna.storage"])
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == TRIALS
+    by_number = {int(c.data.tags["optuna_trial"]): c for c in children}
+    for trial in complete:
+        metrics = by_number[trial.number].data.metrics
+        assert trial.values == pytest.approx([metrics["accuracy"], metrics["size_bytes"], metrics["latency_ms"]])
+    assert {t.number for t in study.best_trials} == {int(c.data.tags["optuna_trial"]) for c in children if c.data.tags["pareto"] == "true"}
+
+
+def test_front_command_reads_the_front_back_from_mlflow(finished_search):
+    workdir, _, _, _, children = finished_search
+    result = netshrink("front", "--experiment", "e2e", "--json", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert {row["run_id"] for row in rows} == {c.info.run_id for c in children if c.data.tags["pareto"] == "true"}
+    for row in rows:
+        assert {"run_id", "accuracy", "size_bytes", "latency_ms", "recipe"} <= row.keys()
+        Pipeline.model_validate(row["recipe"])
+    table = netshrink("front", "--experiment", "e2e", cwd=workdir)
+    assert table.returncode == 0 and "baseline" in table.stdout
+    missing = netshrink("front", "--experiment", "nope", cwd=workdir)
+    assert missing.returncode == 2 and "no MLflow experiment named 'nope'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_failed_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
+    shutil.copy(Path(__file__).parent / "userland" / "fragile.py", tmp_path / "fragile.py")
+    (tmp_path / "exp.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: fragile
+            task: {model: "fragile:make", dataset_args: {image_size: 8}, train: {epochs: 1}}
+            finetune: {epochs: 1}
+            search: {trials: 2, max_concurrent: 2, sampler: random}
+            measure: {warmup: 1, repeats: 5}
+            space:
+              pruning: {enabled: true, granularity: channel}
+            """
+        )
+    )
+    result = netshrink("search", "exp.yaml", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "trial failed" in result.stdout and "Fragile refuses" in result.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fragile").experiment_id])
+    children = [r for r in runs if r.data.tags.get("netshrink.role") == "trial"]
+    assert len(children) == 2
+    assert all(c.info.status == "FAILED" and "Fragile refuses" in c.data.tags["error"] for c in children)
+    parent = next(r for r in runs if r.data.tags.get("netshrink.role") == "search")
+    assert parent.data.metrics["trials_failed"] == 2
+    study = optuna.load_study(study_name=parent.data.tags["optuna.study_name"], storage=parent.data.tags["optuna.storage"])
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2

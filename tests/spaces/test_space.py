@@ -1,0 +1,99 @@
+import pickle
+
+import optuna
+import pytest
+import torch
+from pydantic import ValidationError
+
+from netshrink.spaces import Choice, Fixed, Range, SearchSpace
+from netshrink.techniques import Pipeline, compress
+from tests.models import ResidualBN, TinyCNN
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+FULL = {"pruning": {}, "quantization": {"bits": [32, 16, 8]}}
+
+
+@pytest.mark.parametrize("model_type", [TinyCNN, ResidualBN])
+def test_two_hundred_random_draws_all_build_a_working_model(model_type):
+    space = SearchSpace.model_validate(FULL)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
+    model = model_type().eval()
+    x = torch.randn(2, 1, 12, 12)
+    kinds_seen = set()
+    for _ in range(200):
+        trial = study.ask()
+        pipeline = space.sample(trial)
+        assert Pipeline.from_recipe(pipeline.recipe()) == pipeline
+        kinds_seen.update(step.kind for step in pipeline.active_steps())
+        assert compress(model, pipeline, x[:1]).model(x).shape == (2, 10)
+        study.tell(trial, [0.5, 1.0])
+    assert kinds_seen == {"pruning", "quantization"}
+
+
+def test_parameter_names_are_technique_slash_field_and_numeric_knobs_are_numeric():
+    space = SearchSpace.model_validate({"pruning": {"enabled": True, "ratio": {"low": 0.1, "high": 0.9, "log": True}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    space.sample(trial)
+    assert set(trial.params) == {"pruning/granularity", "pruning/ratio"}  # enabled: true is not searched
+    ratio = trial.distributions["pruning/ratio"]
+    assert isinstance(ratio, optuna.distributions.FloatDistribution) and ratio.log
+
+
+def test_conditional_knobs_are_only_asked_when_the_technique_is_on():
+    space = SearchSpace.model_validate(FULL)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    for _ in range(30):
+        trial = study.ask()
+        pipeline = space.sample(trial)
+        on = {step.kind for step in pipeline.steps}
+        for kind in ("pruning", "quantization"):
+            asked = {name for name in trial.params if name.startswith(f"{kind}/") and name != f"{kind}/enabled"}
+            assert bool(asked) == (kind in on)
+        study.tell(trial, 0.0)
+
+
+def test_defaults_fixed_values_and_disabled_techniques():
+    space = SearchSpace.model_validate({"pruning": {"granularity": "channel"}, "quantization": {"enabled": False}})
+    pruning = space.techniques()["pruning"]
+    assert pruning.granularity == Fixed("channel")
+    assert pruning.ratio == Range(low=0.2, high=0.9)  # the technique's default range
+    assert space.searched_names() == ["pruning/enabled", "pruning/ratio"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    assert all(step.kind != "quantization" for _ in range(20) for step in space.sample(study.ask()).steps)
+
+
+@pytest.mark.parametrize(
+    "raw, where, rule",
+    [
+        ({"pruning": {"ratio": {"low": 0.0, "high": 0.5}}}, ("pruning", "ratio"), "greater than 0"),
+        ({"pruning": {"ratio": {"low": 0.6, "high": 0.5}}}, ("pruning", "ratio"), "low must be smaller than high"),
+        ({"pruning": {"ratio": {"low": 0.1, "high": 0.5, "step": 0.1, "log": True}}}, ("pruning", "ratio"), "both log"),
+        ({"pruning": {"ratio": {"low": 0.1}}}, ("pruning", "ratio"), "both 'low' and 'high'"),
+        ({"pruning": {"ratio": []}}, ("pruning", "ratio"), "cannot be empty"),
+        ({"pruning": {"granularity": ["weight", "filter"]}}, ("pruning", "granularity"), "'weight' or 'channel'"),
+        ({"quantization": {"bits": {"low": 8, "high": 16}}}, ("quantization", "bits"), "not numeric"),
+        ({"quantization": {"bits": [8, 8]}}, ("quantization", "bits"), "repeat"),
+        ({"pruning": {"ratoi": 0.5}}, ("pruning", "ratoi"), "Extra inputs"),
+        ({"distill": {}}, ("distill",), "Extra inputs"),
+        ({"pruning": {"enabled": "sometimes"}}, ("pruning", "enabled"), "'search'"),
+    ],
+)
+def test_bad_spaces_name_the_knob_and_the_rule(raw, where, rule):
+    with pytest.raises(ValidationError) as caught:
+        SearchSpace.model_validate(raw)
+    errors = caught.value.errors()
+    assert any(error["loc"][: len(where)] == where and rule in error["msg"] for error in errors), errors
+
+
+def test_space_pickles_for_ray():
+    space = SearchSpace.model_validate(FULL)
+    assert pickle.loads(pickle.dumps(space)) == space
+
+
+def test_choice_of_one_is_not_asked():
+    study = optuna.create_study()
+    trial = study.ask()
+    assert Choice(options=(8,)).suggest(trial, "quantization/bits") == 8
+    assert trial.params == {}

@@ -1,0 +1,125 @@
+"""Every registered technique passes the same checks (the contract). New techniques are picked up
+automatically once they provide ``contract_examples`` configs below or through their default space."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from netshrink.techniques import REGISTRY, Pipeline, compress, load_artifact, save_artifact
+from netshrink.techniques.artifact import encode_state
+from tests.models import EDGE_MODELS
+
+
+def contract_configs():
+    """Every value of every choice knob of each technique's default space, with ranges at their midpoint."""
+    cases = []
+    for kind, technique in REGISTRY.items():
+        space = getattr(technique, "default_space", {})
+        base = {name: (value["low"] + value["high"]) / 2 if isinstance(value, dict) else value for name, value in space.items()}
+        variants = [{}]
+        for name, value in space.items():
+            if isinstance(value, list):
+                variants = [{**v, name: option} for v in variants for option in value]
+        for variant in variants:
+            values = {**{k: v for k, v in base.items() if not isinstance(v, list)}, **variant}
+            config = technique.config_type(**values)
+            cases.append(pytest.param(config, id=f"{kind}-" + "-".join(f"{k}={v}" for k, v in sorted(values.items()))))
+    return cases
+
+
+def fine_tune(model):
+    """A few real optimizer steps, so the contract covers training through masks and fake quantization."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(3):
+        x = torch.randn(8, 1, 12, 12)
+        loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+CONFIGS = contract_configs()
+
+
+@pytest.mark.parametrize("model_name", sorted(EDGE_MODELS))
+@pytest.mark.parametrize("config", CONFIGS)
+def test_forward_runs_and_caller_model_untouched(config, model_name, images):
+    model = EDGE_MODELS[model_name]().eval()
+    before = copy.deepcopy(model.state_dict())
+    compressed = compress(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune)
+    assert compressed.model(images).shape == (16, 10)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_accounted_size_equals_written_size(config, tmp_path, images):
+    model = EDGE_MODELS["tiny_cnn"]()
+    compressed = compress(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune)
+    accounted = 0
+    for name, value in compressed.model.state_dict().items():
+        encoding = compressed.encodings.get(name)
+        if encoding is None or not value.is_floating_point():
+            accounted += value.numel() * value.element_size()
+        else:
+            accounted += encoding.payload_bytes(tuple(value.shape), int((value != 0).sum()))
+    path = tmp_path / "model.safetensors"
+    written = save_artifact(path, compressed.model, compressed.encodings, Pipeline(steps=[config]).recipe())
+    stored = load_file(path)
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == accounted
+    header_length = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert written == path.stat().st_size == 8 + header_length + accounted
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_artifact_reloads_to_the_same_model(config, tmp_path, images):
+    model = EDGE_MODELS["residual_bn"]().eval()
+    pipeline = Pipeline(steps=[config])
+    compressed = compress(model, pipeline, images[:1], fine_tune=fine_tune)
+    save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, pipeline.recipe())
+    restored, header = load_artifact(tmp_path / "m.safetensors", EDGE_MODELS["residual_bn"]())
+    assert Pipeline.model_validate(header["recipe"]) == pipeline
+    torch.testing.assert_close(restored(images), compressed.model(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_deterministic_under_a_seed(config, images):
+    model = EDGE_MODELS["concat"]()
+    runs = [compress(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune, seed=3) for _ in range(2)]
+    first, second = (run.model.state_dict() for run in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_recipe_round_trips_and_replays(config, images):
+    pipeline = Pipeline(steps=[config])
+    replayed = Pipeline.from_recipe(pipeline.recipe())
+    assert replayed == pipeline
+    model = EDGE_MODELS["tiny_cnn"]()
+    a = compress(model, pipeline, images[:1], fine_tune=fine_tune, seed=1).model.state_dict()
+    b = compress(model, replayed, images[:1], fine_tune=fine_tune, seed=1).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRY))
+def test_unknown_keys_are_rejected_with_the_key_named(kind):
+    config_type = REGISTRY[kind].config_type
+    with pytest.raises(ValidationError, match="not_a_knob"):
+        config_type(not_a_knob=1)
+    with pytest.raises(ValidationError, match="not_a_knob"):
+        Pipeline.from_recipe(json.dumps({"steps": [{"kind": kind, "not_a_knob": 1}]}))
+
+
+def test_encode_state_covers_every_entry(images):
+    model = EDGE_MODELS["residual_bn"]()
+    tensors, entries = encode_state(model, {})
+    assert set(entries) == set(model.state_dict())
