@@ -55,7 +55,7 @@ class TaskConfig(Strict):
 
 
 class SearchSettings(Strict):
-    trials: int = Field(24, ge=1, le=100_000)
+    trials: int = Field(32, ge=1, le=100_000)
     max_concurrent: int = Field(2, ge=1)
     sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
     population_size: int = Field(8, ge=2, description="NSGA-II generation size")
@@ -75,6 +75,11 @@ class MeasureSettings(Strict):
     threads: int = Field(1, ge=1, le=256)
     warmup: int = Field(50, ge=0)
     repeats: int = Field(300, ge=5)
+    fold_int8_weights: bool = Field(
+        False,
+        description="measure with ONNX Runtime's session.disable_quant_qdq=1, which dequantizes int8 weights once at "
+        "load time (fp32 speed) instead of on every call (the default, slower on CPU)",
+    )
 
 
 class Experiment(Strict):
@@ -137,19 +142,39 @@ def load_experiment(path: str | Path) -> Experiment:
         experiment = Experiment.model_validate(raw)
     except ValidationError as error:
         raise UserError(describe_validation_error(error), title=f"{path}: invalid experiment file") from None
-    check_references(experiment, search_path=str(path.resolve().parent))
+    check_task(experiment, search_path=str(path.resolve().parent))
     return experiment
 
 
-def check_references(experiment: Experiment, search_path: str) -> None:
-    """Import ``module:factory`` references now, so a typo fails before Ray starts."""
-    from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, resolve_factory
+def check_task(experiment: Experiment, search_path: str) -> None:
+    """Import ``module:factory`` references and build the task once (data, model, one forward pass).
 
+    Cheap next to a search, and it turns a typo or a model that does not fit the
+    data into a clear message before Ray starts.
+    """
+    import torch
+
+    from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, build_model, example_inputs, load_data, resolve_factory
+
+    task = experiment.task
     problems = []
     for field, builtins in (("dataset", BUILTIN_DATASETS), ("model", BUILTIN_MODELS)):
         try:
-            resolve_factory(getattr(experiment.task, field), builtins, search_path)
+            resolve_factory(getattr(task, field), builtins, search_path)
         except ValueError as error:
             problems.append(f"task.{field}: {error}")
     if problems:
         raise UserError(problems, title="invalid experiment file")
+    try:
+        data = load_data(task.dataset, task.dataset_args, search_path)
+    except Exception as error:  # user code or user arguments
+        raise UserError(f"task.dataset_args: building dataset {task.dataset!r} failed: {type(error).__name__}: {error}") from None
+    try:
+        model = build_model(task.model, task.model_args, data, search_path)
+        with torch.no_grad():
+            model.eval()(example_inputs(data, batch=2))
+    except Exception as error:
+        raise UserError(
+            f"task.model: model {task.model!r} does not run on {task.dataset!r} inputs of shape "
+            f"{tuple(data.input_shape)}: {type(error).__name__}: {error}"
+        ) from None

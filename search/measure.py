@@ -35,6 +35,7 @@ class LatencySettings:
     threads: int = 1
     warmup: int = 50
     repeats: int = 300
+    fold_int8_weights: bool = False
 
 
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, encodings: dict[str, TensorEncoding]) -> int:
@@ -99,10 +100,18 @@ def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, T
     onnx.checker.check_model(graph_model)
 
 
-def ort_session(onnx_path: str | os.PathLike, threads: int = 1):
+def ort_session(onnx_path: str | os.PathLike, threads: int = 1, fold_int8_weights: bool = False):
+    """An ONNX Runtime CPU session with a fixed thread count.
+
+    By default ORT keeps weight-only ``DequantizeLinear`` nodes and runs them on
+    every call; ``fold_int8_weights`` sets ``session.disable_quant_qdq`` so they
+    are folded into float32 weights once, at load time.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if fold_int8_weights:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -112,7 +121,7 @@ def ort_session(onnx_path: str | os.PathLike, threads: int = 1):
 
 def measure_latency_ms(onnx_path: str | os.PathLike, input_shape: tuple[int, ...], settings: LatencySettings = LatencySettings()) -> float:
     """Median batch-1 latency in milliseconds, measured while holding the node's latency lock."""
-    session = ort_session(onnx_path, settings.threads)
+    session = ort_session(onnx_path, settings.threads, settings.fold_int8_weights)
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)}
     with FileLock(LATENCY_LOCK):
         for _ in range(settings.warmup):

@@ -234,7 +234,6 @@ def run_search(experiment: Experiment, config_path: Path, overrides: Overrides =
 def progress_printer(total: int, baseline: dict[str, float]):
     """Tune callback printing one line per finished or failed trial (Tune pickles it: it holds no console)."""
     from ray.tune import Callback
-    from rich import get_console
 
     class ProgressPrinter(Callback):
         def __init__(self) -> None:
@@ -245,16 +244,16 @@ def progress_printer(total: int, baseline: dict[str, float]):
             r = trial.last_result or {}
             if "accuracy" not in r:
                 return
-            get_console().print(
+            print(
                 f"[{self.done}/{total}] acc {r['accuracy']:.2%}  size {r['size_bytes'] / 1e3:.1f} KB "
                 f"({baseline['size_bytes'] / r['size_bytes']:.1f}x smaller)  latency {r['latency_ms']:.4f} ms "
                 f"({baseline['latency_ms'] / r['latency_ms']:.2f}x)  {_describe(trial.config.get('recipe'))}",
-                highlight=False,
+                flush=True,
             )
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            get_console().print(f"[{self.done}/{total}] [red]trial failed[/red]: {_first_error_line(trial)}", highlight=False)
+            print(f"[{self.done}/{total}] trial failed: {_first_error_line(trial)}", flush=True)
 
     return ProgressPrinter()
 

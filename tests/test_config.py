@@ -82,8 +82,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_user_factories_are_imported_before_anything_runs(tmp_path):
-    (tmp_path / "mymodels.py").write_text("import torch\ndef make(num_classes):\n    return torch.nn.Linear(64, num_classes)\n")
-    good = write(tmp_path, "name: x\ntask: {model: 'mymodels:make'}\nspace: {pruning: }\n")
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\ndef make(num_classes):\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))\n"
+    )
+    good = write(tmp_path, "name: x\ntask: {model: 'mymodels:make', dataset_args: {image_size: 8}}\nspace: {pruning: }\n")
     assert load_experiment(good).task.model == "mymodels:make"
     bad_attr = write(tmp_path, "name: x\ntask: {model: 'mymodels:nothing'}\nspace: {pruning: }\n", "b.yaml")
     with pytest.raises(UserError, match="task.model: module 'mymodels' has no attribute 'nothing'"):
@@ -94,6 +96,13 @@ def test_user_factories_are_imported_before_anything_runs(tmp_path):
     bad_builtin = write(tmp_path, "name: x\ntask: {model: resnet50}\nspace: {pruning: }\n", "d.yaml")
     with pytest.raises(UserError, match="neither a built-in"):
         load_experiment(bad_builtin)
+
+
+def test_a_model_that_does_not_fit_the_data_is_reported_before_running(tmp_path):
+    with pytest.raises(UserError, match=r"task.model: model 'lenet5' does not run on 'digits' inputs of shape \(1, 8, 8\).*16x16"):
+        load_experiment(write(tmp_path, "name: x\ntask: {dataset_args: {image_size: 8}}\nspace: {pruning: }\n"))
+    with pytest.raises(UserError, match="task.dataset_args: building dataset 'digits' failed: TypeError"):
+        load_experiment(write(tmp_path, "name: x\ntask: {dataset_args: {colour: true}}\nspace: {pruning: }\n", "e.yaml"))
 
 
 def test_baseline_key_depends_on_task_and_training_only():

@@ -21,7 +21,7 @@ class LeNet5(nn.Module):
         self.pool2 = nn.MaxPool2d(2)
         side = ((image_size - 4) // 2 - 4) // 2
         if side < 1:
-            raise ValueError(f"lenet5 needs images of at least 12x12 pixels, got {image_size}x{image_size}")
+            raise ValueError(f"lenet5 needs images of at least 16x16 pixels, got {image_size}x{image_size}")
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(50 * side * side, 500)
         self.relu = nn.ReLU()

@@ -89,3 +89,14 @@ def test_channel_pruning_is_measurably_faster_and_weight_pruning_is_not(tmp_path
         latency[name] = statistics.median(measure_latency_ms(path, (1, 28, 28), settings) for _ in range(3))
     assert latency["channel"] < 0.7 * latency["dense"], latency
     assert 0.8 < latency["weight"] / latency["dense"] < 1.25, latency
+
+
+def test_folding_int8_weights_removes_the_per_call_dequantization_cost(tmp_path):
+    _, path = exported(tmp_path, Pipeline(steps=[QuantizationConfig(bits=8)]))
+    _, dense = exported(tmp_path, Pipeline(), "dense.onnx")
+    settings = dict(warmup=30, repeats=200)
+    folded = statistics.median(measure_latency_ms(path, (1, 28, 28), LatencySettings(fold_int8_weights=True, **settings)) for _ in range(3))
+    per_call = statistics.median(measure_latency_ms(path, (1, 28, 28), LatencySettings(**settings)) for _ in range(3))
+    fp32 = statistics.median(measure_latency_ms(dense, (1, 28, 28), LatencySettings(**settings)) for _ in range(3))
+    assert folded < per_call
+    assert 0.8 < folded / fp32 < 1.25, (folded, fp32)

@@ -1,0 +1,25 @@
+"""The README's main job, run as a user runs it. Slow (about 2-3 minutes on 2 cores): `pytest -m slow`."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_default_digits_search_finishes_with_a_front(tmp_path):
+    shutil.copytree(ROOT / "spaces", tmp_path / "spaces")
+    result = subprocess.run(
+        [sys.executable, "-m", "netshrink.cli", "search", "spaces/digits.yaml"], capture_output=True, text=True, cwd=tmp_path, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits-lenet5").experiment_id], max_results=1000)
+    children = [r for r in runs if r.data.tags.get("netshrink.role") == "trial"]
+    assert len(children) == 32
+    assert any(r.data.tags.get("pareto") == "true" for r in children)
