@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from netshrink.config import Experiment
+from netshrink.errors import UserError
 from netshrink.spaces import SearchSpace
 
 from .baseline import prepare_baseline
@@ -104,106 +105,72 @@ def collect_points(tracker: Tracker, experiment_id: str, parent_run_id: str | No
 
 
 def run_search(experiment: Experiment, config_path: Path, overrides: Overrides = Overrides(), console: Console | None = None) -> SearchResult:
-    import optuna
+    """Run one search end to end; problems with the tracking server or the Ray cluster are
+    reported as ``UserError`` before the baseline is trained."""
     import ray
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     console = console or Console()
     started = time.time()
-    workdir = Path.cwd()
-    state_dir = workdir / STATE_DIR
+    state_dir = Path.cwd() / STATE_DIR
+    state_dir.mkdir(exist_ok=True)
     search_path = str(config_path.resolve().parent)
     trials = overrides.trials or experiment.search.trials
     concurrency = overrides.concurrency or experiment.search.max_concurrent
-    tracking_uri = overrides.tracking_uri or experiment.tracking_uri or default_tracking_uri(workdir)
+    tracking_uri = overrides.tracking_uri or experiment.tracking_uri or default_tracking_uri(Path.cwd())
 
-    baseline = prepare_baseline(experiment, state_dir / "baselines", search_path, log=console.print)
-    b = baseline.metrics
-    console.print(
-        f"Baseline: accuracy {b['accuracy']:.2%}, {b['size_bytes'] / 1e6:.3f} MB, {b['latency_ms']:.4f} ms "
-        f"({int(b['parameters']):,} parameters)"
-    )
-
-    tracker = Tracker(tracking_uri)
-    experiment_id = tracker.experiment_id(experiment.name)
-    storage_url = optuna_storage_url(tracking_uri, state_dir)
-    state_dir.mkdir(exist_ok=True)
-    run_name = time.strftime("search-%Y%m%d-%H%M%S")
-    parent = tracker.start_search(
-        experiment_id,
-        run_name,
-        params={"config": experiment.model_dump(mode="json", exclude={"space"}), "trials": trials, "concurrency": concurrency},
-        tags={"optuna.storage": storage_url, "config_file": str(config_path)},
-    )
-    study_name = f"{experiment.name}/{parent}"
-    tracker.log(parent, metrics={f"baseline_{key}": value for key, value in b.items()}, tags={
-            "optuna.study_name": study_name,
-            "objectives": json.dumps(experiment.objectives),
-            "min_accuracy": "" if experiment.min_accuracy is None else str(experiment.min_accuracy),
-        },
-    )
-    tracker.client.log_text(parent, config_path.read_text(), "experiment.yaml")
-    console.print(f"MLflow: experiment {experiment.name!r}, search run {parent} at {tracking_uri}")
-    console.print(f"Optuna: study {study_name!r} in {storage_url}")
-
-    setup = TrialSetup(
-        task=experiment.task,
-        finetune=experiment.finetune,
-        measure=experiment.measure,
-        seed=experiment.search.seed,
-        cpus=experiment.resources.cpu,
-        search_path=search_path,
-        baseline_weights=baseline.artifact.read_bytes(),
-        baseline_metrics=b,
-        tracking_uri=tracking_uri,
-        experiment_id=experiment_id,
-        parent_run_id=parent,
-    )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher = OptunaSearch(
-        space=SpaceSampler(experiment.space),
-        metric=list(experiment.objectives),
-        mode=experiment.directions(),
-        sampler=make_sampler(experiment),
-        storage=optuna.storages.RDBStorage(storage_url),
-        study_name=study_name,
-    )
-
-    failed_run = True
+    tracker, experiment_id = connect_tracking(tracking_uri, experiment.name)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        ray.init(
-            address=overrides.address,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [search_path, os.environ.get("PYTHONPATH")]))}},
-        )
+        start_ray(overrides.address, search_path, experiment)
+    parent = None
     try:
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, setup=setup),
-            {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu},
+        baseline = prepare_baseline(experiment, state_dir / "baselines", search_path, log=console.print)
+        b = baseline.metrics
+        console.print(
+            f"Baseline: accuracy {b['accuracy']:.2%}, {b['size_bytes'] / 1e6:.3f} MB, {b['latency_ms']:.4f} ms "
+            f"({int(b['parameters']):,} parameters)"
         )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(
-                name=run_name,
-                storage_path=str((state_dir / "ray").resolve()),
-                verbose=0,
-                callbacks=[progress_printer(trials, b)],
-            ),
+        storage_url = optuna_storage_url(tracking_uri, state_dir)
+        run_name = time.strftime("search-%Y%m%d-%H%M%S")
+        parent = tracker.start_search(
+            experiment_id,
+            run_name,
+            params={"config": experiment.model_dump(mode="json", exclude={"space"}), "trials": trials, "concurrency": concurrency},
+            tags={
+                "optuna.storage": storage_url,
+                "config_file": str(config_path),
+                "objectives": json.dumps(experiment.objectives),
+                "min_accuracy": "" if experiment.min_accuracy is None else str(experiment.min_accuracy),
+            },
+        )
+        study_name = f"{experiment.name}/{parent}"
+        tracker.log(parent, metrics={f"baseline_{key}": value for key, value in b.items()}, tags={"optuna.study_name": study_name})
+        tracker.client.log_text(parent, config_path.read_text(), "experiment.yaml")
+        console.print(f"MLflow: experiment {experiment.name!r}, search run {parent} at {tracking_uri}")
+        console.print(f"Optuna: study {study_name!r} in {storage_url}")
+
+        setup = TrialSetup(
+            task=experiment.task,
+            finetune=experiment.finetune,
+            measure=experiment.measure,
+            seed=experiment.search.seed,
+            cpus=experiment.resources.cpu,
+            search_path=search_path,
+            baseline_weights=baseline.artifact.read_bytes(),
+            baseline_metrics=b,
+            tracking_uri=tracking_uri,
+            experiment_id=experiment_id,
+            parent_run_id=parent,
         )
         console.print(f"Running {trials} trials, {concurrency} at a time ...")
-        tuner.fit()
-        failed_run = False
+        run_trials(experiment, setup, study_name, storage_url, run_name, trials, concurrency, state_dir)
+    except BaseException:
+        if parent is not None:
+            tracker.finish(parent, failed=True)
+        raise
     finally:
         if owns_ray:
             ray.shutdown()
-        if failed_run:
-            tracker.finish(parent, failed=True)
 
     points, failed = collect_points(tracker, experiment_id, parent)
     front = pareto_front(points, experiment.objectives, experiment.directions(), experiment.min_accuracy)
@@ -229,6 +196,102 @@ def run_search(experiment: Experiment, config_path: Path, overrides: Overrides =
         baseline=b,
         seconds=seconds,
     )
+
+
+def connect_tracking(tracking_uri: str, experiment_name: str) -> tuple[Tracker, str]:
+    """Reach the MLflow store now: a wrong URI or a server that is down should not cost a baseline training."""
+    if tracking_uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10) as response:
+                response.read()
+        except OSError as error:
+            raise UserError(f"--tracking-uri / tracking_uri: no MLflow server answers at {tracking_uri} ({error})") from None
+    elif tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise UserError(f"--tracking-uri / tracking_uri: folder {folder} of the SQLite store does not exist")
+    try:
+        tracker = Tracker(tracking_uri)
+        return tracker, tracker.experiment_id(experiment_name)
+    except Exception as error:  # MLflow raises many types for a bad URI
+        raise UserError(f"--tracking-uri / tracking_uri: cannot use MLflow store {tracking_uri!r}: {type(error).__name__}: {error}") from None
+
+
+def start_ray(address: str | None, search_path: str, experiment: Experiment) -> None:
+    """Start a local Ray, or join ``address``; check that one trial's resources fit somewhere."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if address not in (None, "auto", "local"):
+        probe_address(address)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [search_path, os.environ.get("PYTHONPATH")]))}},
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise UserError(f"--address: cannot connect to a Ray cluster at {address!r}: {error}") from None
+    if address is None:  # a local Ray has all the resources it will ever have; a cluster may autoscale
+        available = ray.cluster_resources()
+        wanted = experiment.resources
+        problems = []
+        if wanted.cpu > available.get("CPU", 0):
+            problems.append(f"resources.cpu: a trial asks for {wanted.cpu} CPUs, this machine has {available.get('CPU', 0):g}")
+        if wanted.gpu > available.get("GPU", 0):
+            problems.append(f"resources.gpu: a trial asks for {wanted.gpu} GPUs, this machine has {available.get('GPU', 0):g}")
+        if problems:
+            ray.shutdown()
+            raise UserError(problems, title="trials could never start")
+
+
+def probe_address(address: str) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a Ray address (``ray.init`` retries for long)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address: expected 'auto', 'HOST:PORT' or 'ray://HOST:PORT', got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise UserError(f"--address: cannot connect to a Ray cluster at {address!r}: {error}") from None
+
+
+def run_trials(experiment: Experiment, setup: TrialSetup, study_name: str, storage_url: str, run_name: str, trials: int, concurrency: int, state_dir: Path) -> None:
+    """Ray Tune runs the trials; Optuna's multi-objective sampler chooses each one's pipeline."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(
+        space=SpaceSampler(experiment.space),
+        metric=list(experiment.objectives),
+        mode=experiment.directions(),
+        sampler=make_sampler(experiment),
+        storage=optuna.storages.RDBStorage(storage_url),
+        study_name=study_name,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup),
+        {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=str((state_dir / "ray").resolve()),
+            verbose=0,
+            callbacks=[progress_printer(trials, setup.baseline_metrics)],
+        ),
+    )
+    tuner.fit()
 
 
 def progress_printer(total: int, baseline: dict[str, float]):

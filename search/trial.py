@@ -50,10 +50,13 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
     torch.set_num_threads(max(1, int(setup.cpus)))
     task = setup.task
     data = load_data(task.dataset, task.dataset_args, setup.search_path)
+    fresh = partial(build_model, task.model, task.model_args, data, setup.search_path)
     baseline_file = workdir / "baseline.safetensors"
     baseline_file.write_bytes(setup.baseline_weights)
-    fresh = partial(build_model, task.model, task.model_args, data, setup.search_path)
-    baseline = load_artifact(baseline_file, fresh())[0]
+    try:
+        baseline = load_artifact(baseline_file, fresh())[0]
+    finally:
+        baseline_file.unlink()  # a copy per trial would add up to megabytes per trial
     example = example_inputs(data)
     fine_tune = partial(
         train, dataset=data.train, epochs=setup.finetune.epochs, lr=setup.finetune.lr, batch_size=setup.finetune.batch_size, seed=setup.seed

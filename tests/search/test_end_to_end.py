@@ -31,7 +31,11 @@ space:
 """
 
 
-def netshrink(*args, cwd):
+def netshrink(*args, cwd, extra=()):
+    """Run the CLI as a user would; ``extra`` lines are appended to exp.yaml first."""
+    if extra:
+        path = Path(cwd) / "exp.yaml"
+        path.write_text(path.read_text() + "".join(f"{line}\n" for line in extra))
     return subprocess.run([sys.executable, "-m", "netshrink.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
@@ -154,3 +158,39 @@ def test_failed_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
     assert parent.data.metrics["trials_failed"] == 2
     study = optuna.load_study(study_name=parent.data.tags["optuna.study_name"], storage=parent.data.tags["optuna.storage"])
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+
+
+def test_the_same_model_measured_in_concurrent_trials_agrees_within_ten_percent(tmp_path):
+    """Every trial compresses the baseline the same way; two run at a time, training next to measuring."""
+    (tmp_path / "exp.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: same
+            task: {dataset_args: {image_size: 16}, train: {epochs: 1}}
+            finetune: {epochs: 2}
+            search: {trials: 4, max_concurrent: 2, sampler: random}
+            space:
+              quantization: {enabled: true, bits: 16}
+            """
+        )
+    )
+    result = netshrink("search", "exp.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("same").experiment_id], filter_string="tags.`netshrink.role` = 'trial'")
+    assert len({r.data.metrics["size_bytes"] for r in runs}) == 1  # the same model every time
+    latencies = [r.data.metrics["latency_ms"] for r in runs]
+    assert len(latencies) == 4 and max(latencies) / min(latencies) < 1.10, latencies
+
+
+def test_unreachable_tracking_server_and_ray_cluster_fail_fast_with_exit_code_2(tmp_path):
+    (tmp_path / "exp.yaml").write_text("name: x\nspace:\n  pruning:\n")
+    dead_server = netshrink("search", "exp.yaml", "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path)
+    assert dead_server.returncode == 2
+    assert "no MLflow server answers at http://127.0.0.1:9" in dead_server.stderr and "Traceback" not in dead_server.stderr
+    assert not (tmp_path / ".netshrink" / "baselines").exists()  # nothing was trained
+    no_cluster = netshrink("search", "exp.yaml", "--address", "127.0.0.1:9", cwd=tmp_path)
+    assert no_cluster.returncode == 2, no_cluster.stdout + no_cluster.stderr
+    assert "--address: cannot connect to a Ray cluster" in no_cluster.stderr and "Traceback" not in no_cluster.stderr
+    too_big = netshrink("search", "exp.yaml", cwd=tmp_path, extra=["resources: {cpu: 64}"])
+    assert too_big.returncode == 2 and "resources.cpu: a trial asks for 64.0 CPUs" in too_big.stderr
