@@ -70,11 +70,12 @@ class Resources(Strict):
 
 
 class MeasureSettings(Strict):
-    """Latency: median of ``repeats`` batch-1 runs on ONNX Runtime CPU after ``warmup`` runs."""
+    """Latency: ``repeats`` batch-1 runs on ONNX Runtime CPU after ``warmup`` runs; a trial's model
+    is timed in alternation with the baseline (see ``netshrink.search.measure``)."""
 
     threads: int = Field(1, ge=1, le=256)
-    warmup: int = Field(50, ge=0)
-    repeats: int = Field(300, ge=5)
+    warmup: int = Field(100, ge=0)
+    repeats: int = Field(2000, ge=10)
     fold_int8_weights: bool = Field(
         False,
         description="measure with ONNX Runtime's session.disable_quant_qdq=1, which dequantizes int8 weights once at "

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from netshrink.node_lock import compute_slot
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, inputs) -> loss
 
 
@@ -41,12 +43,13 @@ def train(
         total, count = 0.0, 0
         for inputs, labels in loader:
             inputs, labels = inputs.to(device), labels.to(device)
-            loss = loss_fn(model(inputs), labels, inputs)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with compute_slot():  # lets a latency measurement elsewhere on the machine run undisturbed
+                loss = loss_fn(model(inputs), labels, inputs)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             total += loss.item() * len(labels)
             count += len(labels)
         history.append(total / max(count, 1))
@@ -60,7 +63,8 @@ def accuracy(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     model.to(device).eval()
     correct, count = 0, 0
     for inputs, labels in DataLoader(dataset, batch_size=batch_size):
-        predictions = model(inputs.to(device)).argmax(dim=1).cpu()
+        with compute_slot():
+            predictions = model(inputs.to(device)).argmax(dim=1).cpu()
         correct += int((predictions == labels).sum())
         count += len(labels)
     return correct / max(count, 1)

@@ -21,7 +21,7 @@ from netshrink.tasks import build_model, example_inputs, load_data
 from netshrink.techniques import Pipeline, compress, load_artifact, save_artifact
 from netshrink.training import accuracy, train
 
-from .measure import LatencySettings, export_onnx, measure_latency_ms
+from .measure import LatencySettings, export_onnx, measure_relative_latency
 from .tracking import RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, Tracker, flatten
 
 ARTIFACT_FILE = "compressed.safetensors"
@@ -67,12 +67,22 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
     size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, pipeline.recipe())
     restored = load_artifact(artifact, fresh())[0]
     onnx_bytes = export_onnx(restored, example, workdir / ONNX_FILE, compressed.encodings)
-    latency = measure_latency_ms(workdir / ONNX_FILE, data.input_shape, LatencySettings(**setup.measure.model_dump()))
+    reference = workdir / "baseline.onnx"
+    export_onnx(baseline, example, reference, {})
+    try:
+        timed = measure_relative_latency(workdir / ONNX_FILE, reference, data.input_shape, LatencySettings(**setup.measure.model_dump()))
+    finally:
+        reference.unlink()
+    base = setup.baseline_metrics
     metrics = {
         "accuracy": accuracy(restored, data.val),
         "test_accuracy": accuracy(restored, data.test),
         "size_bytes": float(size_bytes),
-        "latency_ms": latency,
+        # drift-corrected: the ratio to the baseline, timed in alternation, times the baseline's latency
+        "latency_ms": timed.ratio * base["latency_ms"],
+        "latency_raw_ms": timed.candidate.ms,  # this trial's own figure, under whatever the machine did meanwhile
+        "latency_reference_raw_ms": timed.reference.ms,
+        "latency_p90_raw_ms": timed.candidate.p90_ms,
         "onnx_bytes": float(onnx_bytes),
         "parameters": float(sum(p.numel() for p in restored.parameters())),
         "nonzero_parameters": float(sum(int((p != 0).sum()) for p in restored.parameters())),
@@ -80,9 +90,8 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise FloatingPointError(f"non-finite metrics: {bad}")
-    base = setup.baseline_metrics
     metrics["size_ratio"] = base["size_bytes"] / metrics["size_bytes"]
-    metrics["speedup"] = base["latency_ms"] / metrics["latency_ms"]
+    metrics["speedup"] = 1.0 / timed.ratio
     metrics["accuracy_delta"] = metrics["accuracy"] - base["accuracy"]
     return metrics
 

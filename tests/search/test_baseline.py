@@ -4,7 +4,7 @@ from netshrink.search.baseline import prepare_baseline
 
 def test_baseline_is_trained_once_per_task_and_reused(tmp_path):
     experiment = Experiment.model_validate(
-        {"name": "b", "task": {"dataset_args": {"image_size": 16}, "train": {"epochs": 1}}, "measure": {"warmup": 1, "repeats": 5}, "space": {"pruning": {}}}
+        {"name": "b", "task": {"dataset_args": {"image_size": 16}, "train": {"epochs": 1}}, "measure": {"warmup": 1, "repeats": 10}, "space": {"pruning": {}}}
     )
     logs = []
     first = prepare_baseline(experiment, tmp_path, str(tmp_path), log=logs.append)
