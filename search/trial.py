@@ -21,7 +21,7 @@ from netshrink.tasks import build_model, example_inputs, load_data
 from netshrink.techniques import Pipeline, compress, load_artifact, save_artifact
 from netshrink.training import accuracy, train
 
-from .measure import LatencySettings, export_onnx, measure_relative_latency
+from .measure import LatencySettings, export_onnx, measure_relative_latency, onnx_accuracy
 from .tracking import RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, Tracker, flatten
 
 ARTIFACT_FILE = "compressed.safetensors"
@@ -77,6 +77,7 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
     metrics = {
         "accuracy": accuracy(restored, data.val),
         "test_accuracy": accuracy(restored, data.test),
+        "onnx_accuracy": onnx_accuracy(workdir / ONNX_FILE, data.val),  # the exported model, checked on the same split
         "size_bytes": float(size_bytes),
         # drift-corrected: the ratio to the baseline, timed in alternation, times the baseline's latency
         "latency_ms": timed.ratio * base["latency_ms"],

@@ -84,12 +84,24 @@ class _SearchSpaceBase(BaseModel):
         return dict(sorted(listed.items(), key=lambda item: REGISTRY[item[0]].stage))
 
     def sample(self, trial: Trial) -> Pipeline:
-        """Define-by-run: ask ``trial`` for each knob (``<technique>/<field>``) and build the pipeline."""
+        """Define-by-run: ask ``trial`` for each knob (``<technique>/<field>``) and build the pipeline.
+
+        A pipeline never comes out empty: the uncompressed model is the baseline,
+        measured once per search. When every searchable technique before the last
+        one was switched off and none is forced on, the last one is on without a
+        ``<technique>/enabled`` question.
+        """
         steps = []
-        for kind, space in self.techniques().items():
+        techniques = self.techniques()
+        forced_on = any(space.enabled is True for space in techniques.values())
+        searchable = [kind for kind, space in techniques.items() if space.enabled == "search"]
+        for kind, space in techniques.items():
             enabled = space.enabled
             if enabled == "search":
-                enabled = trial.suggest_categorical(f"{kind}/enabled", [True, False])
+                if kind == searchable[-1] and not forced_on and not steps:
+                    enabled = True
+                else:
+                    enabled = trial.suggest_categorical(f"{kind}/enabled", [True, False])
             if not enabled:
                 continue
             values = {name: knob.suggest(trial, f"{kind}/{name}") for name, knob in space.knobs().items()}
@@ -98,9 +110,12 @@ class _SearchSpaceBase(BaseModel):
 
     def searched_names(self) -> list[str]:
         """Parameter names the sampler may ask for."""
+        techniques = self.techniques()
+        searchable = [kind for kind, space in techniques.items() if space.enabled == "search"]
+        switch_always_implied = len(searchable) == 1 and not any(space.enabled is True for space in techniques.values())
         names = []
-        for kind, space in self.techniques().items():
-            if space.enabled == "search":
+        for kind, space in techniques.items():
+            if space.enabled == "search" and not switch_always_implied:
                 names.append(f"{kind}/enabled")
             if space.enabled is not False:
                 names += [f"{kind}/{name}" for name, knob in space.knobs().items() if isinstance(knob, (Choice, Range))]

@@ -7,9 +7,9 @@ a model that the pipeline has already copied; they never see the caller's model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -55,7 +55,6 @@ class CompressionContext:
     protected_modules: frozenset[str] = frozenset()
     fine_tune: FineTune | None = None
     seed: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Technique(Protocol):

@@ -59,9 +59,30 @@ def test_defaults_fixed_values_and_disabled_techniques():
     pruning = space.techniques()["pruning"]
     assert pruning.granularity == Fixed("channel")
     assert pruning.ratio == Range(low=0.2, high=0.9)  # the technique's default range
-    assert space.searched_names() == ["pruning/enabled", "pruning/ratio"]
+    assert space.searched_names() == ["pruning/ratio"]  # the only searchable technique is always on
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    assert all(step.kind != "quantization" for _ in range(20) for step in space.sample(study.ask()).steps)
+    assert all([step.kind for step in space.sample(study.ask()).steps] == ["pruning"] for _ in range(20))
+
+
+def test_a_sampled_pipeline_is_never_empty_but_every_technique_can_be_off():
+    space = SearchSpace.model_validate(FULL)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=4))
+    combinations = set()
+    for _ in range(100):
+        trial = study.ask()
+        pipeline = space.sample(trial)
+        assert pipeline.steps
+        combinations.add(tuple(step.kind for step in pipeline.steps))
+        study.tell(trial, 0.0)
+    assert combinations == {("pruning",), ("quantization",), ("pruning", "quantization")}
+    forced = SearchSpace.model_validate({"pruning": {"enabled": True}, "quantization": {}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
+    kinds = set()
+    for _ in range(30):
+        trial = study.ask()
+        kinds.add(tuple(step.kind for step in forced.sample(trial).steps))
+        study.tell(trial, 0.0)
+    assert kinds == {("pruning",), ("pruning", "quantization")}
 
 
 @pytest.mark.parametrize(
