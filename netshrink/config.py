@@ -60,6 +60,7 @@ class SearchSettings(Strict):
     sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
     population_size: int = Field(8, ge=2, description="NSGA-II generation size")
     seed: int = 0
+    skip_repeats: bool = Field(True, description="a pipeline already evaluated in this search is not trained again")
 
 
 class Resources(Strict):

@@ -40,7 +40,11 @@ def _flock(path: Path, mode: int) -> Iterator[None]:
 
 @contextmanager
 def compute_slot() -> Iterator[None]:
-    """Hold around one unit of heavy compute (a training step, an evaluation batch)."""
+    """Hold around one unit of heavy compute (a training step, an evaluation batch).
+
+    Never nest two slots: a measurement waiting at the gate would deadlock
+    against the outer one.
+    """
     with _flock(GATE, fcntl.LOCK_EX):
         work = os.open(WORK, os.O_RDWR | os.O_CREAT, 0o666)
         fcntl.flock(work, fcntl.LOCK_SH)

@@ -23,7 +23,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from netshrink.node_lock import quiet_machine
+from netshrink.node_lock import compute_slot, quiet_machine
 from netshrink.techniques import TensorEncoding
 from netshrink.techniques.encoding import int8_scales, quantize_int8
 
@@ -230,7 +230,8 @@ def onnx_accuracy(onnx_path: str | os.PathLike, dataset, batch_size: int = 256) 
     correct = count = 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     for inputs, labels in loader:
-        logits = session.run(None, {name: inputs.numpy().astype(np.float32)})[0]
+        with compute_slot():
+            logits = session.run(None, {name: inputs.numpy().astype(np.float32)})[0]
         correct += int((logits.argmax(axis=1) == labels.numpy()).sum())
         count += len(labels)
     return correct / max(count, 1)

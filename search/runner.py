@@ -163,7 +163,7 @@ def run_search(experiment: Experiment, config_path: Path, overrides: Overrides =
             parent_run_id=parent,
         )
         console.print(f"Running {trials} trials, {concurrency} at a time ...")
-        run_trials(experiment, setup, study_name, storage_url, run_name, trials, concurrency, state_dir)
+        repeats = run_trials(experiment, setup, study_name, storage_url, run_name, trials, concurrency, state_dir)
     except BaseException:
         if parent is not None:
             tracker.finish(parent, failed=True)
@@ -177,7 +177,9 @@ def run_search(experiment: Experiment, config_path: Path, overrides: Overrides =
     on_front = {p.run_id for p in front}
     for point in points:
         tracker.client.set_tag(point.run_id, PARETO_TAG, "true" if point.run_id in on_front else "false")
-    tracker.log(parent, metrics={"trials_finished": len(points), "trials_failed": failed, "front_size": len(front)})
+    tracker.log(parent, metrics={"trials_finished": len(points), "trials_failed": failed, "front_size": len(front), "repeats_skipped": repeats})
+    if repeats:
+        console.print(f"The sampler proposed {repeats} pipeline(s) already evaluated; their earlier results were reused, not retrained.")
     tracker.client.log_text(parent, front_json(front, b), "front.json")
     tracker.finish(parent)
     seconds = time.time() - started
@@ -262,14 +264,18 @@ def probe_address(address: str) -> None:
         raise UserError(f"--address: cannot connect to a Ray cluster at {address!r}: {error}") from None
 
 
-def run_trials(experiment: Experiment, setup: TrialSetup, study_name: str, storage_url: str, run_name: str, trials: int, concurrency: int, state_dir: Path) -> None:
-    """Ray Tune runs the trials; Optuna's multi-objective sampler chooses each one's pipeline."""
+def run_trials(experiment: Experiment, setup: TrialSetup, study_name: str, storage_url: str, run_name: str, trials: int, concurrency: int, state_dir: Path) -> int:
+    """Ray Tune runs the trials; Optuna's multi-objective sampler chooses each one's pipeline.
+
+    Returns how many repeated pipelines were answered from earlier trials instead of run again.
+    """
     import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+    from .searcher import DistinctPipelineSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher = OptunaSearch(
+    searcher = DistinctPipelineSearch(
+        skip_repeats=experiment.search.skip_repeats,
         space=SpaceSampler(experiment.space),
         metric=list(experiment.objectives),
         mode=experiment.directions(),
@@ -292,6 +298,7 @@ def run_trials(experiment: Experiment, setup: TrialSetup, study_name: str, stora
         ),
     )
     tuner.fit()
+    return searcher.repeats_skipped
 
 
 def progress_printer(total: int, baseline: dict[str, float]):

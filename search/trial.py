@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from netshrink.config import FinetuneSettings, MeasureSettings, TaskConfig
+from netshrink.node_lock import compute_slot
 from netshrink.tasks import build_model, example_inputs, load_data
 from netshrink.techniques import Pipeline, compress, load_artifact, save_artifact
 from netshrink.training import accuracy, train
@@ -64,11 +65,12 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
     compressed = compress(baseline, pipeline, example, fine_tune=lambda model: fine_tune(model), seed=setup.seed)
 
     artifact = workdir / ARTIFACT_FILE
-    size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, pipeline.recipe())
-    restored = load_artifact(artifact, fresh())[0]
-    onnx_bytes = export_onnx(restored, example, workdir / ONNX_FILE, compressed.encodings)
     reference = workdir / "baseline.onnx"
-    export_onnx(baseline, example, reference, {})
+    with compute_slot():  # heavy enough to disturb a neighbour's latency measurement (not nested: no slot inside)
+        size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, pipeline.recipe())
+        restored = load_artifact(artifact, fresh())[0]
+        onnx_bytes = export_onnx(restored, example, workdir / ONNX_FILE, compressed.encodings)
+        export_onnx(baseline, example, reference, {})
     try:
         timed = measure_relative_latency(workdir / ONNX_FILE, reference, data.input_shape, LatencySettings(**setup.measure.model_dump()))
     finally:

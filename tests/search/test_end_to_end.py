@@ -109,13 +109,14 @@ def test_optuna_study_persists_with_the_same_values(finished_search):
     _, _, _, parents, children = finished_search
     tags = parents[0].data.tags
     study = optuna.load_study(study_name=tags["optuna.study_name"], storage=tags["optuna.storage"])
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "repeat_of" not in t.user_attrs]
     assert len(complete) == TRIALS
     by_number = {int(c.data.tags["optuna_trial"]): c for c in children}
     for trial in complete:
         metrics = by_number[trial.number].data.metrics
         assert trial.values == pytest.approx([metrics["accuracy"], metrics["size_bytes"], metrics["latency_ms"]])
-    assert {t.number for t in study.best_trials} == {int(c.data.tags["optuna_trial"]) for c in children if c.data.tags["pareto"] == "true"}
+    best = {t.user_attrs.get("repeat_of", t.number) for t in study.best_trials}  # a repeat stands for its original
+    assert best == {int(c.data.tags["optuna_trial"]) for c in children if c.data.tags["pareto"] == "true"}
 
 
 def test_front_command_reads_the_front_back_from_mlflow(finished_search):
@@ -170,7 +171,7 @@ def test_the_same_model_measured_in_concurrent_trials_agrees_within_ten_percent(
             name: same
             task: {train: {epochs: 1}}  # 28x28 LeNet-5: ~0.1 ms, well above ONNX Runtime's per-call floor
             finetune: {epochs: 2}
-            search: {trials: 4, max_concurrent: 2, sampler: random}
+            search: {trials: 4, max_concurrent: 2, sampler: random, skip_repeats: false}
             space:
               quantization: {enabled: true, bits: 16}
             """
@@ -196,3 +197,34 @@ def test_unreachable_tracking_server_and_ray_cluster_fail_fast_with_exit_code_2(
     assert "--address: cannot connect to a Ray cluster" in no_cluster.stderr and "Traceback" not in no_cluster.stderr
     too_big = netshrink("search", "exp.yaml", cwd=tmp_path, extra=["resources: {cpu: 64}"])
     assert too_big.returncode == 2 and "resources.cpu: a trial asks for 64.0 CPUs" in too_big.stderr
+
+
+def test_repeated_pipelines_are_answered_from_earlier_trials_and_a_small_space_ends_early(tmp_path):
+    """Only two distinct pipelines exist here; a budget of 6 trials must not train any of them twice."""
+    (tmp_path / "exp.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: tiny-space
+            task: {dataset_args: {image_size: 16}, train: {epochs: 1}}
+            finetune: {epochs: 1}
+            search: {trials: 6, max_concurrent: 1, sampler: random}
+            measure: {warmup: 5, repeats: 100}
+            space:
+              quantization: {enabled: true, bits: [16, 8]}
+            """
+        )
+    )
+    result = netshrink("search", "exp.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny-space").experiment_id])
+    children = [r for r in runs if r.data.tags.get("netshrink.role") == "trial"]
+    assert sorted(r.data.tags["recipe"] for r in children) == sorted({r.data.tags["recipe"] for r in children})
+    assert len(children) == 2
+    parent = next(r for r in runs if r.data.tags.get("netshrink.role") == "search")
+    assert parent.data.metrics["repeats_skipped"] >= 1
+    study = optuna.load_study(study_name=parent.data.tags["optuna.study_name"], storage=parent.data.tags["optuna.storage"])
+    repeats = [t for t in study.trials if "repeat_of" in t.user_attrs]
+    assert repeats and all(t.state == optuna.trial.TrialState.COMPLETE for t in repeats)
+    originals = {t.number: t for t in study.trials}
+    assert all(t.values == originals[t.user_attrs["repeat_of"]].values for t in repeats)

@@ -1,0 +1,52 @@
+"""Ray's OptunaSearch, minus the wasted trials.
+
+A multi-objective sampler on a small budget proposes the same pipeline again
+and again (NSGA-II bred the same int8-only pipeline 9 times in a 32-trial
+search: with pruning off, that corner of the space has two points). A recipe is
+deterministic under the search's seed, so training it again teaches nothing.
+This searcher tells Optuna the earlier result for a repeat (the study keeps a
+complete trial, its ``repeat_of`` attribute naming the original) and asks for
+another pipeline; Tune never sees the repeat, and the trial budget counts
+distinct pipelines. If the sampler proposes nothing new many times in a row,
+the space is exhausted and the search ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+MAX_REPEATS_IN_A_ROW = 100
+
+
+class DistinctPipelineSearch(OptunaSearch):
+    def __init__(self, *args: Any, skip_repeats: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_repeats = skip_repeats
+        self.repeats_skipped = 0
+        self._recipe_of_trial: dict[str, str] = {}
+        self._finished: dict[str, tuple[int, list[float]]] = {}  # recipe -> (optuna number, values)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        for _ in range(MAX_REPEATS_IN_A_ROW):
+            config = super().suggest(trial_id)
+            if not isinstance(config, dict):
+                return config
+            earlier = self._finished.get(config["recipe"]) if self.skip_repeats else None
+            if earlier is None:
+                self._recipe_of_trial[trial_id] = config["recipe"]
+                return config
+            number, values = earlier
+            repeat = self._ot_trials.pop(trial_id)
+            repeat.set_user_attr("repeat_of", number)
+            self._ot_study.tell(repeat, values)
+            self.repeats_skipped += 1
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        recipe = self._recipe_of_trial.pop(trial_id, None)
+        if recipe is not None and result and not error and all(metric in result for metric in self.metric):
+            self._finished.setdefault(recipe, (self._ot_trials[trial_id].number, [result[metric] for metric in self.metric]))
+        super().on_trial_complete(trial_id, result=result, error=error)
