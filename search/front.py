@@ -72,7 +72,10 @@ def print_front(front: list[TrialPoint], baseline: dict[str, float] | None, titl
         console.print("[yellow]No finished trial is on the front (none finished, or none reached min_accuracy).[/yellow]")
         return
     console.print(front_table(front, baseline, title))
-    console.print("latency: median batch-1 ONNX Runtime CPU time; size: bytes of the compressed artifact file")
+    console.print(
+        "size: bytes of the compressed artifact file; latency: batch-1 ONNX Runtime CPU time, each trial timed "
+        "in alternation with the baseline (ratio x baseline figure); accuracy: validation split"
+    )
 
 
 def front_json(front: list[TrialPoint], baseline: dict[str, float] | None) -> str:

@@ -9,8 +9,7 @@ from netshrink.config import OBJECTIVES
 from netshrink.errors import UserError
 
 from .front import TrialPoint, pareto_front
-from .runner import collect_points
-from .tracking import Tracker, default_tracking_uri
+from .tracking import RECIPE_TAG, SUMMARY_TAG, Tracker, default_tracking_uri
 
 
 @dataclass
@@ -19,6 +18,29 @@ class LoadedFront:
     front: list[TrialPoint]
     points: list[TrialPoint]
     baseline: dict[str, float]
+
+
+def collect_points(tracker: Tracker, experiment_id: str, parent_run_id: str | None = None) -> tuple[list[TrialPoint], int]:
+    """Finished trials of one search (or of all searches) as points, and the count of failed ones."""
+    points, failed = [], 0
+    for run in tracker.trial_runs(experiment_id, parent_run_id):
+        metrics = run.data.metrics
+        if run.info.status != "FINISHED" or not {"accuracy", "size_bytes", "latency_ms"} <= metrics.keys():
+            failed += run.info.status == "FAILED"
+            continue
+        points.append(
+            TrialPoint(
+                run_id=run.info.run_id,
+                name=run.info.run_name,
+                accuracy=metrics["accuracy"],
+                size_bytes=metrics["size_bytes"],
+                latency_ms=metrics["latency_ms"],
+                recipe=run.data.tags.get(RECIPE_TAG, "{}"),
+                summary=run.data.tags.get(SUMMARY_TAG, ""),
+                extra={k: v for k, v in metrics.items() if k not in {"accuracy", "size_bytes", "latency_ms"}},
+            )
+        )
+    return points, failed
 
 
 def load_front(experiment_name: str, tracking_uri: str | None = None, search_run: str | None = None) -> LoadedFront:

@@ -18,7 +18,8 @@ from netshrink.spaces import SearchSpace
 
 from .baseline import prepare_baseline
 from .front import TrialPoint, front_json, pareto_front, print_front
-from .tracking import PARETO_TAG, RECIPE_TAG, SUMMARY_TAG, Tracker, default_tracking_uri, is_local
+from .report import collect_points
+from .tracking import PARETO_TAG, Tracker, default_tracking_uri, is_local
 from .trial import TrialSetup, run_trial
 
 STATE_DIR = ".netshrink"
@@ -79,29 +80,6 @@ def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
     if tracking_uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
     return f"sqlite:///{(state_dir / 'optuna.db').resolve()}"
-
-
-def collect_points(tracker: Tracker, experiment_id: str, parent_run_id: str | None = None) -> tuple[list[TrialPoint], int]:
-    """Finished trials of one search (or of all searches) as points, and the count of failed ones."""
-    points, failed = [], 0
-    for run in tracker.trial_runs(experiment_id, parent_run_id):
-        metrics = run.data.metrics
-        if run.info.status != "FINISHED" or not {"accuracy", "size_bytes", "latency_ms"} <= metrics.keys():
-            failed += run.info.status == "FAILED"
-            continue
-        points.append(
-            TrialPoint(
-                run_id=run.info.run_id,
-                name=run.info.run_name,
-                accuracy=metrics["accuracy"],
-                size_bytes=metrics["size_bytes"],
-                latency_ms=metrics["latency_ms"],
-                recipe=run.data.tags.get(RECIPE_TAG, "{}"),
-                summary=run.data.tags.get(SUMMARY_TAG, ""),
-                extra={k: v for k, v in metrics.items() if k not in {"accuracy", "size_bytes", "latency_ms"}},
-            )
-        )
-    return points, failed
 
 
 def run_search(experiment: Experiment, config_path: Path, overrides: Overrides = Overrides(), console: Console | None = None) -> SearchResult:
