@@ -20,7 +20,7 @@ from netshrink.config import FinetuneSettings, MeasureSettings, TaskConfig
 from netshrink.node_lock import compute_slot
 from netshrink.tasks import build_model, example_inputs, load_data
 from netshrink.techniques import Pipeline, compress, load_artifact, save_artifact
-from netshrink.training import accuracy, train
+from netshrink.training import accuracy, cross_entropy, train
 
 from .measure import LatencySettings, export_onnx, measure_relative_latency, onnx_accuracy
 from .tracking import RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, Tracker, flatten
@@ -62,7 +62,9 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
     fine_tune = partial(
         train, dataset=data.train, epochs=setup.finetune.epochs, lr=setup.finetune.lr, batch_size=setup.finetune.batch_size, seed=setup.seed
     )
-    compressed = compress(baseline, pipeline, example, fine_tune=lambda model: fine_tune(model), seed=setup.seed)
+    compressed = compress(
+        baseline, pipeline, example, fine_tune=lambda model, loss_fn: fine_tune(model, loss_fn=loss_fn or cross_entropy), seed=setup.seed
+    )
 
     artifact = workdir / ARTIFACT_FILE
     reference = workdir / "baseline.onnx"

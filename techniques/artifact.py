@@ -100,8 +100,19 @@ def _sync_layer_attributes(module: nn.Module) -> None:
 
 
 def load_artifact(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    """Load an artifact into ``model`` (a fresh instance of the original architecture)."""
+    """Load an artifact into ``model`` (a fresh instance of the original architecture).
+
+    Structural steps of the stored recipe (those whose technique has ``rebuild``)
+    are replayed first, then layers are resized to the stored shapes.
+    """
+    from .registry import REGISTRY
+
     state, header = read_artifact(Path(path))
+    for step in header["recipe"].get("steps", []):
+        technique = REGISTRY.get(step["kind"])
+        rebuild = getattr(technique, "rebuild", None)
+        if rebuild is not None:
+            rebuild(model, technique.config_type.model_validate(step))
     resize_to_state(model, state)
     model.load_state_dict(state, strict=True)
     return model.eval(), header

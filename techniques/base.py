@@ -39,7 +39,8 @@ class TechniqueConfig(BaseModel):
         return False
 
 
-FineTune = Callable[[nn.Module], None]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, inputs) -> loss
+FineTune = Callable[[nn.Module, "LossFn | None"], None]  # (model, loss or None for cross-entropy)
 
 
 @dataclass
@@ -55,6 +56,8 @@ class CompressionContext:
     protected_modules: frozenset[str] = frozenset()
     fine_tune: FineTune | None = None
     seed: int = 0
+    teacher: nn.Module | None = None  # the caller's model, untouched: distillation's teacher
+    loss_fn: LossFn | None = None  # set by a technique that changes the training objective
 
 
 class Technique(Protocol):
@@ -67,6 +70,12 @@ class Technique(Protocol):
     def apply(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> None:
         """Transform ``model`` in place and record the storage plan in ``ctx.encodings``."""
         ...
+
+
+# Optional, for techniques that change the module tree (architecture stage):
+#     def rebuild(self, model: nn.Module, config: TechniqueConfig) -> None
+# makes the same structural change with placeholder weights. ``load_artifact`` replays it from the
+# recipe before loading the stored weights, so a changed architecture loads without pickle.
 
 
 def compressible_weights(model: nn.Module) -> dict[str, nn.Module]:

@@ -109,6 +109,7 @@ def compress(
     folded in), so evaluating it evaluates the artifact.
     """
     torch.manual_seed(seed)
+    teacher = model
     model = copy.deepcopy(model)
     ctx = CompressionContext(
         example_inputs=example_inputs,
@@ -116,12 +117,13 @@ def compress(
         protected_modules=output_layers(model, example_inputs),
         fine_tune=fine_tune,
         seed=seed,
+        teacher=teacher,
     )
     active = pipeline.active_steps()
     for step in active:
         REGISTRY[step.kind].apply(model, step, ctx)
     if active and fine_tune is not None:
-        fine_tune(model)
+        fine_tune(model, ctx.loss_fn)
     bake_parametrizations(model)
     return Compressed(model=model.eval(), encodings=ctx.encodings, pipeline=pipeline)
 

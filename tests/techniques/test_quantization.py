@@ -38,7 +38,7 @@ def test_sixteen_bits_round_to_half_precision():
 
 def test_straight_through_estimator_passes_gradients():
     model = torch.nn.Linear(20, 3)
-    quantized = compress(model, Pipeline(steps=[QuantizationConfig(bits=8)]), torch.zeros(1, 20), fine_tune=lambda m: _step(m)).model
+    quantized = compress(model, Pipeline(steps=[QuantizationConfig(bits=8)]), torch.zeros(1, 20), fine_tune=lambda m, loss_fn: _step(m)).model
     # _step asserted that gradients reached the shadow weights; the baked weights sit on the int8 grid
     scale = quantized.weight.abs().amax(dim=1, keepdim=True) / 127
     assert torch.allclose(quantized.weight / scale, torch.round(quantized.weight / scale), atol=1e-3)
