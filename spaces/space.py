@@ -104,9 +104,18 @@ class _SearchSpaceBase(BaseModel):
                     enabled = trial.suggest_categorical(f"{kind}/enabled", [True, False])
             if not enabled:
                 continue
-            values = {name: knob.suggest(trial, f"{kind}/{name}") for name, knob in space.knobs().items()}
-            steps.append(REGISTRY[kind].config_type(**values))
+            steps.append(REGISTRY[kind].config_type(**self._ask_knobs(trial, kind, space)))
         return Pipeline(steps=steps)
+
+    @staticmethod
+    def _ask_knobs(trial: Trial, kind: str, space: TechniqueSpace) -> dict[str, Any]:
+        """Ask every knob whose condition (``Technique.conditions``) holds; the others keep their default."""
+        conditions = getattr(REGISTRY[kind], "conditions", {})
+        values: dict[str, Any] = {}
+        for name, knob in space.knobs().items():
+            if all(values.get(field) == wanted for field, wanted in conditions.get(name, {}).items()):
+                values[name] = knob.suggest(trial, f"{kind}/{name}")
+        return values
 
     def searched_names(self) -> list[str]:
         """Parameter names the sampler may ask for."""

@@ -2,19 +2,25 @@
 
 from .artifact import load_artifact, read_artifact, save_artifact
 from .base import CompressionContext, Stage, Technique, TechniqueConfig
+from .distillation import DistillationConfig
 from .encoding import TensorEncoding
+from .lowrank import LowRankConfig
 from .pipeline import Compressed, Pipeline, compress
 from .pruning import PruningConfig
 from .quantization import QuantizationConfig
 from .registry import REGISTRY, get_technique
+from .separable import SeparableConfig
 
 __all__ = [
     "REGISTRY",
     "Compressed",
     "CompressionContext",
+    "DistillationConfig",
+    "LowRankConfig",
     "Pipeline",
     "PruningConfig",
     "QuantizationConfig",
+    "SeparableConfig",
     "Stage",
     "Technique",
     "TechniqueConfig",

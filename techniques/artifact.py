@@ -75,6 +75,7 @@ def resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         changed = False
+        depthwise = isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups == module.in_channels == module.out_channels
         for tensor_name, current in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             stored = state.get(prefix + tensor_name)
             if stored is None or stored.shape == current.shape:
@@ -86,12 +87,14 @@ def resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 module.register_buffer(tensor_name, replacement)
             changed = True
         if changed:
-            _sync_layer_attributes(module)
+            _sync_layer_attributes(module, depthwise)
 
 
-def _sync_layer_attributes(module: nn.Module) -> None:
+def _sync_layer_attributes(module: nn.Module, depthwise: bool) -> None:
     if isinstance(module, nn.modules.conv._ConvNd):
         module.out_channels = module.weight.shape[0]
+        if depthwise:  # channel pruning removes a depthwise conv's channels together with its groups
+            module.groups = module.out_channels
         module.in_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape

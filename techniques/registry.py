@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from .base import Technique
+from .distillation import Distillation
+from .lowrank import LowRank
 from .pruning import Pruning
 from .quantization import Quantization
+from .separable import Separable
 
 REGISTRY: dict[str, Technique] = {
     technique.kind: technique
     for technique in (
+        Separable(),
+        LowRank(),
+        Distillation(),
         Pruning(),
         Quantization(),
     )

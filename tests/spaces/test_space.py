@@ -6,20 +6,22 @@ import torch
 from pydantic import ValidationError
 
 from netshrink.spaces import Choice, Fixed, Range, SearchSpace
-from netshrink.techniques import Pipeline, compress
-from tests.models import ResidualBN, TinyCNN
+from netshrink.tasks.models import LeNet5
+from netshrink.techniques import REGISTRY, Pipeline, compress
+from tests.models import ResidualBN
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 FULL = {"pruning": {}, "quantization": {"bits": [32, 16, 8]}}
+EVERYTHING = {kind: {} for kind in REGISTRY}  # every technique with its default knobs
 
 
-@pytest.mark.parametrize("model_type", [TinyCNN, ResidualBN])
-def test_two_hundred_random_draws_all_build_a_working_model(model_type):
-    space = SearchSpace.model_validate(FULL)
+@pytest.mark.parametrize("model_type, side", [(LeNet5, 28), (ResidualBN, 12)], ids=["lenet5", "residual_bn"])
+def test_two_hundred_random_draws_all_build_a_working_model(model_type, side):
+    space = SearchSpace.model_validate(EVERYTHING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
     model = model_type().eval()
-    x = torch.randn(2, 1, 12, 12)
+    x = torch.randn(2, 1, side, side)
     kinds_seen = set()
     for _ in range(200):
         trial = study.ask()
@@ -28,15 +30,18 @@ def test_two_hundred_random_draws_all_build_a_working_model(model_type):
         kinds_seen.update(step.kind for step in pipeline.active_steps())
         assert compress(model, pipeline, x[:1]).model(x).shape == (2, 10)
         study.tell(trial, [0.5, 1.0])
-    assert kinds_seen == {"pruning", "quantization"}
+    assert kinds_seen == set(REGISTRY)
 
 
 def test_parameter_names_are_technique_slash_field_and_numeric_knobs_are_numeric():
-    space = SearchSpace.model_validate({"pruning": {"enabled": True, "ratio": {"low": 0.1, "high": 0.9, "log": True}}})
+    space = SearchSpace.model_validate(
+        {"pruning": {"enabled": True, "granularity": "weight", "ratio": {"low": 0.1, "high": 0.9, "log": True}}}
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     trial = study.ask()
     space.sample(trial)
-    assert set(trial.params) == {"pruning/granularity", "pruning/ratio"}  # enabled: true is not searched
+    assert set(trial.params) == {"pruning/ratio", "pruning/steps"}  # enabled: true and fixed knobs are not searched
+    assert isinstance(trial.distributions["pruning/steps"], optuna.distributions.IntDistribution)
     ratio = trial.distributions["pruning/ratio"]
     assert isinstance(ratio, optuna.distributions.FloatDistribution) and ratio.log
 
@@ -55,7 +60,7 @@ def test_conditional_knobs_are_only_asked_when_the_technique_is_on():
 
 
 def test_defaults_fixed_values_and_disabled_techniques():
-    space = SearchSpace.model_validate({"pruning": {"granularity": "channel"}, "quantization": {"enabled": False}})
+    space = SearchSpace.model_validate({"pruning": {"granularity": "channel", "steps": 1, "importance": "l2"}, "quantization": {"enabled": False}})
     pruning = space.techniques()["pruning"]
     assert pruning.granularity == Fixed("channel")
     assert pruning.ratio == Range(low=0.2, high=0.9)  # the technique's default range
@@ -118,3 +123,17 @@ def test_choice_of_one_is_not_asked():
     trial = study.ask()
     assert Choice(options=(8,)).suggest(trial, "quantization/bits") == 8
     assert trial.params == {}
+
+
+def test_a_conditional_knob_is_asked_only_when_its_condition_holds():
+    space = SearchSpace.model_validate({"pruning": {"enabled": True}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=7))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        pipeline = space.sample(trial)
+        granularity = pipeline.steps[0].granularity
+        assert ("pruning/importance" in trial.params) == (granularity == "channel")
+        seen.add(granularity)
+        study.tell(trial, 0.0)
+    assert seen == {"weight", "channel"}

@@ -22,7 +22,7 @@ def test_unknown_kind_is_rejected():
 
 def test_describe_is_one_line():
     pipeline = Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.4567), QuantizationConfig(bits=32)])
-    assert pipeline.describe() == "pruning(granularity=channel, ratio=0.457)"
+    assert pipeline.describe() == "pruning(granularity=channel, ratio=0.457, steps=1, importance=l1)"
     assert Pipeline().describe() == "uncompressed"
 
 
@@ -42,3 +42,22 @@ def test_artifact_header_carries_shapes_and_recipe(tmp_path):
     assert header["entries"]["weight"]["shape"] == [2, 4]
     assert Pipeline.model_validate(header["recipe"]) == Pipeline.from_recipe(recipe)
     assert torch.equal(state["weight"], model.weight.detach())
+
+
+def test_a_channel_pruned_depthwise_conv_reloads_as_depthwise(tmp_path):
+    from netshrink.techniques import compress, load_artifact
+
+    def make():
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.Conv2d(8, 8, 1),
+            torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 3),
+        )
+
+    pipeline = Pipeline(steps=[PruningConfig(ratio=0.5)])
+    compressed = compress(make().eval(), pipeline, torch.zeros(1, 1, 12, 12))
+    assert compressed.model[1].groups == compressed.model[1].out_channels < 8
+    save_artifact(tmp_path / "dw.safetensors", compressed.model, compressed.encodings, pipeline.recipe())
+    restored, _ = load_artifact(tmp_path / "dw.safetensors", make())
+    assert restored[1].groups == restored[1].in_channels == compressed.model[1].groups
+    x = torch.randn(2, 1, 12, 12)
+    torch.testing.assert_close(restored(x), compressed.model(x))

@@ -73,3 +73,49 @@ def test_ratio_must_be_strictly_between_zero_and_one():
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="ratio"):
             PruningConfig(ratio=bad)
+
+
+def test_step_ratios_reach_the_target_removing_an_equal_share_each_step():
+    from netshrink.techniques.pruning import step_ratios
+
+    ratios = step_ratios(0.875, 3)
+    assert ratios == pytest.approx([0.5, 0.75, 0.875])
+    assert step_ratios(0.3, 1) == pytest.approx([0.3])
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_iterative_pruning_fine_tunes_between_steps_and_reaches_the_ratio(granularity):
+    calls = []
+
+    def fine_tune(model, loss_fn=None):
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        calls.append(sum(int((layer.weight != 0).sum()) for layer in layers))  # .weight is the masked view
+
+    model = LeNet5()
+    config = PruningConfig(granularity=granularity, ratio=0.75, steps=3)
+    pruned = compress(model, Pipeline(steps=[config]), torch.zeros(1, 1, 28, 28), fine_tune=fine_tune).model
+    assert len(calls) == 3  # between the 3 steps (2) and once at the end
+    assert calls[0] > calls[1] > calls[2]  # each step removed more
+    if granularity == "weight":
+        assert (pruned.fc1.weight == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
+    else:
+        assert pruned.conv2.out_channels == pytest.approx(50 * 0.25, abs=1)
+
+
+def test_l1_and_l2_importance_rank_channels_differently():
+    # channel 0: many small weights (large L1, small L2); channel 1: one large weight (small L1, large L2)
+    conv = torch.nn.Conv2d(1, 3, 3)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0].fill_(0.3)  # L1 = 2.7, L2 = 0.9
+        conv.weight[1, 0, 0, 0] = 2.0  # L1 = 2.0, L2 = 2.0
+        conv.weight[2].fill_(1.0)  # the clear keeper
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    x = torch.zeros(1, 1, 6, 6)
+    kept = {}
+    for importance in ("l1", "l2"):
+        pruned = compress(model, Pipeline(steps=[PruningConfig(ratio=0.2, importance=importance)]), x).model
+        kept[importance] = pruned[0].weight.detach()
+    assert kept["l1"].shape[0] == kept["l2"].shape[0] == 2
+    assert torch.allclose(kept["l1"][0], torch.full((1, 3, 3), 0.3))  # L1 kept the many-small channel
+    assert kept["l2"][0, 0, 0, 0] == 2.0  # L2 kept the one-large channel

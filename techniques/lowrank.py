@@ -1,0 +1,127 @@
+"""Low-rank factorization: a layer with an M x N weight becomes two layers through rank K.
+
+``y = W x`` becomes ``y = B (A x)`` with A (K x N) and B (M x K): K(M + N) weights
+instead of M N, so a layer is factored only where K(M + N) < M N. The factors
+start as the truncated SVD of W, ``A = sqrt(S_K) V_K^T`` and ``B = U_K sqrt(S_K)``,
+the best rank-K approximation of W in the least-squares sense (Eckart-Young), so
+fine-tuning starts close to the original layer. K = ceil(rank_fraction * min(M, N)).
+
+Linear layers are factored, and with ``include_1x1_convs`` also 1x1 convolutions
+(the same matrix applied at every pixel; the first factor keeps stride and padding).
+Only modules of exactly these types are replaced: a subclass such as attention's
+output projection is read through ``.weight`` by its parent. A parent that reads
+a plain ``nn.Linear`` child's ``.weight`` (``nn.TransformerEncoderLayer``'s fast
+path does) breaks when that child is factored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn.utils import skip_init
+
+from .base import CompressionContext, Stage, TechniqueConfig
+
+Factorable = nn.Linear | nn.Conv2d
+Initialise = Callable[[nn.Sequential, Factorable], None]
+
+
+class LowRankConfig(TechniqueConfig):
+    kind: Literal["lowrank"] = "lowrank"
+    rank_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0, description="rank kept, as a fraction of the smaller of a layer's two dimensions"
+    )
+    include_1x1_convs: bool = Field(False, description="also factor 1x1 convolutions (per-pixel channel mixing)")
+
+
+def is_factorable(module: nn.Module, include_1x1_convs: bool) -> bool:
+    if type(module) is nn.Linear:
+        return True
+    return include_1x1_convs and type(module) is nn.Conv2d and module.groups == 1 and module.kernel_size == (1, 1)
+
+
+def rank_for(layer: Factorable, rank_fraction: float) -> int:
+    out_features, in_features = layer.weight.shape[:2]
+    return max(1, math.ceil(rank_fraction * min(out_features, in_features)))
+
+
+def saves_parameters(layer: Factorable, rank: int) -> bool:
+    out_features, in_features = layer.weight.shape[:2]
+    return rank * (out_features + in_features) < out_features * in_features
+
+
+def layers_to_factor(model: nn.Module, config: LowRankConfig) -> dict[str, int]:
+    """Layer name -> rank, for the layers that factoring shrinks; decided from shapes only, so rebuild agrees."""
+    chosen: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name and is_factorable(module, config.include_1x1_convs):
+            rank = rank_for(module, config.rank_fraction)
+            if saves_parameters(module, rank):
+                chosen[name] = rank
+    return chosen
+
+
+def factor_pair(layer: Factorable, rank: int) -> nn.Sequential:
+    """The two layers through ``rank`` replacing ``layer``, weights uninitialised; the second keeps the bias."""
+    out_features, in_features = layer.weight.shape[:2]
+    placement = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    has_bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        return nn.Sequential(
+            skip_init(nn.Linear, in_features, rank, bias=False, **placement),
+            skip_init(nn.Linear, rank, out_features, bias=has_bias, **placement),
+        )
+    first = skip_init(
+        nn.Conv2d, in_features, rank, 1, stride=layer.stride, padding=layer.padding,
+        padding_mode=layer.padding_mode, bias=False, **placement,
+    )
+    return nn.Sequential(first, skip_init(nn.Conv2d, rank, out_features, 1, bias=has_bias, **placement))
+
+
+@torch.no_grad()
+def svd_init(pair: nn.Sequential, layer: Factorable) -> None:
+    """Truncated SVD of ``layer``'s weight into the two factors, sqrt(S) on each side."""
+    first, second = pair
+    rank = first.weight.shape[0]
+    weight = layer.weight.reshape(layer.weight.shape[0], -1)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = s[:rank].sqrt()
+    first.weight.copy_((root[:, None] * vh[:rank]).reshape(first.weight.shape))
+    second.weight.copy_((u[:, :rank] * root).reshape(second.weight.shape))
+    if layer.bias is not None:
+        second.bias.copy_(layer.bias)
+
+
+@torch.no_grad()
+def zero_init(pair: nn.Sequential, _layer: Factorable) -> None:
+    for parameter in pair.parameters():
+        parameter.zero_()
+
+
+def factor_layers(model: nn.Module, config: LowRankConfig, initialise: Initialise) -> None:
+    for name, rank in layers_to_factor(model, config).items():
+        layer = model.get_submodule(name)
+        pair = factor_pair(layer, rank)
+        initialise(pair, layer)
+        model.set_submodule(name, pair)
+
+
+class LowRank:
+    kind: ClassVar[str] = "lowrank"
+    config_type: ClassVar[type[TechniqueConfig]] = LowRankConfig
+    stage: ClassVar[Stage] = Stage.ARCHITECTURE
+    default_space: ClassVar[dict[str, Any]] = {
+        "rank_fraction": {"low": 0.05, "high": 0.5, "log": True},
+        "include_1x1_convs": [False, True],
+    }
+
+    def apply(self, model: nn.Module, config: LowRankConfig, ctx: CompressionContext) -> None:
+        factor_layers(model, config, svd_init)
+
+    def rebuild(self, model: nn.Module, config: LowRankConfig) -> None:
+        """The same layers factored, with zero placeholders for the weights the artifact then loads."""
+        factor_layers(model, config, zero_init)
