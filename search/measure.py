@@ -25,7 +25,7 @@ from torch import nn
 
 from netshrink.node_lock import compute_slot, quiet_machine
 from netshrink.techniques import TensorEncoding
-from netshrink.techniques.encoding import int8_scales, quantize_int8
+from netshrink.techniques.encoding import INTEGER_BITS, channel_scales, quantize_codes
 
 OPSET = 17
 
@@ -41,8 +41,9 @@ class LatencySettings:
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, encodings: dict[str, TensorEncoding]) -> int:
     """Export ``model`` to a self-contained ONNX file with a dynamic batch axis; returns its size in bytes.
 
-    Weights the plan stores at 8 bits become int8 initializers feeding
-    ``DequantizeLinear`` (per output channel); 16-bit weights become float16
+    Weights the plan stores at 8, 4, 2 or 1 bits become int8 code initializers
+    feeding ``DequantizeLinear`` (per output channel; sub-byte codes are not packed
+    here, the artifact is what stores them packed); 16-bit weights become float16
     initializers feeding ``Cast``. Sparse weights stay dense: ONNX Runtime's
     CPU kernels are dense, which is why unstructured pruning saves bytes but not time.
     """
@@ -60,7 +61,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
-    reduced = {name: enc for name, enc in encodings.items() if enc.bits in (8, 16)}
+    reduced = {name: enc for name, enc in encodings.items() if enc.bits in (16, *INTEGER_BITS)}
     if reduced:
         graph_model = onnx.load(path)
         store_reduced_precision(graph_model, reduced)
@@ -78,11 +79,11 @@ def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, T
         weight = torch.from_numpy(numpy_helper.to_array(initializer).copy())
         name = initializer.name
         graph.initializer.remove(initializer)
-        if encoding.bits == 8:
-            scale = int8_scales(weight)
+        if encoding.bits in INTEGER_BITS:
+            scale = channel_scales(weight, encoding.bits, encoding.sparse)
             graph.initializer.extend(
                 [
-                    numpy_helper.from_array(quantize_int8(weight, scale).numpy(), f"{name}_int8"),
+                    numpy_helper.from_array(quantize_codes(weight, scale, encoding.bits, encoding.sparse).numpy(), f"{name}_int8"),
                     numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}_scale"),
                     numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
                 ]

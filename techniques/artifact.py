@@ -2,9 +2,10 @@
 
 Layout (documented in the README):
 - tensors: for each state entry ``name``, ``name.values`` (dense, or only the
-  nonzeros when sparse), ``name.mask`` (packed bitmask, when sparse) and
-  ``name.scale`` (per-output-channel float32 scales, when int8). Integer buffers
-  are stored as they are under ``name``.
+  nonzeros when sparse; float32, float16, int8 codes, or 4/2/1-bit codes packed
+  into uint8), ``name.mask`` (packed bitmask, when sparse) and ``name.scale``
+  (per-output-channel float32 scales, for 8/4/2/1 bits). Integer buffers are
+  stored as they are under ``name``.
 - metadata ``netshrink``: JSON with the format version, each entry's shape and
   encoding, and the recipe that produced the model.
 

@@ -1,10 +1,12 @@
-"""Weight quantization to 16 or 8 bits, trained with a straight-through estimator.
+"""Weight quantization to 16, 8, 4, 2 or 1 bits, trained with a straight-through estimator.
 
-During fine-tuning the forward pass sees the rounded weights while gradients
+During fine-tuning the forward pass sees the quantized weights while gradients
 flow to full-precision shadows (STE); after fine-tuning the weights are exactly
-representable, and the artifact stores them as float16 or as int8 with one
-float32 scale per output channel (symmetric, zero maps to zero so sparsity
-survives). ``bits: 32`` is the identity.
+representable, and the artifact stores them as float16, or as integer codes
+with one float32 scale per output channel: 8/4/2 bits on the symmetric grid
+[-(2^(b-1)-1), 2^(b-1)-1] (zero maps to zero, so sparsity survives; 2 bits is
+ternary), 1 bit as sign(w) * mean|w| (binary weights, XNOR-Net). Sub-byte codes
+are stored packed. ``bits: 32`` is the identity.
 """
 
 from __future__ import annotations
@@ -17,35 +19,42 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .base import CompressionContext, Stage, TechniqueConfig, compressible_weights
-from .encoding import INT8_MAX, TensorEncoding, int8_scales
+from .encoding import INTEGER_BITS, Bits, TensorEncoding, channel_scales, dequantize, quantize_codes
 
 
 class QuantizationConfig(TechniqueConfig):
     kind: Literal["quantization"] = "quantization"
-    bits: Literal[32, 16, 8] = Field(8, description="bit width of the stored weights; 32 leaves them as they are")
+    bits: Bits = Field(8, description="bit width of the stored weights; 32 leaves them as they are")
 
     def is_noop(self) -> bool:
         return self.bits == 32
 
 
 class FakeQuantize(nn.Module):
-    """Parametrization: forward uses quantized weights, backward passes gradients straight through."""
+    """Parametrization: forward uses quantized weights, backward passes gradients straight through.
 
-    def __init__(self, bits: int) -> None:
+    The gradient is passed unchanged at every width, 1 bit included: BinaryConnect
+    zeroes it where |w| > 1 because it clips its weights to [-1, 1], but with a
+    per-channel scale the shadow weights are not clipped and typical weights sit far
+    below 1, so that cancellation would almost never act; one rule keeps one path.
+    """
+
+    def __init__(self, bits: int, sparse: bool = False) -> None:
         super().__init__()
         self.bits = bits
+        self.sparse = sparse
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (fake_quantize(weight, self.bits) - weight).detach()
+        return weight + (fake_quantize(weight, self.bits, self.sparse) - weight).detach()
 
 
-def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """The value the artifact will decode to for ``weight`` at ``bits``."""
+def fake_quantize(weight: torch.Tensor, bits: int, sparse: bool = False) -> torch.Tensor:
+    """The value the artifact will decode to for ``weight`` at ``bits`` (``sparse``: stored with a bitmask)."""
     if bits == 16:
         return weight.to(torch.float16).to(weight.dtype)
-    if bits == 8:
-        scale = int8_scales(weight).reshape((-1,) + (1,) * (weight.dim() - 1))
-        return torch.clamp(torch.round(weight / scale), -INT8_MAX, INT8_MAX) * scale
+    if bits in INTEGER_BITS:
+        scale = channel_scales(weight, bits, sparse)
+        return dequantize(quantize_codes(weight, scale, bits, sparse), scale).to(weight.dtype)
     return weight
 
 
@@ -53,9 +62,10 @@ class Quantization:
     kind: ClassVar[str] = "quantization"
     config_type: ClassVar[type[TechniqueConfig]] = QuantizationConfig
     stage: ClassVar[Stage] = Stage.QUANTIZATION
-    default_space: ClassVar[dict[str, Any]] = {"bits": [16, 8]}
+    default_space: ClassVar[dict[str, Any]] = {"bits": [16, 8, 4, 2, 1]}
 
     def apply(self, model: nn.Module, config: QuantizationConfig, ctx: CompressionContext) -> None:
         for name, module in compressible_weights(model).items():
-            parametrize.register_parametrization(module, "weight", FakeQuantize(config.bits))
-            ctx.encodings[name] = ctx.encodings.get(name, TensorEncoding()).model_copy(update={"bits": config.bits})
+            encoding = ctx.encodings.get(name, TensorEncoding()).model_copy(update={"bits": config.bits})
+            parametrize.register_parametrization(module, "weight", FakeQuantize(config.bits, encoding.sparse))
+            ctx.encodings[name] = encoding

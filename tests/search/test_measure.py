@@ -120,3 +120,23 @@ def test_absolute_latency_reports_its_runs_and_spread(tmp_path):
     latency = measure_latency(path, (1, 28, 28), LatencySettings(warmup=5, repeats=200))
     assert latency.runs == 200
     assert 0 < latency.ms <= latency.median_all_ms <= latency.p90_ms
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [Pipeline(steps=[QuantizationConfig(bits=bits)]) for bits in (4, 2, 1)]
+    + [Pipeline(steps=[PruningConfig(granularity="weight", ratio=0.7), QuantizationConfig(bits=bits)]) for bits in (4, 1)],
+    ids=["int4", "int2", "int1", "weight+int4", "weight+int1"],
+)
+def test_sub_byte_weights_dequantize_in_onnx_to_what_torch_computes(tmp_path, pipeline):
+    compressed, path = exported(tmp_path, pipeline)
+    bits = pipeline.steps[-1].bits
+    graph = onnx.load(path).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    codes = initializers["fc1.weight_int8"]
+    assert codes.dtype == np.int8 and np.abs(codes).max() <= max(1, 2 ** (bits - 1) - 1)
+    assert sum(node.op_type == "DequantizeLinear" for node in graph.node) == 4
+    batch = torch.randn(8, 1, 28, 28)
+    expected = compressed.model(batch).detach().numpy()
+    got = ort_session(path).run(None, {"input": batch.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
