@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
-from netshrink.techniques import REGISTRY, Pipeline, TechniqueConfig
+from netshrink.techniques import REGISTRY, Pipeline, TechniqueConfig, exclusion
 
 from .knobs import Choice, Fixed, Knob, Range, Trial, parse_knob
 
@@ -83,20 +83,47 @@ class _SearchSpaceBase(BaseModel):
         listed = {kind: getattr(self, kind) for kind in type(self).model_fields if getattr(self, kind) is not None}
         return dict(sorted(listed.items(), key=lambda item: REGISTRY[item[0]].stage))
 
+    @model_validator(mode="after")
+    def _forced_techniques_combine(self) -> "_SearchSpaceBase":
+        forced = [kind for kind, space in self.techniques().items() if space.enabled is True]
+        problems = [
+            f"{a} and {b} are both enabled: true, but cannot both be active: {exclusion(a, b)}"
+            for i, a in enumerate(forced)
+            for b in forced[i + 1 :]
+            if exclusion(a, b) is not None
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def switches(self) -> dict[str, Switch]:
+        """Each listed technique's on/off switch, with techniques excluded by a forced-on one switched off."""
+        techniques = self.techniques()
+        forced = [kind for kind, space in techniques.items() if space.enabled is True]
+        return {
+            kind: False if any(exclusion(kind, other) is not None for other in forced) else space.enabled
+            for kind, space in techniques.items()
+        }
+
     def sample(self, trial: Trial) -> Pipeline:
         """Define-by-run: ask ``trial`` for each knob (``<technique>/<field>``) and build the pipeline.
 
         A pipeline never comes out empty: the uncompressed model is the baseline,
         measured once per search. When every searchable technique before the last
         one was switched off and none is forced on, the last one is on without a
-        ``<technique>/enabled`` question.
+        ``<technique>/enabled`` question. A technique that an enabled one excludes
+        (``Technique.excludes``) is off without a question; this never empties the
+        pipeline, since only an enabled technique excludes.
         """
         steps = []
         techniques = self.techniques()
-        forced_on = any(space.enabled is True for space in techniques.values())
-        searchable = [kind for kind, space in techniques.items() if space.enabled == "search"]
+        switches = self.switches()
+        forced_on = any(switch is True for switch in switches.values())
+        searchable = [kind for kind, switch in switches.items() if switch == "search"]
         for kind, space in techniques.items():
-            enabled = space.enabled
+            enabled = switches[kind]
+            if any(exclusion(kind, step.kind) is not None for step in steps if not step.is_noop()):
+                continue
             if enabled == "search":
                 if kind == searchable[-1] and not forced_on and not steps:
                     enabled = True
@@ -120,13 +147,14 @@ class _SearchSpaceBase(BaseModel):
     def searched_names(self) -> list[str]:
         """Parameter names the sampler may ask for."""
         techniques = self.techniques()
-        searchable = [kind for kind, space in techniques.items() if space.enabled == "search"]
-        switch_always_implied = len(searchable) == 1 and not any(space.enabled is True for space in techniques.values())
+        switches = self.switches()
+        searchable = [kind for kind, switch in switches.items() if switch == "search"]
+        switch_always_implied = len(searchable) == 1 and not any(switch is True for switch in switches.values())
         names = []
         for kind, space in techniques.items():
-            if space.enabled == "search" and not switch_always_implied:
+            if switches[kind] == "search" and not switch_always_implied:
                 names.append(f"{kind}/enabled")
-            if space.enabled is not False:
+            if switches[kind] is not False:
                 names += [f"{kind}/{name}" for name, knob in space.knobs().items() if isinstance(knob, (Choice, Range))]
         return names
 

@@ -2,17 +2,19 @@
 
 from .artifact import load_artifact, read_artifact, save_artifact
 from .base import CompressionContext, Stage, Technique, TechniqueConfig
+from .clustering import ClusteringConfig
 from .distillation import DistillationConfig
 from .encoding import TensorEncoding
 from .lowrank import LowRankConfig
 from .pipeline import Compressed, Pipeline, compress
 from .pruning import PruningConfig
 from .quantization import QuantizationConfig
-from .registry import REGISTRY, get_technique
+from .registry import REGISTRY, exclusion, get_technique
 from .separable import SeparableConfig
 
 __all__ = [
     "REGISTRY",
+    "ClusteringConfig",
     "Compressed",
     "CompressionContext",
     "DistillationConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "TechniqueConfig",
     "TensorEncoding",
     "compress",
+    "exclusion",
     "get_technique",
     "load_artifact",
     "read_artifact",

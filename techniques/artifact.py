@@ -4,7 +4,10 @@ Layout (documented in the README):
 - tensors: for each state entry ``name``, ``name.values`` (dense, or only the
   nonzeros when sparse; float32, float16, int8 codes, or 4/2/1-bit codes packed
   into uint8), ``name.mask`` (packed bitmask, when sparse) and ``name.scale``
-  (per-output-channel float32 scales, for 8/4/2/1 bits). Integer buffers are
+  (per-output-channel float32 scales, for 8/4/2/1 bits). Clustered tensors store
+  ``name.centroids`` (float32) and, in ``name.values``, the cluster indices
+  packed at ceil(log2 k) bits, or a canonical Huffman bitstream of them with
+  ``name.code_lengths`` (one uint8 length per centroid). Integer buffers are
   stored as they are under ``name``.
 - metadata ``netshrink``: JSON with the format version, each entry's shape and
   encoding, and the recipe that produced the model.

@@ -72,6 +72,11 @@ class Technique(Protocol):
         ...
 
 
+# Optional, for techniques that cannot be combined with others:
+#     excludes: ClassVar[frozenset[str]]   kinds that must not be active in the same pipeline
+#     exclusion_reason: ClassVar[str]      why, for the error message, e.g. "both set the stored weight values"
+# The pipeline validator rejects such a pair (either side may declare it) and the search space never samples one.
+
 # Optional, for techniques that change the module tree (architecture stage):
 #     def rebuild(self, model: nn.Module, config: TechniqueConfig) -> None
 # makes the same structural change with placeholder weights. ``load_artifact`` replays it from the

@@ -7,6 +7,11 @@ Integer widths (8, 4, 2, 1 bits) store one code per weight plus one float32
 scale per output channel; the decoded weight is ``code * scale``. 8-bit codes
 are int8; 4-, 2- and 1-bit codes are packed into uint8 bytes (first code in the
 high bits, the last byte zero-padded), so the artifact shrinks by the bit ratio.
+
+Clustered tensors (weight sharing) store their distinct values as float32
+centroids and, per stored weight, a cluster index: packed at ceil(log2 k) bits,
+or as a canonical Huffman bitstream plus one code length per centroid. The
+indices are derived from the tensor itself: every value equals one centroid.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from . import huffman
 
 Bits = Literal[32, 16, 8, 4, 2, 1]
 
@@ -25,20 +32,38 @@ PACKED_BITS = (4, 2, 1)  # codes packed 8 // bits to a byte
 
 
 class TensorEncoding(BaseModel):
-    """Storage of one tensor: dense or sparse (bitmask + nonzeros), and bit width."""
+    """Storage of one tensor: dense or sparse (bitmask + nonzeros), and bit width or clusters."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sparse: bool = False
     bits: Bits = 32
+    clusters: int | None = Field(None, ge=2, le=256, description="stored as indices into this many centroids")
+    huffman: bool = False
 
-    def payload_bytes(self, shape: tuple[int, ...], nonzeros: int) -> int:
-        """Bytes this encoding writes for a float tensor of ``shape`` with ``nonzeros`` nonzero values."""
+    @model_validator(mode="after")
+    def _one_value_format(self) -> "TensorEncoding":
+        if self.clusters is not None and self.bits != 32:
+            raise ValueError(f"clusters={self.clusters} with bits={self.bits}: a tensor is stored either clustered or at reduced bits")
+        if self.huffman and self.clusters is None:
+            raise ValueError("huffman=True needs clusters: only cluster indices are Huffman-coded")
+        return self
+
+    def payload_bytes(self, tensor: torch.Tensor) -> int:
+        """Bytes this encoding writes for the float ``tensor``, computed without serialising it."""
+        shape = tuple(tensor.shape)
         numel = math.prod(shape)
-        stored = nonzeros if self.sparse else numel
-        size = math.ceil(stored * self.bits / 8)
-        if self.sparse:
-            size += math.ceil(numel / 8)
+        mask = math.ceil(numel / 8) if self.sparse else 0
+        if self.clusters is not None:
+            centroids, indices = cluster_indices(tensor, self)
+            size = 4 * centroids.numel() + mask
+            if self.huffman:  # the code-length table, and each symbol's frequency x its code length in bits
+                frequencies = np.bincount(indices, minlength=centroids.numel())
+                lengths = huffman.code_lengths(frequencies)
+                return size + lengths.size + math.ceil(int((frequencies * lengths).sum()) / 8)
+            return size + math.ceil(indices.size * index_width(self.clusters) / 8)
+        stored = int((tensor != 0).sum()) if self.sparse else numel
+        size = math.ceil(stored * self.bits / 8) + mask
         if self.bits in INTEGER_BITS:
             size += 4 * _out_channels(shape)
         return size
@@ -115,12 +140,51 @@ def _shifts(bits: int) -> np.ndarray:
     return np.arange(8 - bits, -1, -bits, dtype=np.uint8)
 
 
+def index_width(clusters: int) -> int:
+    """Bits of a fixed-width index into ``clusters`` centroids: ceil(log2 k)."""
+    return max(1, math.ceil(math.log2(clusters)))
+
+
+def pack_bits(values: np.ndarray, width: int) -> torch.Tensor:
+    """Pack unsigned integers below ``2**width`` (width 1..8) into uint8, first value in the high bits, last byte zero-padded."""
+    values = np.asarray(values, dtype=np.uint8).reshape(-1)
+    bits = (values[:, None] >> np.arange(width - 1, -1, -1, dtype=np.uint8)) & 1
+    return torch.from_numpy(np.packbits(bits.reshape(-1)))
+
+
+def unpack_bits(packed: torch.Tensor, width: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_bits``: the first ``count`` values, as int64."""
+    bits = np.unpackbits(packed.numpy(), count=count * width).reshape(count, width).astype(np.int64)
+    return bits @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64))
+
+
+def cluster_indices(tensor: torch.Tensor, encoding: TensorEncoding) -> tuple[torch.Tensor, np.ndarray]:
+    """The centroids (the distinct stored values, ascending, float32) and each stored value's index into them.
+
+    Stored values are the nonzeros when the tensor is sparse (the bitmask keeps the zeros), else all values.
+    """
+    flat = tensor.detach().to(torch.float32).reshape(-1)
+    if encoding.sparse:
+        flat = flat[flat != 0]
+    centroids, indices = torch.unique(flat, sorted=True, return_inverse=True)
+    if centroids.numel() > encoding.clusters:
+        raise ValueError(
+            f"tensor has {centroids.numel()} distinct values but is planned as clusters={encoding.clusters}: "
+            "a clustered tensor must hold only its centroids"
+        )
+    return centroids, indices.numpy().astype(np.int64)
+
+
 def encode_tensor(name: str, tensor: torch.Tensor, encoding: TensorEncoding) -> dict[str, torch.Tensor]:
     """Tensors (keyed ``name`` + suffix) that store ``tensor`` under ``encoding``."""
     tensor = tensor.detach().cpu().contiguous()
     if not tensor.is_floating_point():
         return {name: tensor}
     out: dict[str, torch.Tensor] = {}
+    if encoding.sparse:
+        out[f"{name}.mask"] = torch.from_numpy(np.packbits((tensor != 0).reshape(-1).numpy()))
+    if encoding.clusters is not None:
+        return {**out, **_encode_clustered(name, tensor, encoding)}
     if encoding.bits in INTEGER_BITS:
         scale = channel_scales(tensor, encoding.bits, encoding.sparse)
         values = quantize_codes(tensor, scale, encoding.bits, encoding.sparse)
@@ -130,13 +194,22 @@ def encode_tensor(name: str, tensor: torch.Tensor, encoding: TensorEncoding) -> 
     else:
         values = tensor.to(torch.float32)
     if encoding.sparse:
-        mask = tensor != 0
-        packed = np.packbits(mask.reshape(-1).numpy())
-        out[f"{name}.mask"] = torch.from_numpy(packed)
-        values = values.reshape(-1)[mask.reshape(-1)]
+        values = values.reshape(-1)[(tensor != 0).reshape(-1)]
     if encoding.bits in PACKED_BITS:
         values = pack_codes(values, encoding.bits)
     out[f"{name}.values"] = values.contiguous()
+    return out
+
+
+def _encode_clustered(name: str, tensor: torch.Tensor, encoding: TensorEncoding) -> dict[str, torch.Tensor]:
+    centroids, indices = cluster_indices(tensor, encoding)
+    out = {f"{name}.centroids": centroids}
+    if encoding.huffman:
+        lengths = huffman.code_lengths(np.bincount(indices, minlength=centroids.numel()))
+        out[f"{name}.code_lengths"] = torch.from_numpy(lengths.astype(np.uint8))
+        out[f"{name}.values"] = torch.from_numpy(huffman.encode(indices, lengths))
+    else:
+        out[f"{name}.values"] = pack_bits(indices, index_width(encoding.clusters))
     return out
 
 
@@ -151,8 +224,11 @@ def decode_tensor(
     mask = None
     if encoding.sparse:
         mask = torch.from_numpy(np.unpackbits(stored[f"{name}.mask"].numpy(), count=numel).astype(bool))
-    if encoding.bits in PACKED_BITS:
-        values = unpack_codes(values, encoding.bits, int(mask.sum()) if mask is not None else numel)
+    count = int(mask.sum()) if mask is not None else numel
+    if encoding.clusters is not None:
+        values = _decode_clustered(name, stored, count, encoding)
+    elif encoding.bits in PACKED_BITS:
+        values = unpack_codes(values, encoding.bits, count)
     if mask is not None:
         dense = torch.zeros(numel, dtype=values.dtype)
         dense[mask] = values
@@ -161,3 +237,13 @@ def decode_tensor(
     if encoding.bits in INTEGER_BITS:
         return dequantize(values, stored[f"{name}.scale"])
     return values.to(torch.float32)
+
+
+def _decode_clustered(name: str, stored: dict[str, torch.Tensor], count: int, encoding: TensorEncoding) -> torch.Tensor:
+    centroids = stored[f"{name}.centroids"]
+    values = stored[f"{name}.values"]
+    if encoding.huffman:
+        indices = huffman.decode(values.numpy(), stored[f"{name}.code_lengths"].numpy(), count)
+    else:
+        indices = unpack_bits(values, index_width(encoding.clusters), count)
+    return centroids[torch.from_numpy(indices)]

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from .base import CompressionContext, FineTune, TechniqueConfig
 from .encoding import TensorEncoding
-from .registry import REGISTRY
+from .registry import REGISTRY, exclusion
 
 Step = Annotated[
     Union[tuple(technique.config_type for technique in REGISTRY.values())],  # type: ignore[valid-type]
@@ -44,6 +44,12 @@ class Pipeline(BaseModel):
                 raise ValueError(
                     f"{kind_b!r} cannot come after {kind_a!r}: the order is architecture -> distillation -> pruning -> quantization"
                 )
+        active = [step.kind for step in steps if not step.is_noop()]
+        for i, kind_a in enumerate(active):
+            for kind_b in active[i + 1 :]:
+                reason = exclusion(kind_a, kind_b)
+                if reason is not None:
+                    raise ValueError(f"{kind_a!r} and {kind_b!r} cannot both be active: {reason}")
         return steps
 
     def recipe(self) -> str:

@@ -23,7 +23,7 @@ def test_the_worked_example_is_valid():
     assert experiment.task.model == "lenet5" and experiment.task.dataset == "digits"
     assert experiment.objectives == ["accuracy", "size_bytes", "latency_ms"]
     assert experiment.directions() == ["max", "min", "min"]
-    assert list(experiment.space.techniques()) == ["separable", "lowrank", "distillation", "pruning", "quantization"]
+    assert list(experiment.space.techniques()) == ["separable", "lowrank", "distillation", "pruning", "quantization", "clustering"]
 
 
 def test_minimal_file_gets_sensible_defaults(tmp_path):

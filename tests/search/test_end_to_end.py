@@ -171,6 +171,7 @@ def test_the_same_model_measured_in_concurrent_trials_agrees_within_ten_percent(
             name: same
             task: {train: {epochs: 1}}  # 28x28 LeNet-5: ~0.1 ms, well above ONNX Runtime's per-call floor
             finetune: {epochs: 2}
+            measure: {repeats: 4000}
             search: {trials: 4, max_concurrent: 2, sampler: random, skip_repeats: false}
             space:
               quantization: {enabled: true, bits: 16}
@@ -228,3 +229,35 @@ def test_repeated_pipelines_are_answered_from_earlier_trials_and_a_small_space_e
     assert repeats and all(t.state == optuna.trial.TrialState.COMPLETE for t in repeats)
     originals = {t.number: t for t in study.trials}
     assert all(t.values == originals[t.user_attrs["repeat_of"]].values for t in repeats)
+
+
+def test_a_combined_pipeline_runs_in_a_real_search_trial_and_is_logged_like_any_other(tmp_path):
+    """separable + distillation + channel pruning + 4-bit clustering + Huffman, through Ray, Optuna and MLflow."""
+    (tmp_path / "exp.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: combined
+            task: {train: {epochs: 2}}
+            finetune: {epochs: 1}
+            search: {trials: 1, max_concurrent: 1, sampler: random}
+            measure: {warmup: 5, repeats: 100}
+            space:
+              separable: {enabled: true, which: all_but_first}
+              distillation: {enabled: true, temperature: 4.0, alpha: 0.5}
+              pruning: {enabled: true, granularity: channel, ratio: 0.5, steps: 2}
+              clustering: {enabled: true, clusters: 16, huffman: true}
+            """
+        )
+    )
+    result = netshrink("search", "exp.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (child,) = client.search_runs([client.get_experiment_by_name("combined").experiment_id], "tags.`netshrink.role` = 'trial'")
+    assert child.info.status == "FINISHED" and child.data.tags["pareto"] == "true"
+    steps = Pipeline.from_recipe(child.data.tags["recipe"]).steps
+    assert [step.kind for step in steps] == ["separable", "distillation", "pruning", "clustering"]
+    metrics = child.data.metrics
+    assert metrics["size_ratio"] > 10 and metrics["speedup"] > 1 and metrics["accuracy"] > 0.5
+    assert abs(metrics["onnx_accuracy"] - metrics["accuracy"]) < 0.01
+    local = Path(client.download_artifacts(child.info.run_id, "", str(tmp_path / "artifacts")))
+    assert (local / "compressed.safetensors").stat().st_size == metrics["size_bytes"]

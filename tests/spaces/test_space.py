@@ -137,3 +137,26 @@ def test_a_conditional_knob_is_asked_only_when_its_condition_holds():
         seen.add(granularity)
         study.tell(trial, 0.0)
     assert seen == {"weight", "channel"}
+
+
+def test_a_technique_excluded_by_an_enabled_one_is_off_and_not_asked():
+    space = SearchSpace.model_validate({"quantization": {"bits": [8, 4]}, "clustering": {}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
+    combinations = set()
+    for _ in range(60):
+        trial = study.ask()
+        kinds = tuple(step.kind for step in space.sample(trial).active_steps())
+        combinations.add(kinds)
+        if "quantization" in kinds:
+            assert not any(name.startswith("clustering/") for name in trial.params)
+        study.tell(trial, 0.0)
+    assert combinations == {("quantization",), ("clustering",)}  # never both, never empty
+
+
+def test_forced_on_technique_switches_off_the_ones_it_excludes():
+    space = SearchSpace.model_validate({"pruning": {}, "quantization": {"enabled": True}, "clustering": {}})
+    assert not any(name.startswith("clustering/") for name in space.searched_names())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=6))
+    assert all("clustering" not in {step.kind for step in space.sample(study.ask()).steps} for _ in range(20))
+    with pytest.raises(ValidationError, match="quantization and clustering are both enabled"):
+        SearchSpace.model_validate({"quantization": {"enabled": True}, "clustering": {"enabled": True}})

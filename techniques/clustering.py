@@ -1,0 +1,104 @@
+"""Weight clustering (weight sharing), optionally Huffman-coded: Deep Compression (Han et al., 2016).
+
+Each layer's weights are grouped by 1-D k-means into ``clusters`` centroids;
+every weight becomes its centroid, so the artifact stores k float32 centroids
+and a small index per weight (ceil(log2 k) bits, or a Huffman code, which pays
+because the indices are far from uniform). After pruning, only the surviving
+weights are clustered and the pruned ones stay exactly zero.
+
+During fine-tuning the centroids are the trainable parameters: the forward pass
+reads ``centroids[index]``, so a centroid's gradient is the sum of the gradients
+of the weights that share it, the update rule of the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .base import CompressionContext, Stage, TechniqueConfig, compressible_weights
+from .encoding import TensorEncoding
+
+LLOYD_ITERATIONS = 20  # 1-D k-means from a linear start settles within a few dozen iterations on layer weights
+
+
+class ClusteringConfig(TechniqueConfig):
+    kind: Literal["clustering"] = "clustering"
+    clusters: int = Field(16, ge=2, le=256, description="shared weight values (centroids) per layer")
+    huffman: bool = Field(False, description="store the cluster indices Huffman-coded instead of at fixed width")
+
+
+def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = LLOYD_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids (ascending, float32) and each value's cluster index, by Lloyd's algorithm.
+
+    Centroids start evenly spaced between min and max (linear initialisation,
+    which Han et al. found best because it keeps the rare large weights
+    represented). In 1-D the nearest centroid is found by bisecting the
+    midpoints, so memory stays linear in the number of weights. An empty
+    cluster keeps its centroid. Deterministic: no random start.
+    """
+    values = values.detach().reshape(-1).to(torch.float64)
+    if values.numel() == 0:
+        return torch.zeros(clusters, dtype=torch.float32), torch.zeros(0, dtype=torch.long)
+    centroids = torch.linspace(float(values.min()), float(values.max()), clusters, dtype=torch.float64)
+    for _ in range(iterations):
+        index = _nearest(values, centroids)
+        counts = torch.bincount(index, minlength=clusters)
+        sums = torch.bincount(index, weights=values, minlength=clusters)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    centroids = centroids.to(torch.float32)
+    return centroids, _nearest(values.to(torch.float32), centroids)
+
+
+def _nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    return torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2)
+
+
+class SharedWeights(nn.Module):
+    """Parametrization: the weight is ``centroids[index]``, zero where ``keep`` is False (pruned)."""
+
+    def __init__(self, centroids: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None) -> None:
+        super().__init__()
+        self.centroids = nn.Parameter(centroids)
+        self.register_buffer("index", index)
+        self.register_buffer("keep", keep)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        shared = self.centroids[self.index].to(weight.dtype)
+        return shared if self.keep is None else torch.where(self.keep, shared, torch.zeros_like(shared))
+
+
+def cluster_weight(weight: torch.Tensor, clusters: int, sparse: bool) -> SharedWeights:
+    """The parametrization that shares ``weight``'s values among ``clusters`` centroids (nonzeros only if ``sparse``)."""
+    weight = weight.detach()
+    keep = weight != 0 if sparse else None
+    values = weight[keep] if sparse else weight.reshape(-1)
+    centroids, assigned = kmeans_1d(values, clusters)
+    index = torch.zeros(weight.shape, dtype=torch.long)
+    if sparse:
+        index[keep] = assigned
+    else:
+        index = assigned.reshape(weight.shape)
+    return SharedWeights(centroids, index, keep)
+
+
+class Clustering:
+    kind: ClassVar[str] = "clustering"
+    config_type: ClassVar[type[TechniqueConfig]] = ClusteringConfig
+    stage: ClassVar[Stage] = Stage.QUANTIZATION
+    default_space: ClassVar[dict[str, Any]] = {"clusters": [4, 8, 16, 32], "huffman": [False, True]}
+    excludes: ClassVar[frozenset[str]] = frozenset({"quantization"})
+    exclusion_reason: ClassVar[str] = "both set the stored weight values; use one of them"
+
+    def apply(self, model: nn.Module, config: ClusteringConfig, ctx: CompressionContext) -> None:
+        for name, module in compressible_weights(model).items():
+            encoding = ctx.encodings.get(name, TensorEncoding())
+            shared = cluster_weight(module.weight, config.clusters, encoding.sparse)
+            parametrize.register_parametrization(module, "weight", shared)
+            ctx.encodings[name] = TensorEncoding.model_validate(
+                {**encoding.model_dump(), "clusters": config.clusters, "huffman": config.huffman}
+            )
