@@ -35,16 +35,19 @@ class ClusteringConfig(TechniqueConfig):
 def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = LLOYD_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """Centroids (ascending, float32) and each value's cluster index, by Lloyd's algorithm.
 
-    Centroids start evenly spaced between min and max (linear initialisation,
-    which Han et al. found best because it keeps the rare large weights
-    represented). In 1-D the nearest centroid is found by bisecting the
+    Centroids start evenly spaced (linear initialisation, which Han et al.
+    found best because it keeps the rare large weights represented), over the
+    negative and the positive range separately, shared out by count: after
+    magnitude pruning no weight is left near zero, and one range from min to
+    max spent most centroids on that empty middle (16 asked, 4 used on LeNet-5's
+    fc1 at 90% sparsity). For dense weights the two ranges meet at zero. In 1-D the nearest centroid is found by bisecting the
     midpoints, so memory stays linear in the number of weights. An empty
     cluster keeps its centroid. Deterministic: no random start.
     """
     values = values.detach().reshape(-1).to(torch.float64)
     if values.numel() == 0:
         return torch.zeros(clusters, dtype=torch.float32), torch.zeros(0, dtype=torch.long)
-    centroids = torch.linspace(float(values.min()), float(values.max()), clusters, dtype=torch.float64)
+    centroids = linear_init(values, clusters)
     for _ in range(iterations):
         index = _nearest(values, centroids)
         counts = torch.bincount(index, minlength=clusters)
@@ -52,6 +55,19 @@ def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = LLOYD_ITERA
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
     centroids = centroids.to(torch.float32)
     return centroids, _nearest(values.to(torch.float32), centroids)
+
+
+def linear_init(values: torch.Tensor, clusters: int) -> torch.Tensor:
+    negative, positive = values[values < 0], values[values >= 0]
+    if clusters < 2 or negative.numel() == 0 or positive.numel() == 0:
+        return torch.linspace(float(values.min()), float(values.max()), clusters, dtype=torch.float64)
+    share = min(max(round(clusters * negative.numel() / values.numel()), 1), clusters - 1)
+    return torch.cat(
+        [
+            torch.linspace(float(negative.min()), float(negative.max()), share, dtype=torch.float64),
+            torch.linspace(float(positive.min()), float(positive.max()), clusters - share, dtype=torch.float64),
+        ]
+    )
 
 
 def _nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

@@ -193,4 +193,16 @@ def test_lenet5_pruned_and_clustered_with_huffman_beats_pruned_int8(tmp_path, ca
     with capsys.disabled():
         print(f"\nLeNet5 pruning(weight, 0.9) artifact bytes: {sizes}")
     # the 1-bit-per-weight sparsity mask (~54 kB of LeNet5's 431k weights) is common to both and dominates
-    assert sizes["clustered16+huffman"] < 0.75 * sizes["int8"]
+    assert sizes["clustered16+huffman"] < 0.85 * sizes["int8"]
+
+
+def test_pruned_weights_use_their_centroids_instead_of_wasting_them_on_the_empty_middle():
+    from netshrink.techniques.clustering import kmeans_1d
+
+    torch.manual_seed(0)
+    weights = torch.randn(40_000)
+    survivors = weights[weights.abs() > weights.abs().quantile(0.9)]  # what 90% magnitude pruning leaves
+    centroids, index = kmeans_1d(survivors, 16)
+    assert torch.bincount(index, minlength=16).gt(0).sum() >= 14
+    dense_centroids, dense_index = kmeans_1d(weights, 16)
+    assert torch.bincount(dense_index, minlength=16).gt(0).sum() == 16
