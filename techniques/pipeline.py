@@ -68,9 +68,13 @@ class Pipeline(BaseModel):
             return "uncompressed"
         parts = []
         for step in self.active_steps():
+            values = step.model_dump(exclude={"kind"})
+            conditions = getattr(REGISTRY[step.kind], "conditions", {})
             fields = [
                 f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
-                for key, value in step.model_dump(exclude={"kind"}).items()
+                for key, value in values.items()
+                # a knob whose condition fails has no effect (e.g. importance under weight pruning)
+                if all(values.get(field) == wanted for field, wanted in conditions.get(key, {}).items())
             ]
             parts.append(f"{step.kind}({', '.join(fields)})")
         return " + ".join(parts)

@@ -24,6 +24,8 @@ def test_describe_is_one_line():
     pipeline = Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.4567), QuantizationConfig(bits=32)])
     assert pipeline.describe() == "pruning(granularity=channel, ratio=0.457, steps=1, importance=l1)"
     assert Pipeline().describe() == "uncompressed"
+    weight = Pipeline(steps=[PruningConfig(granularity="weight", ratio=0.5)])
+    assert weight.describe() == "pruning(granularity=weight, ratio=0.5, steps=1)"  # importance means nothing here
 
 
 def test_foreign_safetensors_file_is_refused(tmp_path):
