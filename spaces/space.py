@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from netshrink.techniques import REGISTRY, Pipeline, TechniqueConfig, exclusion
+from netshrink.techniques.registry import conflicts, knob_applies
 
 from .knobs import Choice, Fixed, Knob, Range, Trial, parse_knob
 
@@ -86,12 +87,7 @@ class _SearchSpaceBase(BaseModel):
     @model_validator(mode="after")
     def _forced_techniques_combine(self) -> "_SearchSpaceBase":
         forced = [kind for kind, space in self.techniques().items() if space.enabled is True]
-        problems = [
-            f"{a} and {b} are both enabled: true, but cannot both be active: {exclusion(a, b)}"
-            for i, a in enumerate(forced)
-            for b in forced[i + 1 :]
-            if exclusion(a, b) is not None
-        ]
+        problems = [f"{a} and {b} are both enabled: true, but cannot both be active: {reason}" for a, b, reason in conflicts(forced)]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -137,10 +133,9 @@ class _SearchSpaceBase(BaseModel):
     @staticmethod
     def _ask_knobs(trial: Trial, kind: str, space: TechniqueSpace) -> dict[str, Any]:
         """Ask every knob whose condition (``Technique.conditions``) holds; the others keep their default."""
-        conditions = getattr(REGISTRY[kind], "conditions", {})
         values: dict[str, Any] = {}
         for name, knob in space.knobs().items():
-            if all(values.get(field) == wanted for field, wanted in conditions.get(name, {}).items()):
+            if knob_applies(kind, name, values):
                 values[name] = knob.suggest(trial, f"{kind}/{name}")
         return values
 

@@ -94,3 +94,27 @@ def compressible_weights(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             found[f"{name}.weight" if name else "weight"] = module
     return found
+
+
+def replace_layers(
+    model: nn.Module,
+    builders: dict[str, Callable[[nn.Module], nn.Module]],
+    initialise: Callable[[nn.Module, nn.Module], None],
+) -> None:
+    """Swap each named layer for ``builders[name](layer)``, initialised from the layer it replaces.
+
+    Architecture techniques use this twice: in ``apply`` with an initialiser that
+    approximates the old layer, in ``rebuild`` with ``zero_init``.
+    """
+    for name, build in builders.items():
+        layer = model.get_submodule(name)
+        replacement = build(layer)
+        initialise(replacement, layer)
+        model.set_submodule(name, replacement)
+
+
+@torch.no_grad()
+def zero_init(replacement: nn.Module, _replaced: nn.Module) -> None:
+    """Placeholder weights for ``rebuild``: the artifact's weights are loaded over them."""
+    for parameter in replacement.parameters():
+        parameter.zero_()

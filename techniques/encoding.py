@@ -120,24 +120,14 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed codes ``8 // bits`` to a uint8 byte as unsigned offsets (1 bit: the sign bit)."""
     flat = codes.reshape(-1).numpy().astype(np.int16)
-    unsigned = (flat > 0) if bits == 1 else flat + level_max(bits)
-    per_byte = 8 // bits
-    padded = np.zeros(math.ceil(flat.size / per_byte) * per_byte, dtype=np.uint8)
-    padded[: flat.size] = unsigned
-    groups = padded.reshape(-1, per_byte)
-    packed = np.bitwise_or.reduce(groups << _shifts(bits), axis=1)
-    return torch.from_numpy(np.ascontiguousarray(packed))
+    return pack_bits(((flat > 0) if bits == 1 else flat + level_max(bits)).astype(np.uint8), bits)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of ``pack_codes``: the first ``count`` codes, as int8."""
-    unsigned = ((packed.numpy()[:, None] >> _shifts(bits)) & ((1 << bits) - 1)).reshape(-1)[:count].astype(np.int8)
+    unsigned = unpack_bits(packed, bits, count)
     codes = 2 * unsigned - 1 if bits == 1 else unsigned - level_max(bits)
     return torch.from_numpy(codes.astype(np.int8))
-
-
-def _shifts(bits: int) -> np.ndarray:
-    return np.arange(8 - bits, -1, -bits, dtype=np.uint8)
 
 
 def index_width(clusters: int) -> int:

@@ -17,6 +17,7 @@ path does) breaks when that child is factored.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
@@ -24,7 +25,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .base import CompressionContext, Stage, TechniqueConfig
+from .base import CompressionContext, Stage, TechniqueConfig, replace_layers, zero_init
 
 Factorable = nn.Linear | nn.Conv2d
 Initialise = Callable[[nn.Sequential, Factorable], None]
@@ -96,18 +97,9 @@ def svd_init(pair: nn.Sequential, layer: Factorable) -> None:
         second.bias.copy_(layer.bias)
 
 
-@torch.no_grad()
-def zero_init(pair: nn.Sequential, _layer: Factorable) -> None:
-    for parameter in pair.parameters():
-        parameter.zero_()
-
-
 def factor_layers(model: nn.Module, config: LowRankConfig, initialise: Initialise) -> None:
-    for name, rank in layers_to_factor(model, config).items():
-        layer = model.get_submodule(name)
-        pair = factor_pair(layer, rank)
-        initialise(pair, layer)
-        model.set_submodule(name, pair)
+    builders = {name: partial(factor_pair, rank=rank) for name, rank in layers_to_factor(model, config).items()}
+    replace_layers(model, builders, initialise)
 
 
 class LowRank:

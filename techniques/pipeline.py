@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from .base import CompressionContext, FineTune, TechniqueConfig
 from .encoding import TensorEncoding
-from .registry import REGISTRY, exclusion
+from .registry import REGISTRY, conflicts, knob_applies
 
 Step = Annotated[
     Union[tuple(technique.config_type for technique in REGISTRY.values())],  # type: ignore[valid-type]
@@ -44,12 +44,8 @@ class Pipeline(BaseModel):
                 raise ValueError(
                     f"{kind_b!r} cannot come after {kind_a!r}: the order is architecture -> distillation -> pruning -> quantization"
                 )
-        active = [step.kind for step in steps if not step.is_noop()]
-        for i, kind_a in enumerate(active):
-            for kind_b in active[i + 1 :]:
-                reason = exclusion(kind_a, kind_b)
-                if reason is not None:
-                    raise ValueError(f"{kind_a!r} and {kind_b!r} cannot both be active: {reason}")
+        for kind_a, kind_b, reason in conflicts([step.kind for step in steps if not step.is_noop()]):
+            raise ValueError(f"{kind_a!r} and {kind_b!r} cannot both be active: {reason}")
         return steps
 
     def recipe(self) -> str:
@@ -69,12 +65,10 @@ class Pipeline(BaseModel):
         parts = []
         for step in self.active_steps():
             values = step.model_dump(exclude={"kind"})
-            conditions = getattr(REGISTRY[step.kind], "conditions", {})
             fields = [
                 f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
                 for key, value in values.items()
-                # a knob whose condition fails has no effect (e.g. importance under weight pruning)
-                if all(values.get(field) == wanted for field, wanted in conditions.get(key, {}).items())
+                if knob_applies(step.kind, key, values)  # e.g. no importance under weight pruning
             ]
             parts.append(f"{step.kind}({', '.join(fields)})")
         return " + ".join(parts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import Technique
 from .clustering import Clustering
 from .distillation import Distillation
@@ -30,6 +32,23 @@ def exclusion(kind_a: str, kind_b: str) -> str | None:
         if other in getattr(technique, "excludes", frozenset()):
             return getattr(technique, "exclusion_reason", f"{one} excludes {other}")
     return None
+
+
+def conflicts(kinds: list[str]) -> list[tuple[str, str, str]]:
+    """Every pair of ``kinds`` that cannot both be active, with the reason."""
+    found = []
+    for i, kind_a in enumerate(kinds):
+        for kind_b in kinds[i + 1 :]:
+            reason = exclusion(kind_a, kind_b)
+            if reason is not None:
+                found.append((kind_a, kind_b, reason))
+    return found
+
+
+def knob_applies(kind: str, knob: str, values: dict[str, Any]) -> bool:
+    """Whether ``knob`` of technique ``kind`` means anything given the other ``values`` (``Technique.conditions``)."""
+    conditions = getattr(REGISTRY[kind], "conditions", {})
+    return all(values.get(field) == wanted for field, wanted in conditions.get(knob, {}).items())
 
 
 def get_technique(kind: str) -> Technique:

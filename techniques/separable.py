@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .base import CompressionContext, Stage, TechniqueConfig
+from .base import CompressionContext, Stage, TechniqueConfig, replace_layers, zero_init
 
 Initialise = Callable[[nn.Sequential, nn.Conv2d], None]
 
@@ -84,18 +84,8 @@ def rank_one_init(pair: nn.Sequential, conv: nn.Conv2d) -> None:
         pointwise.bias.copy_(conv.bias)
 
 
-@torch.no_grad()
-def zero_init(pair: nn.Sequential, _conv: nn.Conv2d) -> None:
-    for parameter in pair.parameters():
-        parameter.zero_()
-
-
 def separate_convs(model: nn.Module, config: SeparableConfig, initialise: Initialise) -> None:
-    for name in convs_to_separate(model, config.which):
-        conv = model.get_submodule(name)
-        pair = separable_pair(conv)
-        initialise(pair, conv)
-        model.set_submodule(name, pair)
+    replace_layers(model, {name: separable_pair for name in convs_to_separate(model, config.which)}, initialise)
 
 
 class Separable:
