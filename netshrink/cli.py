@@ -56,6 +56,11 @@ def validate(config: Path = typer.Argument(..., help="Experiment YAML file.")) -
     experiment = load_experiment(config)
     names = experiment.space.searched_names()
     console.print(f"{config}: valid. Searched knobs ({len(names)}): {', '.join(names) or 'none'}")
+    if "early_exit" in experiment.space.techniques():
+        from netshrink.config import task_exit_points
+
+        points = task_exit_points(experiment, str(config.resolve().parent))
+        console.print(f"Cut points for early_exit.after, in forward order: {', '.join(points)}")
 
 
 @app.command()

@@ -180,3 +180,37 @@ def check_task(experiment: Experiment, search_path: str) -> None:
             f"task.model: model {task.model!r} does not run on {task.dataset!r} inputs of shape "
             f"{tuple(data.input_shape)}: {type(error).__name__}: {error}"
         ) from None
+    check_exit_points(experiment, model)
+
+
+def check_exit_points(experiment: Experiment, model) -> None:
+    """Every placement the space may give early exits names a cut point of this model."""
+    from netshrink.spaces.knobs import Choice, Fixed
+    from netshrink.techniques import EarlyExitConfig, exit_points
+
+    space = experiment.space.techniques().get("early_exit")
+    if space is None or space.enabled is False:
+        return
+    try:
+        available = exit_points(model)
+    except ValueError as error:
+        raise UserError(f"space.early_exit: model {experiment.task.model!r}: {error}") from None
+    knob = space.after
+    placements = [knob.value] if isinstance(knob, Fixed) else list(knob.options) if isinstance(knob, Choice) else []
+    for placement in placements:
+        names = EarlyExitConfig(after=placement).after
+        unknown = [name for name in names if name not in available]
+        if unknown:
+            raise UserError(
+                f"space.early_exit.after: {'+'.join(unknown)!r} is not a cut point of model {experiment.task.model!r}; "
+                f"its cut points, in forward order: {', '.join(available)}"
+            )
+
+
+def task_exit_points(experiment: Experiment, search_path: str) -> list[str]:
+    """The names ``space.early_exit.after`` may use for this experiment's model."""
+    from netshrink.tasks import build_model, load_data
+    from netshrink.techniques import exit_points
+
+    task = experiment.task
+    return exit_points(build_model(task.model, task.model_args, load_data(task.dataset, task.dataset_args, search_path), search_path))

@@ -14,7 +14,8 @@ from netshrink.tasks import TaskData, build_model, example_inputs, load_data
 from netshrink.techniques import Pipeline, load_artifact, save_artifact
 from netshrink.training import accuracy, train
 
-from .measure import LatencySettings, export_onnx, measure_latency_ms
+from .measure import LatencySettings, measure_latency_ms
+from .onnx_export import export_onnx
 
 BASELINE_FILE = "baseline.safetensors"
 

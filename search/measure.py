@@ -14,21 +14,14 @@ from __future__ import annotations
 import os
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import torch
-from onnx import helper, numpy_helper
-from torch import nn
 
 from netshrink.node_lock import compute_slot, quiet_machine
-from netshrink.techniques import TensorEncoding
-from netshrink.techniques.encoding import INTEGER_BITS, channel_scales, quantize_codes
 
-OPSET = 17
-
+from .onnx_export import EXIT_OUTPUT
 
 @dataclass(frozen=True)
 class LatencySettings:
@@ -36,69 +29,6 @@ class LatencySettings:
     warmup: int = 100
     repeats: int = 2000
     fold_int8_weights: bool = False
-
-
-def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, encodings: dict[str, TensorEncoding]) -> int:
-    """Export ``model`` to a self-contained ONNX file with a dynamic batch axis; returns its size in bytes.
-
-    Weights the plan stores at 8, 4, 2 or 1 bits become int8 code initializers
-    feeding ``DequantizeLinear`` (per output channel; sub-byte codes are not packed
-    here, the artifact is what stores them packed); 16-bit weights become float16
-    initializers feeding ``Cast``. Sparse weights stay dense: ONNX Runtime's
-    CPU kernels are dense, which is why unstructured pruning saves bytes but not time.
-    """
-    path = os.fspath(path)
-    model = model.eval().cpu()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example_inputs.cpu(),),
-            path,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
-    reduced = {name: enc for name, enc in encodings.items() if enc.bits in (16, *INTEGER_BITS)}
-    if reduced:
-        graph_model = onnx.load(path)
-        store_reduced_precision(graph_model, reduced)
-        onnx.save(graph_model, path)
-    return os.path.getsize(path)
-
-
-def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, TensorEncoding]) -> None:
-    graph = graph_model.graph
-    nodes = []
-    for initializer in list(graph.initializer):
-        encoding = encodings.get(initializer.name)
-        if encoding is None:
-            continue
-        weight = torch.from_numpy(numpy_helper.to_array(initializer).copy())
-        name = initializer.name
-        graph.initializer.remove(initializer)
-        if encoding.bits in INTEGER_BITS:
-            scale = channel_scales(weight, encoding.bits, encoding.sparse)
-            graph.initializer.extend(
-                [
-                    numpy_helper.from_array(quantize_codes(weight, scale, encoding.bits, encoding.sparse).numpy(), f"{name}_int8"),
-                    numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}_scale"),
-                    numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
-                ]
-            )
-            nodes.append(
-                helper.make_node(
-                    "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"], [name], axis=0, name=f"{name}_dequantize"
-                )
-            )
-        else:
-            graph.initializer.append(numpy_helper.from_array(weight.numpy().astype(np.float16), f"{name}_fp16"))
-            nodes.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=onnx.TensorProto.FLOAT, name=f"{name}_cast"))
-    for node in reversed(nodes):
-        graph.node.insert(0, node)
-    onnx.checker.check_model(graph_model)
 
 
 def ort_session(onnx_path: str | os.PathLike, threads: int = 1, fold_int8_weights: bool = False):
@@ -149,90 +79,133 @@ BLOCKS = 10
 ROUNDS = 40
 
 
-def _feed(session, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    return {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)}
+# A model with early exits takes input-dependent time: it is timed over the whole validation set
+# per block (the mean is what a user sees), in fewer rounds since each block is a full pass.
+DYNAMIC_ROUNDS = 10
+
+Inputs = np.ndarray | tuple[int, ...]  # samples (N, *input_shape), or an input shape: one random sample
 
 
-def _block(session, feed, runs: int) -> list[float]:
+def _samples(inputs: Inputs) -> np.ndarray:
+    if isinstance(inputs, tuple):
+        return np.random.default_rng(0).standard_normal((1, *inputs)).astype(np.float32)
+    return np.ascontiguousarray(inputs, dtype=np.float32)
+
+
+def has_exits(session) -> bool:
+    return any(output.name == EXIT_OUTPUT for output in session.get_outputs())
+
+
+def _block(session, samples: np.ndarray, runs: int) -> list[float]:
+    """``runs`` batch-1 calls, cycling through ``samples``; the wall time of each."""
+    name = session.get_inputs()[0].name
+    feeds = [{name: samples[index : index + 1]} for index in range(len(samples))]
     timings = []
-    for _ in range(runs):
+    for run in range(runs):
+        feed = feeds[run % len(feeds)]
         start = time.perf_counter()
         session.run(None, feed)
         timings.append(time.perf_counter() - start)
     return timings
 
 
-def _summary(blocks: list[list[float]]) -> Latency:
+def _summary(blocks: list[list[float]], statistic=statistics.median) -> Latency:
     timings = [t for block in blocks for t in block]
     return Latency(
-        ms=min(statistics.median(block) for block in blocks) * 1000.0,
+        ms=min(statistic(block) for block in blocks) * 1000.0,
         median_all_ms=statistics.median(timings) * 1000.0,
         p90_ms=float(np.percentile(timings, 90)) * 1000.0,
         runs=len(timings),
     )
 
 
-def measure_latency(onnx_path: str | os.PathLike, input_shape: tuple[int, ...], settings: LatencySettings = LatencySettings()) -> Latency:
+def measure_latency(onnx_path: str | os.PathLike, inputs: Inputs, settings: LatencySettings = LatencySettings()) -> Latency:
     """Time ``settings.repeats`` batch-1 runs in 10 blocks, after warm-up, while the machine is quiet.
 
     ``ms`` is the median of the block with the lowest median: short bursts of
     noise spoil some blocks, rarely all.
     """
     session = ort_session(onnx_path, settings.threads, settings.fold_int8_weights)
-    feed = _feed(session, input_shape)
+    samples = _samples(inputs)[:1]
     per_block = max(1, settings.repeats // BLOCKS)
     with quiet_machine():
-        _block(session, feed, settings.warmup)
-        blocks = [_block(session, feed, per_block) for _ in range(BLOCKS)]
+        _block(session, samples, settings.warmup)
+        blocks = [_block(session, samples, per_block) for _ in range(BLOCKS)]
     return _summary(blocks)
 
 
 def measure_relative_latency(
     onnx_path: str | os.PathLike,
     reference_path: str | os.PathLike,
-    input_shape: tuple[int, ...],
+    inputs: Inputs,
     settings: LatencySettings = LatencySettings(),
 ) -> RelativeLatency:
-    """Time the model and a reference in 40 rounds of two blocks of ``repeats / 40`` runs each.
+    """Time the model and a reference in alternating rounds of two blocks each; the ratio is the median per-round ratio.
 
     Each round's ratio compares two blocks taken back to back, under the same
-    conditions, in alternating order; the median over the rounds is the
-    reported ratio.
+    conditions, in alternating order. A static model runs 40 rounds of
+    ``repeats / 40`` calls on the first sample (its time does not depend on the
+    input), compared by block medians. A model with early exits runs 10 rounds
+    of one pass over all ``inputs`` each (the validation set), compared by block
+    means: its figure is the mean over the data with the real exit logic.
     """
     candidate = ort_session(onnx_path, settings.threads, settings.fold_int8_weights)
     reference = ort_session(reference_path, settings.threads, settings.fold_int8_weights)
-    feed = _feed(candidate, input_shape)
-    per_block = max(1, settings.repeats // ROUNDS)
+    samples = _samples(inputs)
+    if has_exits(candidate):
+        rounds, per_block, statistic = DYNAMIC_ROUNDS, len(samples), statistics.fmean
+    else:
+        rounds, per_block, statistic = ROUNDS, max(1, settings.repeats // ROUNDS), statistics.median
+        samples = samples[:1]
     candidate_blocks, reference_blocks = [], []
     with quiet_machine():
-        _block(candidate, feed, settings.warmup)
-        _block(reference, feed, settings.warmup)
-        for round_index in range(ROUNDS):
+        _block(candidate, samples, settings.warmup)
+        _block(reference, samples, settings.warmup)
+        for round_index in range(rounds):
             # ABBA order: whichever model runs second in a round finds the other's data in cache;
             # alternating the order cancels that (and any linear drift) out of the ratio.
             if round_index % 2 == 0:
-                candidate_blocks.append(_block(candidate, feed, per_block))
-                reference_blocks.append(_block(reference, feed, per_block))
+                candidate_blocks.append(_block(candidate, samples, per_block))
+                reference_blocks.append(_block(reference, samples, per_block))
             else:
-                reference_blocks.append(_block(reference, feed, per_block))
-                candidate_blocks.append(_block(candidate, feed, per_block))
-    ratios = [statistics.median(c) / statistics.median(r) for c, r in zip(candidate_blocks, reference_blocks)]
-    return RelativeLatency(ratio=statistics.median(ratios), candidate=_summary(candidate_blocks), reference=_summary(reference_blocks))
+                reference_blocks.append(_block(reference, samples, per_block))
+                candidate_blocks.append(_block(candidate, samples, per_block))
+    ratios = [statistic(c) / statistic(r) for c, r in zip(candidate_blocks, reference_blocks)]
+    return RelativeLatency(
+        ratio=statistics.median(ratios),
+        candidate=_summary(candidate_blocks, statistic),
+        reference=_summary(reference_blocks, statistic),
+    )
 
 
-def measure_latency_ms(onnx_path: str | os.PathLike, input_shape: tuple[int, ...], settings: LatencySettings = LatencySettings()) -> float:
-    return measure_latency(onnx_path, input_shape, settings).ms
+def measure_latency_ms(onnx_path: str | os.PathLike, inputs: Inputs, settings: LatencySettings = LatencySettings()) -> float:
+    return measure_latency(onnx_path, inputs, settings).ms
 
 
-def onnx_accuracy(onnx_path: str | os.PathLike, dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of the ONNX model on ``dataset`` (checks that the export computes what torch computed)."""
+@dataclass(frozen=True)
+class OnnxEvaluation:
+    accuracy: float
+    exit_counts: dict[int, int]  # exit index -> samples it answered (early-exit models only; the last index is the full network)
+
+
+def onnx_evaluate(onnx_path: str | os.PathLike, dataset) -> OnnxEvaluation:
+    """Top-1 accuracy of the ONNX model on ``dataset``, one sample per call as a deployed model sees them.
+
+    Checks that the export computes what torch computed; for a model with early
+    exits it also counts which exit answered each sample.
+    """
     session = ort_session(onnx_path, threads=1)
     name = session.get_inputs()[0].name
+    exits = has_exits(session)
+    counts: dict[int, int] = {}
     correct = count = 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    for inputs, labels in loader:
+    for inputs, labels in torch.utils.data.DataLoader(dataset, batch_size=256):
+        batch = inputs.numpy().astype(np.float32)
         with compute_slot():
-            logits = session.run(None, {name: inputs.numpy().astype(np.float32)})[0]
-        correct += int((logits.argmax(axis=1) == labels.numpy()).sum())
+            for index in range(len(batch)):
+                outputs = session.run(None, {name: batch[index : index + 1]})
+                correct += int(outputs[0].argmax(axis=1)[0] == int(labels[index]))
+                if exits:
+                    counts[int(outputs[1])] = counts.get(int(outputs[1]), 0) + 1
         count += len(labels)
-    return correct / max(count, 1)
+    return OnnxEvaluation(accuracy=correct / max(count, 1), exit_counts=counts)

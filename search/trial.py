@@ -14,15 +14,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from netshrink.config import FinetuneSettings, MeasureSettings, TaskConfig
 from netshrink.node_lock import compute_slot
 from netshrink.tasks import build_model, example_inputs, load_data
-from netshrink.techniques import Pipeline, compress, load_artifact, save_artifact
+from netshrink.techniques import EarlyExitNet, Pipeline, compress, load_artifact, save_artifact
 from netshrink.training import accuracy, cross_entropy, train
 
-from .measure import LatencySettings, export_onnx, measure_relative_latency, onnx_accuracy
+from .measure import LatencySettings, measure_relative_latency, onnx_evaluate
+from .onnx_export import export_onnx
 from .tracking import RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, Tracker, flatten
 
 ARTIFACT_FILE = "compressed.safetensors"
@@ -74,14 +76,16 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
         onnx_bytes = export_onnx(restored, example, workdir / ONNX_FILE, compressed.encodings)
         export_onnx(baseline, example, reference, {})
     try:
-        timed = measure_relative_latency(workdir / ONNX_FILE, reference, data.input_shape, LatencySettings(**setup.measure.model_dump()))
+        # timed on the validation inputs: a model with early exits is timed over all of them, with its exit logic
+        timed = measure_relative_latency(workdir / ONNX_FILE, reference, validation_inputs(data.val), LatencySettings(**setup.measure.model_dump()))
     finally:
         reference.unlink()
+    exported = onnx_evaluate(workdir / ONNX_FILE, data.val)  # the exported model, checked on the same split
     base = setup.baseline_metrics
     metrics = {
-        "accuracy": accuracy(restored, data.val),
+        "accuracy": accuracy(restored, data.val),  # with early exits: each sample answered by the exit it leaves at
         "test_accuracy": accuracy(restored, data.test),
-        "onnx_accuracy": onnx_accuracy(workdir / ONNX_FILE, data.val),  # the exported model, checked on the same split
+        "onnx_accuracy": exported.accuracy,
         "size_bytes": float(size_bytes),
         # drift-corrected: the ratio to the baseline, timed in alternation, times the baseline's latency
         "latency_ms": timed.ratio * base["latency_ms"],
@@ -92,6 +96,10 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
         "parameters": float(sum(p.numel() for p in restored.parameters())),
         "nonzero_parameters": float(sum(int((p != 0).sum()) for p in restored.parameters())),
     }
+    if isinstance(restored, EarlyExitNet):  # share of the validation samples that left at each exit (the last: none)
+        total = sum(exported.exit_counts.values())
+        for index in range(len(restored.heads) + 1):
+            metrics[f"exit_share_{index}"] = exported.exit_counts.get(index, 0) / total
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise FloatingPointError(f"non-finite metrics: {bad}")
@@ -99,6 +107,10 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
     metrics["speedup"] = 1.0 / timed.ratio
     metrics["accuracy_delta"] = metrics["accuracy"] - base["accuracy"]
     return metrics
+
+
+def validation_inputs(dataset) -> np.ndarray:
+    return np.stack([np.asarray(dataset[index][0], dtype=np.float32) for index in range(len(dataset))])
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:

@@ -85,6 +85,12 @@ def _check_value(adapter: TypeAdapter, value: Any, what: str) -> Any:
         raise ValueError(f"{what} {value!r}: {error.errors()[0]['msg']}") from None
 
 
+def _as_option(raw: Any, checked: Any) -> Scalar:
+    """The value the sampler sees: the checked one, or the user's string where checking made it a structure
+    (``"pool1+pool2"`` for ``after``): Optuna's categorical choices must be plain scalars."""
+    return checked if isinstance(checked, Scalar) else raw
+
+
 def parse_knob(raw: Any, field: FieldInfo) -> Knob:
     """Turn a YAML value into a knob, checking every value it can take against the field's own rules."""
     if isinstance(raw, (Fixed, Choice, Range)):
@@ -119,7 +125,7 @@ def parse_knob(raw: Any, field: FieldInfo) -> Knob:
     if isinstance(raw, list):
         if not raw:
             raise ValueError("a list of choices cannot be empty")
-        options = tuple(_check_value(adapter, value, "choice") for value in raw)
+        options = tuple(_as_option(value, _check_value(adapter, value, "choice")) for value in raw)
         if len(set(options)) != len(options):
             raise ValueError(f"choices repeat a value: {list(raw)}")
         return Choice(options=options)

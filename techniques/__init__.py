@@ -4,6 +4,7 @@ from .artifact import load_artifact, read_artifact, save_artifact
 from .base import CompressionContext, Stage, Technique, TechniqueConfig
 from .clustering import ClusteringConfig
 from .distillation import DistillationConfig
+from .early_exit import EarlyExitConfig, EarlyExitNet, all_outputs, exit_points
 from .encoding import TensorEncoding
 from .lowrank import LowRankConfig
 from .pipeline import Compressed, Pipeline, compress
@@ -18,6 +19,8 @@ __all__ = [
     "Compressed",
     "CompressionContext",
     "DistillationConfig",
+    "EarlyExitConfig",
+    "EarlyExitNet",
     "LowRankConfig",
     "Pipeline",
     "PruningConfig",
@@ -27,8 +30,10 @@ __all__ = [
     "Technique",
     "TechniqueConfig",
     "TensorEncoding",
+    "all_outputs",
     "compress",
     "exclusion",
+    "exit_points",
     "get_technique",
     "load_artifact",
     "read_artifact",

@@ -119,7 +119,7 @@ def load_artifact(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module,
         technique = REGISTRY.get(step["kind"])
         rebuild = getattr(technique, "rebuild", None)
         if rebuild is not None:
-            rebuild(model, technique.config_type.model_validate(step))
+            model = rebuild(model, technique.config_type.model_validate(step)) or model
     resize_to_state(model, state)
     model.load_state_dict(state, strict=True)
     return model.eval(), header

@@ -19,12 +19,16 @@ from .encoding import TensorEncoding
 
 
 class Stage(IntEnum):
-    """Where a technique sits in a pipeline: architecture -> distillation -> pruning -> quantization."""
+    """Where a technique sits in a pipeline: architecture -> early exits -> distillation -> pruning -> quantization."""
 
     ARCHITECTURE = 0
-    DISTILLATION = 1
-    PRUNING = 2
-    QUANTIZATION = 3
+    DYNAMIC = 1  # early exits attach to the final architecture; everything after trains and compresses them too
+    DISTILLATION = 2
+    PRUNING = 3
+    QUANTIZATION = 4
+
+
+ORDER = "architecture -> early exits -> distillation -> pruning -> quantization"
 
 
 class TechniqueConfig(BaseModel):
@@ -67,8 +71,12 @@ class Technique(Protocol):
     config_type: ClassVar[type[TechniqueConfig]]
     stage: ClassVar[Stage]
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> None:
-        """Transform ``model`` in place and record the storage plan in ``ctx.encodings``."""
+    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> nn.Module | None:
+        """Transform ``model`` in place and record the storage plan in ``ctx.encodings``.
+
+        A technique that wraps the model (early exits) returns the new model, which
+        replaces ``model`` for the rest of the pipeline; others return None.
+        """
         ...
 
 
@@ -78,9 +86,24 @@ class Technique(Protocol):
 # The pipeline validator rejects such a pair (either side may declare it) and the search space never samples one.
 
 # Optional, for techniques that change the module tree (architecture stage):
-#     def rebuild(self, model: nn.Module, config: TechniqueConfig) -> None
-# makes the same structural change with placeholder weights. ``load_artifact`` replays it from the
+#     def rebuild(self, model: nn.Module, config: TechniqueConfig) -> nn.Module | None
+# makes the same structural change with placeholder weights (returning the new model if it wraps it, as apply does). ``load_artifact`` replays it from the
 # recipe before loading the stored weights, so a changed architecture loads without pickle.
+
+
+def summed_over_exits(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` summed over every exit when the model returns several logits (early exits, in training mode)."""
+
+    def loss(outputs, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, (tuple, list)):
+            return sum(loss_fn(logits, labels, inputs) for logits in outputs)
+        return loss_fn(outputs, labels, inputs)
+
+    return loss
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _inputs: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits, labels)
 
 
 def compressible_weights(model: nn.Module) -> dict[str, nn.Module]:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import CompressionContext, FineTune, TechniqueConfig
+from .base import ORDER, CompressionContext, FineTune, TechniqueConfig, cross_entropy, summed_over_exits
 from .encoding import TensorEncoding
 from .registry import REGISTRY, conflicts, knob_applies
 
@@ -25,7 +25,7 @@ Step = Annotated[
 
 
 class Pipeline(BaseModel):
-    """Techniques in application order: architecture -> distillation -> pruning -> quantization."""
+    """Techniques in application order: architecture -> early exits -> distillation -> pruning -> quantization."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -42,7 +42,7 @@ class Pipeline(BaseModel):
         for (before, after), (kind_a, kind_b) in zip(zip(stages, stages[1:]), zip(kinds, kinds[1:])):
             if after < before:
                 raise ValueError(
-                    f"{kind_b!r} cannot come after {kind_a!r}: the order is architecture -> distillation -> pruning -> quantization"
+                    f"{kind_b!r} cannot come after {kind_a!r}: the order is {ORDER}"
                 )
         for kind_a, kind_b, reason in conflicts([step.kind for step in steps if not step.is_noop()]):
             raise ValueError(f"{kind_a!r} and {kind_b!r} cannot both be active: {reason}")
@@ -66,7 +66,7 @@ class Pipeline(BaseModel):
         for step in self.active_steps():
             values = step.model_dump(exclude={"kind"})
             fields = [
-                f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={'+'.join(value)}" if isinstance(value, tuple) else f"{key}={value}"
                 for key, value in values.items()
                 if knob_applies(step.kind, key, values)  # e.g. no importance under weight pruning
             ]
@@ -115,19 +115,23 @@ def compress(
     torch.manual_seed(seed)
     teacher = model
     model = copy.deepcopy(model)
+    tune = None
+    if fine_tune is not None:
+        # with early exits the model trains on the sum of every exit's loss (BranchyNet)
+        tune = lambda model, loss_fn: fine_tune(model, summed_over_exits(loss_fn or cross_entropy))  # noqa: E731
     ctx = CompressionContext(
         example_inputs=example_inputs,
         encodings={},
         protected_modules=output_layers(model, example_inputs),
-        fine_tune=fine_tune,
+        fine_tune=tune,
         seed=seed,
         teacher=teacher,
     )
     active = pipeline.active_steps()
     for step in active:
-        REGISTRY[step.kind].apply(model, step, ctx)
-    if active and fine_tune is not None:
-        fine_tune(model, ctx.loss_fn)
+        model = REGISTRY[step.kind].apply(model, step, ctx) or model
+    if active and tune is not None:
+        tune(model, ctx.loss_fn)
     bake_parametrizations(model)
     return Compressed(model=model.eval(), encodings=ctx.encodings, pipeline=pipeline)
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .base import CompressionContext, Stage, TechniqueConfig, compressible_weights
+from .early_exit import all_outputs
 from .encoding import TensorEncoding
 
 
@@ -95,6 +96,7 @@ def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionCont
         pruning_ratio=config.ratio,
         iterative_steps=config.steps,
         ignored_layers=protected,
+        forward_fn=all_outputs,  # every exit of an early-exit model, so its heads are pruned consistently
     )
     for step in range(config.steps):
         pruner.step()

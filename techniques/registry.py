@@ -7,6 +7,7 @@ from typing import Any
 from .base import Technique
 from .clustering import Clustering
 from .distillation import Distillation
+from .early_exit import EarlyExit
 from .lowrank import LowRank
 from .pruning import Pruning
 from .quantization import Quantization
@@ -17,6 +18,7 @@ REGISTRY: dict[str, Technique] = {
     for technique in (
         Separable(),
         LowRank(),
+        EarlyExit(),
         Distillation(),
         Pruning(),
         Quantization(),

@@ -23,7 +23,7 @@ def test_the_worked_example_is_valid():
     assert experiment.task.model == "lenet5" and experiment.task.dataset == "digits"
     assert experiment.objectives == ["accuracy", "size_bytes", "latency_ms"]
     assert experiment.directions() == ["max", "min", "min"]
-    assert list(experiment.space.techniques()) == ["separable", "lowrank", "distillation", "pruning", "quantization", "clustering"]
+    assert list(experiment.space.techniques()) == ["separable", "lowrank", "early_exit", "distillation", "pruning", "quantization", "clustering"]
 
 
 def test_minimal_file_gets_sensible_defaults(tmp_path):
@@ -134,3 +134,10 @@ def test_cli_help_explains_every_subcommand():
     search_help = subprocess.run([sys.executable, "-m", "netshrink.cli", "search", "--help"], capture_output=True, text=True).stdout
     for flag in ("--trials", "--concurrency", "--address", "--tracking-uri"):
         assert flag in search_help
+
+
+def test_an_early_exit_placement_that_is_not_a_cut_point_fails_before_any_work(tmp_path):
+    text = EXAMPLE.read_text().replace('after: [pool1, pool2, "pool1+pool2"]', 'after: [pool1, "pool2+pool7"]')
+    (tmp_path / "exp.yaml").write_text(text)
+    with pytest.raises(UserError, match=r"space.early_exit.after: 'pool7' is not a cut point of model 'lenet5'; its cut points, in forward order: conv1, pool1"):
+        load_experiment(tmp_path / "exp.yaml")

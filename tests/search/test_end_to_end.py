@@ -261,3 +261,31 @@ def test_a_combined_pipeline_runs_in_a_real_search_trial_and_is_logged_like_any_
     assert abs(metrics["onnx_accuracy"] - metrics["accuracy"]) < 0.01
     local = Path(client.download_artifacts(child.info.run_id, "", str(tmp_path / "artifacts")))
     assert (local / "compressed.safetensors").stat().st_size == metrics["size_bytes"]
+
+
+def test_early_exits_run_in_a_real_search_trial_with_exit_shares_logged(tmp_path):
+    """Accuracy with the real exit logic, ONNX agreeing sample by sample, the share of samples per exit."""
+    (tmp_path / "exp.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: exits
+            task: {train: {epochs: 2}}
+            finetune: {epochs: 1}
+            search: {trials: 1, max_concurrent: 1, sampler: random}
+            measure: {warmup: 5, repeats: 100}
+            space:
+              early_exit: {enabled: true, after: "pool1+pool2", threshold: 0.8}
+              pruning: {enabled: true, granularity: channel, ratio: 0.3}
+            """
+        )
+    )
+    result = netshrink("search", "exp.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (child,) = client.search_runs([client.get_experiment_by_name("exits").experiment_id], "tags.`netshrink.role` = 'trial'")
+    assert child.info.status == "FINISHED"
+    metrics = child.data.metrics
+    shares = [metrics[f"exit_share_{index}"] for index in range(3)]
+    assert sum(shares) == pytest.approx(1.0) and shares[0] + shares[1] > 0.2  # many digits are easy: they leave early
+    assert abs(metrics["onnx_accuracy"] - metrics["accuracy"]) < 0.01
+    assert metrics["accuracy"] > 0.8 and metrics["speedup"] > 1.0

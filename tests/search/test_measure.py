@@ -8,7 +8,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from netshrink.search.measure import LatencySettings, export_onnx, measure_latency, measure_relative_latency, onnx_accuracy, ort_session
+from netshrink.search.measure import LatencySettings, measure_latency, measure_relative_latency, onnx_evaluate, ort_session
+from netshrink.search.onnx_export import export_onnx
 from netshrink.tasks.models import LeNet5
 from netshrink.techniques import Pipeline, PruningConfig, QuantizationConfig, compress
 
@@ -56,7 +57,7 @@ def test_onnx_runtime_computes_what_torch_computes(tmp_path, pipeline):
     got = ort_session(path).run(None, {"input": batch.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     dataset = torch.utils.data.TensorDataset(batch, torch.arange(8) % 10)
-    assert onnx_accuracy(path, dataset) == float((expected.argmax(1) == (torch.arange(8) % 10).numpy()).mean())
+    assert onnx_evaluate(path, dataset).accuracy == float((expected.argmax(1) == (torch.arange(8) % 10).numpy()).mean())
 
 
 def _train_until_stopped(ready, stop):

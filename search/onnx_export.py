@@ -1,0 +1,202 @@
+"""Export to ONNX: one self-contained file that runs with ONNX Runtime and numpy alone.
+
+Reduced-precision weights keep their width in the file (int8 codes feeding
+``DequantizeLinear``, float16 feeding ``Cast``). A model with early exits becomes
+one graph with nested ``If`` nodes: the runtime computes an exit's confidence and
+skips the rest of the network when it is high enough, exactly as the torch model
+does; the graph's second output ``exit`` says which exit answered.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from netshrink.techniques import EarlyExitNet, TensorEncoding
+from netshrink.techniques.encoding import INTEGER_BITS, channel_scales, quantize_codes
+
+OPSET = 17
+EXIT_OUTPUT = "exit"  # index of the exit that answered (early-exit models only); the last index is the full network
+
+
+def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, encodings: dict[str, TensorEncoding]) -> int:
+    """Export ``model`` to a self-contained ONNX file with a dynamic batch axis; returns its size in bytes.
+
+    Weights the plan stores at 8, 4, 2 or 1 bits become int8 code initializers
+    feeding ``DequantizeLinear`` (per output channel; sub-byte codes are not packed
+    here, the artifact is what stores them packed); 16-bit weights become float16
+    initializers feeding ``Cast``. Sparse weights stay dense: ONNX Runtime's
+    CPU kernels are dense, which is why unstructured pruning saves bytes but not time.
+    """
+    model = model.eval().cpu()
+    example_inputs = example_inputs.cpu()
+    if isinstance(model, EarlyExitNet):
+        graph_model = early_exit_graph(model, example_inputs, encodings)
+    else:
+        graph_model = export_module(model, example_inputs, ["logits"], encodings)
+    onnx.save(graph_model, os.fspath(path))
+    return os.path.getsize(path)
+
+
+def export_module(module: nn.Module, example_inputs: torch.Tensor, output_names: list[str], encodings: dict[str, TensorEncoding]) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example_inputs,),
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in ["input", *output_names]},
+        )
+    graph_model = onnx.load_from_string(buffer.getvalue())
+    reduced = {name: enc for name, enc in encodings.items() if enc.bits in (16, *INTEGER_BITS)}
+    if reduced:
+        store_reduced_precision(graph_model, reduced)
+    return graph_model
+
+
+def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, TensorEncoding]) -> None:
+    graph = graph_model.graph
+    nodes = []
+    for initializer in list(graph.initializer):
+        encoding = encodings.get(initializer.name)
+        if encoding is None:
+            continue
+        weight = torch.from_numpy(numpy_helper.to_array(initializer).copy())
+        name = initializer.name
+        graph.initializer.remove(initializer)
+        if encoding.bits in INTEGER_BITS:
+            scale = channel_scales(weight, encoding.bits, encoding.sparse)
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(quantize_codes(weight, scale, encoding.bits, encoding.sparse).numpy(), f"{name}_int8"),
+                    numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}_scale"),
+                    numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
+                ]
+            )
+            nodes.append(
+                helper.make_node(
+                    "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"], [name], axis=0, name=f"{name}_dequantize"
+                )
+            )
+        else:
+            graph.initializer.append(numpy_helper.from_array(weight.numpy().astype(np.float16), f"{name}_fp16"))
+            nodes.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=onnx.TensorProto.FLOAT, name=f"{name}_cast"))
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    onnx.checker.check_model(graph_model)
+
+
+class _Stage(nn.Module):
+    """One segment and the exit head after it (no head for the last segment)."""
+
+    def __init__(self, segment: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.segment = segment
+        self.head = head
+
+    def forward(self, inputs: torch.Tensor):
+        features = self.segment(inputs)
+        return features if self.head is None else (features, self.head(features))
+
+
+def _stage_encodings(encodings: dict[str, TensorEncoding], index: int) -> dict[str, TensorEncoding]:
+    """The plan under a stage's own parameter names (``segments.1.conv2.weight`` -> ``segment.conv2.weight``)."""
+    renamed = {}
+    for name, encoding in encodings.items():
+        for prefix, local in ((f"segments.{index}.", "segment."), (f"heads.{index}.", "head.")):
+            if name.startswith(prefix):
+                renamed[local + name.removeprefix(prefix)] = encoding
+    return renamed
+
+
+def early_exit_graph(model: EarlyExitNet, example_inputs: torch.Tensor, encodings: dict[str, TensorEncoding]) -> onnx.ModelProto:
+    """Stages exported one by one, then nested: ``If(confident_i, exit i, rest of the network)``.
+
+    A batch leaves at an exit when every sample in it is confident (the top softmax
+    probability reaches the threshold): at batch 1, the per-sample rule of the torch model.
+    """
+    stages = []
+    features = example_inputs
+    last = len(model.heads)
+    with torch.no_grad():
+        for index, segment in enumerate(model.segments):
+            head = model.heads[index] if index < last else None
+            outputs = ["features", "logits"] if head is not None else ["logits"]
+            exported = export_module(_Stage(segment, head), features, outputs, _stage_encodings(encodings, index))
+            stages.append(onnx.compose.add_prefix(exported, f"s{index}/"))
+            if head is not None:
+                features = segment(features)
+
+    threshold = numpy_helper.from_array(np.array(model.threshold, dtype=np.float32), "exit_threshold")
+    initializers = [threshold] + [init for stage in stages for init in stage.graph.initializer]
+
+    def level(index: int, source: str) -> tuple[list[onnx.NodeProto], str, str]:
+        """Nodes computing the answer from stage ``index`` on, given its input ``source``; returns (nodes, logits, exit)."""
+        prefix = f"s{index}/"
+        nodes = [helper.make_node("Identity", [source], [f"{prefix}input"], name=f"{prefix}feed")]
+        nodes += list(stages[index].graph.node)
+        logits, exit_index = f"{prefix}answer_logits", f"{prefix}answer_exit"
+        if index == last:
+            nodes += [
+                helper.make_node("Identity", [f"{prefix}logits"], [logits], name=f"{prefix}final"),
+                helper.make_node("Constant", [], [exit_index], value=numpy_helper.from_array(np.array(index, dtype=np.int64)), name=f"{prefix}exit"),
+            ]
+            return nodes, logits, exit_index
+        nodes += [
+            helper.make_node("Softmax", [f"{prefix}logits"], [f"{prefix}probabilities"], axis=1, name=f"{prefix}softmax"),
+            helper.make_node("ReduceMax", [f"{prefix}probabilities"], [f"{prefix}confidence"], axes=[1], keepdims=0, name=f"{prefix}confidence"),
+            helper.make_node("ReduceMin", [f"{prefix}confidence"], [f"{prefix}least_confidence"], keepdims=0, name=f"{prefix}least"),
+            helper.make_node("GreaterOrEqual", [f"{prefix}least_confidence", "exit_threshold"], [f"{prefix}leave"], name=f"{prefix}leave"),
+        ]
+        leave = helper.make_graph(
+            [
+                helper.make_node("Identity", [f"{prefix}logits"], [f"{prefix}leave_logits"], name=f"{prefix}leave_logits"),
+                helper.make_node(
+                    "Constant", [], [f"{prefix}leave_exit"], value=numpy_helper.from_array(np.array(index, dtype=np.int64)), name=f"{prefix}leave_exit"
+                ),
+            ],
+            f"{prefix}leave",
+            [],
+            [_tensor(f"{prefix}leave_logits", TensorProto.FLOAT), _tensor(f"{prefix}leave_exit", TensorProto.INT64)],
+        )
+        rest_nodes, rest_logits, rest_exit = level(index + 1, f"{prefix}features")
+        rest = helper.make_graph(
+            rest_nodes, f"{prefix}continue", [], [_tensor(rest_logits, TensorProto.FLOAT), _tensor(rest_exit, TensorProto.INT64)]
+        )
+        nodes.append(helper.make_node("If", [f"{prefix}leave"], [logits, exit_index], then_branch=leave, else_branch=rest, name=f"{prefix}if"))
+        return nodes, logits, exit_index
+
+    nodes, logits, exit_index = level(0, "input")
+    nodes += [
+        helper.make_node("Identity", [logits], ["logits"], name="logits"),
+        helper.make_node("Identity", [exit_index], [EXIT_OUTPUT], name=EXIT_OUTPUT),
+    ]
+    input_value = stages[0].graph.input[0]
+    classes = stages[-1].graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    graph = helper.make_graph(
+        nodes,
+        "netshrink_early_exits",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [d.dim_param or d.dim_value for d in input_value.type.tensor_type.shape.dim])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes]), helper.make_tensor_value_info(EXIT_OUTPUT, TensorProto.INT64, [])],
+        initializer=initializers,
+    )
+    combined = helper.make_model(graph, opset_imports=list(stages[0].opset_import), producer_name="netshrink")
+    combined.ir_version = stages[0].ir_version
+    onnx.checker.check_model(combined)
+    return combined
+
+
+def _tensor(name: str, element_type: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, element_type, None)

@@ -1,0 +1,306 @@
+"""Early exits (dynamic computation): small classifiers part-way through the network.
+
+BranchyNet (Teerapittayanon et al., 2016): an exit head after a chosen layer
+classifies the sample from the features computed so far; at inference a sample
+leaves at the first exit whose confidence (top softmax probability) reaches
+``threshold``, so easy samples skip the rest of the network. All exits, the
+final one included, are trained together on the sum of their losses.
+
+The model is cut at *cut points*: places in its ``torch.fx`` graph where a single
+tensor carries everything the rest of the network needs (after ``pool1`` in
+LeNet-5; never inside a residual block, where the skip tensor is live too). The
+segments between cuts become ``fx.GraphModule``s; the structure follows from the
+model's code and the recipe alone, so ``rebuild`` recreates it without pickle.
+A cut is named by the layer it follows (``pool1``; ``stem`` or ``stem.2`` after
+the last layer of ``stem``) or, after a function call, by its fx node name
+(``relu``, ``add``).
+
+An exit head pools its feature map to at most 4 positions per spatial axis
+(average pooling, so it exports to plain ONNX) and classifies with one linear
+layer: 4x4x20 + bias -> 10 classes after LeNet-5's ``pool1`` is 3,210 parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BeforeValidator, Field
+from torch import fx, nn
+
+from .base import CompressionContext, Stage, TechniqueConfig
+
+HEAD_POSITIONS = 4  # pooled positions per spatial axis of an exit head's input
+
+
+def _split_names(value: Any) -> Any:
+    """``"pool1+pool2"`` -> ``("pool1", "pool2")``: one string per placement, so a space can list placements as choices."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split("+") if part.strip())
+    return value
+
+
+class EarlyExitConfig(TechniqueConfig):
+    kind: Literal["early_exit"] = "early_exit"
+    after: Annotated[tuple[str, ...], BeforeValidator(_split_names)] = Field(
+        (),
+        description="cut points followed by an exit head, in forward order ('pool1+pool2' for two); "
+        "empty: one exit at the middle cut point",
+    )
+    threshold: float = Field(0.9, gt=0.0, lt=1.0, description="a sample leaves at the first exit whose top softmax probability reaches this")
+
+
+class ExitHead(nn.Module):
+    """Average-pool to at most 4 positions per spatial axis, flatten, one linear classifier."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    @staticmethod
+    def pool(features: torch.Tensor) -> torch.Tensor:
+        """The flattened head input: a (batch, features) tensor."""
+        spatial = features.shape[2:]
+        if spatial:
+            kernel = [math.ceil(size / HEAD_POSITIONS) for size in spatial]
+            pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(spatial)]
+            features = pool(features, kernel, kernel, ceil_mode=True)
+        return torch.flatten(features, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.pool(features))
+
+
+class EarlyExitNet(nn.Module):
+    """``segments[0] -> heads[0] ... segments[-1]``: the original network cut in pieces, with exits between them.
+
+    In training mode ``forward`` returns every exit's logits (a tuple, the final
+    exit last), so the loss can sum over them. In eval mode it runs the real exit
+    logic: each sample leaves at the first confident exit, and only the samples
+    still inside the network are carried on to the next segment.
+    """
+
+    def __init__(self, segments: list[nn.Module], heads: list[ExitHead], cut_names: tuple[str, ...], threshold: float) -> None:
+        super().__init__()
+        if len(segments) != len(heads) + 1:
+            raise ValueError(f"need one segment more than exit heads, got {len(segments)} segments and {len(heads)} heads")
+        self.segments = nn.ModuleList(segments)
+        self.heads = nn.ModuleList(heads)
+        self.cut_names = cut_names
+        self.threshold = threshold
+
+    def all_outputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every exit's logits, the final exit's last."""
+        outputs = []
+        features = inputs
+        for segment, head in zip(self.segments, self.heads):
+            features = segment(features)
+            outputs.append(head(features))
+        outputs.append(self.segments[-1](features))
+        return tuple(outputs)
+
+    def exit_forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the index of the exit each sample left at (``len(heads)`` = the final one)."""
+        batch = inputs.shape[0]
+        remaining = torch.arange(batch, device=inputs.device)
+        exits = torch.full((batch,), len(self.heads), dtype=torch.long, device=inputs.device)
+        logits: torch.Tensor | None = None
+        features = inputs
+        for index, (segment, head) in enumerate(zip(self.segments, self.heads)):
+            features = segment(features)
+            exit_logits = head(features)
+            if logits is None:
+                logits = exit_logits.new_empty((batch, exit_logits.shape[1]))
+            confident = F.softmax(exit_logits, dim=1).amax(dim=1) >= self.threshold
+            logits[remaining[confident]] = exit_logits[confident]
+            exits[remaining[confident]] = index
+            remaining, features = remaining[~confident], features[~confident]
+            if remaining.numel() == 0:
+                return logits, exits
+        final = self.segments[-1](features)
+        if logits is None:
+            return final, exits
+        logits[remaining] = final
+        return logits, exits
+
+    def forward(self, inputs: torch.Tensor):
+        if self.training:
+            return self.all_outputs(inputs)
+        return self.exit_forward(inputs)[0]
+
+
+def all_outputs(model: nn.Module, inputs: torch.Tensor) -> Any:
+    """Every output ``model`` has: each exit's logits for an early-exit model, else its one output.
+
+    Graph tracers (Torch-Pruning) need them all, or the exit heads would be left out
+    of the dependency graph and keep stale input sizes when channels are removed.
+    """
+    if isinstance(model, EarlyExitNet):
+        return model.all_outputs(inputs)
+    return model(inputs)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as error:  # fx raises many types for untraceable code
+        raise ValueError(
+            f"early exits need a model that torch.fx can trace (no Python control flow on tensor values): {type(error).__name__}: {error}"
+        ) from None
+
+
+def _names(node: fx.Node, later_modules: list[str], module_calls: dict[str, int]) -> list[str]:
+    """Names of a cut after ``node``, outermost first: ``conv2`` as well as ``conv2.1`` once separable made conv2 a pair.
+
+    A module path names the cut when the node is its last call (no later node calls
+    into it), so names stay valid when an architecture technique replaced the layer.
+    """
+    if node.op != "call_module":
+        return [node.name]
+    parts = str(node.target).split(".")
+    names = []
+    for length in range(1, len(parts) + 1):
+        path = ".".join(parts[:length])
+        if module_calls[str(node.target)] == 1 and not any(later == path or later.startswith(path + ".") for later in later_modules):
+            names.append(path)
+    return names or [node.name]
+
+
+def cut_points(graph_module: fx.GraphModule) -> dict[fx.Node, list[str]]:
+    """Cut points in forward order, with their names: nodes whose value is the only one the rest of the graph reads.
+
+    Constants and parameters (``get_attr``) do not count: a segment refers to them
+    itself. The node that feeds the output directly is no cut point (an exit there
+    would duplicate the final one).
+    """
+    nodes = list(graph_module.graph.nodes)
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(f"early exits need a model with exactly one input, this one has {len(placeholders)}")
+    position = {node: index for index, node in enumerate(nodes)}
+    last_use = {node: max((position[user] for user in node.users), default=position[node]) for node in nodes}
+    finals = set(nodes[-1].all_input_nodes)
+    module_calls: dict[str, int] = {}
+    for node in nodes:
+        if node.op == "call_module":
+            module_calls[str(node.target)] = module_calls.get(str(node.target), 0) + 1
+    found: dict[fx.Node, list[str]] = {}
+    for node in nodes[:-1]:
+        if node.op not in ("call_module", "call_function", "call_method") or node in finals:
+            continue
+        if all(last_use[earlier] <= position[node] for earlier in nodes[: position[node]] if earlier.op != "get_attr"):
+            later = [str(n.target) for n in nodes[position[node] + 1 :] if n.op == "call_module"]
+            found[node] = _names(node, later, module_calls)
+    return found
+
+
+def resolve_cuts(available: dict[fx.Node, list[str]], after: tuple[str, ...]) -> list[fx.Node]:
+    """The cut points ``after`` names, checked and in forward order; empty -> the middle cut point."""
+    nodes = list(available)
+    if not nodes:
+        raise ValueError("this model has no cut point for an early exit (no place where a single tensor carries the whole state)")
+    if not after:
+        return [nodes[(len(nodes) - 1) // 2]]
+    by_name = {name: node for node, names in available.items() for name in names}
+    unknown = [name for name in after if name not in by_name]
+    if unknown:
+        listed = ", ".join(names[0] for names in available.values())
+        raise ValueError(f"early_exit.after: {', '.join(map(repr, unknown))} is not a cut point of this model; cut points: {listed}")
+    chosen = sorted({by_name[name] for name in after}, key=nodes.index)
+    if len(chosen) != len(after):
+        raise ValueError(f"early_exit.after names a cut point twice: {'+'.join(after)}")
+    return chosen
+
+
+def exit_points(model: nn.Module) -> list[str]:
+    """Every name usable in ``after`` for ``model``, in forward order (for messages and validation)."""
+    return [name for names in cut_points(trace(model)).values() for name in names]
+
+
+def split(graph_module: fx.GraphModule, cuts: list[fx.Node]) -> list[fx.GraphModule]:
+    """The graph cut after each node in ``cuts``: one GraphModule per segment, each with one input."""
+    nodes = list(graph_module.graph.nodes)
+    boundaries = [nodes.index(cut) for cut in cuts]
+    starts = [0] + [b + 1 for b in boundaries]
+    ends = boundaries + [len(nodes) - 1]
+    segments = []
+    for index, (start, end) in enumerate(zip(starts, ends)):
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        if index > 0:
+            env[nodes[start - 1]] = graph.placeholder("features")
+
+        def lookup(node: fx.Node) -> fx.Node:
+            if node not in env:  # a parameter or constant read in this segment
+                env[node] = graph.node_copy(node, lookup)
+            return env[node]
+
+        for node in nodes[start : end + 1]:
+            if node.op == "get_attr":
+                continue  # copied where used
+            if node.op == "output":
+                graph.output(fx.map_arg(node.args[0], lookup))
+                continue
+            env[node] = graph.node_copy(node, lookup)
+        if nodes[end].op != "output":
+            graph.output(env[nodes[end]])
+        segments.append(fx.GraphModule(graph_module, graph, class_name=f"Segment{index}"))
+    return segments
+
+
+def shared_parameters(segments: list[fx.GraphModule]) -> list[str]:
+    """Modules used by more than one segment (the artifact cannot store one tensor under two names)."""
+    seen: dict[int, str] = {}
+    shared = []
+    for index, segment in enumerate(segments):
+        for name, parameter in list(segment.named_parameters()) + list(segment.named_buffers()):
+            if id(parameter) in seen and seen[id(parameter)] != f"{index}":
+                shared.append(name)
+            seen.setdefault(id(parameter), f"{index}")
+    return shared
+
+
+def build_exits(model: nn.Module, config: EarlyExitConfig) -> EarlyExitNet:
+    """Cut ``model`` at ``config.after`` and add exit heads of placeholder size 1 x 1 (``apply`` sizes them, loading resizes them)."""
+    traced = trace(model)
+    available = cut_points(traced)
+    cuts = resolve_cuts(available, config.after)
+    segments = split(traced, cuts)
+    shared = shared_parameters(segments)
+    if shared:
+        raise ValueError(f"early exits cannot cut here: layers used on both sides of a cut ({', '.join(shared)})")
+    return EarlyExitNet(segments, [ExitHead(1, 1) for _ in cuts], tuple(available[cut][0] for cut in cuts), config.threshold)
+
+
+class EarlyExit:
+    kind: ClassVar[str] = "early_exit"
+    config_type: ClassVar[type[TechniqueConfig]] = EarlyExitConfig
+    stage: ClassVar[Stage] = Stage.DYNAMIC
+    default_space: ClassVar[dict[str, Any]] = {"threshold": {"low": 0.5, "high": 0.99}}
+
+    def apply(self, model: nn.Module, config: EarlyExitConfig, ctx: CompressionContext) -> nn.Module:
+        exits = build_exits(model, config)
+        with torch.no_grad():
+            classes = model.eval()(ctx.example_inputs).shape[1]
+            features = ctx.example_inputs
+            heads = []
+            for segment in exits.segments[:-1]:
+                features = segment(features)
+                if not isinstance(features, torch.Tensor) or features.dim() < 2:
+                    raise ValueError(f"early exits need a batch of features at each cut point, got {type(features).__name__}")
+                heads.append(ExitHead(ExitHead.pool(features).shape[1], classes))
+        exits.heads = nn.ModuleList(heads)
+        # the layers that must keep their output size (the classes) under channel pruning, under their new names;
+        # by their leaf layers, since fx re-creates the containers (a low-rank Sequential) around them
+        kept = {id(leaf) for name, module in model.named_modules() if name in ctx.protected_modules for leaf in module.modules()}
+        ctx.protected_modules = frozenset(
+            [name for name, module in exits.named_modules() if id(module) in kept]
+            + [f"heads.{index}.linear" for index in range(len(heads))]
+        )
+        return exits
+
+    def rebuild(self, model: nn.Module, config: EarlyExitConfig) -> nn.Module:
+        """The same cuts and heads, with placeholder head sizes that loading resizes to the stored ones."""
+        return build_exits(model, config)

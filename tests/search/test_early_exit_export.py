@@ -1,0 +1,55 @@
+"""Models with early exits in the exported runtime: the same exit logic, and latency that depends on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from netshrink.search.measure import LatencySettings, measure_relative_latency, onnx_evaluate, ort_session
+from netshrink.search.onnx_export import export_onnx
+from netshrink.tasks.models import lenet5
+from netshrink.techniques import EarlyExitConfig, Pipeline, QuantizationConfig, compress
+
+X = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def confidence(logits):
+    return F.softmax(logits, dim=1).amax(dim=1)
+
+
+def early(**knobs):
+    return compress(lenet5(), Pipeline(steps=[EarlyExitConfig(**knobs)]), X[:1])
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_onnx_runs_the_same_exit_logic_sample_by_sample(bits, tmp_path):
+    compressed = compress(lenet5(), Pipeline(steps=[EarlyExitConfig(after="pool1+pool2"), QuantizationConfig(bits=bits)]), X[:1])
+    model = compressed.model
+    model.threshold = float(confidence(model.all_outputs(X)[0]).median())
+    export_onnx(model, X[:1], tmp_path / "m.onnx", compressed.encodings)
+    session = ort_session(tmp_path / "m.onnx")
+    torch_logits, torch_exits = model.exit_forward(X)
+    for index in range(len(X)):
+        logits, exit_index = session.run(None, {"input": X[index : index + 1].numpy()})
+        assert int(exit_index) == int(torch_exits[index])
+        np.testing.assert_allclose(logits[0], torch_logits[index].detach().numpy(), rtol=1e-4, atol=1e-4)
+    dataset = torch.utils.data.TensorDataset(X, torch_logits.argmax(1))
+    evaluation = onnx_evaluate(tmp_path / "m.onnx", dataset)
+    assert evaluation.accuracy == 1.0
+    assert evaluation.exit_counts == {e: int((torch_exits == e).sum()) for e in torch_exits.unique().tolist()}
+
+
+def test_leaving_early_is_measured_faster_than_running_to_the_end(tmp_path):
+    """Honest numbers: the latency of a model with exits depends on where its samples leave."""
+    reference = tmp_path / "reference.onnx"
+    export_onnx(lenet5(), X[:1], reference, {})
+    ratios = {}
+    for threshold in (0.01, 0.99999):  # everyone leaves at pool1 / nobody leaves early
+        compressed = early(after="pool1", threshold=threshold)
+        path = tmp_path / f"{threshold}.onnx"
+        export_onnx(compressed.model, X[:1], path, compressed.encodings)
+        ratios[threshold] = measure_relative_latency(path, reference, X[:16].numpy(), LatencySettings(warmup=20)).ratio
+    assert ratios[0.01] < 0.6 < 0.9 < ratios[0.99999]
