@@ -69,6 +69,7 @@ def front(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI. Default: sqlite mlflow.db here."),
     search_run: Optional[str] = typer.Option(None, "--search", help="Parent run id of one search. Default: the latest search."),
     as_json: bool = typer.Option(False, "--json", help="Print the front as JSON (run_id, accuracy, size_bytes, latency_ms, recipe, ...)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the front into this folder (created): pareto.png, pareto.html (hover for details), hypervolume.png."),
 ) -> None:
     """Print the Pareto front of a finished (or running) search, read back from MLflow."""
     from netshrink.search.report import load_front
@@ -80,6 +81,67 @@ def front(
         print(front_json(result.front, result.baseline))
     else:
         print_front(result.front, result.baseline, title=f"Pareto front of {experiment!r} (search {result.parent_run_id})", console=console)
+    if plot is not None:
+        from netshrink.search.plots import write_search_plots
+
+        history = write_search_plots(plot, result, tracking_uri)
+        # on stderr under --json, so that stdout stays one JSON document
+        (errors if as_json else console).print(f"Plots in {plot}/ (hypervolume of the front: {history[-1]:.4f})")
+
+
+@app.command()
+def export(
+    experiment: str = typer.Option(..., "--experiment", "-e", help="MLflow experiment name (the 'name' in the experiment file)."),
+    pick: str = typer.Option(
+        ...,
+        "--pick",
+        metavar="accuracy|smallest|fastest|knee|RUN_ID",
+        help="Which trial: 'accuracy' (most accurate), 'smallest', 'fastest' or 'knee' (balanced, see above) on the Pareto front; "
+        "or the MLflow run id of any finished trial of the experiment, on the front or not.",
+    ),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Folder to write; created. An existing folder must be empty: export never overwrites files."),
+    min_accuracy: Optional[float] = typer.Option(
+        None, "--min-accuracy", metavar="X", help="Only trials with validation accuracy >= X are candidates; X is a fraction in [0, 1] (0.95 for 95%)."
+    ),
+    register: Optional[str] = typer.Option(
+        None, "--register", metavar="NAME", help="Also register the ONNX model as a new version of this MLflow registered model, linked to the trial run, its metrics as tags."
+    ),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI. Default: sqlite mlflow.db here."),
+    search_run: Optional[str] = typer.Option(None, "--search", help="Parent run id of one search. Default: the latest search."),
+) -> None:
+    """Write one trial of a search as files that ship: model.onnx, compressed.safetensors, recipe.json, MODEL_CARD.md.
+
+    model.onnx runs with numpy and onnxruntime alone; compressed.safetensors is
+    the artifact the trial logged (its size is the reported size); the model
+    card gives the metrics next to the baseline's and how to load the model.
+
+    The knee: each objective of the search is min-max normalised over the
+    front (0 = the best value on the front, 1 = the worst); the knee is the
+    trial nearest (Euclidean distance) to the ideal corner where all are 0.
+    Ties go to the more accurate trial.
+
+    A task with your own 'module:factory' imports it from the experiment
+    file's folder, as the search did: run export where the search ran.
+    """
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file would bury the summary
+    from netshrink.search.export import export_model
+
+    result = export_model(
+        experiment, pick, out, min_accuracy=min_accuracy, register=register, tracking_uri=tracking_uri, search_run=search_run
+    )
+    point = result.chosen.point
+    console.print(f"Exported {point.name} (run {point.run_id}), picked {result.chosen.pick}: {point.summary}")
+    console.print(
+        f"accuracy {point.accuracy:.2%} (model.onnx on the validation split: {result.onnx_accuracy:.2%}), "
+        f"{point.size_bytes / 1e3:.1f} KB, {point.latency_ms:.4f} ms"
+    )
+    for name, size in result.files.items():
+        console.print(f"  {result.folder / name}  {size:,} bytes")
+    console.print(f"  {result.folder / 'MODEL_CARD.md'}")
+    if result.registered_version:
+        console.print(f"Registered in MLflow as model {register!r}, version {result.registered_version}")
 
 
 def main() -> None:

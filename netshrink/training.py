@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,22 @@ from torch.utils.data import DataLoader, Dataset
 from netshrink.node_lock import compute_slot
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, inputs) -> loss
+
+
+@contextmanager
+def on_device(model: nn.Module, device: str | torch.device) -> Iterator[nn.Module]:
+    """Run ``model`` on ``device`` for the block, then put it back where it was.
+
+    Callers (a technique between two pruning steps, the code that saves the
+    artifact) keep working on the CPU with CPU example inputs; only the loop inside
+    runs on the GPU.
+    """
+    home = next(model.parameters(), torch.empty(0)).device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _inputs: torch.Tensor) -> torch.Tensor:
@@ -29,42 +46,48 @@ def train(
     loss_fn: LossFn = cross_entropy,
     device: str | torch.device = "cpu",
 ) -> list[float]:
-    """Adam on ``dataset`` for ``epochs``; returns the mean loss of each epoch.
+    """Adam on ``dataset`` for ``epochs`` on ``device``; returns the mean loss of each epoch.
 
     Shuffling is drawn from a generator seeded with ``seed`` so a rerun gives the same model.
+    The model ends where it started (see ``on_device``).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
-    model.to(device).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    history = []
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for inputs, labels in loader:
-            inputs, labels = inputs.to(device), labels.to(device)
-            with compute_slot():  # lets a latency measurement elsewhere on the machine run undisturbed
-                loss = loss_fn(model(inputs), labels, inputs)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss.item()}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            total += loss.item() * len(labels)
-            count += len(labels)
-        history.append(total / max(count, 1))
+    with on_device(model, device):
+        model.train()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        history = [_epoch(model, loader, optimizer, loss_fn, device) for _ in range(epochs)]
     model.eval()
     return history
 
 
+def _epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn, device: str | torch.device) -> float:
+    """One pass over ``loader``; returns the mean loss per sample."""
+    total, count = 0.0, 0
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(device), labels.to(device)
+        with compute_slot():  # lets a latency measurement elsewhere on the machine run undisturbed
+            loss = loss_fn(model(inputs), labels, inputs)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        total += loss.item() * len(labels)
+        count += len(labels)
+    return total / max(count, 1)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy in [0, 1]."""
-    model.to(device).eval()
+    """Top-1 accuracy in [0, 1], computed on ``device``; the model ends where it started."""
+    model.eval()
     correct, count = 0, 0
-    for inputs, labels in DataLoader(dataset, batch_size=batch_size):
-        with compute_slot():
-            predictions = model(inputs.to(device)).argmax(dim=1).cpu()
-        correct += int((predictions == labels).sum())
-        count += len(labels)
+    with on_device(model, device):
+        for inputs, labels in DataLoader(dataset, batch_size=batch_size):
+            with compute_slot():
+                predictions = model(inputs.to(device)).argmax(dim=1).cpu()
+            correct += int((predictions == labels).sum())
+            count += len(labels)
     return correct / max(count, 1)

@@ -18,6 +18,7 @@ from netshrink.spaces import SearchSpace
 
 from .baseline import prepare_baseline
 from .front import TrialPoint, front_json, pareto_front, print_front
+from .plots import log_plots
 from .report import collect_points
 from .tracking import PARETO_TAG, Tracker, default_tracking_uri, is_local
 from .trial import TrialSetup, run_trial
@@ -159,6 +160,7 @@ def run_search(experiment: Experiment, config_path: Path, overrides: Overrides =
     if repeats:
         console.print(f"The sampler proposed {repeats} pipeline(s) already evaluated; their earlier results were reused, not retrained.")
     tracker.client.log_text(parent, front_json(front, b), "front.json")
+    log_plots(tracker, parent, points, front, b, experiment.objectives, experiment.min_accuracy)
     tracker.finish(parent)
     seconds = time.time() - started
     print_front(front, b, title=f"Pareto front of {experiment.name!r}: {len(front)} of {len(points)} finished trials ({failed} failed), {seconds:.0f} s", console=console)

@@ -70,6 +70,7 @@ def test_one_parent_run_with_the_baseline(finished_search):
         assert parent.data.metrics[key] > 0
     assert parent.data.metrics["trials_finished"] == TRIALS
     assert "experiment.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"plots/pareto.png", "plots/pareto.html", "plots/hypervolume.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} and "hypervolume" in parent.data.metrics
 
 
 def test_one_child_run_per_trial_with_metrics_recipe_and_artifact(finished_search, tmp_path):

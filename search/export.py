@@ -1,0 +1,294 @@
+"""``netshrink export``: one trial of a search, chosen from its Pareto front, as files that ship.
+
+The folder holds ``model.onnx`` (runs with numpy and onnxruntime alone), the
+compressed artifact exactly as the trial logged it (its size is the reported
+``size_bytes``), ``recipe.json`` and ``MODEL_CARD.md``. The ONNX model is rebuilt
+from the artifact the way the trial rebuilt it, so it computes what the trial
+measured; the export checks that on the validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from netshrink.config import OBJECTIVES, TaskConfig
+from netshrink.errors import UserError, describe_validation_error
+
+from .front import TrialPoint
+from .model_card import CardFacts, render_card
+from .report import collect_points, load_front
+from .tracking import PARENT_TAG, RECIPE_FILE, ROLE_TAG, Tracker, default_tracking_uri
+from .trial import ARTIFACT_FILE, ONNX_FILE
+
+CARD_FILE = "MODEL_CARD.md"
+PICKS = {  # --pick value -> how the card and the CLI say the trial was picked
+    "accuracy": "as the most accurate trial on the front",
+    "smallest": "as the smallest trial on the front",
+    "fastest": "as the fastest trial on the front",
+    "knee": "as the knee of the front (the balanced point: objectives min-max normalised over the front, nearest the ideal corner)",
+}
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The trial to export and the search it belongs to."""
+
+    point: TrialPoint
+    pick: str  # how it was picked, in words
+    search_run_id: str
+    baseline: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Export:
+    """What ``export_model`` wrote, and where."""
+
+    folder: Path
+    chosen: Chosen
+    files: dict[str, int]  # file name -> bytes on disk
+    onnx_accuracy: float
+    registered_version: str | None
+
+
+def knee_point(front: list[TrialPoint], objectives: list[str]) -> TrialPoint:
+    """The balanced point of the front.
+
+    Each objective is min-max normalised over the front to [0, 1], 0 being its
+    best value there (an objective equal on the whole front is 0 everywhere);
+    the knee is the point nearest, in Euclidean distance, to the ideal corner
+    where every objective is 0. Ties go to the more accurate point. Sizes and
+    latencies count linearly, as the objectives the search optimised.
+    """
+    spans = {name: (min(p.value(name) for p in front), max(p.value(name) for p in front)) for name in objectives}
+
+    def badness(point: TrialPoint, name: str) -> float:
+        low, high = spans[name]
+        if high == low:
+            return 0.0
+        scaled = (point.value(name) - low) / (high - low)
+        return 1.0 - scaled if OBJECTIVES[name] == "max" else scaled
+
+    return min(front, key=lambda p: (math.hypot(*(badness(p, name) for name in objectives)), -p.accuracy))
+
+
+def pick_from_front(front: list[TrialPoint], pick: str, objectives: list[str]) -> TrialPoint:
+    """``accuracy``, ``smallest``, ``fastest`` or ``knee``; ties go to the more accurate point."""
+    if pick == "accuracy":
+        return min(front, key=lambda p: (-p.accuracy, p.size_bytes, p.latency_ms))
+    if pick == "smallest":
+        return min(front, key=lambda p: (p.size_bytes, -p.accuracy))
+    if pick == "fastest":
+        return min(front, key=lambda p: (p.latency_ms, -p.accuracy))
+    return knee_point(front, objectives)
+
+
+def choose_trial(tracker: Tracker, experiment: str, pick: str, min_accuracy: float | None, search_run: str | None) -> Chosen:
+    if pick in PICKS:
+        return _choose_on_front(tracker, experiment, pick, min_accuracy, search_run)
+    return _choose_run(tracker, experiment, pick, min_accuracy, search_run)
+
+
+def _choose_on_front(tracker: Tracker, experiment: str, pick: str, min_accuracy: float | None, search_run: str | None) -> Chosen:
+    loaded = load_front(experiment, tracker.uri, search_run)
+    if not loaded.front:
+        raise UserError(f"search {loaded.parent_run_id} of {experiment!r}: no trial is on the front (none reached the search's min_accuracy)")
+    candidates = [p for p in loaded.front if min_accuracy is None or p.accuracy >= min_accuracy]
+    if not candidates:
+        best = max(p.accuracy for p in loaded.front)
+        raise UserError(f"--min-accuracy {min_accuracy}: no trial on the front of search {loaded.parent_run_id} reaches it (the best has {best:.4f})")
+    parent = tracker.client.get_run(loaded.parent_run_id)
+    objectives = json.loads(parent.data.tags.get("objectives", json.dumps(list(OBJECTIVES))))
+    point = pick_from_front(candidates, pick, objectives)
+    return Chosen(point=point, pick=PICKS[pick], search_run_id=loaded.parent_run_id, baseline=loaded.baseline)
+
+
+def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: float | None, search_run: str | None) -> Chosen:
+    """A trial named by its run id: any finished trial of the experiment, on the front or not."""
+    experiment_id = tracker.experiment_id(experiment, create=False)
+    if experiment_id is None:
+        raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {tracker.uri}")
+    try:
+        run = tracker.client.get_run(run_id)
+    except Exception:  # MLflow raises different types per store for a missing run
+        raise UserError(f"--pick: {run_id!r} is none of {', '.join(PICKS)}, and no MLflow run has that id at {tracker.uri}") from None
+    if run.info.experiment_id != experiment_id or run.data.tags.get(ROLE_TAG) != "trial":
+        raise UserError(f"--pick: run {run_id} is not a trial of experiment {experiment!r}")
+    parent_id = run.data.tags[PARENT_TAG]
+    if search_run and search_run != parent_id:
+        raise UserError(f"--search: trial {run_id} belongs to search {parent_id}, not {search_run}")
+    point = next((p for p in collect_points(tracker, experiment_id, parent_id)[0] if p.run_id == run_id), None)
+    if point is None:
+        raise UserError(f"--pick: trial {run_id} did not finish (status {run.info.status}); only finished trials can be exported")
+    if min_accuracy is not None and point.accuracy < min_accuracy:
+        raise UserError(f"--min-accuracy {min_accuracy}: trial {run_id} has accuracy {point.accuracy:.4f}, below it")
+    parent = tracker.client.get_run(parent_id)
+    baseline = {key.removeprefix("baseline_"): value for key, value in parent.data.metrics.items() if key.startswith("baseline_")}
+    return Chosen(point=point, pick="by its MLflow run id", search_run_id=parent_id, baseline=baseline)
+
+
+def task_of_search(tracker: Tracker, search_run_id: str, workdir: Path) -> tuple[TaskConfig, str]:
+    """The search's task, from the experiment file it logged, and the folder its ``module:factory`` references import from.
+
+    The folder is the experiment file's. The search logged that file's path as it
+    was given; a relative one is resolved against the current directory, so
+    export runs where the search ran.
+    """
+    parent = tracker.client.get_run(search_run_id)
+    try:
+        local = tracker.client.download_artifacts(search_run_id, "experiment.yaml", os.fspath(workdir))
+    except Exception as error:
+        raise UserError(f"search {search_run_id}: cannot read its experiment.yaml artifact ({type(error).__name__}: {error})") from None
+    raw = yaml.safe_load(Path(local).read_text()) or {}
+    try:
+        task = TaskConfig.model_validate(raw.get("task") or {})
+    except ValidationError as error:
+        raise UserError(describe_validation_error(error, "task"), title=f"search {search_run_id}: its experiment.yaml no longer validates") from None
+    config_file = parent.data.tags.get("config_file")
+    return task, (os.fspath(Path(config_file).resolve().parent) if config_file else os.getcwd())
+
+
+def check_out_folder(out: Path) -> None:
+    """Export never overwrites: ``--out`` must be a new folder or an empty one."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file; give a folder to create")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out: folder {out} exists and is not empty; give a new or empty folder (export never overwrites files)")
+
+
+def export_model(
+    experiment: str,
+    pick: str,
+    out: str | os.PathLike,
+    *,
+    min_accuracy: float | None = None,
+    register: str | None = None,
+    tracking_uri: str | None = None,
+    search_run: str | None = None,
+) -> Export:
+    """Choose a trial, write its files into ``out`` (all or nothing), and optionally register the ONNX model.
+
+    ``pick`` is ``accuracy``, ``smallest``, ``fastest`` or ``knee`` (see
+    ``knee_point``), chosen among the front of ``search_run`` (default: the
+    latest search) restricted to accuracy >= ``min_accuracy``; or the MLflow run
+    id of any finished trial of the experiment.
+    """
+    out = Path(out)
+    check_out_folder(out)
+    if min_accuracy is not None and not 0 <= min_accuracy <= 1:
+        raise UserError(f"--min-accuracy: must be a fraction in [0, 1] (0.95 for 95%), got {min_accuracy}")
+    tracker = Tracker(tracking_uri or default_tracking_uri())
+    chosen = choose_trial(tracker, experiment, pick, min_accuracy, search_run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        files, onnx_accuracy = write_files(tracker, experiment, chosen, staging)
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    version = register_model(tracker.uri, register, chosen, out) if register else None
+    return Export(folder=out, chosen=chosen, files=files, onnx_accuracy=onnx_accuracy, registered_version=version)
+
+
+def write_files(tracker: Tracker, experiment: str, chosen: Chosen, folder: Path) -> tuple[dict[str, int], float]:
+    """Artifact and recipe as the trial logged them; the ONNX model rebuilt from the artifact; the card."""
+    from netshrink.tasks import build_model, example_inputs, load_data
+    from netshrink.techniques import EarlyExitNet, TensorEncoding, load_artifact
+
+    from .measure import onnx_evaluate
+    from .onnx_export import export_onnx
+
+    run_id = chosen.point.run_id
+    for name in (ARTIFACT_FILE, RECIPE_FILE):
+        try:
+            tracker.client.download_artifacts(run_id, name, os.fspath(folder))
+        except Exception as error:  # the artifact store may be remote, or the file gone
+            raise UserError(f"trial {run_id}: cannot download its {name} ({type(error).__name__}: {error})") from None
+    with tempfile.TemporaryDirectory() as scratch:
+        task, search_path = task_of_search(tracker, chosen.search_run_id, Path(scratch))
+    try:
+        data = load_data(task.dataset, task.dataset_args, search_path)
+        fresh = build_model(task.model, task.model_args, data, search_path)
+    except Exception as error:  # user code, or a module that no longer imports from where it was
+        raise UserError(
+            f"task: cannot rebuild the model of search {chosen.search_run_id} ({type(error).__name__}: {error}); "
+            f"'module:factory' references import from {search_path}, the experiment file's folder: run export where the search ran"
+        ) from None
+    try:
+        model, header = load_artifact(folder / ARTIFACT_FILE, fresh)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UserError(f"task.model: {task.model!r} as it is now does not fit trial {run_id}'s artifact: {error}") from None
+    encodings = {name: TensorEncoding(**entry["encoding"]) for name, entry in header["entries"].items()}
+    export_onnx(model, example_inputs(data), folder / ONNX_FILE, encodings)
+    onnx_accuracy = onnx_evaluate(folder / ONNX_FILE, data.val).accuracy
+    files = {name: os.path.getsize(folder / name) for name in (ONNX_FILE, ARTIFACT_FILE, RECIPE_FILE)}
+    exits = isinstance(model, EarlyExitNet)
+    facts = CardFacts(
+        experiment=experiment,
+        search_run_id=chosen.search_run_id,
+        point=chosen.point,
+        pick=chosen.pick,
+        baseline=chosen.baseline,
+        onnx_accuracy=onnx_accuracy,
+        files=files,
+        task=task,
+        search_path=search_path,
+        input_shape=tuple(data.input_shape),
+        exit_cuts=tuple(model.cut_names) if exits else (),
+        exit_threshold=model.threshold if exits else None,
+    )
+    (folder / CARD_FILE).write_text(render_card(facts))
+    return files, onnx_accuracy
+
+
+def register_model(tracking_uri: str, name: str, chosen: Chosen, folder: Path) -> str:
+    """A new version of registered model ``name``: the ONNX model in MLflow's format, with the other files.
+
+    It is logged as an MLflow model of the trial's run, so the version links to
+    the run and its metrics; the headline figures are also the version's tags.
+    Returns the version number.
+    """
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    point = chosen.point
+    tags = {
+        "accuracy": point.accuracy,
+        "size_bytes": int(point.size_bytes),
+        "latency_ms": point.latency_ms,
+        **{key: point.extra[key] for key in ("test_accuracy", "onnx_accuracy", "size_ratio", "speedup") if key in point.extra},
+        "recipe_summary": point.summary,
+        "netshrink.search_run_id": chosen.search_run_id,
+    }
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)  # log_model has no client argument
+    try:
+        info = mlflow.onnx.log_model(
+            onnx.load(os.fspath(folder / ONNX_FILE)),
+            name=name,
+            run_id=point.run_id,
+            registered_model_name=name,
+            tags={key: str(value) for key, value in tags.items()},
+            extra_files=[os.fspath(folder / file) for file in (ARTIFACT_FILE, RECIPE_FILE, CARD_FILE)],
+            save_as_external_data=False,
+            pip_requirements=["numpy", "onnxruntime"],
+        )
+    except mlflow.exceptions.MlflowException as error:
+        raise UserError(f"--register {name!r}: MLflow refused it: {error.message}") from None
+    finally:
+        mlflow.set_tracking_uri(previous)
+    version = str(info.registered_model_version)
+    mlflow.MlflowClient(tracking_uri).update_model_version(name, version, description=(folder / CARD_FILE).read_text())
+    return version

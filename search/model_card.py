@@ -1,0 +1,166 @@
+"""MODEL_CARD.md of an exported model: what it is, how good, how big, how to load it.
+
+The card travels with the files, far from MLflow, so it repeats the figures the
+search measured next to the baseline's and tells how to run the model with the
+smallest possible install (numpy and onnxruntime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from netshrink.config import TaskConfig
+
+from .front import TrialPoint
+from .onnx_export import EXIT_OUTPUT
+
+FILE_ROLES = {
+    "model.onnx": "ONNX model (opset 17), self-contained: runs with numpy and onnxruntime alone",
+    "compressed.safetensors": "the compressed artifact the trial wrote, byte for byte: its size is the reported size; netshrink loads it back into PyTorch",
+    "recipe.json": "the compression pipeline with every knob: what was applied, in order",
+}
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything the card states; gathered by the export, rendered here."""
+
+    experiment: str
+    search_run_id: str
+    point: TrialPoint
+    pick: str  # how the trial was picked, in words ("as the knee of the front")
+    baseline: dict[str, float]
+    onnx_accuracy: float  # model.onnx on the validation split, measured at export
+    files: dict[str, int]  # file name -> bytes on disk
+    task: TaskConfig
+    search_path: str  # the folder ``module:factory`` references import from
+    input_shape: tuple[int, ...]  # one sample
+    exit_cuts: tuple[str, ...] = ()  # early exits: the layer each exit follows, in forward order
+    exit_threshold: float | None = None
+
+
+def _ratio(baseline: float, value: float, better: str, worse: str) -> str:
+    ratio = baseline / value
+    return f"{ratio:.2f}x {better}" if ratio >= 1 else f"{1 / ratio:.2f}x {worse}"
+
+
+def metrics_table(facts: CardFacts) -> str:
+    point, base = facts.point, facts.baseline
+    test = point.extra.get("test_accuracy")
+    rows = [
+        "| | baseline | this model | change |",
+        "|---|---:|---:|---:|",
+        f"| accuracy (validation split) | {base['accuracy']:.2%} | {point.accuracy:.2%} | {100 * (point.accuracy - base['accuracy']):+.2f} points |",
+    ]
+    if test is not None and "test_accuracy" in base:
+        rows.append(f"| test accuracy | {base['test_accuracy']:.2%} | {test:.2%} | {100 * (test - base['test_accuracy']):+.2f} points |")
+    rows += [
+        f"| size (compressed artifact file) | {base['size_bytes']:,.0f} B | {point.size_bytes:,.0f} B | {_ratio(base['size_bytes'], point.size_bytes, 'smaller', 'larger')} |",
+        f"| latency (batch 1, ONNX Runtime CPU) | {base['latency_ms']:.4f} ms | {point.latency_ms:.4f} ms | {_ratio(base['latency_ms'], point.latency_ms, 'faster', 'slower')} |",
+    ]
+    return "\n".join(rows)
+
+
+def exit_labels(facts: CardFacts) -> list[str]:
+    """What each value of the ``exit`` output means, by index."""
+    return [f"the exit after `{cut}`" for cut in facts.exit_cuts] + ["the full network"]
+
+
+def onnx_snippet(facts: CardFacts) -> str:
+    shape = ", ".join(str(size) for size in (1, *facts.input_shape))
+    run = (
+        f'logits, exit_index = session.run(["logits", "{EXIT_OUTPUT}"], {{"input": x}})\nprint(logits.argmax(axis=1), int(exit_index))'
+        if facts.exit_cuts
+        else 'logits = session.run(["logits"], {"input": x})[0]\nprint(logits.argmax(axis=1))'
+    )
+    return (
+        "```python\n"
+        "import numpy as np\n"
+        "import onnxruntime as ort\n\n"
+        'session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])\n'
+        f"x = np.zeros(({shape}), dtype=np.float32)  # a batch of inputs, preprocessed as the task's dataset yields them\n"
+        f"{run}\n"
+        "```"
+    )
+
+
+def torch_snippet(facts: CardFacts) -> str:
+    task = facts.task
+    custom = ":" in task.dataset or ":" in task.model
+    where = f", search_path={facts.search_path!r}" if custom else ""
+    return (
+        "```python\n"
+        "from netshrink.tasks import build_model, load_data\n"
+        "from netshrink.techniques import load_artifact\n\n"
+        f"data = load_data({task.dataset!r}, {task.dataset_args!r}{where})\n"
+        f"model, header = load_artifact('compressed.safetensors', build_model({task.model!r}, {task.model_args!r}, data{where}))\n"
+        "```"
+    )
+
+
+def render_card(facts: CardFacts) -> str:
+    point = facts.point
+    lines = [
+        f"# {facts.experiment}: {point.name}",
+        "",
+        f"A compressed model found by netshrink: trial `{point.name}` (MLflow run `{point.run_id}`) of search "
+        f"`{facts.search_run_id}` in experiment `{facts.experiment}`, picked {facts.pick}.",
+        "",
+        "## Metrics",
+        "",
+        metrics_table(facts),
+        "",
+        "Measured by the search on the artifact the trial wrote. Size is the compressed artifact file's size; latency is "
+        "batch-1 ONNX Runtime CPU time, timed in alternation with the baseline (ratio x the baseline's figure). "
+        f"`model.onnx`, checked at export: accuracy {facts.onnx_accuracy:.2%} on the validation split, one sample per call.",
+    ]
+    shares = [point.extra[f"exit_share_{index}"] for index in range(len(facts.exit_cuts) + 1) if f"exit_share_{index}" in point.extra]
+    if facts.exit_cuts and shares:
+        where = ", ".join(f"{label} {share:.1%}" for label, share in zip(exit_labels(facts), shares))
+        lines += [
+            "",
+            f"Early exits: share of the validation samples each exit answered: {where}. "
+            "The latency is the mean over the validation set, each sample leaving where it does.",
+        ]
+    lines += [
+        "",
+        "## Techniques",
+        "",
+        f"{point.summary or 'none'}",
+        "",
+        "`recipe.json` holds the whole pipeline, every knob included.",
+        "",
+        "## Files",
+        "",
+        "| file | bytes | what it is |",
+        "|---|---:|---|",
+        *[f"| `{name}` | {size:,} | {FILE_ROLES[name]} |" for name, size in facts.files.items()],
+        "",
+        "The reported size is the artifact's. `model.onnx` keeps 8/4/2/1-bit weights as int8 codes and 16-bit ones as "
+        "float16, but weights zeroed by unstructured pruning or shared by clustering are plain dense float32 there "
+        "(ONNX Runtime's CPU kernels are dense), so it can be larger than the artifact.",
+        "",
+        "## How to load",
+        "",
+        "With numpy and onnxruntime only (`pip install numpy onnxruntime`); the batch axis is dynamic:",
+        "",
+        onnx_snippet(facts),
+    ]
+    if facts.exit_cuts:
+        meanings = "; ".join(f"{index} = {label}" for index, label in enumerate(exit_labels(facts)))
+        lines += [
+            "",
+            f"The model has early exits: the second output, `{EXIT_OUTPUT}`, says which exit answered "
+            f"({meanings}). A batch leaves at an exit only when every sample in it is confident "
+            f"(top softmax probability at least {facts.exit_threshold}), so run one sample per call to get each "
+            "sample's own exit, as the search measured it.",
+        ]
+    lines += [
+        "",
+        "Back into PyTorch, with netshrink installed (the architecture comes from the task's model factory, the weights "
+        "and structural changes from the artifact):",
+        "",
+        torch_snippet(facts),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""Pictures of a search: the Pareto front (PNG, and HTML with hover) and the front's hypervolume history (PNG),
+written to a folder, logged into the search's MLflow run, or drawn again from MLflow for ``netshrink front --plot``.
+
+Drawn with matplotlib's object API (``Figure``, never pyplot), which renders PNG through Agg and
+touches no global backend state, so it is safe in the driver of a Ray search. The HTML page is the
+same figure saved as SVG, with a ``<title>`` on every point that browsers show on hover: one
+drawing for both files, no JavaScript, nothing fetched, about 40 KB plus half a KB per trial.
+Plotly would add zoom and richer tooltips, but a self-contained plotly page inlines about 4.8 MB of
+JavaScript, and it would be a second drawing of the same data to keep in step with the PNG.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
+from mlflow.entities import Metric
+
+from netshrink.config import OBJECTIVES
+
+from .front import TrialPoint
+from .hypervolume import BOX_OVER_BASELINE, front_hypervolume, hypervolume_history
+from .report import LoadedFront
+from .tracking import Tracker, default_tracking_uri
+
+ARTIFACT_FOLDER = "plots"  # in the search's parent run
+PARETO_PNG = "pareto.png"
+PARETO_HTML = "pareto.html"
+HYPERVOLUME_PNG = "hypervolume.png"
+DPI = 120
+
+TRIAL_STYLE = {"s": 28, "color": "#c8c8c8", "edgecolors": "#808080", "linewidths": 0.6, "zorder": 2}
+FRONT_STYLE = {"s": 46, "color": "tab:blue", "edgecolors": "black", "linewidths": 0.8, "zorder": 3}
+BASELINE_STYLE = {"s": 190, "marker": "*", "color": "tab:red", "edgecolors": "black", "linewidths": 0.6, "zorder": 4}
+
+
+def write_plots(
+    folder: Path,
+    points: Sequence[TrialPoint],
+    front: Sequence[TrialPoint],
+    baseline: dict[str, float],
+    objectives: Sequence[str],
+    min_accuracy: float | None = None,
+) -> list[float]:
+    """Write ``pareto.png``, ``pareto.html`` and ``hypervolume.png`` into ``folder``.
+
+    ``points`` are all finished trials, in any order: the history follows the order Optuna started
+    them, read from the trial number in each run name (``trial-007``). Returns that history, so the
+    caller can log the same numbers the picture shows.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(points, key=lambda point: _natural_key(point.name))
+    history = hypervolume_history(ordered, objectives, baseline, min_accuracy)
+    pareto, tooltips = pareto_figure(ordered, front, baseline, objectives, min_accuracy)
+    pareto.savefig(folder / PARETO_PNG, dpi=DPI)
+    (folder / PARETO_HTML).write_text(hoverable_html(pareto, tooltips, title="netshrink: Pareto front"), encoding="utf-8")
+    baseline_volume = front_hypervolume([_baseline_point(baseline)], objectives, baseline, min_accuracy)
+    hypervolume_figure(history, baseline_volume, objectives, min_accuracy).savefig(folder / HYPERVOLUME_PNG, dpi=DPI)
+    return history
+
+
+def log_plots(
+    tracker: Tracker,
+    run_id: str,
+    points: Sequence[TrialPoint],
+    front: Sequence[TrialPoint],
+    baseline: dict[str, float],
+    objectives: Sequence[str],
+    min_accuracy: float | None = None,
+) -> None:
+    """Put the pictures under ``plots/`` in the search's run, and the hypervolume as a metric with one step per trial.
+
+    MLflow shows a metric's last step as its value, so ``hypervolume`` reads as the final one.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        history = write_plots(Path(folder), points, front, baseline, objectives, min_accuracy)
+        tracker.client.log_artifacts(run_id, folder, ARTIFACT_FOLDER)
+    now = int(time.time() * 1000)
+    steps = [Metric("hypervolume", value, now, step) for step, value in enumerate(history, start=1)]
+    for start in range(0, len(steps), 1000):  # MLflow takes at most 1000 metrics per batch
+        tracker.client.log_batch(run_id, metrics=steps[start : start + 1000])
+
+
+def write_search_plots(folder: Path, loaded: LoadedFront, tracking_uri: str | None = None) -> list[float]:
+    """``write_plots`` for a search read back from MLflow: objectives and ``min_accuracy`` are its parent run's tags."""
+    tags = Tracker(tracking_uri or default_tracking_uri()).client.get_run(loaded.parent_run_id).data.tags
+    objectives = json.loads(tags.get("objectives", json.dumps(list(OBJECTIVES))))
+    min_accuracy = float(tags["min_accuracy"]) if tags.get("min_accuracy") else None
+    return write_plots(folder, loaded.points, loaded.front, loaded.baseline, objectives, min_accuracy)
+
+
+def pareto_figure(
+    points: Sequence[TrialPoint],
+    front: Sequence[TrialPoint],
+    baseline: dict[str, float],
+    objectives: Sequence[str],
+    min_accuracy: float | None = None,
+) -> tuple[Figure, dict[str, str]]:
+    """Accuracy against size and against latency; returns the figure and a tooltip per point's SVG id.
+
+    Every point is its own artist so that the SVG has one group per point to hang a tooltip on.
+    """
+    figure = Figure(figsize=(11, 5), layout="constrained")
+    by_size, by_latency = figure.subplots(1, 2, sharey=True)
+    on_front = {point.run_id for point in front}
+    tooltips: dict[str, str] = {}
+    panels = (
+        (by_size, "size", lambda p: p.size_bytes / 1e3, "size of the compressed model file (KB, log scale)"),
+        (by_latency, "latency", lambda p: p.latency_ms, "batch-1 ONNX Runtime latency on CPU (ms)"),
+    )
+    for axes, panel, x_of, x_label in panels:
+        legend: dict[str, object] = {}
+        for index, point in enumerate(points):
+            is_front = point.run_id in on_front
+            label = "Pareto front" if is_front else "other finished trials"
+            x = x_of(point)
+            artist = axes.scatter([x], [point.accuracy], **(FRONT_STYLE if is_front else TRIAL_STYLE))
+            artist.set_gid(f"point-{panel}-{index}")
+            tooltips[f"point-{panel}-{index}"] = _tooltip(point, baseline, is_front)
+            legend.setdefault(label, artist)
+            if is_front:
+                axes.annotate(point.name, (x, point.accuracy), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        base_x = baseline["size_bytes"] / 1e3 if panel == "size" else baseline["latency_ms"]
+        artist = axes.scatter([base_x], [baseline["accuracy"]], **BASELINE_STYLE)
+        artist.set_gid(f"point-{panel}-baseline")
+        tooltips[f"point-{panel}-baseline"] = _tooltip(_baseline_point(baseline), baseline, False)
+        legend["baseline (uncompressed)"] = artist
+        axes.set_xlabel(x_label)
+        axes.grid(True, alpha=0.3)
+    low, high = by_size.get_ylim()
+    if min_accuracy is not None and low <= min_accuracy <= high:  # far below every trial it would only squash them
+        for axes in (by_size, by_latency):
+            legend[f"min_accuracy {min_accuracy:.1%}"] = axes.axhline(min_accuracy, color="grey", linestyle="--", linewidth=1)
+        by_size.set_ylim(low, high)
+    by_size.set_xscale("log")
+    by_size.xaxis.set_major_formatter(LogFormatter())  # 40, 60, 100 rather than 4x10^1
+    by_size.xaxis.set_minor_formatter(LogFormatter())
+    by_size.set_ylabel("validation accuracy")
+    by_size.yaxis.set_major_formatter(PercentFormatter(xmax=1))
+    by_latency.legend(list(legend.values()), list(legend.keys()), loc="best", fontsize=8)  # the last panel's artists
+    title = f"Pareto front over {', '.join(objectives)}: {len(front)} of {len(points)} finished trials"
+    if len(objectives) > 2:
+        title += "\n(the front is taken over all objectives at once, so a front point can look dominated in one panel)"
+    figure.suptitle(title, fontsize=10)
+    return figure, tooltips
+
+
+def hypervolume_figure(
+    history: Sequence[float],
+    baseline_volume: float,
+    objectives: Sequence[str],
+    min_accuracy: float | None = None,
+) -> Figure:
+    """The front's hypervolume after each finished trial, with the trials that grew it marked."""
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.subplots()
+    trials = list(range(1, len(history) + 1))
+    axes.step(trials, history, where="post", color="tab:blue", label="front of the trials so far")
+    grew = [i for i, value in enumerate(history) if value > (history[i - 1] if i else 0.0)]
+    axes.scatter([trials[i] for i in grew], [history[i] for i in grew], color="tab:blue", edgecolors="black", zorder=3, label="trial that grew it")
+    axes.axhline(baseline_volume, color="tab:red", linestyle="--", linewidth=1, label="the baseline alone")
+    axes.set_ylim(bottom=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("finished trials, in the order Optuna started them")
+    axes.set_ylabel("hypervolume (share of the reference box)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    corner = {
+        "accuracy": f"accuracy {min_accuracy or 0:.0%}",
+        "size_bytes": f"{BOX_OVER_BASELINE:g}x baseline size",
+        "latency_ms": f"{BOX_OVER_BASELINE:g}x baseline latency",
+    }
+    axes.set_title(
+        f"Hypervolume of the Pareto front over {', '.join(objectives)}\n"
+        f"reference point: {', '.join(corner[name] for name in objectives)}",
+        fontsize=10,
+    )
+    return figure
+
+
+def hoverable_html(figure: Figure, tooltips: dict[str, str], title: str) -> str:
+    """A standalone page with ``figure`` inlined as SVG; each group ``tooltips`` names gets a hover title."""
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # real text, not glyph outlines
+        figure.savefig(buffer, format="svg")
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg") :]  # the XML prolog and doctype are not allowed inside HTML
+    svg = re.sub(
+        r'<g id="([^"]+)">',
+        lambda match: match.group(0) + (f"<title>{html.escape(tooltips[match.group(1)])}</title>" if match.group(1) in tooltips else ""),
+        svg,
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n"
+        "<style>body { font-family: sans-serif; margin: 1em; } svg { max-width: 100%; height: auto; } "
+        'g[id^="point-"] { cursor: help; }</style>\n'
+        "</head>\n<body>\n<p>Hover over a point for its trial, recipe and measurements.</p>\n"
+        f"{svg}\n</body>\n</html>\n"
+    )
+
+
+def _tooltip(point: TrialPoint, baseline: dict[str, float], on_front: bool) -> str:
+    lines = [
+        point.name + (" (Pareto front)" if on_front else ""),
+        point.summary,
+        f"accuracy {point.accuracy:.2%}",
+        f"size {point.size_bytes / 1e3:.1f} KB ({baseline['size_bytes'] / point.size_bytes:.1f}x smaller)",
+        f"latency {point.latency_ms:.4f} ms ({baseline['latency_ms'] / point.latency_ms:.2f}x faster)",
+    ]
+    return "\n".join(line for line in lines if line)
+
+
+def _baseline_point(baseline: dict[str, float]) -> TrialPoint:
+    return TrialPoint(
+        run_id="", name="baseline", accuracy=baseline["accuracy"], size_bytes=baseline["size_bytes"], latency_ms=baseline["latency_ms"], recipe="{}", summary="uncompressed"
+    )
+
+
+def _natural_key(name: str) -> list[str | int]:
+    """``trial-9`` before ``trial-10``: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

@@ -1,0 +1,255 @@
+"""``netshrink export`` on real small searches: the files keep their promises outside netshrink."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from netshrink.errors import UserError
+from netshrink.search.export import choose_trial, knee_point, pick_from_front
+from netshrink.search.front import TrialPoint
+from netshrink.search.tracking import Tracker
+from netshrink.tasks import load_data
+
+TASK = 'task: {model: "tinynet:make", dataset_args: {image_size: 16}, train: {epochs: 2}}'
+FINETUNE = "finetune: {epochs: 1, lr: 0.003}"  # with the default lr 0.0005, one epoch leaves the exit heads too unsure to answer at 16x16
+SEARCHES = {
+    "plain": """
+        search: {trials: 2, max_concurrent: 2, sampler: random, seed: 1}
+        space:
+          pruning: {granularity: channel, ratio: {low: 0.2, high: 0.6}}
+          quantization: {bits: [16, 8]}
+        """,
+    "exits": """
+        search: {trials: 1, max_concurrent: 1, sampler: random, seed: 1}
+        space:
+          early_exit: {enabled: true, after: "pool1+pool2", threshold: 0.8}
+        """,
+}
+# A user's own model factory: the export must import it from the experiment file's folder.
+TINYNET = """
+from netshrink.tasks.models import lenet5
+
+def make(num_classes, input_shape):
+    return lenet5(num_classes=num_classes, in_channels=input_shape[0], image_size=input_shape[-1])
+"""
+# Runs in a separate interpreter that must never load torch or netshrink.
+ONNX_ONLY = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+names = [output.name for output in session.get_outputs()]
+data = np.load(sys.argv[2])
+correct, exits = 0, []
+for sample, label in zip(data["inputs"], data["labels"]):
+    outputs = dict(zip(names, session.run(None, {"input": sample[None]})))
+    correct += int(outputs["logits"].argmax(axis=1)[0] == label)
+    if "exit" in outputs:
+        exits.append(int(outputs["exit"]))
+assert "torch" not in sys.modules and "netshrink" not in sys.modules
+print(json.dumps({"accuracy": correct / len(data["labels"]), "exits": exits}))
+"""
+
+
+def netshrink(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "netshrink.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Two searches in one folder (they share the cached baseline): one plain, one with early exits."""
+    folder = tmp_path_factory.mktemp("export")
+    (folder / "tinynet.py").write_text(TINYNET)
+    for name, rest in SEARCHES.items():
+        (folder / f"{name}.yaml").write_text(f"name: {name}\n{TASK}\n{FINETUNE}\nmeasure: {{warmup: 5, repeats: 100}}{textwrap.dedent(rest)}")
+        result = netshrink("search", f"{name}.yaml", cwd=folder)
+        assert result.returncode == 0, result.stdout + result.stderr
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client(workdir):
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def trials(client, experiment):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "tags.`netshrink.role` = 'trial'")
+    return {run.info.run_id: run for run in runs}
+
+
+@pytest.fixture(scope="module")
+def plain_export(workdir):
+    result = netshrink("export", "--experiment", "plain", "--pick", "knee", "--out", "shipped", cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir / "shipped", result.stdout
+
+
+@pytest.fixture(scope="module")
+def exits_export(workdir):
+    result = netshrink("export", "-e", "exits", "--pick", "accuracy", "--out", "exits-out", "--register", "digits-exits", cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir / "exits-out", result.stdout
+
+
+def exported_run_id(stdout: str) -> str:
+    return re.search(r"\(run ([0-9a-f]{32})\)", stdout).group(1)
+
+
+def run_onnx_alone(folder: Path, tmp_path: Path) -> dict:
+    """The validation split through model.onnx in an interpreter with only numpy and onnxruntime."""
+    val = load_data("digits", {"image_size": 16}).val
+    inputs = np.stack([np.asarray(val[i][0], dtype=np.float32) for i in range(len(val))])
+    labels = np.array([int(val[i][1]) for i in range(len(val))])
+    np.savez(tmp_path / "val.npz", inputs=inputs, labels=labels)
+    (tmp_path / "onnx_only.py").write_text(ONNX_ONLY)
+    result = subprocess.run(
+        [sys.executable, "-I", str(tmp_path / "onnx_only.py"), str(folder / "model.onnx"), str(tmp_path / "val.npz")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_exported_onnx_runs_with_onnxruntime_alone_at_the_reported_accuracy(plain_export, client, tmp_path):
+    folder, stdout = plain_export
+    run = trials(client, "plain")[exported_run_id(stdout)]
+    measured = run_onnx_alone(folder, tmp_path)
+    print(f"reported accuracy {run.data.metrics['accuracy']:.4f}, model.onnx in a separate process {measured['accuracy']:.4f}")
+    assert abs(measured["accuracy"] - run.data.metrics["accuracy"]) <= 0.001  # within 0.1 points
+    assert measured["exits"] == []
+
+
+def test_the_artifact_is_the_logged_file_and_its_size_is_size_bytes(plain_export, client, tmp_path):
+    folder, stdout = plain_export
+    run = trials(client, "plain")[exported_run_id(stdout)]
+    logged = Path(client.download_artifacts(run.info.run_id, "compressed.safetensors", str(tmp_path)))
+    assert (folder / "compressed.safetensors").read_bytes() == logged.read_bytes()
+    assert os.path.getsize(folder / "compressed.safetensors") == run.data.metrics["size_bytes"]
+    assert json.loads((folder / "recipe.json").read_text())["steps"]
+
+
+def test_model_card_gives_real_file_sizes_metrics_and_a_snippet_that_runs_alone(plain_export, client, tmp_path):
+    folder, stdout = plain_export
+    run = trials(client, "plain")[exported_run_id(stdout)]
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert sorted(os.listdir(folder)) == ["MODEL_CARD.md", "compressed.safetensors", "model.onnx", "recipe.json"]
+    for name in ("model.onnx", "compressed.safetensors", "recipe.json"):
+        assert f"| `{name}` | {os.path.getsize(folder / name):,} |" in card
+    assert f"{run.data.metrics['accuracy']:.2%}" in card and run.data.tags["recipe_summary"] in card
+    assert "x smaller" in card and ("x faster" in card or "x slower" in card) and "baseline" in card
+    assert "the knee of the front" in card and "load_artifact" in card and "'tinynet:make'" in card
+    snippet = re.search(r"```python\n(import numpy.*?)```", card, re.S).group(1)
+    (tmp_path / "snippet.py").write_text(snippet + 'import sys\nassert "torch" not in sys.modules\n')
+    result = subprocess.run([sys.executable, "-I", str(tmp_path / "snippet.py")], capture_output=True, text=True, cwd=folder, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_early_exits_export_as_one_graph_whose_exit_output_matches_the_logged_shares(exits_export, client, tmp_path):
+    folder, stdout = exits_export
+    run = trials(client, "exits")[exported_run_id(stdout)]
+    measured = run_onnx_alone(folder, tmp_path)
+    metrics = run.data.metrics
+    assert abs(measured["accuracy"] - metrics["accuracy"]) <= 0.001
+    exits = np.array(measured["exits"])
+    print(f"exit shares logged {[round(metrics[f'exit_share_{i}'], 4) for i in range(3)]}, model.onnx in a separate process "
+          f"{[round(float((exits == i).mean()), 4) for i in range(3)]}; accuracy {metrics['accuracy']:.4f} vs {measured['accuracy']:.4f}")
+    assert len(set(exits.tolist())) > 1  # some samples really leave early
+    for index in range(3):
+        assert (exits == index).mean() == pytest.approx(metrics[f"exit_share_{index}"], abs=1.5 / len(exits))
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "`exit`" in card and "0 = the exit after `pool1`" in card and "2 = the full network" in card
+
+
+def test_register_creates_a_model_version_linked_to_the_trial_with_its_metrics(exits_export, client):
+    _, stdout = exits_export
+    assert "Registered in MLflow as model 'digits-exits', version 1" in stdout
+    (version,) = client.search_model_versions("name = 'digits-exits'")
+    run = trials(client, "exits")[exported_run_id(stdout)]
+    assert version.run_id == run.info.run_id
+    assert float(version.tags["accuracy"]) == run.data.metrics["accuracy"]
+    assert int(version.tags["size_bytes"]) == run.data.metrics["size_bytes"]
+    assert version.description.startswith("# exits: ")  # the model card
+
+
+def test_picks_on_a_front():
+    front = [
+        TrialPoint("a", "a", 0.99, 1000, 1.0, "{}", ""),
+        TrialPoint("b", "b", 0.97, 200, 0.5, "{}", ""),
+        TrialPoint("c", "c", 0.60, 100, 0.4, "{}", ""),
+    ]
+    objectives = ["accuracy", "size_bytes", "latency_ms"]
+    assert {pick: pick_from_front(front, pick, objectives).name for pick in ("accuracy", "smallest", "fastest", "knee")} == {
+        "accuracy": "a",
+        "smallest": "c",
+        "fastest": "c",
+        "knee": "b",
+    }
+    assert knee_point(front, ["accuracy", "size_bytes"]).name == "b"
+    level = [TrialPoint("x", "x", 0.9, 10, 1.0, "{}", ""), TrialPoint("y", "y", 0.9, 10, 1.0, "{}", "")]
+    assert knee_point(level, objectives).name == "x"  # no spread anywhere: no division by zero
+
+
+def test_min_accuracy_restricts_the_candidates_and_a_run_id_picks_any_finished_trial(workdir, client):
+    tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = trials(client, "plain")
+    best = max(run.data.metrics["accuracy"] for run in runs.values())
+    assert choose_trial(tracker, "plain", "smallest", best, None).point.accuracy == best
+    for run_id in runs:
+        assert choose_trial(tracker, "plain", run_id, None, None).point.run_id == run_id
+    (other,) = trials(client, "exits")
+    with pytest.raises(UserError, match="is not a trial of experiment 'plain'"):
+        choose_trial(tracker, "plain", other, None, None)
+
+
+@pytest.fixture(scope="module")
+def empty_search(client):
+    """A search whose trials never finished."""
+    client.create_run(client.create_experiment("empty"), tags={"netshrink.role": "search"})
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["-e", "nope", "--pick", "knee"], "no MLflow experiment named 'nope'"),
+        (["-e", "empty", "--pick", "knee"], "has no finished trials"),
+        (["-e", "plain", "--pick", "fastest", "--min-accuracy", "1"], "--min-accuracy 1.0: no trial on the front"),
+        (["-e", "plain", "--pick", "knee", "--min-accuracy", "95"], "--min-accuracy: must be a fraction in [0, 1]"),
+        (["-e", "plain", "--pick", "0" * 32], "no MLflow run has that id"),
+    ],
+)
+def test_mistakes_end_with_exit_code_2_and_one_clear_line(args, expected, workdir, empty_search, monkeypatch, capsys):
+    """The CLI's own entry point, in this process: a mistake ends in exit code 2 and a message, never an exception."""
+    from netshrink import cli
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the command sets it; keep it out of this process
+    monkeypatch.setattr(sys, "argv", ["netshrink", "export", *args, "--out", "never"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (workdir / "never").exists()
+
+
+def test_a_full_out_folder_and_a_model_that_no_longer_imports_are_refused_without_traceback(workdir, tmp_path):
+    (workdir / "full").mkdir()
+    (workdir / "full" / "keep.txt").write_text("mine")
+    full = netshrink("export", "-e", "plain", "--pick", "knee", "--out", "full", cwd=workdir)
+    assert full.returncode == 2 and "--out: folder full exists and is not empty" in full.stderr and "Traceback" not in full.stderr
+    assert os.listdir(workdir / "full") == ["keep.txt"]
+    # from another folder, the experiment file's tinynet.py is out of reach
+    moved = netshrink("export", "-e", "plain", "--pick", "knee", "--out", "out", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", cwd=tmp_path)
+    assert moved.returncode == 2 and "Traceback" not in moved.stderr
+    assert "cannot rebuild the model" in moved.stderr and "No module named 'tinynet'" in moved.stderr
+    assert os.listdir(tmp_path) == []  # nothing left behind, not even a partial folder

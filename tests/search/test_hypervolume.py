@@ -1,0 +1,92 @@
+import itertools
+import random
+
+import pytest
+
+from netshrink.search.front import TrialPoint
+from netshrink.search.hypervolume import front_hypervolume, hypervolume, hypervolume_history, losses
+
+ALL = ["accuracy", "size_bytes", "latency_ms"]
+BASELINE = {"accuracy": 0.9, "size_bytes": 1000.0, "latency_ms": 2.0}
+
+
+def point(name, accuracy, size, latency):
+    return TrialPoint(run_id=name, name=name, accuracy=accuracy, size_bytes=size, latency_ms=latency, recipe="{}", summary="")
+
+
+def test_staircase_in_2d_by_hand():
+    # unit cells under the staircase (1,3) (2,2) (3,1) up to (4,4): 1 + 2 + 3
+    assert hypervolume([(1, 3), (2, 2), (3, 1)], (4, 4)) == pytest.approx(6.0)
+    assert hypervolume([(3, 1), (1, 3), (2, 2)], (4, 4)) == pytest.approx(6.0)  # order does not matter
+
+
+def test_dominated_and_repeated_points_add_nothing():
+    front = [(1, 3), (2, 2), (3, 1)]
+    assert hypervolume(front + [(3, 3), (2, 2), (3.5, 3.5)], (4, 4)) == pytest.approx(6.0)
+    assert hypervolume([(0.5, 0.5, 0.5), (0.6, 0.9, 0.5), (0.5, 0.5, 0.5)], (1, 1, 1)) == pytest.approx(0.125)
+
+
+def test_points_outside_or_on_the_reference_box_add_nothing():
+    assert hypervolume([(0, 5), (5, 0), (0, 4), (4, 0)], (4, 4)) == 0.0
+    assert hypervolume([(1, 3), (0, 5)], (4, 4)) == pytest.approx(3.0)
+    assert hypervolume([(5, 0)], (4, 4)) == 0.0
+    assert hypervolume([(2, 0, 0), (0.5, 0.5, 0.5)], (1, 1, 1)) == pytest.approx(0.125)
+    assert hypervolume([], (1, 1, 1)) == 0.0
+
+
+def test_boxes_in_3d_by_inclusion_exclusion():
+    assert hypervolume([(0, 0, 0.5), (0.5, 0.5, 0)], (1, 1, 1)) == pytest.approx(0.5 + 0.25 - 0.125)
+    # three boxes of 0.25, each pair and all three overlapping in the cube [0.5, 1]^3
+    assert hypervolume([(0, 0.5, 0.5), (0.5, 0, 0.5), (0.5, 0.5, 0)], (1, 1, 1)) == pytest.approx(3 * 0.25 - 3 * 0.125 + 0.125)
+
+
+def test_one_objective_is_the_distance_from_the_best_point_to_the_reference():
+    assert hypervolume([(0.3,), (0.1,), (2.0,)], (1.0,)) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_3d_matches_counting_unit_cells_on_integer_points(seed):
+    rng = random.Random(seed)
+    points = [tuple(rng.randrange(6) for _ in range(3)) for _ in range(12)]
+    reference = (5, 5, 5)
+    covered = sum(
+        any(all(p <= c for p, c in zip(point, cell)) for point in points)
+        for cell in itertools.product(range(5), repeat=3)  # the cell [c, c+1]^3 is covered when a point is at or below c
+    )
+    assert hypervolume(points, reference) == pytest.approx(covered)
+
+
+def test_losses_are_normalised_against_the_baseline_with_reference_one():
+    p = point("a", 0.8, 500.0, 1.0)
+    assert losses(p, ALL, BASELINE) == pytest.approx((0.2, 0.25, 0.25))
+    assert losses(p, ALL, BASELINE, min_accuracy=0.5) == pytest.approx((0.4, 0.25, 0.25))
+    assert losses(p, ["latency_ms", "accuracy"], BASELINE) == pytest.approx((0.25, 0.2))
+    assert front_hypervolume([p], ALL, BASELINE) == pytest.approx(0.8 * 0.75 * 0.75)
+    assert front_hypervolume([p], ALL, BASELINE, min_accuracy=0.5) == pytest.approx(0.6 * 0.75 * 0.75)
+
+
+def test_only_the_objectives_in_use_count():
+    slow = point("slow", 0.8, 500.0, 5.0)  # over twice the baseline latency: outside the box on that axis
+    assert front_hypervolume([slow], ALL, BASELINE) == 0.0
+    assert front_hypervolume([slow], ["accuracy", "size_bytes"], BASELINE) == pytest.approx(0.8 * 0.75)
+
+
+def test_points_below_min_accuracy_add_nothing():
+    assert front_hypervolume([point("weak", 0.7, 100.0, 0.5)], ALL, BASELINE, min_accuracy=0.75) == 0.0
+
+
+def test_history_is_non_decreasing_and_ends_at_the_volume_of_all_points():
+    rng = random.Random(7)
+    points = [point(f"t{i}", rng.uniform(0.5, 1.0), rng.uniform(100, 2500), rng.uniform(0.5, 5.0)) for i in range(40)]
+    history = hypervolume_history(points, ALL, BASELINE)
+    assert len(history) == len(points)
+    assert all(later >= earlier for earlier, later in zip(history, history[1:]))
+    assert history[-1] == pytest.approx(front_hypervolume(points, ALL, BASELINE))
+    assert history[-1] > history[0]
+
+
+def test_history_stays_flat_for_dominated_points():
+    good, worse = point("good", 0.9, 200.0, 1.0), point("worse", 0.8, 300.0, 1.5)
+    first = front_hypervolume([good], ALL, BASELINE)
+    assert hypervolume_history([good, worse, good], ALL, BASELINE) == pytest.approx([first, first, first])
+    assert hypervolume_history([worse, good], ALL, BASELINE)[1] == pytest.approx(first)

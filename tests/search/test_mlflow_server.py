@@ -1,0 +1,204 @@
+"""A real ``mlflow server`` over HTTP: a small search logs to it through the CLI, checked through the REST API.
+
+The checks speak plain HTTP, not ``MlflowClient``, so they see what the server holds and nothing a
+client-side fallback could have written to a local store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.parse
+import urllib.request
+
+import optuna
+import pytest
+
+from netshrink.search.front import TrialPoint, pareto_front
+
+TRIALS = 3
+EXPERIMENT = f"""
+name: remote
+task: {{dataset_args: {{image_size: 16}}, train: {{epochs: 2}}}}
+finetune: {{epochs: 1}}
+search: {{trials: {TRIALS}, max_concurrent: 2, sampler: random, seed: 3}}
+measure: {{warmup: 5, repeats: 100}}
+space:
+  pruning: {{ratio: {{low: 0.3, high: 0.8}}}}
+  quantization: {{bits: [16, 8]}}
+"""
+SERVER_START_SECONDS = 60  # about 5-7 s when idle; the margin is for a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (uvicorn and its worker), SIGKILL it if it lingers."""
+    if server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 with its own SQLite store and proxied artifact folder; always stopped."""
+    home = tmp_path_factory.mktemp("mlflow-server")
+    artifacts = home / "artifacts"
+    url = f"http://127.0.0.1:{free_port()}"
+    log = (home / "server.log").open("w")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'server.db'}"]
+    command += ["--serve-artifacts", "--artifacts-destination", artifacts.as_uri()]
+    command += ["--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
+    # job execution starts extra workers: about 3 GB of memory instead of 0.5 GB
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow server exited with {process.returncode}:\n{(home / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after {SERVER_START_SECONDS} s:\n{(home / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, artifacts
+    finally:
+        stop(process)
+        log.close()
+
+
+def api(url: str, endpoint: str, body: dict | None = None, **query) -> dict:
+    """GET with ``query`` or POST ``body`` as JSON to ``/api/2.0/mlflow/<endpoint>``."""
+    address = f"{url}/api/2.0/mlflow/{endpoint}"
+    if query:
+        address += "?" + urllib.parse.urlencode(query)
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(address, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def tags(run: dict) -> dict[str, str]:
+    return {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
+
+
+def metrics(run: dict) -> dict[str, float]:
+    return {metric["key"]: metric["value"] for metric in run["data"].get("metrics", [])}
+
+
+def artifact_files(url: str, run: dict) -> dict[str, int]:
+    listing = api(url, "artifacts/list", run_id=run["info"]["run_id"])
+    return {entry["path"]: int(entry.get("file_size", -1)) for entry in listing.get("files", []) if not entry.get("is_dir")}
+
+
+def download(url: str, run: dict, name: str) -> bytes:
+    """Through the server's artifact proxy, where ``mlflow-artifacts:/<path>`` lives."""
+    root = urllib.parse.urlparse(run["info"]["artifact_uri"]).path.strip("/")
+    with urllib.request.urlopen(f"{url}/api/2.0/mlflow-artifacts/artifacts/{root}/{name}", timeout=30) as response:
+        return response.read()
+
+
+@pytest.fixture(scope="module")
+def finished_search(server, tmp_path_factory):
+    url, artifacts = server
+    workdir = tmp_path_factory.mktemp("remote-search")
+    (workdir / "exp.yaml").write_text(textwrap.dedent(EXPERIMENT))
+    command = [sys.executable, "-m", "netshrink.cli", "search", "exp.yaml", "--tracking-uri", url]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    experiment = api(url, "experiments/get-by-name", experiment_name="remote")["experiment"]
+    runs = api(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+    parents = [r for r in runs if tags(r).get("netshrink.role") == "search"]
+    children = [r for r in runs if tags(r).get("netshrink.role") == "trial"]
+    return workdir, artifacts, url, experiment, parents, children
+
+
+def test_the_experiment_keeps_its_artifacts_on_the_server(finished_search):
+    _, artifacts, _, experiment, _, _ = finished_search
+    assert experiment["artifact_location"].startswith("mlflow-artifacts:")  # proxied, not a path on the client
+    assert any(artifacts.rglob("compressed.safetensors"))
+
+
+def test_parent_run_holds_the_baseline_the_config_and_the_front(finished_search):
+    _, _, url, _, parents, children = finished_search
+    (parent,) = parents
+    assert parent["info"]["status"] == "FINISHED"
+    values = metrics(parent)
+    for key in ("baseline_accuracy", "baseline_size_bytes", "baseline_latency_ms"):
+        assert values[key] > 0
+    assert values["trials_finished"] == TRIALS
+    files = artifact_files(url, parent)
+    assert {"experiment.yaml", "front.json"} <= files.keys()
+    assert download(url, parent, "experiment.yaml").decode() == textwrap.dedent(EXPERIMENT)
+    front = download(url, parent, "front.json")
+    assert len(front) == files["front.json"]
+    assert {row["run_id"] for row in json.loads(front)} == {c["info"]["run_id"] for c in children if tags(c)["pareto"] == "true"}
+
+
+def test_one_child_run_per_trial_with_metrics_tags_and_artifacts(finished_search):
+    _, _, url, _, parents, children = finished_search
+    assert len(children) == TRIALS
+    for child in children:
+        assert child["info"]["status"] == "FINISHED"
+        child_tags = tags(child)
+        assert child_tags["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
+        assert child_tags["recipe"] and child_tags["recipe_summary"]
+        values = metrics(child)
+        for key in ("accuracy", "size_bytes", "latency_ms", "size_ratio", "speedup", "onnx_accuracy"):
+            assert key in values, key
+        files = artifact_files(url, child)
+        assert {"compressed.safetensors", "recipe.json"} <= files.keys()
+        # size_bytes is the size of the file the server now holds
+        assert files["compressed.safetensors"] == values["size_bytes"]
+        assert len(download(url, child, "compressed.safetensors")) == values["size_bytes"]
+        assert json.loads(download(url, child, "recipe.json")) == json.loads(child_tags["recipe"])
+
+
+def test_pareto_tags_mark_exactly_the_non_dominated_trials(finished_search):
+    _, _, _, _, _, children = finished_search
+    points = [
+        TrialPoint(c["info"]["run_id"], c["info"]["run_name"], metrics(c)["accuracy"], metrics(c)["size_bytes"], metrics(c)["latency_ms"], "{}", "")
+        for c in children
+    ]
+    expected = {p.run_id for p in pareto_front(points, ["accuracy", "size_bytes", "latency_ms"], ["max", "min", "min"])}
+    assert {c["info"]["run_id"] for c in children if tags(c)["pareto"] == "true"} == expected
+    assert all(tags(c)["pareto"] in {"true", "false"} for c in children)
+
+
+def test_nothing_was_tracked_in_the_working_directory(finished_search):
+    workdir = finished_search[0]
+    local = [path for name in ("mlflow.db", "mlruns", "mlartifacts") for path in workdir.rglob(name)]
+    assert not local, local
+
+
+def test_the_optuna_study_stays_with_the_driver_and_matches_the_runs(finished_search):
+    """A remote tracking URI has no folder to put the study next to: it goes to .netshrink/ of the working dir."""
+    workdir, _, _, _, parents, children = finished_search
+    parent_tags = tags(parents[0])
+    assert parent_tags["optuna.storage"] == f"sqlite:///{(workdir / '.netshrink' / 'optuna.db').resolve()}"
+    study = optuna.load_study(study_name=parent_tags["optuna.study_name"], storage=parent_tags["optuna.storage"])
+    complete = {t.number: t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "repeat_of" not in t.user_attrs}
+    assert len(complete) == TRIALS
+    for child in children:
+        values = metrics(child)
+        assert complete[int(tags(child)["optuna_trial"])].values == pytest.approx([values["accuracy"], values["size_bytes"], values["latency_ms"]])
