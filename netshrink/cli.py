@@ -30,6 +30,12 @@ def search(
     concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Trials run at once; overrides search.max_concurrent."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join, e.g. 'auto' or 'ray://head:10001'. Default: start a local Ray."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI; overrides tracking_uri. Default: sqlite mlflow.db here."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the latest interrupted search of this experiment (Ctrl-C, a killed driver) in the same MLflow run and Optuna study: "
+        "finished trials are kept, interrupted ones run again, until the budget is done. The experiment file must be unchanged.",
+    ),
 ) -> None:
     """Run a compression search and print the Pareto front of accuracy, size and latency.
 
@@ -43,7 +49,8 @@ def search(
     experiment = load_experiment(config)
     from netshrink.search.runner import Overrides, run_search
 
-    result = run_search(experiment, config, Overrides(trials=trials, concurrency=concurrency, address=address, tracking_uri=tracking_uri), console=console)
+    overrides = Overrides(trials=trials, concurrency=concurrency, address=address, tracking_uri=tracking_uri)
+    result = run_search(experiment, config, overrides, console=console, resume=resume)
     if not result.points:
         raise typer.Exit(code=1)  # every trial failed: nothing to show, and scripts should notice
 

@@ -61,6 +61,7 @@ class SearchSettings(Strict):
     population_size: int = Field(8, ge=2, description="NSGA-II generation size")
     seed: int = 0
     skip_repeats: bool = Field(True, description="a pipeline already evaluated in this search is not trained again")
+    max_failures: int = Field(1, ge=0, description="times a failed trial is run again (a worker process that died, an error) before it counts as failed")
 
 
 class Resources(Strict):

@@ -223,7 +223,7 @@ def write_files(tracker: Tracker, experiment: str, chosen: Chosen, folder: Path)
     except Exception as error:  # user code, or a module that no longer imports from where it was
         raise UserError(
             f"task: cannot rebuild the model of search {chosen.search_run_id} ({type(error).__name__}: {error}); "
-            f"'module:factory' references import from {search_path}, the experiment file's folder: run export where the search ran"
+            f"'module:factory' references import from {search_path}, the experiment file's folder: the code must still be there"
         ) from None
     try:
         model, header = load_artifact(folder / ARTIFACT_FILE, fresh)

@@ -20,6 +20,8 @@ from .baseline import prepare_baseline
 from .front import TrialPoint, front_json, pareto_front, print_front
 from .plots import log_plots
 from .report import collect_points
+from .resume import CONFIG_ARTIFACT, Progress, find_interrupted_search, reopen_search
+from .searcher import DistinctPipelineSearch
 from .tracking import PARETO_TAG, Tracker, default_tracking_uri, is_local
 from .trial import TrialSetup, run_trial
 
@@ -65,15 +67,17 @@ class SpaceSampler:
         return {"recipe": pipeline.recipe(), "optuna_trial": trial.number}
 
 
-def make_sampler(experiment: Experiment):
+def make_sampler(experiment: Experiment, seed_offset: int = 0):
+    """``seed_offset``: a resumed search's sampler must not replay the random draws its first run made."""
     import optuna
 
     settings = experiment.search
+    seed = settings.seed + seed_offset
     if settings.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=settings.population_size, seed=settings.seed)
+        return optuna.samplers.NSGAIISampler(population_size=settings.population_size, seed=seed)
     if settings.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
-    return optuna.samplers.RandomSampler(seed=settings.seed)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
@@ -83,9 +87,14 @@ def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
     return f"sqlite:///{(state_dir / 'optuna.db').resolve()}"
 
 
-def run_search(experiment: Experiment, config_path: Path, overrides: Overrides = Overrides(), console: Console | None = None) -> SearchResult:
-    """Run one search end to end; problems with the tracking server or the Ray cluster are
-    reported as ``UserError`` before the baseline is trained."""
+def run_search(
+    experiment: Experiment, config_path: Path, overrides: Overrides = Overrides(), console: Console | None = None, resume: bool = False
+) -> SearchResult:
+    """Run one search end to end, or with ``resume`` finish the latest interrupted one (see ``resume.py``).
+
+    Problems with the tracking server, the Ray cluster or the search to resume are
+    reported as ``UserError`` before the baseline is trained.
+    """
     import ray
 
     console = console or Console()
@@ -93,39 +102,36 @@ def run_search(experiment: Experiment, config_path: Path, overrides: Overrides =
     state_dir = Path.cwd() / STATE_DIR
     state_dir.mkdir(exist_ok=True)
     search_path = str(config_path.resolve().parent)
-    trials = overrides.trials or experiment.search.trials
-    concurrency = overrides.concurrency or experiment.search.max_concurrent
     tracking_uri = overrides.tracking_uri or experiment.tracking_uri or default_tracking_uri(Path.cwd())
 
     tracker, experiment_id = connect_tracking(tracking_uri, experiment.name)
+    interrupted = find_interrupted_search(tracker, experiment_id, experiment.name, config_path) if resume else None
+    if interrupted is not None and overrides.trials not in (None, interrupted.trials):
+        raise UserError(f"--trials: search {interrupted.parent_run_id} was started with {interrupted.trials} trials; a resumed search keeps its budget")
+    trials = interrupted.trials if interrupted else overrides.trials or experiment.search.trials
+    concurrency = overrides.concurrency or experiment.search.max_concurrent
     owns_ray = not ray.is_initialized()
     if owns_ray:
         start_ray(overrides.address, search_path, experiment)
     parent = None
     try:
         baseline = prepare_baseline(experiment, state_dir / "baselines", search_path, log=console.print)
-        b = baseline.metrics
+        storage_url = optuna_storage_url(tracking_uri, state_dir)
+        if interrupted is None:
+            b = baseline.metrics
+            parent = start_parent_run(tracker, experiment_id, experiment, config_path, storage_url, b, trials, concurrency)
+            study_name = f"{experiment.name}/{parent}"
+            progress = Progress()
+        else:
+            b = interrupted.baseline  # the figures the trials before the interruption were compared with
+            parent, study_name, storage_url = interrupted.parent_run_id, interrupted.study_name, interrupted.storage_url
+            progress = reopen_search(tracker, experiment_id, interrupted, experiment.objectives)
         console.print(
             f"Baseline: accuracy {b['accuracy']:.2%}, {b['size_bytes'] / 1e6:.3f} MB, {b['latency_ms']:.4f} ms "
             f"({int(b['parameters']):,} parameters)"
         )
-        storage_url = optuna_storage_url(tracking_uri, state_dir)
-        run_name = time.strftime("search-%Y%m%d-%H%M%S")
-        parent = tracker.start_search(
-            experiment_id,
-            run_name,
-            params={"config": experiment.model_dump(mode="json", exclude={"space"}), "trials": trials, "concurrency": concurrency},
-            tags={
-                "optuna.storage": storage_url,
-                "config_file": str(config_path),
-                "objectives": json.dumps(experiment.objectives),
-                "min_accuracy": "" if experiment.min_accuracy is None else str(experiment.min_accuracy),
-            },
-        )
-        study_name = f"{experiment.name}/{parent}"
-        tracker.log(parent, metrics={f"baseline_{key}": value for key, value in b.items()}, tags={"optuna.study_name": study_name})
-        tracker.client.log_text(parent, config_path.read_text(), "experiment.yaml")
-        console.print(f"MLflow: experiment {experiment.name!r}, search run {parent} at {tracking_uri}")
+        verb = "continued" if interrupted else "started"
+        console.print(f"MLflow: experiment {experiment.name!r}, search run {parent} {verb} at {tracking_uri}")
         console.print(f"Optuna: study {study_name!r} in {storage_url}")
 
         setup = TrialSetup(
@@ -140,9 +146,21 @@ def run_search(experiment: Experiment, config_path: Path, overrides: Overrides =
             tracking_uri=tracking_uri,
             experiment_id=experiment_id,
             parent_run_id=parent,
+            gpus=experiment.resources.gpu,
         )
-        console.print(f"Running {trials} trials, {concurrency} at a time ...")
-        repeats = run_trials(experiment, setup, study_name, storage_url, run_name, trials, concurrency, state_dir)
+        remaining = trials - progress.ended
+        if interrupted:
+            console.print(f"Resuming: {progress.ended} of {trials} trials were done before the interruption.")
+        console.print(f"Running {remaining} trials, {concurrency} at a time ...")
+        run_name = time.strftime("search-%Y%m%d-%H%M%S")  # the Tune run; a resumed search starts a new one
+        repeats = progress.repeats
+        if remaining > 0:
+            repeats += run_trials(experiment, setup, study_name, storage_url, run_name, remaining, concurrency, state_dir, progress)
+    except KeyboardInterrupt:
+        if parent is not None:
+            tracker.interrupted(parent)
+            console.print(f"Interrupted. Continue this search with: netshrink search {config_path} --resume")
+        raise
     except BaseException:
         if parent is not None:
             tracker.finish(parent, failed=True)
@@ -178,6 +196,26 @@ def run_search(experiment: Experiment, config_path: Path, overrides: Overrides =
         baseline=b,
         seconds=seconds,
     )
+
+
+def start_parent_run(
+    tracker: Tracker, experiment_id: str, experiment: Experiment, config_path: Path, storage_url: str, baseline: dict[str, float], trials: int, concurrency: int
+) -> str:
+    """The search's MLflow run, holding everything ``--resume`` needs to continue it."""
+    parent = tracker.start_search(
+        experiment_id,
+        time.strftime("search-%Y%m%d-%H%M%S"),
+        params={"config": experiment.model_dump(mode="json", exclude={"space"}), "trials": trials, "concurrency": concurrency},
+        tags={
+            "optuna.storage": storage_url,
+            "config_file": str(config_path.resolve()),  # export imports module:factory references from its folder
+            "objectives": json.dumps(experiment.objectives),
+            "min_accuracy": "" if experiment.min_accuracy is None else str(experiment.min_accuracy),
+        },
+    )
+    tracker.log(parent, metrics={f"baseline_{key}": value for key, value in baseline.items()}, tags={"optuna.study_name": f"{experiment.name}/{parent}"})
+    tracker.client.log_text(parent, config_path.read_text(), CONFIG_ARTIFACT)
+    return parent
 
 
 def connect_tracking(tracking_uri: str, experiment_name: str) -> tuple[Tracker, str]:
@@ -244,22 +282,36 @@ def probe_address(address: str) -> None:
         raise UserError(f"--address: cannot connect to a Ray cluster at {address!r}: {error}") from None
 
 
-def run_trials(experiment: Experiment, setup: TrialSetup, study_name: str, storage_url: str, run_name: str, trials: int, concurrency: int, state_dir: Path) -> int:
+def run_trials(
+    experiment: Experiment,
+    setup: TrialSetup,
+    study_name: str,
+    storage_url: str,
+    run_name: str,
+    trials: int,
+    concurrency: int,
+    state_dir: Path,
+    progress: Progress = Progress(),
+) -> int:
     """Ray Tune runs the trials; Optuna's multi-objective sampler chooses each one's pipeline.
 
     Returns how many repeated pipelines were answered from earlier trials instead of run again.
+    A failed trial is run again up to ``search.max_failures`` times (see ``run_trial``).
     """
     import optuna
     from ray import tune
-    from .searcher import DistinctPipelineSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Ctrl-C raises KeyboardInterrupt at once; Tune's own handler would end fit() quietly and the
+    # search would look finished with part of its budget.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     searcher = DistinctPipelineSearch(
         skip_repeats=experiment.search.skip_repeats,
+        evaluated=progress.evaluated,
         space=SpaceSampler(experiment.space),
         metric=list(experiment.objectives),
         mode=experiment.directions(),
-        sampler=make_sampler(experiment),
+        sampler=make_sampler(experiment, seed_offset=progress.study_trials),
         storage=optuna.storages.RDBStorage(storage_url),
         study_name=study_name,
     )
@@ -274,20 +326,24 @@ def run_trials(experiment: Experiment, setup: TrialSetup, study_name: str, stora
             name=run_name,
             storage_path=str((state_dir / "ray").resolve()),
             verbose=0,
-            callbacks=[progress_printer(trials, setup.baseline_metrics)],
+            failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
+            callbacks=[progress_printer(progress.ended + trials, setup.baseline_metrics, done=progress.ended)],
         ),
     )
     tuner.fit()
     return searcher.repeats_skipped
 
 
-def progress_printer(total: int, baseline: dict[str, float]):
-    """Tune callback printing one line per finished or failed trial (Tune pickles it: it holds no console)."""
+def progress_printer(total: int, baseline: dict[str, float], done: int = 0):
+    """Tune callback printing one line per finished, failed or retried trial (Tune pickles it: it holds no console).
+
+    ``done``: trials a resumed search had finished before, so the count goes on from there.
+    """
     from ray.tune import Callback
 
     class ProgressPrinter(Callback):
         def __init__(self) -> None:
-            self.done = 0
+            self.done = done
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
@@ -305,6 +361,9 @@ def progress_printer(total: int, baseline: dict[str, float]):
             self.done += 1
             print(f"[{self.done}/{total}] trial failed: {_first_error_line(trial)}", flush=True)
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"trial {trial.trial_id} failed ({_first_error_line(trial)}), running it again", flush=True)
+
     return ProgressPrinter()
 
 
@@ -314,9 +373,11 @@ def _describe(recipe: str | None) -> str:
     return Pipeline.from_recipe(recipe).describe() if recipe else ""
 
 
-def _first_error_line(trial) -> str:
+def _first_error_line(trial, limit: int = 200) -> str:
+    """The exception's message, cut short: Ray's message for a dead worker runs to 800 characters."""
     try:
         text = Path(trial.error_file).read_text().strip().splitlines()
-        return text[-1] if text else "see the Ray trial folder"
     except (OSError, TypeError):
         return "see the Ray trial folder"
+    line = text[-1] if text else "see the Ray trial folder"
+    return line if len(line) <= limit else line[: limit - 3] + "..."

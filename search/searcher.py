@@ -8,26 +8,38 @@ This searcher tells Optuna the earlier result for a repeat (the study keeps a
 complete trial, its ``repeat_of`` attribute naming the original) and asks for
 another pipeline; Tune never sees the repeat, and the trial budget counts
 distinct pipelines. If the sampler proposes nothing new many times in a row,
-the space is exhausted and the search ends.
+the space is exhausted and the search ends. A resumed search hands in the
+pipelines its interrupted run finished (``evaluated``), so they count as well.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 MAX_REPEATS_IN_A_ROW = 100
+REPEAT_OF = "repeat_of"  # user attribute of a repeat's Optuna trial: the number of the trial it repeats
+
+Evaluated = dict[str, tuple[int, list[float]]]  # recipe -> (Optuna trial number, objective values)
 
 
 class DistinctPipelineSearch(OptunaSearch):
-    def __init__(self, *args: Any, skip_repeats: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, skip_repeats: bool = True, evaluated: Evaluated | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.skip_repeats = skip_repeats
         self.repeats_skipped = 0
         self._recipe_of_trial: dict[str, str] = {}
-        self._finished: dict[str, tuple[int, list[float]]] = {}  # recipe -> (optuna number, values)
+        self._finished: Evaluated = dict(evaluated or {})
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        if isinstance(self._metric, list) and self._ot_study.metric_names is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental in some Optuna releases
+                self._ot_study.set_metric_names(list(self._metric))  # optuna-dashboard shows "accuracy", not "values_0"
 
     def suggest(self, trial_id: str) -> dict | str | None:
         for _ in range(MAX_REPEATS_IN_A_ROW):
@@ -40,7 +52,7 @@ class DistinctPipelineSearch(OptunaSearch):
                 return config
             number, values = earlier
             repeat = self._ot_trials.pop(trial_id)
-            repeat.set_user_attr("repeat_of", number)
+            repeat.set_user_attr(REPEAT_OF, number)
             self._ot_study.tell(repeat, values)
             self.repeats_skipped += 1
         return Searcher.FINISHED

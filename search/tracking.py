@@ -20,6 +20,11 @@ PARETO_TAG = "pareto"
 RECIPE_FILE = "recipe.json"
 RECIPE_TAG = "recipe"  # the pipeline JSON, also kept as a tag so the front needs no artifact downloads
 SUMMARY_TAG = "recipe_summary"  # the pipeline in one line
+OPTUNA_TRIAL_TAG = "optuna_trial"  # the number of the child's trial in the Optuna study
+TUNE_TRIAL_TAG = "ray_trial_id"  # the Tune trial a child belongs to: a retried trial finds its run again
+ERROR_TAG = "error"
+NODE_TAG = "ray_node_id"  # the Ray node the trial (its last attempt) ran on
+DEVICE_TAG = "device"  # where fine-tuning ran: cpu, cuda:0, ...
 
 
 def default_tracking_uri(workdir: Path | None = None) -> str:
@@ -97,14 +102,33 @@ class Tracker:
     def finish(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
+    def interrupted(self, run_id: str) -> None:
+        """KILLED, not FAILED: the run did nothing wrong, it was stopped (Ctrl-C, a dead driver); ``--resume`` redoes it."""
+        self.client.set_terminated(run_id, "KILLED")
+
+    def reopen(self, run_id: str) -> None:
+        """RUNNING again, without the error of the attempt before."""
+        self.client.update_run(run_id, status="RUNNING")
+        if ERROR_TAG in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, ERROR_TAG)
+
+    def trial_attempt(self, experiment_id: str, parent_run_id: str, tune_trial_id: str):
+        """The child run an earlier attempt of this Tune trial created, if any (Tune retries a trial under the same id)."""
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.{TUNE_TRIAL_TAG} = '{tune_trial_id}'",
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
     def trial_runs(self, experiment_id: str, parent_run_id: str | None = None) -> list:
         query = f"tags.{ROLE_TAG} = 'trial'"
         if parent_run_id:
             query += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
         return self.client.search_runs([experiment_id], filter_string=query, max_results=50_000)
 
-    def latest_search(self, experiment_id: str):
-        runs = self.client.search_runs(
-            [experiment_id], filter_string=f"tags.{ROLE_TAG} = 'search'", order_by=["attributes.start_time DESC"], max_results=1
-        )
+    def latest_search(self, experiment_id: str, unfinished: bool = False):
+        """The newest search run; with ``unfinished``, the newest that did not finish (failed, killed or still marked running)."""
+        query = f"tags.{ROLE_TAG} = 'search'" + (" and attributes.status != 'FINISHED'" if unfinished else "")
+        runs = self.client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from netshrink.config import FinetuneSettings, MeasureSettings, TaskConfig
+from netshrink.devices import trial_device
 from netshrink.node_lock import compute_slot
 from netshrink.tasks import build_model, example_inputs, load_data
 from netshrink.techniques import EarlyExitNet, Pipeline, compress, load_artifact, save_artifact
@@ -25,7 +27,7 @@ from netshrink.training import accuracy, cross_entropy, train
 
 from .measure import LatencySettings, measure_relative_latency, onnx_evaluate
 from .onnx_export import export_onnx
-from .tracking import RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, Tracker, flatten
+from .tracking import DEVICE_TAG, ERROR_TAG, NODE_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, Tracker, flatten
 
 ARTIFACT_FILE = "compressed.safetensors"
 ONNX_FILE = "model.onnx"
@@ -46,10 +48,15 @@ class TrialSetup:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    gpus: float = 0.0  # resources.gpu: fine-tuning runs on CUDA only when the trial reserved a GPU
 
 
 def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dict[str, float]:
-    """Compress, fine-tune and measure; returns the trial's metrics. Plain function: no Ray, no MLflow."""
+    """Compress, fine-tune and measure; returns the trial's metrics. Plain function: no Ray, no MLflow.
+
+    Only fine-tuning uses the trial's GPU; ``train`` hands the model back on the CPU, so the
+    artifact, the ONNX export and every measurement are taken on the CPU, as they are deployed.
+    """
     torch.set_num_threads(max(1, int(setup.cpus)))
     task = setup.task
     data = load_data(task.dataset, task.dataset_args, setup.search_path)
@@ -62,11 +69,14 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
         baseline_file.unlink()  # a copy per trial would add up to megabytes per trial
     example = example_inputs(data)
     fine_tune = partial(
-        train, dataset=data.train, epochs=setup.finetune.epochs, lr=setup.finetune.lr, batch_size=setup.finetune.batch_size, seed=setup.seed
+        train, dataset=data.train, epochs=setup.finetune.epochs, lr=setup.finetune.lr, batch_size=setup.finetune.batch_size, seed=setup.seed,
+        device=trial_device(setup.gpus),
     )
+    started = time.perf_counter()
     compressed = compress(
         baseline, pipeline, example, fine_tune=lambda model, loss_fn: fine_tune(model, loss_fn=loss_fn or cross_entropy), seed=setup.seed
     )
+    seconds_training = time.perf_counter() - started  # the techniques and their fine-tuning
 
     artifact = workdir / ARTIFACT_FILE
     reference = workdir / "baseline.onnx"
@@ -75,17 +85,24 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
         restored = load_artifact(artifact, fresh())[0]
         onnx_bytes = export_onnx(restored, example, workdir / ONNX_FILE, compressed.encodings)
         export_onnx(baseline, example, reference, {})
+    started = time.perf_counter()
     try:
         # timed on the validation inputs: a model with early exits is timed over all of them, with its exit logic
         timed = measure_relative_latency(workdir / ONNX_FILE, reference, validation_inputs(data.val), LatencySettings(**setup.measure.model_dump()))
     finally:
         reference.unlink()
+    seconds_latency = time.perf_counter() - started
+    started = time.perf_counter()
     exported = onnx_evaluate(workdir / ONNX_FILE, data.val)  # the exported model, checked on the same split
-    base = setup.baseline_metrics
-    metrics = {
+    scores = {
         "accuracy": accuracy(restored, data.val),  # with early exits: each sample answered by the exit it leaves at
         "test_accuracy": accuracy(restored, data.test),
         "onnx_accuracy": exported.accuracy,
+    }
+    seconds_evaluation = time.perf_counter() - started
+    base = setup.baseline_metrics
+    metrics = {
+        **scores,
         "size_bytes": float(size_bytes),
         # drift-corrected: the ratio to the baseline, timed in alternation, times the baseline's latency
         "latency_ms": timed.ratio * base["latency_ms"],
@@ -95,6 +112,10 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
         "onnx_bytes": float(onnx_bytes),
         "parameters": float(sum(p.numel() for p in restored.parameters())),
         "nonzero_parameters": float(sum(int((p != 0).sum()) for p in restored.parameters())),
+        # where the trial's time went (wall seconds in this worker); run_trial adds seconds_trial
+        "seconds_training": seconds_training,
+        "seconds_latency": seconds_latency,
+        "seconds_evaluation": seconds_evaluation,
     }
     if isinstance(restored, EarlyExitNet):  # share of the validation samples that left at each exit (the last: none)
         total = sum(exported.exit_counts.values())
@@ -114,36 +135,55 @@ def validation_inputs(dataset) -> np.ndarray:
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """Ray Tune function trainable: one child MLflow run, one report with all objectives."""
+    """Ray Tune function trainable: one child MLflow run, one report with all objectives.
+
+    Tune runs a failed trial again (``search.max_failures``) under the same trial id: the
+    retry carries on in the child run of the attempt before it instead of adding a second
+    one, and if that attempt had finished and only its report was lost with its worker,
+    the logged metrics are reported as they are.
+    """
+    import ray
     from ray import tune
 
+    started = time.perf_counter()
     pipeline = Pipeline.from_recipe(config["recipe"])
     number = int(config.get("optuna_trial", -1))
     # Ray hands define-by-run values back nested ({"pruning": {"ratio": ...}}); log them under Optuna's names.
     params = flatten({key: value for key, value in config.items() if key not in {"recipe", "optuna_trial"}}, sep="/")
     tracker = Tracker(setup.tracking_uri)
-    run_id = tracker.start_trial(
-        setup.experiment_id,
-        setup.parent_run_id,
-        run_name=f"trial-{number:03d}",
-        tags={
-            "optuna_trial": str(number),
-            "ray_trial_id": tune.get_context().get_trial_id() or "",
-            RECIPE_TAG: pipeline.recipe(),
-            SUMMARY_TAG: pipeline.describe(),
-        },
-    )
+    tune_trial_id = tune.get_context().get_trial_id() or ""
+    earlier = tracker.trial_attempt(setup.experiment_id, setup.parent_run_id, tune_trial_id) if tune_trial_id else None
+    if earlier is not None and earlier.info.status == "FINISHED":
+        tune.report({**earlier.data.metrics, "mlflow_run_id": earlier.info.run_id})
+        return
+    if earlier is not None:
+        run_id = earlier.info.run_id
+        tracker.reopen(run_id)
+    else:
+        run_id = tracker.start_trial(
+            setup.experiment_id,
+            setup.parent_run_id,
+            run_name=f"trial-{number:03d}",
+            tags={
+                OPTUNA_TRIAL_TAG: str(number),
+                TUNE_TRIAL_TAG: tune_trial_id,
+                RECIPE_TAG: pipeline.recipe(),
+                SUMMARY_TAG: pipeline.describe(),
+            },
+        )
     try:
-        tracker.log(run_id, params=params)
+        # where this attempt ran: the Ray node, and the device fine-tuning used
+        tracker.log(run_id, params=params, tags={NODE_TAG: ray.get_runtime_context().get_node_id(), DEVICE_TAG: str(trial_device(setup.gpus))})
         tracker.log_json(run_id, pipeline.model_dump(mode="json"), RECIPE_FILE)
         trial_dir = tune.get_context().get_trial_dir()
         workdir = Path(trial_dir) if trial_dir else Path(tempfile.mkdtemp(prefix="netshrink-trial-"))
         workdir.mkdir(parents=True, exist_ok=True)
         metrics = evaluate_recipe(setup, pipeline, workdir)
-        tracker.log(run_id, metrics=metrics)
         tracker.log_file(run_id, workdir / ARTIFACT_FILE)
+        metrics["seconds_trial"] = time.perf_counter() - started  # all of this function but the last metric upload
+        tracker.log(run_id, metrics=metrics)
     except BaseException as error:
-        tracker.log(run_id, tags={"error": f"{type(error).__name__}: {error}"[:5000]})
+        tracker.log(run_id, tags={ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})
         tracker.finish(run_id, failed=True)
         raise
     tracker.finish(run_id)

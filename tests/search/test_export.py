@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -248,8 +249,18 @@ def test_a_full_out_folder_and_a_model_that_no_longer_imports_are_refused_withou
     full = netshrink("export", "-e", "plain", "--pick", "knee", "--out", "full", cwd=workdir)
     assert full.returncode == 2 and "--out: folder full exists and is not empty" in full.stderr and "Traceback" not in full.stderr
     assert os.listdir(workdir / "full") == ["keep.txt"]
-    # from another folder, the experiment file's tinynet.py is out of reach
-    moved = netshrink("export", "-e", "plain", "--pick", "knee", "--out", "out", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", cwd=tmp_path)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    # from another folder: the search logged where its experiment file is, tinynet.py is found there
+    elsewhere = netshrink("export", "-e", "plain", "--pick", "knee", "--out", "out", "--tracking-uri", uri, cwd=tmp_path)
+    assert elsewhere.returncode == 0, elsewhere.stdout + elsewhere.stderr
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    shutil.rmtree(tmp_path / "out")
+    # once tinynet.py is gone, the model cannot be rebuilt
+    (workdir / "tinynet.py").rename(workdir / "tinynet.py.moved")
+    try:
+        moved = netshrink("export", "-e", "plain", "--pick", "knee", "--out", "out", "--tracking-uri", uri, cwd=tmp_path)
+    finally:
+        (workdir / "tinynet.py.moved").rename(workdir / "tinynet.py")
     assert moved.returncode == 2 and "Traceback" not in moved.stderr
     assert "cannot rebuild the model" in moved.stderr and "No module named 'tinynet'" in moved.stderr
     assert os.listdir(tmp_path) == []  # nothing left behind, not even a partial folder

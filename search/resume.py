@@ -1,0 +1,130 @@
+"""``netshrink search --resume``: continue an interrupted search in place.
+
+Ctrl-C, a killed or crashed driver, a lost head node: whatever stopped a search,
+what it had done survives in the two stores it writes as it goes. MLflow holds
+the parent run and one child run per trial with its metrics; the Optuna study
+holds what the sampler has learnt. Tune's pickled experiment state is not used:
+it lags those stores and describes trial actors that no longer exist.
+
+Resuming reopens the same parent run and the same study, settles what the
+interruption left half done, and hands the rest of the budget to a new Tune run:
+
+- a trial whose child run finished while its Optuna trial is still RUNNING (the
+  driver died between the two writes) is told to Optuna with the child's
+  metrics, not run again;
+- any other trial left RUNNING in Optuna is marked FAIL and its parameters are
+  enqueued (the new trial names it in ``retry_of``), so the interrupted pipeline
+  runs again first; its child run is marked KILLED.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+
+from netshrink.errors import UserError
+
+from .searcher import REPEAT_OF, Evaluated
+from .tracking import OPTUNA_TRIAL_TAG, RECIPE_TAG, Tracker
+
+RETRY_OF = "retry_of"  # user attribute of an enqueued Optuna trial: the number of the interrupted trial it runs again
+CONFIG_ARTIFACT = "experiment.yaml"  # the experiment file as the search read it, logged to the parent run
+
+
+@dataclass(frozen=True)
+class InterruptedSearch:
+    parent_run_id: str
+    study_name: str
+    storage_url: str
+    trials: int  # the budget the search started with
+    baseline: dict[str, float]  # the baseline figures the trials before the interruption were compared with
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a search got; all zero for a new one."""
+
+    ended: int = 0  # trials that count against the budget: finished, or failed after their retries
+    evaluated: Evaluated = field(default_factory=dict)  # the finished pipelines, for the searcher's repeat table
+    repeats: int = 0  # proposals answered from an earlier trial so far
+    study_trials: int = 0  # every trial in the study, repeats and failures included
+
+
+def find_interrupted_search(tracker: Tracker, experiment_id: str, experiment_name: str, config_path: Path) -> InterruptedSearch:
+    """The latest search of this experiment that did not finish; it must have run this same experiment file."""
+    parent = tracker.latest_search(experiment_id, unfinished=True)
+    if parent is None:
+        raise UserError(f"--resume: experiment {experiment_name!r} has no interrupted search in {tracker.uri}; start one without --resume")
+    run_id = parent.info.run_id
+    tags, params = parent.data.tags, parent.data.params
+    logged = _logged_experiment_file(tracker, run_id)
+    if logged is None or not {"optuna.study_name", "optuna.storage"} <= tags.keys() or "trials" not in params:
+        raise UserError(f"--resume: search {run_id} of {experiment_name!r} stopped before its first trial; start it again without --resume")
+    if logged != config_path.read_text():
+        raise UserError(
+            f"--resume: {config_path} has changed since search {run_id} started; a resumed search must run the same experiment "
+            f"file (the search's copy is its MLflow artifact {CONFIG_ARTIFACT}). Restore the file, or start a new search without --resume"
+        )
+    baseline = {key.removeprefix("baseline_"): value for key, value in parent.data.metrics.items() if key.startswith("baseline_")}
+    return InterruptedSearch(
+        parent_run_id=run_id,
+        study_name=tags["optuna.study_name"],
+        storage_url=tags["optuna.storage"],
+        trials=int(params["trials"]),
+        baseline=baseline,
+    )
+
+
+def _logged_experiment_file(tracker: Tracker, run_id: str) -> str | None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar for one small file is noise
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            return Path(tracker.client.download_artifacts(run_id, CONFIG_ARTIFACT, folder)).read_text()
+        except Exception:  # MLflow raises several types for a missing artifact
+            return None
+
+
+def reopen_search(tracker: Tracker, experiment_id: str, search: InterruptedSearch, objectives: list[str]) -> Progress:
+    """Set the parent run RUNNING again and settle the trials the interruption cut short (see the module docstring)."""
+    tracker.reopen(search.parent_run_id)
+    study = optuna.load_study(study_name=search.study_name, storage=optuna.storages.RDBStorage(search.storage_url))
+    children = tracker.trial_runs(experiment_id, search.parent_run_id)
+    finished = {
+        int(run.data.tags[OPTUNA_TRIAL_TAG]): run
+        for run in children
+        if run.info.status == "FINISHED" and set(objectives) <= run.data.metrics.keys()
+    }
+    cut_short = set()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        run = finished.get(trial.number)
+        if run is not None:
+            study.tell(trial.number, [run.data.metrics[name] for name in objectives])
+        else:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+            cut_short.add(trial.number)
+    for run in children:
+        status = run.info.status
+        if status == "RUNNING" or (status != "FINISHED" and int(run.data.tags.get(OPTUNA_TRIAL_TAG, -1)) in cut_short):
+            tracker.interrupted(run.info.run_id)
+    trials = study.get_trials(deepcopy=False)
+    return Progress(
+        ended=ended_trials(trials),
+        evaluated={run.data.tags[RECIPE_TAG]: (number, [run.data.metrics[name] for name in objectives]) for number, run in finished.items()},
+        repeats=sum(REPEAT_OF in trial.user_attrs for trial in trials),
+        study_trials=len(trials),
+    )
+
+
+def ended_trials(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Trials that used up budget: complete ones that were not repeats, failed ones that were not interrupted."""
+    retried = {trial.user_attrs[RETRY_OF] for trial in trials if RETRY_OF in trial.user_attrs}
+    state = optuna.trial.TrialState
+    return sum(
+        (trial.state == state.COMPLETE and REPEAT_OF not in trial.user_attrs) or (trial.state == state.FAIL and trial.number not in retried)
+        for trial in trials
+    )
