@@ -83,7 +83,7 @@ def make_sampler(experiment: Experiment, seed_offset: int = 0):
 def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
     """Next to the MLflow store when that is a local SQLite file, else in the state folder."""
     if tracking_uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).resolve().parent / 'optuna.db'}"
     return f"sqlite:///{(state_dir / 'optuna.db').resolve()}"
 
 
