@@ -321,7 +321,9 @@ def run_trials(
     )
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrency),
+        # reuse_actors: a trial runs in the worker process of the one before it, which saves starting a
+        # process and importing torch, MLflow and ONNX Runtime again (about 4 s a trial, benchmarks/scale.py)
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=str((state_dir / "ray").resolve()),

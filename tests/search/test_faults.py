@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -120,7 +121,7 @@ RESUMED_TRIALS = 4
 RESUMED = f"""
 name: resumed
 task: {{dataset_args: {{image_size: 16}}, train: {{epochs: 1}}}}
-finetune: {{epochs: 4}}
+finetune: {{epochs: 12}}  # a trial long enough to be interrupted in the middle
 search: {{trials: {RESUMED_TRIALS}, max_concurrent: 1, sampler: random, seed: 5}}
 measure: {{warmup: 1, repeats: 10}}
 space:
@@ -129,11 +130,19 @@ space:
 """
 
 
-def interrupt_after(workdir: Path, finished: int, sig: int) -> str:
-    """Start a search, send ``sig`` to its whole process group once ``finished`` trials are done, return its output.
+def running_runs(database: Path) -> int:
+    with sqlite3.connect(database, timeout=30) as connection:
+        return connection.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
 
-    The group is the driver and the local Ray it started, as when a terminal's Ctrl-C or a lost
-    machine hits them all; the next trial is then in the middle of fine-tuning.
+
+def interrupt_after(workdir: Path, finished: int, sig: int) -> str:
+    """Start a search, hit it with ``sig`` once ``finished`` trials are done, return its output.
+
+    The signal goes as soon as the next trial's MLflow run exists, so that trial is cut short.
+    SIGINT goes to the driver's process group, as a terminal's Ctrl-C does; SIGKILL to every
+    process of its session, the local Ray it started included, as when the machine is lost
+    (Ray gives each worker a process group of its own, so a group kill would leave the trial
+    running: it would finish on its own and the test would not see an interrupted trial).
     """
     log = workdir / "first.log"
     with log.open("w") as out:
@@ -142,20 +151,28 @@ def interrupt_after(workdir: Path, finished: int, sig: int) -> str:
         )
         try:
             deadline = time.monotonic() + 600
-            while f"[{finished}/{RESUMED_TRIALS}]" not in log.read_text():
-                assert driver.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
-            time.sleep(2)  # into the next trial
-            os.killpg(driver.pid, sig)
-            driver.wait(timeout=120)
+            while f"[{finished}/{RESUMED_TRIALS}]" not in log.read_text() or running_runs(workdir / "mlflow.db") < 2:  # parent + next trial
+                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            if sig == signal.SIGINT:
+                os.killpg(driver.pid, signal.SIGINT)
+                driver.wait(timeout=120)
+            else:
+                kill_session(driver.pid)
         finally:
-            try:
-                os.killpg(driver.pid, signal.SIGKILL)  # whatever is left of the group (Ray's processes after Ctrl-C)
-            except ProcessLookupError:
-                pass
+            kill_session(driver.pid)  # whatever is left (nothing, after a clean Ctrl-C)
             driver.wait(timeout=60)
     return log.read_text()
+
+
+def kill_session(session: int) -> None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
@@ -205,6 +222,6 @@ def test_resume_refuses_clearly_when_there_is_nothing_to_resume_or_the_file_chan
     assert nothing.returncode == 2 and "--resume" in nothing.stderr and "no interrupted search" in nothing.stderr, nothing.stderr
     assert "Traceback" not in nothing.stderr
     interrupt_after(tmp_path, finished=1, sig=signal.SIGKILL)
-    (tmp_path / "exp.yaml").write_text(textwrap.dedent(RESUMED).replace("epochs: 4", "epochs: 2"))
+    (tmp_path / "exp.yaml").write_text(textwrap.dedent(RESUMED).replace("epochs: 12", "epochs: 2"))
     changed = netshrink("search", "exp.yaml", "--resume", cwd=tmp_path)
     assert changed.returncode == 2 and "has changed since search" in changed.stderr and "Traceback" not in changed.stderr
