@@ -49,9 +49,9 @@ Slot time
                     child run's end time minus the timestamp of its metrics): in the
                     worker but outside the three above: MLflow client and logging,
                     artifact save and reload, ONNX export, loading data and baseline
-      ray           the remainder: slot time minus all the other parts. Ray starting
-                    a worker process for each trial (which imports torch, MLflow and
-                    netshrink anew) and handing it the setup, Tune scheduling,
+      ray           the remainder: slot time minus all the other parts. Ray handing
+                    the trial to a worker process (Tune reuses them; a new one imports
+                    torch, MLflow and netshrink anew) with its setup, Tune scheduling,
                     Optuna sampling in the driver, the result travelling back
       idle          after the last trial has started, slot time in which no trial's
                     MLflow run is open, up to the end of the last run (nothing is left
