@@ -147,7 +147,14 @@ def interrupt_after(workdir: Path, finished: int, sig: int) -> str:
     log = workdir / "first.log"
     with log.open("w") as out:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "netshrink.cli", "search", "exp.yaml"], cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [sys.executable, "-m", "netshrink.cli", "search", "exp.yaml"],
+            cwd=workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # as in a terminal: a shell script's background job (CI runners) inherits SIGINT ignored,
+            # and Python then never raises KeyboardInterrupt
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.monotonic() + 600
