@@ -290,3 +290,29 @@ def test_early_exits_run_in_a_real_search_trial_with_exit_shares_logged(tmp_path
     assert sum(shares) == pytest.approx(1.0) and shares[0] + shares[1] > 0.2  # many digits are easy: they leave early
     assert abs(metrics["onnx_accuracy"] - metrics["accuracy"]) < 0.01
     assert metrics["accuracy"] > 0.8 and metrics["speedup"] > 1.0
+
+
+def test_a_trial_in_a_reused_worker_process_gets_the_same_result_as_the_first(tmp_path):
+    """Tune hands each trial the worker process of the one before (reuse_actors): nothing may leak between them."""
+    (tmp_path / "exp.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: reuse
+            task: {dataset_args: {image_size: 16}, train: {epochs: 3}}
+            finetune: {epochs: 2}
+            search: {trials: 3, max_concurrent: 1, sampler: random, skip_repeats: false}
+            measure: {warmup: 1, repeats: 10}
+            space:
+              distillation: {enabled: true, temperature: 4.0, alpha: 0.5}
+              pruning: {enabled: true, granularity: channel, ratio: 0.4, steps: 2, importance: l2}
+              clustering: {enabled: true, clusters: 8, huffman: true}
+            """
+        )
+    )
+    result = netshrink("search", "exp.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("reuse").experiment_id], filter_string="tags.`netshrink.role` = 'trial'")
+    assert len(runs) == 3
+    for metric in ("accuracy", "test_accuracy", "size_bytes", "nonzero_parameters"):
+        assert len({r.data.metrics[metric] for r in runs}) == 1, metric
