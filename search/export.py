@@ -26,7 +26,7 @@ from netshrink.errors import UserError, describe_validation_error
 from .front import TrialPoint
 from .model_card import CardFacts, render_card
 from .report import collect_points, load_front
-from .tracking import PARENT_TAG, RECIPE_FILE, ROLE_TAG, Tracker, default_tracking_uri
+from .tracking import CONFIG_ARTIFACT, PARENT_TAG, RECIPE_FILE, ROLE_TAG, Tracker, default_tracking_uri
 from .trial import ARTIFACT_FILE, ONNX_FILE
 
 CARD_FILE = "MODEL_CARD.md"
@@ -135,19 +135,19 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
     return Chosen(point=point, pick="by its MLflow run id", search_run_id=parent_id, baseline=baseline)
 
 
-def task_of_search(tracker: Tracker, search_run_id: str, workdir: Path) -> tuple[TaskConfig, str]:
+def task_of_search(tracker: Tracker, search_run_id: str) -> tuple[TaskConfig, str]:
     """The search's task, from the experiment file it logged, and the folder its ``module:factory`` references import from.
 
-    The folder is the experiment file's. The search logged that file's path as it
-    was given; a relative one is resolved against the current directory, so
-    export runs where the search ran.
+    The folder is the experiment file's. The search logs that file's absolute path;
+    searches from before it did logged the path as given, which is resolved against
+    the current directory.
     """
     parent = tracker.client.get_run(search_run_id)
     try:
-        local = tracker.client.download_artifacts(search_run_id, "experiment.yaml", os.fspath(workdir))
+        text = tracker.read_text(search_run_id, CONFIG_ARTIFACT)
     except Exception as error:
-        raise UserError(f"search {search_run_id}: cannot read its experiment.yaml artifact ({type(error).__name__}: {error})") from None
-    raw = yaml.safe_load(Path(local).read_text()) or {}
+        raise UserError(f"search {search_run_id}: cannot read its {CONFIG_ARTIFACT} artifact ({type(error).__name__}: {error})") from None
+    raw = yaml.safe_load(text) or {}
     try:
         task = TaskConfig.model_validate(raw.get("task") or {})
     except ValidationError as error:
@@ -215,8 +215,7 @@ def write_files(tracker: Tracker, experiment: str, chosen: Chosen, folder: Path)
             tracker.client.download_artifacts(run_id, name, os.fspath(folder))
         except Exception as error:  # the artifact store may be remote, or the file gone
             raise UserError(f"trial {run_id}: cannot download its {name} ({type(error).__name__}: {error})") from None
-    with tempfile.TemporaryDirectory() as scratch:
-        task, search_path = task_of_search(tracker, chosen.search_run_id, Path(scratch))
+    task, search_path = task_of_search(tracker, chosen.search_run_id)
     try:
         data = load_data(task.dataset, task.dataset_args, search_path)
         fresh = build_model(task.model, task.model_args, data, search_path)

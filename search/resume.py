@@ -19,8 +19,6 @@ interruption left half done, and hands the rest of the budget to a new Tune run:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +27,9 @@ import optuna
 from netshrink.errors import UserError
 
 from .searcher import REPEAT_OF, Evaluated
-from .tracking import OPTUNA_TRIAL_TAG, RECIPE_TAG, Tracker
+from .tracking import CONFIG_ARTIFACT, OPTUNA_TRIAL_TAG, RECIPE_TAG, Tracker
 
 RETRY_OF = "retry_of"  # user attribute of an enqueued Optuna trial: the number of the interrupted trial it runs again
-CONFIG_ARTIFACT = "experiment.yaml"  # the experiment file as the search read it, logged to the parent run
 
 
 @dataclass(frozen=True)
@@ -80,12 +77,10 @@ def find_interrupted_search(tracker: Tracker, experiment_id: str, experiment_nam
 
 
 def _logged_experiment_file(tracker: Tracker, run_id: str) -> str | None:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar for one small file is noise
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            return Path(tracker.client.download_artifacts(run_id, CONFIG_ARTIFACT, folder)).read_text()
-        except Exception:  # MLflow raises several types for a missing artifact
-            return None
+    try:
+        return tracker.read_text(run_id, CONFIG_ARTIFACT)
+    except Exception:  # MLflow raises several types for a missing artifact
+        return None
 
 
 def reopen_search(tracker: Tracker, experiment_id: str, search: InterruptedSearch, objectives: list[str]) -> Progress:

@@ -20,9 +20,9 @@ from .baseline import prepare_baseline
 from .front import TrialPoint, front_json, pareto_front, print_front
 from .plots import log_plots
 from .report import collect_points
-from .resume import CONFIG_ARTIFACT, Progress, find_interrupted_search, reopen_search
+from .resume import Progress, find_interrupted_search, reopen_search
 from .searcher import DistinctPipelineSearch
-from .tracking import PARETO_TAG, Tracker, default_tracking_uri, is_local
+from .tracking import CONFIG_ARTIFACT, PARETO_TAG, Tracker, default_tracking_uri, is_local
 from .trial import TrialSetup, run_trial
 
 STATE_DIR = ".netshrink"
@@ -119,8 +119,7 @@ def run_search(
         storage_url = optuna_storage_url(tracking_uri, state_dir)
         if interrupted is None:
             b = baseline.metrics
-            parent = start_parent_run(tracker, experiment_id, experiment, config_path, storage_url, b, trials, concurrency)
-            study_name = f"{experiment.name}/{parent}"
+            parent, study_name = start_parent_run(tracker, experiment_id, experiment, config_path, storage_url, b, trials, concurrency)
             progress = Progress()
         else:
             b = interrupted.baseline  # the figures the trials before the interruption were compared with
@@ -200,8 +199,8 @@ def run_search(
 
 def start_parent_run(
     tracker: Tracker, experiment_id: str, experiment: Experiment, config_path: Path, storage_url: str, baseline: dict[str, float], trials: int, concurrency: int
-) -> str:
-    """The search's MLflow run, holding everything ``--resume`` needs to continue it."""
+) -> tuple[str, str]:
+    """The search's MLflow run, holding everything ``--resume`` needs to continue it; returns its id and the Optuna study's name."""
     parent = tracker.start_search(
         experiment_id,
         time.strftime("search-%Y%m%d-%H%M%S"),
@@ -213,9 +212,10 @@ def start_parent_run(
             "min_accuracy": "" if experiment.min_accuracy is None else str(experiment.min_accuracy),
         },
     )
-    tracker.log(parent, metrics={f"baseline_{key}": value for key, value in baseline.items()}, tags={"optuna.study_name": f"{experiment.name}/{parent}"})
+    study_name = f"{experiment.name}/{parent}"
+    tracker.log(parent, metrics={f"baseline_{key}": value for key, value in baseline.items()}, tags={"optuna.study_name": study_name})
     tracker.client.log_text(parent, config_path.read_text(), CONFIG_ARTIFACT)
-    return parent
+    return parent, study_name
 
 
 def connect_tracking(tracking_uri: str, experiment_name: str) -> tuple[Tracker, str]:

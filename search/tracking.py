@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ SUMMARY_TAG = "recipe_summary"  # the pipeline in one line
 OPTUNA_TRIAL_TAG = "optuna_trial"  # the number of the child's trial in the Optuna study
 TUNE_TRIAL_TAG = "ray_trial_id"  # the Tune trial a child belongs to: a retried trial finds its run again
 ERROR_TAG = "error"
+CONFIG_ARTIFACT = "experiment.yaml"  # the experiment file as the search read it, logged to the parent run
 NODE_TAG = "ray_node_id"  # the Ray node the trial (its last attempt) ran on
 DEVICE_TAG = "device"  # where fine-tuning ran: cpu, cuda:0, ...
 
@@ -98,6 +100,12 @@ class Tracker:
 
     def log_file(self, run_id: str, path: str | os.PathLike, folder: str | None = None) -> None:
         self.client.log_artifact(run_id, os.fspath(path), folder)
+
+    def read_text(self, run_id: str, name: str) -> str:
+        """A text artifact of the run; MLflow's own exception (several types) if it cannot be had."""
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar for one small file is noise
+        with tempfile.TemporaryDirectory() as folder:
+            return Path(self.client.download_artifacts(run_id, name, folder)).read_text()
 
     def finish(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")

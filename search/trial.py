@@ -51,7 +51,7 @@ class TrialSetup:
     gpus: float = 0.0  # resources.gpu: fine-tuning runs on CUDA only when the trial reserved a GPU
 
 
-def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dict[str, float]:
+def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path, device: torch.device | None = None) -> dict[str, float]:
     """Compress, fine-tune and measure; returns the trial's metrics. Plain function: no Ray, no MLflow.
 
     Only fine-tuning uses the trial's GPU; ``train`` hands the model back on the CPU, so the
@@ -70,7 +70,7 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path) -> dic
     example = example_inputs(data)
     fine_tune = partial(
         train, dataset=data.train, epochs=setup.finetune.epochs, lr=setup.finetune.lr, batch_size=setup.finetune.batch_size, seed=setup.seed,
-        device=trial_device(setup.gpus),
+        device=device or trial_device(setup.gpus),
     )
     started = time.perf_counter()
     compressed = compress(
@@ -173,12 +173,13 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         )
     try:
         # where this attempt ran: the Ray node, and the device fine-tuning used
-        tracker.log(run_id, params=params, tags={NODE_TAG: ray.get_runtime_context().get_node_id(), DEVICE_TAG: str(trial_device(setup.gpus))})
+        device = trial_device(setup.gpus)
+        tracker.log(run_id, params=params, tags={NODE_TAG: ray.get_runtime_context().get_node_id(), DEVICE_TAG: str(device)})
         tracker.log_json(run_id, pipeline.model_dump(mode="json"), RECIPE_FILE)
         trial_dir = tune.get_context().get_trial_dir()
         workdir = Path(trial_dir) if trial_dir else Path(tempfile.mkdtemp(prefix="netshrink-trial-"))
         workdir.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_recipe(setup, pipeline, workdir)
+        metrics = evaluate_recipe(setup, pipeline, workdir, device)
         tracker.log_file(run_id, workdir / ARTIFACT_FILE)
         metrics["seconds_trial"] = time.perf_counter() - started  # all of this function but the last metric upload
         tracker.log(run_id, metrics=metrics)
