@@ -57,7 +57,14 @@ def search(
 
 @app.command()
 def validate(config: Path = typer.Argument(..., help="Experiment YAML file.")) -> None:
-    """Check an experiment file without running anything; lists every problem at once."""
+    """Check an experiment file, reporting every problem at once; trains nothing, starts no Ray, logs nothing.
+
+    Beyond the keys and their rules, it builds the task once: it imports your
+    'module:factory' code and runs the dataset and model factories (your code
+    runs, as it will in the search), passes one batch through the model, and
+    exports the untrained model to ONNX once to check that ONNX Runtime computes
+    what torch does. A few seconds for the built-in task.
+    """
     from netshrink.config import load_experiment
 
     experiment = load_experiment(config)
@@ -115,6 +122,20 @@ def export(
     ),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI. Default: sqlite mlflow.db here."),
     search_run: Optional[str] = typer.Option(None, "--search", help="Parent run id of one search. Default: the latest search."),
+    config: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        metavar="FILE",
+        help="Your copy of the experiment file the search ran: the task is rebuilt from it, its folder is where 'module:factory' code "
+        "imports from. It must be byte for byte the logged file (SHA-256 checked). Needed with a tracking server; "
+        "with a local store the logged file is used by default.",
+    ),
+    trust_logged_code: bool = typer.Option(
+        False,
+        "--trust-logged-code",
+        help="Rebuild the task from the experiment file logged on the tracking server, running the code it names. "
+        "Only for a server whose writers you trust.",
+    ),
 ) -> None:
     """Write one trial of a search as files that ship: model.onnx, compressed.safetensors, recipe.json, MODEL_CARD.md.
 
@@ -127,8 +148,13 @@ def export(
     trial nearest (Euclidean distance) to the ideal corner where all are 0.
     Ties go to the more accurate trial.
 
-    A task with your own 'module:factory' imports it from the experiment
-    file's folder, as the search did: run export where the search ran.
+    Export rebuilds the model by running the task's dataset and model
+    factories. With a local MLflow store (the default sqlite mlflow.db) it
+    reads the task from the experiment file the search logged, and imports
+    your own 'module:factory' code from that file's folder, as the search did.
+    With a tracking server it does not run code named by a file others could
+    have changed: pass --config FILE (checked against the logged SHA-256), or
+    --trust-logged-code.
     """
     import os
 
@@ -136,7 +162,8 @@ def export(
     from netshrink.search.export import export_model
 
     result = export_model(
-        experiment, pick, out, min_accuracy=min_accuracy, register=register, tracking_uri=tracking_uri, search_run=search_run
+        experiment, pick, out, min_accuracy=min_accuracy, register=register, tracking_uri=tracking_uri, search_run=search_run,
+        config=config, trust_logged_code=trust_logged_code,
     )
     point = result.chosen.point
     console.print(f"Exported {point.name} (run {point.run_id}), picked {result.chosen.pick}: {point.summary}")

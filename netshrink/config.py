@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from netshrink.errors import UserError, describe_validation_error
 from netshrink.spaces import SearchSpace
+from netshrink.yaml_file import DuplicateKeyError, read_yaml
 
 # Direction of each metric a search can optimise; fixed, because e.g. minimising accuracy is never meant.
 OBJECTIVES: dict[str, Literal["max", "min"]] = {"accuracy": "max", "size_bytes": "min", "latency_ms": "min"}
@@ -124,19 +123,15 @@ class Experiment(Strict):
         return [OBJECTIVES[name] for name in self.objectives]
 
 
-def baseline_key(task: TaskConfig) -> str:
-    """Cache key of the trained baseline: a hash of everything that determines it."""
-    canonical = json.dumps(task.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment file; every problem is reported at once as a ``UserError``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"experiment file {str(path)!r} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
+    except DuplicateKeyError as error:
+        raise UserError(error.problems, title=f"{path}: invalid experiment file") from None
     except yaml.YAMLError as error:
         raise UserError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -150,10 +145,11 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 def check_task(experiment: Experiment, search_path: str) -> None:
-    """Import ``module:factory`` references and build the task once (data, model, one forward pass).
+    """Import ``module:factory`` references and build the task once: data, model, one forward pass, one ONNX export.
 
-    Cheap next to a search, and it turns a typo or a model that does not fit the
-    data into a clear message before Ray starts.
+    Cheap next to a search (seconds), and it turns a typo, a model that does not fit
+    the data or one that ONNX cannot carry into a clear message before Ray starts
+    and before the baseline trains.
     """
     import torch
 
@@ -181,6 +177,12 @@ def check_task(experiment: Experiment, search_path: str) -> None:
             f"task.model: model {task.model!r} does not run on {task.dataset!r} inputs of shape "
             f"{tuple(data.input_shape)}: {type(error).__name__}: {error}"
         ) from None
+    from netshrink.search.onnx_export import check_exportable
+
+    try:
+        check_exportable(model, example_inputs(data))
+    except ValueError as error:
+        raise UserError(f"task.model: model {task.model!r}: {error}") from None
     check_exit_points(experiment, model)
 
 

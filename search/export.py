@@ -22,11 +22,12 @@ from pydantic import ValidationError
 
 from netshrink.config import OBJECTIVES, TaskConfig
 from netshrink.errors import UserError, describe_validation_error
+from netshrink.yaml_file import DuplicateKeyError, read_yaml
 
 from .front import TrialPoint
 from .model_card import CardFacts, render_card
 from .report import collect_points, load_front
-from .tracking import CONFIG_ARTIFACT, PARENT_TAG, RECIPE_FILE, ROLE_TAG, Tracker, default_tracking_uri
+from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, PARENT_TAG, RECIPE_FILE, ROLE_TAG, Tracker, default_tracking_uri, is_local, text_sha256
 from .trial import ARTIFACT_FILE, ONNX_FILE
 
 CARD_FILE = "MODEL_CARD.md"
@@ -135,25 +136,56 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
     return Chosen(point=point, pick="by its MLflow run id", search_run_id=parent_id, baseline=baseline)
 
 
-def task_of_search(tracker: Tracker, search_run_id: str) -> tuple[TaskConfig, str]:
-    """The search's task, from the experiment file it logged, and the folder its ``module:factory`` references import from.
+def task_of_search(tracker: Tracker, search_run_id: str, config: Path | None = None, trust_logged_code: bool = False) -> tuple[TaskConfig, str]:
+    """The search's task, and the folder its ``module:factory`` references import from.
 
-    The folder is the experiment file's. The search logs that file's absolute path;
-    searches from before it did logged the path as given, which is resolved against
-    the current directory.
+    Rebuilding the task runs the code its experiment file names. The file logged
+    to MLflow is used only when the store is a local file (as trusted as the disk
+    it is on) or the user says they trust it (``trust_logged_code``): whoever can
+    write to a shared tracking server could otherwise make the exporter run code.
+    Else the local ``config`` is used, and only if it is the very file the search
+    ran (its SHA-256 is logged); its folder is where the factories import from.
     """
     parent = tracker.client.get_run(search_run_id)
+    logged_hash = parent.data.tags.get(CONFIG_HASH_TAG)
+    if config is not None:
+        if not config.is_file():
+            raise UserError(f"--config: experiment file {str(config)!r} not found")
+        text = config.read_text()
+        expected = logged_hash or text_sha256(_logged_config(tracker, search_run_id))
+        if text_sha256(text) != expected:
+            raise UserError(
+                f"--config: {config} is not the experiment file search {search_run_id} ran (its SHA-256 differs from the logged "
+                f"{CONFIG_HASH_TAG} {expected[:12]}...); give the file as it was when the search started"
+            )
+        search_path = os.fspath(config.resolve().parent)
+    elif is_local(tracker.uri) or trust_logged_code:
+        text = _logged_config(tracker, search_run_id)
+        config_file = parent.data.tags.get("config_file")
+        # searches from before the absolute path was logged logged it as given: resolved against the current directory
+        search_path = os.fspath(Path(config_file).resolve().parent) if config_file else os.getcwd()
+    else:
+        raise UserError(
+            f"search {search_run_id} is on the tracking server {tracker.uri}: export rebuilds the model by running the code its "
+            f"experiment file names, and will not take that file from a server others can write to. Pass --config FILE, your "
+            "copy of the experiment file the search ran (checked against the logged SHA-256), or --trust-logged-code if you trust the server"
+        )
     try:
-        text = tracker.read_text(search_run_id, CONFIG_ARTIFACT)
-    except Exception as error:
-        raise UserError(f"search {search_run_id}: cannot read its {CONFIG_ARTIFACT} artifact ({type(error).__name__}: {error})") from None
-    raw = yaml.safe_load(text) or {}
+        raw = read_yaml(text) or {}
+    except (yaml.YAMLError, DuplicateKeyError) as error:
+        raise UserError(f"search {search_run_id}: its experiment file is not valid YAML: {error}") from None
     try:
         task = TaskConfig.model_validate(raw.get("task") or {})
     except ValidationError as error:
         raise UserError(describe_validation_error(error, "task"), title=f"search {search_run_id}: its experiment.yaml no longer validates") from None
-    config_file = parent.data.tags.get("config_file")
-    return task, (os.fspath(Path(config_file).resolve().parent) if config_file else os.getcwd())
+    return task, search_path
+
+
+def _logged_config(tracker: Tracker, search_run_id: str) -> str:
+    try:
+        return tracker.read_text(search_run_id, CONFIG_ARTIFACT)
+    except Exception as error:
+        raise UserError(f"search {search_run_id}: cannot read its {CONFIG_ARTIFACT} artifact ({type(error).__name__}: {error})") from None
 
 
 def check_out_folder(out: Path) -> None:
@@ -173,13 +205,16 @@ def export_model(
     register: str | None = None,
     tracking_uri: str | None = None,
     search_run: str | None = None,
+    config: Path | None = None,
+    trust_logged_code: bool = False,
 ) -> Export:
     """Choose a trial, write its files into ``out`` (all or nothing), and optionally register the ONNX model.
 
     ``pick`` is ``accuracy``, ``smallest``, ``fastest`` or ``knee`` (see
     ``knee_point``), chosen among the front of ``search_run`` (default: the
     latest search) restricted to accuracy >= ``min_accuracy``; or the MLflow run
-    id of any finished trial of the experiment.
+    id of any finished trial of the experiment. ``config`` and
+    ``trust_logged_code``: where the task's code comes from (``task_of_search``).
     """
     out = Path(out)
     check_out_folder(out)
@@ -190,7 +225,7 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        files, onnx_accuracy = write_files(tracker, experiment, chosen, staging)
+        files, onnx_accuracy = write_files(tracker, experiment, chosen, staging, config, trust_logged_code)
         if out.is_dir():
             out.rmdir()  # empty, checked above
         staging.rename(out)
@@ -201,7 +236,9 @@ def export_model(
     return Export(folder=out, chosen=chosen, files=files, onnx_accuracy=onnx_accuracy, registered_version=version)
 
 
-def write_files(tracker: Tracker, experiment: str, chosen: Chosen, folder: Path) -> tuple[dict[str, int], float]:
+def write_files(
+    tracker: Tracker, experiment: str, chosen: Chosen, folder: Path, config: Path | None = None, trust_logged_code: bool = False
+) -> tuple[dict[str, int], float]:
     """Artifact and recipe as the trial logged them; the ONNX model rebuilt from the artifact; the card."""
     from netshrink.tasks import build_model, example_inputs, load_data
     from netshrink.techniques import EarlyExitNet, TensorEncoding, load_artifact
@@ -215,7 +252,7 @@ def write_files(tracker: Tracker, experiment: str, chosen: Chosen, folder: Path)
             tracker.client.download_artifacts(run_id, name, os.fspath(folder))
         except Exception as error:  # the artifact store may be remote, or the file gone
             raise UserError(f"trial {run_id}: cannot download its {name} ({type(error).__name__}: {error})") from None
-    task, search_path = task_of_search(tracker, chosen.search_run_id)
+    task, search_path = task_of_search(tracker, chosen.search_run_id, config, trust_logged_code)
     try:
         data = load_data(task.dataset, task.dataset_args, search_path)
         fresh = build_model(task.model, task.model_args, data, search_path)

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import sys
+import tempfile
 import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -45,9 +51,22 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     return os.path.getsize(path)
 
 
+@contextmanager
+def attention_fast_path_off() -> Iterator[None]:
+    """PyTorch's own attention layers (``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention``) take a fused
+    fast path in eval mode (``aten::_transformer_encoder_layer_fwd``) that has no ONNX symbolic; the plain
+    path computes the same function out of exportable operators."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def export_module(module: nn.Module, example_inputs: torch.Tensor, output_names: list[str], encodings: dict[str, TensorEncoding]) -> onnx.ModelProto:
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), attention_fast_path_off():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
@@ -96,6 +115,90 @@ def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, T
     for node in reversed(nodes):
         graph.node.insert(0, node)
     onnx.checker.check_model(graph_model)
+
+
+# ONNX Runtime and torch agree to float32 rounding on the same graph; a traced branch or a shape frozen
+# at export time differs by far more than this.
+CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-4
+
+
+def check_exportable(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """Export ``model`` once, run it in ONNX Runtime and compare with torch; ``ValueError`` saying what broke and what to do.
+
+    Every trial measures and ships its model through ONNX, so a model that cannot be
+    exported, or whose export computes something else, must fail here, in seconds,
+    not after its baseline has trained. The comparison runs a batch of two random
+    samples: the export traces a batch of one, so a branch taken on the example's
+    values or a batch size frozen into a reshape shows as a difference.
+    """
+    import onnxruntime as ort
+
+    model = model.eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "check.onnx"
+        try:
+            with _output_to_nowhere():  # the exporter prints the whole graph on failure
+                export_onnx(model, example_inputs, path, {})
+        except Exception as error:
+            raise ValueError(describe_export_failure(error)) from None
+        inputs = torch.randn((2, *example_inputs.shape[1:]), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), attention_fast_path_off():
+            expected = model(inputs)
+        expected = (expected[0] if isinstance(expected, (tuple, list)) else expected).numpy()
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+            computed = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+        except Exception as error:  # ORT raises its own exception types
+            raise ValueError(
+                f"the model exports to ONNX, but ONNX Runtime cannot run it on a batch of 2: {_first_line(error)}. "
+                "A reshape or view to a fixed batch size is the usual cause: use x.flatten(1) or x.reshape(x.shape[0], ...)"
+            ) from None
+    if computed.shape != expected.shape or not np.allclose(computed, expected, rtol=CHECK_RTOL, atol=CHECK_ATOL):
+        difference = float(np.abs(computed - expected).max()) if computed.shape == expected.shape else float("inf")
+        raise ValueError(
+            f"the model exported to ONNX computes other outputs than in torch (shape {computed.shape} vs {expected.shape}, "
+            f"largest difference {difference:.3g}; allowed: rtol {CHECK_RTOL}, atol {CHECK_ATOL}) on random inputs. "
+            "The exporter traces one example: Python control flow on tensor values (an 'if' on x.sum(), a loop over x.shape "
+            "read as a number) is frozen to the example's branch. Write such steps with tensor operations (torch.where) instead"
+        )
+
+
+def describe_export_failure(error: Exception) -> str:
+    operator = re.search(r"operator '([^']+)'", str(error))
+    if operator:
+        return (
+            f"the model cannot be exported to ONNX (opset {OPSET}): operator {operator.group(1)!r} has no ONNX equivalent. "
+            "netshrink measures and ships every model through ONNX Runtime: write that step of the model with operators ONNX "
+            "supports, or register an ONNX symbolic for it (torch.onnx.register_custom_op_symbolic)"
+        )
+    return f"the model cannot be exported to ONNX (opset {OPSET}): {type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@contextmanager
+def _output_to_nowhere() -> Iterator[None]:
+    """Silence file descriptors 1 and 2 for the block: the exporter's C++ side writes to them directly."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 class _Stage(nn.Module):

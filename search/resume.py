@@ -26,8 +26,8 @@ import optuna
 
 from netshrink.errors import UserError
 
-from .searcher import REPEAT_OF, Evaluated
-from .tracking import CONFIG_ARTIFACT, OPTUNA_TRIAL_TAG, RECIPE_TAG, Tracker
+from .searcher import REPEAT_OF, UNCOMPRESSED, Evaluated
+from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, OPTUNA_TRIAL_TAG, RECIPE_TAG, Tracker, text_sha256
 
 RETRY_OF = "retry_of"  # user attribute of an enqueued Optuna trial: the number of the interrupted trial it runs again
 
@@ -61,7 +61,9 @@ def find_interrupted_search(tracker: Tracker, experiment_id: str, experiment_nam
     logged = _logged_experiment_file(tracker, run_id)
     if logged is None or not {"optuna.study_name", "optuna.storage"} <= tags.keys() or "trials" not in params:
         raise UserError(f"--resume: search {run_id} of {experiment_name!r} stopped before its first trial; start it again without --resume")
-    if logged != config_path.read_text():
+    # the task is rebuilt from the local file, never from the logged copy (a tracking server may be shared);
+    # the two must be the same file
+    if text_sha256(config_path.read_text()) != tags.get(CONFIG_HASH_TAG, text_sha256(logged)):
         raise UserError(
             f"--resume: {config_path} has changed since search {run_id} started; a resumed search must run the same experiment "
             f"file (the search's copy is its MLflow artifact {CONFIG_ARTIFACT}). Restore the file, or start a new search without --resume"
@@ -116,10 +118,12 @@ def reopen_search(tracker: Tracker, experiment_id: str, search: InterruptedSearc
 
 
 def ended_trials(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """Trials that used up budget: complete ones that were not repeats, failed ones that were not interrupted."""
+    """Trials that used up budget: complete ones that were not answered without training (repeats, the
+    uncompressed baseline), failed ones that were not interrupted."""
     retried = {trial.user_attrs[RETRY_OF] for trial in trials if RETRY_OF in trial.user_attrs}
     state = optuna.trial.TrialState
     return sum(
-        (trial.state == state.COMPLETE and REPEAT_OF not in trial.user_attrs) or (trial.state == state.FAIL and trial.number not in retried)
+        (trial.state == state.COMPLETE and not {REPEAT_OF, UNCOMPRESSED} & trial.user_attrs.keys())
+        or (trial.state == state.FAIL and trial.number not in retried)
         for trial in trials
     )

@@ -22,7 +22,7 @@ from .plots import log_plots
 from .report import collect_points
 from .resume import Progress, find_interrupted_search, reopen_search
 from .searcher import DistinctPipelineSearch
-from .tracking import CONFIG_ARTIFACT, PARETO_TAG, Tracker, default_tracking_uri, is_local
+from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, PARETO_TAG, Tracker, default_tracking_uri, is_local, text_sha256
 from .trial import TrialSetup, run_trial
 
 STATE_DIR = ".netshrink"
@@ -214,7 +214,9 @@ def start_parent_run(
     )
     study_name = f"{experiment.name}/{parent}"
     tracker.log(parent, metrics={f"baseline_{key}": value for key, value in baseline.items()}, tags={"optuna.study_name": study_name})
-    tracker.client.log_text(parent, config_path.read_text(), CONFIG_ARTIFACT)
+    text = config_path.read_text()
+    tracker.log(parent, tags={CONFIG_HASH_TAG: text_sha256(text)})
+    tracker.client.log_text(parent, text, CONFIG_ARTIFACT)
     return parent, study_name
 
 
@@ -306,6 +308,7 @@ def run_trials(
     # search would look finished with part of its budget.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     searcher = DistinctPipelineSearch(
+        baseline_values=[setup.baseline_metrics[name] for name in experiment.objectives],
         skip_repeats=experiment.search.skip_repeats,
         evaluated=progress.evaluated,
         space=SpaceSampler(experiment.space),

@@ -10,6 +10,12 @@ another pipeline; Tune never sees the repeat, and the trial budget counts
 distinct pipelines. If the sampler proposes nothing new many times in a row,
 the space is exhausted and the search ends. A resumed search hands in the
 pipelines its interrupted run finished (``evaluated``), so they count as well.
+
+A pipeline whose every step is a no-op (a lone ``quantization(bits=32)``: the
+space turns the last technique on when all others are off, but cannot stop it
+drawing its no-op value) is the uncompressed baseline, measured once per
+search: Optuna is told the baseline's figures (``uncompressed`` attribute) and
+no trial is spent on it.
 """
 
 from __future__ import annotations
@@ -20,17 +26,24 @@ from typing import Any
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from netshrink.techniques import Pipeline
+
 MAX_REPEATS_IN_A_ROW = 100
 REPEAT_OF = "repeat_of"  # user attribute of a repeat's Optuna trial: the number of the trial it repeats
+UNCOMPRESSED = "uncompressed"  # user attribute of an Optuna trial that drew the baseline, answered with its figures
 
 Evaluated = dict[str, tuple[int, list[float]]]  # recipe -> (Optuna trial number, objective values)
 
 
 class DistinctPipelineSearch(OptunaSearch):
-    def __init__(self, *args: Any, skip_repeats: bool = True, evaluated: Evaluated | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, baseline_values: list[float], skip_repeats: bool = True, evaluated: Evaluated | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.skip_repeats = skip_repeats
+        self.baseline_values = baseline_values  # the objectives' values of the uncompressed model
         self.repeats_skipped = 0
+        self.baselines_skipped = 0
         self._recipe_of_trial: dict[str, str] = {}
         self._finished: Evaluated = dict(evaluated or {})
 
@@ -46,6 +59,12 @@ class DistinctPipelineSearch(OptunaSearch):
             config = super().suggest(trial_id)
             if not isinstance(config, dict):
                 return config
+            if not Pipeline.from_recipe(config["recipe"]).active_steps():
+                answered = self._ot_trials.pop(trial_id)
+                answered.set_user_attr(UNCOMPRESSED, True)
+                self._ot_study.tell(answered, self.baseline_values)
+                self.baselines_skipped += 1
+                continue
             earlier = self._finished.get(config["recipe"]) if self.skip_repeats else None
             if earlier is None:
                 self._recipe_of_trial[trial_id] = config["recipe"]

@@ -6,6 +6,7 @@ MLflow UI nests them under their search.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +26,7 @@ OPTUNA_TRIAL_TAG = "optuna_trial"  # the number of the child's trial in the Optu
 TUNE_TRIAL_TAG = "ray_trial_id"  # the Tune trial a child belongs to: a retried trial finds its run again
 ERROR_TAG = "error"
 CONFIG_ARTIFACT = "experiment.yaml"  # the experiment file as the search read it, logged to the parent run
+CONFIG_HASH_TAG = "config_sha256"  # SHA-256 of that file: a local copy is checked against it before its code runs
 NODE_TAG = "ray_node_id"  # the Ray node the trial (its last attempt) ran on
 DEVICE_TAG = "device"  # where fine-tuning ran: cpu, cuda:0, ...
 
@@ -36,6 +38,10 @@ def default_tracking_uri(workdir: Path | None = None) -> str:
 
 def is_local(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def flatten(nested: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:

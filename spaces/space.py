@@ -106,8 +106,10 @@ class _SearchSpaceBase(BaseModel):
 
         A pipeline never comes out empty: the uncompressed model is the baseline,
         measured once per search. When every searchable technique before the last
-        one was switched off and none is forced on, the last one is on without a
-        ``<technique>/enabled`` question. A technique that an enabled one excludes
+        one was switched off (or drew its no-op value, such as 32 bits) and none is
+        forced on, the last one is on without a ``<technique>/enabled`` question.
+        That one may still draw its no-op value; the searcher answers such a
+        pipeline with the baseline's figures instead of training it. A technique that an enabled one excludes
         (``Technique.excludes``) is off without a question; this never empties the
         pipeline, since only an enabled technique excludes.
         """
@@ -121,7 +123,7 @@ class _SearchSpaceBase(BaseModel):
             if any(exclusion(kind, step.kind) is not None for step in steps if not step.is_noop()):
                 continue
             if enabled == "search":
-                if kind == searchable[-1] and not forced_on and not steps:
+                if kind == searchable[-1] and not forced_on and not any(not step.is_noop() for step in steps):
                     enabled = True
                 else:
                     enabled = trial.suggest_categorical(f"{kind}/enabled", [True, False])

@@ -13,7 +13,10 @@ Layout (documented in the README):
   encoding, and the recipe that produced the model.
 
 Loading rebuilds the model from its factory, resizes layers whose shapes
-changed (structured pruning removes channels) and loads the decoded weights.
+changed (structured pruning removes channels) and loads the decoded weights. A
+shape may differ only when a step of the artifact's recipe changes shapes
+(``Technique.reshapes``); otherwise the model's code changed since the artifact
+was written, and loading refuses it, naming the tensors.
 """
 
 from __future__ import annotations
@@ -70,6 +73,16 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     return state, header
 
 
+def shape_mismatches(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(tensor name, stored shape, model's shape) for every tensor of ``model`` whose stored shape differs."""
+    current = model.state_dict()
+    return [
+        (name, tuple(stored.shape), tuple(current[name].shape))
+        for name, stored in state.items()
+        if name in current and stored.shape != current[name].shape
+    ]
+
+
 def resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give ``model``'s tensors the shapes in ``state`` and fix the layer attributes that depend on them.
 
@@ -110,16 +123,30 @@ def load_artifact(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module,
     """Load an artifact into ``model`` (a fresh instance of the original architecture).
 
     Structural steps of the stored recipe (those whose technique has ``rebuild``)
-    are replayed first, then layers are resized to the stored shapes.
+    are replayed first, then layers are resized to the stored shapes, if a step
+    of the recipe changes shapes; ``ValueError`` naming the tensors if none does.
     """
     from .registry import REGISTRY
 
     state, header = read_artifact(Path(path))
+    reshaping = []
     for step in header["recipe"].get("steps", []):
         technique = REGISTRY.get(step["kind"])
+        if technique is None:
+            raise ValueError(f"{path}: its recipe has a step {step['kind']!r}, which is no technique of this netshrink ({', '.join(REGISTRY)})")
+        config = technique.config_type.model_validate(step)
         rebuild = getattr(technique, "rebuild", None)
         if rebuild is not None:
-            model = rebuild(model, technique.config_type.model_validate(step)) or model
+            model = rebuild(model, config) or model
+        if getattr(technique, "reshapes", lambda _config: False)(config):
+            reshaping.append(step["kind"])
+    mismatched = shape_mismatches(model, state)
+    if mismatched and not reshaping:
+        listed = "; ".join(f"{name}: {stored} stored, {current} built" for name, stored, current in mismatched[:5])
+        raise ValueError(
+            f"{path}: the model built now does not have the artifact's tensor shapes ({listed}), and no step of the "
+            "artifact's recipe changes shapes: the model's code or arguments changed since the artifact was written"
+        )
     resize_to_state(model, state)
     model.load_state_dict(state, strict=True)
     return model.eval(), header

@@ -85,6 +85,11 @@ class Technique(Protocol):
 #     exclusion_reason: ClassVar[str]      why, for the error message, e.g. "both set the stored weight values"
 # The pipeline validator rejects such a pair (either side may declare it) and the search space never samples one.
 
+# Optional, for techniques that change tensor shapes (channel pruning, early-exit heads):
+#     def reshapes(self, config: TechniqueConfig) -> bool
+# True lets ``load_artifact`` resize the freshly built layers to the stored shapes; without such a step
+# in the recipe, a shape that differs means the model's code changed, and loading refuses it.
+
 # Optional, for techniques that change the module tree (architecture stage):
 #     def rebuild(self, model: nn.Module, config: TechniqueConfig) -> nn.Module | None
 # makes the same structural change with placeholder weights (returning the new model if it wraps it, as apply does). ``load_artifact`` replays it from the

@@ -301,6 +301,10 @@ class EarlyExit:
         )
         return exits
 
+    def reshapes(self, config: EarlyExitConfig) -> bool:
+        """``rebuild`` makes heads of placeholder size; loading gives them their stored sizes."""
+        return True
+
     def rebuild(self, model: nn.Module, config: EarlyExitConfig) -> nn.Module:
         """The same cuts and heads, with placeholder head sizes that loading resizes to the stored ones."""
         return build_exits(model, config)

@@ -116,6 +116,10 @@ class Pruning:
     # knobs that only mean something for some values of an earlier knob: asked only then
     conditions: ClassVar[dict[str, dict[str, Any]]] = {"importance": {"granularity": "channel"}}
 
+    def reshapes(self, config: PruningConfig) -> bool:
+        """Channel pruning removes channels: the stored layers are narrower than the model's factory builds them."""
+        return config.granularity == "channel"
+
     def apply(self, model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> None:
         if config.granularity == "weight":
             prune_weights(model, config, ctx)

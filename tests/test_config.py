@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from netshrink.config import Experiment, baseline_key, load_experiment
+from netshrink.config import Experiment, load_experiment
 from netshrink.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,13 +105,6 @@ def test_a_model_that_does_not_fit_the_data_is_reported_before_running(tmp_path)
         load_experiment(write(tmp_path, "name: x\ntask: {dataset_args: {colour: true}}\nspace: {pruning: }\n", "e.yaml"))
 
 
-def test_baseline_key_depends_on_task_and_training_only():
-    a = Experiment.model_validate({"name": "a", "space": {"pruning": {}}})
-    b = Experiment.model_validate({"name": "b", "space": {"quantization": {}}, "search": {"trials": 3}})
-    c = Experiment.model_validate({"name": "a", "space": {"pruning": {}}, "task": {"train": {"epochs": 2}}})
-    assert baseline_key(a.task) == baseline_key(b.task) != baseline_key(c.task)
-
-
 def test_cli_reports_bad_input_with_exit_code_2_and_no_traceback(tmp_path):
     path = write(tmp_path, "name: x\nspace:\n  pruning: {ratio: 2}\n")
     result = subprocess.run([sys.executable, "-m", "netshrink.cli", "search", str(path)], capture_output=True, text=True, cwd=tmp_path)
@@ -141,3 +134,110 @@ def test_an_early_exit_placement_that_is_not_a_cut_point_fails_before_any_work(t
     (tmp_path / "exp.yaml").write_text(text)
     with pytest.raises(UserError, match=r"space.early_exit.after: 'pool7' is not a cut point of model 'lenet5'; its cut points, in forward order: conv1, pool1"):
         load_experiment(tmp_path / "exp.yaml")
+
+
+def test_a_key_written_twice_is_an_error_naming_the_key_and_its_lines(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        name: twice
+        space:
+          pruning: {ratio: 0.5}
+          quantization: {bits: [8]}
+          pruning: {ratio: 0.9}
+        search: {trials: 3, trials: 4}
+        """,
+    )
+    with pytest.raises(UserError) as caught:
+        load_experiment(path)
+    text = caught.value.render()
+    assert "space.pruning: key written 2 times, on lines 3, 5" in text
+    assert "search.trials: key written 2 times, on lines 6, 6" in text
+    result = subprocess.run([sys.executable, "-m", "netshrink.cli", "validate", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "space.pruning: key written 2 times" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_merge_key_may_override_what_it_merges(tmp_path):
+    path = write(tmp_path, "name: merged\nfast: &fast {epochs: 1, lr: 0.001}\nspace: {pruning: }\n", "base.yaml")
+    text = path.read_text().replace("fast: &fast {epochs: 1, lr: 0.001}\n", "") + "finetune:\n  <<: {epochs: 1, lr: 0.001}\n  epochs: 2\n"
+    path.write_text(text)
+    assert load_experiment(path).finetune.epochs == 2
+
+
+def test_a_factory_from_the_standard_library_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "ran"
+    path = write(tmp_path, f"name: x\ntask: {{dataset: 'os:system', dataset_args: {{command: 'touch {marker}'}}}}\nspace: {{pruning: }}\n")
+    result = subprocess.run([sys.executable, "-m", "netshrink.cli", "validate", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "task.dataset: 'os:system': a 'module:factory' reference must name your own code" in result.stderr
+    assert not marker.exists()
+    # the same function reached through a module of the user's
+    (tmp_path / "reexports.py").write_text("from os import system\nfrom subprocess import run\n")
+    for factory in ("system", "run"):
+        with pytest.raises(UserError, match=f"'reexports:{factory}': a 'module:factory' reference must name your own code.*Python's own"):
+            load_experiment(write(tmp_path, f"name: x\ntask: {{model: 'reexports:{factory}'}}\nspace: {{pruning: }}\n", f"{factory}.yaml"))
+    assert not marker.exists()
+
+
+EXPORT_TROUBLE = """
+import torch
+from torch import nn
+
+
+class Spectral(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) * torch.linalg.svdvals(x[:, 0]).sum(1, keepdim=True)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        y = self.linear(x.flatten(1))
+        return y if x.sum() > 0 else -y
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.encoder(self.embed(x.reshape(x.shape[0], 8, 8)))
+        tokens, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return self.head(tokens.mean(1))
+"""
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("Spectral", "operator 'aten::linalg_svdvals' has no ONNX equivalent"),
+        ("Branchy", "computes other outputs than in torch"),
+    ],
+)
+def test_a_model_onnx_cannot_carry_fails_validation_in_seconds(tmp_path, model, expected):
+    module = f"trouble_{tmp_path.name}"
+    (tmp_path / f"{module}.py").write_text(EXPORT_TROUBLE)
+    path = write(tmp_path, f"name: x\ntask: {{model: '{module}:{model}', dataset_args: {{image_size: 8}}}}\nspace: {{pruning: }}\n")
+    result = subprocess.run([sys.executable, "-m", "netshrink.cli", "search", str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"task.model: model '{module}:{model}': " in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr and "Torch IR graph" not in result.stdout + result.stderr
+    assert not (tmp_path / ".netshrink").exists()  # no baseline trained, no Ray started
+
+
+def test_pytorchs_own_transformer_layers_pass_the_export_check(tmp_path):
+    module = f"trouble_{tmp_path.name}"
+    (tmp_path / f"{module}.py").write_text(EXPORT_TROUBLE)
+    path = write(tmp_path, f"name: x\ntask: {{model: '{module}:Encoder', dataset_args: {{image_size: 8}}}}\nspace: {{quantization: }}\n")
+    assert load_experiment(path).task.model == f"{module}:Encoder"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,3 +50,53 @@ def digits(image_size: int = 28, seed: int = 0, val_fraction: float = 0.2, test_
         num_classes=10,
         input_shape=(1, image_size, image_size),
     )
+
+
+# Samples hashed per split when a dataset is not a TensorDataset (whose tensors are hashed whole):
+# evenly spaced, first and last included, so an added, removed or changed file shows in most cases
+# without reading a large dataset end to end.
+DIGEST_SAMPLES = 512
+
+
+def dataset_digest(dataset: Dataset) -> str:
+    """SHA-256 over a split's length and contents, for the baseline's cache key.
+
+    A ``TensorDataset`` is hashed whole. Any other dataset is hashed on
+    ``DIGEST_SAMPLES`` evenly spaced samples, read under fixed seeds of torch,
+    numpy and ``random`` (restored afterwards), so random augmentation gives the
+    same digest every time.
+    """
+    import random
+
+    digest = hashlib.sha256(f"{type(dataset).__name__}:{len(dataset)}".encode())  # type: ignore[arg-type]
+    if isinstance(dataset, TensorDataset):
+        for tensor in dataset.tensors:
+            _update(digest, tensor)
+        return digest.hexdigest()
+    count = len(dataset)  # type: ignore[arg-type]
+    indices = sorted({round(i * (count - 1) / max(DIGEST_SAMPLES - 1, 1)) for i in range(min(count, DIGEST_SAMPLES))})
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        try:
+            for index in indices:
+                for part in dataset[index]:
+                    _update(digest, part)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+    return digest.hexdigest()
+
+
+def _update(digest, value) -> None:
+    try:
+        tensor = torch.as_tensor(value).detach().cpu().contiguous()
+    except (TypeError, ValueError, RuntimeError):  # a string, a dict of fields: hashed by its text
+        digest.update(repr(value).encode())
+        return
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; the bits are what count
+        tensor = tensor.view(torch.int16)
+    digest.update(tensor.numpy().tobytes())

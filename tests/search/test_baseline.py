@@ -1,19 +1,126 @@
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+
 from netshrink.config import Experiment
-from netshrink.search.baseline import prepare_baseline
+from netshrink.search.baseline import FINGERPRINT_FILE, baseline_fingerprint, baseline_key, prepare_baseline
+from netshrink.tasks import load_data
+from netshrink.techniques import Pipeline, PruningConfig, compress, load_artifact, save_artifact
+
+FAST = {"measure": {"warmup": 1, "repeats": 10}, "space": {"pruning": {}}}
+
+
+def experiment(task: dict, name: str = "b") -> Experiment:
+    return Experiment.model_validate({"name": name, "task": {"train": {"epochs": 1}, **task}, **FAST})
 
 
 def test_baseline_is_trained_once_per_task_and_reused(tmp_path):
-    experiment = Experiment.model_validate(
-        {"name": "b", "task": {"dataset_args": {"image_size": 16}, "train": {"epochs": 1}}, "measure": {"warmup": 1, "repeats": 10}, "space": {"pruning": {}}}
-    )
+    first_experiment = experiment({"dataset_args": {"image_size": 16}})
     logs = []
-    first = prepare_baseline(experiment, tmp_path, str(tmp_path), log=logs.append)
+    first = prepare_baseline(first_experiment, tmp_path, str(tmp_path), log=logs.append)
     stamp = first.artifact.stat().st_mtime_ns
-    second = prepare_baseline(experiment.model_copy(update={"name": "other"}), tmp_path, str(tmp_path), log=logs.append)
+    second = prepare_baseline(first_experiment.model_copy(update={"name": "other"}), tmp_path, str(tmp_path), log=logs.append)
     assert first.trained_now and not second.trained_now
     assert second.artifact == first.artifact and second.artifact.stat().st_mtime_ns == stamp
     assert second.metrics["accuracy"] == first.metrics["accuracy"]
     assert first.metrics["size_bytes"] == first.artifact.stat().st_size
+    assert first.metrics["val_samples"] == first.metrics["test_samples"] == 360 // 4 * 4  # 20% each of 1,797 digits
     assert "Training the baseline" in logs[0] and "cached baseline" in logs[1]
-    retrain = experiment.model_copy(update={"task": experiment.task.model_copy(update={"train": experiment.task.train.model_copy(update={"epochs": 2})})})
-    assert prepare_baseline(retrain, tmp_path, str(tmp_path), log=logs.append).trained_now
+    assert (first.artifact.parent / FINGERPRINT_FILE).is_file()
+    assert prepare_baseline(experiment({"dataset_args": {"image_size": 16}, "train": {"epochs": 2}}), tmp_path, str(tmp_path), log=logs.append).trained_now
+
+
+def test_the_key_covers_the_task_section_the_versions_and_nothing_else():
+    data = load_data("digits", {"image_size": 16})
+    a = baseline_fingerprint(experiment({"dataset_args": {"image_size": 16}}).task, data, ".")
+    b = baseline_fingerprint(experiment({"dataset_args": {"image_size": 16}}, name="other").task, data, ".")
+    c = baseline_fingerprint(experiment({"dataset_args": {"image_size": 16}, "train": {"epochs": 2}}).task, data, ".")
+    assert baseline_key(a) == baseline_key(b) != baseline_key(c)
+    assert a["torch"] == torch.__version__ and a["netshrink"]
+    assert set(a["model_source"]) == {"netshrink.tasks.models"} and set(a["dataset_source"]) == {"netshrink.tasks.datasets"}
+    assert baseline_key({**a, "torch": "0.0"}) != baseline_key(a) != baseline_key({**a, "netshrink": "0.0"})
+
+
+USER_MODEL = """
+from torch import nn
+
+HIDDEN = {hidden}
+
+
+def make(num_classes, input_shape):
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[-1] * input_shape[-2], HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, num_classes))
+"""
+
+USER_DATA = """
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from netshrink.tasks import TaskData
+
+
+def make():
+    images = torch.tensor(np.load(__file__.replace("userdata_{tag}.py", "images_{tag}.npy")))
+    labels = torch.arange(len(images)) % 10
+    split = lambda part: TensorDataset(images[part::3], labels[part::3])
+    return TaskData(train=split(0), val=split(1), test=split(2), num_classes=10, input_shape=tuple(images.shape[1:]))
+"""
+
+
+def write_module(folder, name: str, text: str) -> None:
+    """(Re)write a user module so that the next import reads it anew, as a new netshrink process would."""
+    path = folder / f"{name}.py"
+    path.write_text(textwrap.dedent(text))
+    stamp = path.stat().st_mtime_ns + 10**9
+    os.utime(path, ns=(stamp, stamp))  # an edit within a second of the last one must not look unchanged to the import system
+    sys.modules.pop(name, None)
+
+
+def test_edited_model_code_trains_a_new_baseline_and_says_why(tmp_path):
+    module = f"usermodel_{tmp_path.name}"
+    write_module(tmp_path, module, USER_MODEL.format(hidden=50))
+    user = experiment({"model": f"{module}:make", "dataset_args": {"image_size": 8}})
+    logs = []
+    first = prepare_baseline(user, tmp_path / "cache", str(tmp_path), log=logs.append)
+    assert first.trained_now and not prepare_baseline(user, tmp_path / "cache", str(tmp_path), log=logs.append).trained_now
+    write_module(tmp_path, module, USER_MODEL.format(hidden=30))  # fc1 50 -> 30 units; the task section is the same
+    second = prepare_baseline(user, tmp_path / "cache", str(tmp_path), log=logs.append)
+    assert second.trained_now and second.artifact != first.artifact
+    assert "model_source changed" in logs[-1]
+    assert second.metrics["parameters"] < first.metrics["parameters"]
+
+
+def test_changed_data_with_the_same_arguments_trains_a_new_baseline(tmp_path):
+    import numpy as np
+
+    tag = tmp_path.name
+    module = f"userdata_{tag}"
+    write_module(tmp_path, module, USER_DATA.replace("{tag}", tag))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / f"images_{tag}.npy", rng.standard_normal((90, 1, 16, 16)).astype(np.float32))
+    user = experiment({"dataset": f"{module}:make", "model": "lenet5"})
+    logs = []
+    first = prepare_baseline(user, tmp_path / "cache", str(tmp_path), log=logs.append)
+    assert not prepare_baseline(user, tmp_path / "cache", str(tmp_path), log=logs.append).trained_now
+    images = np.load(tmp_path / f"images_{tag}.npy")
+    images[-1, 0, 0, 0] += 1.0  # one pixel of one test image
+    np.save(tmp_path / f"images_{tag}.npy", images)
+    second = prepare_baseline(user, tmp_path / "cache", str(tmp_path), log=logs.append)
+    assert second.trained_now and second.artifact != first.artifact
+    assert "data changed" in logs[-1]
+
+
+def test_an_artifact_whose_shapes_the_model_no_longer_has_is_refused_naming_the_layer(tmp_path):
+    def mlp(hidden: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+
+    save_artifact(tmp_path / "plain.safetensors", mlp(50), {}, Pipeline().recipe())
+    with pytest.raises(ValueError, match=r"1\.weight: \(50, 64\) stored, \(30, 64\) built.*no step of the artifact's recipe changes shapes"):
+        load_artifact(tmp_path / "plain.safetensors", mlp(30))
+    # a recipe that removes channels stores narrower layers than the factory builds: that loads
+    pruned = compress(mlp(50), Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5)]), torch.zeros(1, 1, 8, 8))
+    save_artifact(tmp_path / "pruned.safetensors", pruned.model, pruned.encodings, pruned.pipeline.recipe())
+    assert load_artifact(tmp_path / "pruned.safetensors", mlp(50))[0][1].weight.shape[0] < 50

@@ -6,6 +6,7 @@ client-side fallback could have written to a local store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import textwrap
 import optuna
 import pytest
 
-from netshrink.search.front import TrialPoint, pareto_front
 from tests.search.servers import api, artifact_files, download, metrics, mlflow_server, tags
 
 TRIALS = 3
@@ -93,15 +93,33 @@ def test_one_child_run_per_trial_with_metrics_tags_and_artifacts(finished_search
         assert json.loads(download(url, child, "recipe.json")) == json.loads(child_tags["recipe"])
 
 
-def test_pareto_tags_mark_exactly_the_non_dominated_trials(finished_search):
-    _, _, _, _, _, children = finished_search
-    points = [
-        TrialPoint(c["info"]["run_id"], c["info"]["run_name"], metrics(c)["accuracy"], metrics(c)["size_bytes"], metrics(c)["latency_ms"], "{}", "")
-        for c in children
-    ]
-    expected = {p.run_id for p in pareto_front(points, ["accuracy", "size_bytes", "latency_ms"], ["max", "min", "min"])}
-    assert {c["info"]["run_id"] for c in children if tags(c)["pareto"] == "true"} == expected
+def test_pareto_tags_mark_exactly_optunas_front(finished_search):
+    workdir, _, _, _, parents, children = finished_search
+    parent_tags = tags(parents[0])
+    study = optuna.load_study(study_name=parent_tags["optuna.study_name"], storage=parent_tags["optuna.storage"])
+    best = {t.user_attrs.get("repeat_of", t.number) for t in study.best_trials if "uncompressed" not in t.user_attrs}  # a repeat stands for its original; the baseline has no child run
+    assert best and {int(tags(c)["optuna_trial"]) for c in children if tags(c)["pareto"] == "true"} == best
     assert all(tags(c)["pareto"] in {"true", "false"} for c in children)
+
+
+def _export(workdir, url, out, *extra):
+    command = [sys.executable, "-m", "netshrink.cli", "export", "-e", "remote", "--pick", "accuracy", "--out", out, "--tracking-uri", url, *extra]
+    return subprocess.run(command, capture_output=True, text=True, cwd=workdir, timeout=300)
+
+
+def test_export_from_a_server_runs_only_code_from_a_local_file_that_matches_the_logged_one(finished_search):
+    workdir, _, url, _, parents, _ = finished_search
+    assert tags(parents[0])["config_sha256"] == hashlib.sha256(textwrap.dedent(EXPERIMENT).encode()).hexdigest()
+    refused = _export(workdir, url, "out-refused")
+    assert refused.returncode == 2 and "--config FILE" in refused.stderr and "--trust-logged-code" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (workdir / "out-refused").exists()
+    (workdir / "changed.yaml").write_text(textwrap.dedent(EXPERIMENT).replace("epochs: 2", "epochs: 3"))
+    changed = _export(workdir, url, "out-changed", "--config", "changed.yaml")
+    assert changed.returncode == 2 and "is not the experiment file search" in changed.stderr and "Traceback" not in changed.stderr
+    for out, extra in (("out-local", ["--config", "exp.yaml"]), ("out-trusted", ["--trust-logged-code"])):
+        result = _export(workdir, url, out, *extra)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (workdir / out / "model.onnx").is_file()
 
 
 def test_nothing_was_tracked_in_the_working_directory(finished_search):

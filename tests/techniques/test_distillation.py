@@ -23,6 +23,21 @@ def test_loss_mixes_soft_and_hard_targets():
     assert distillation_loss(teacher, teacher, labels, temperature=4.0, alpha=1.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_loss_is_alpha_t_squared_kl_plus_the_rest_on_cross_entropy():
+    """Hinton et al.'s weighting, written out by hand: dropping the T^2 would shrink the soft term 16-fold at T = 4."""
+    student = torch.tensor([[2.0, -1.0, 0.5, 0.0], [-0.5, 1.5, 0.0, 3.0], [1.0, 1.0, -2.0, 0.5]])
+    teacher = torch.tensor([[-1.0, 3.0, 0.0, 1.0], [2.5, -1.0, 1.0, 0.0], [0.0, -1.5, 2.0, 1.0]])
+    labels = torch.tensor([0, 3, 2])
+    temperature, alpha = 4.0, 0.7
+    teacher_soft = torch.softmax(teacher / temperature, dim=1)
+    student_log_soft = torch.log_softmax(student / temperature, dim=1)
+    kl = (teacher_soft * (teacher_soft.log() - student_log_soft)).sum(dim=1).mean().item()  # KL(teacher_T || student_T), batchmean
+    ce = -torch.log_softmax(student, dim=1)[torch.arange(3), labels].mean().item()
+    expected = alpha * temperature**2 * kl + (1 - alpha) * ce
+    assert alpha * kl + (1 - alpha) * ce < 0.5 * expected  # the soft term is large enough that a lost T^2 shows
+    assert distillation_loss(student, teacher, labels, temperature, alpha).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_the_student_learns_from_the_teacher_and_the_teacher_is_left_alone():
     torch.manual_seed(0)
     teacher = LeNet5().train()
