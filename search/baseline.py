@@ -12,6 +12,7 @@ import torch
 
 import netshrink
 from netshrink.config import Experiment, TaskConfig
+from netshrink.stats import interval_metrics
 from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, TaskData, build_model, dataset_digest, example_inputs, factory_sources, load_data
 from netshrink.techniques import Pipeline, load_artifact, save_artifact
 from netshrink.training import accuracy, train
@@ -28,7 +29,7 @@ class Baseline:
     """The trained, uncompressed model's weights (as stored on disk) and its measured metrics."""
 
     artifact: Path
-    metrics: dict[str, float]  # accuracy, test_accuracy, size_bytes, latency_ms, onnx_bytes, parameters, val_samples, test_samples
+    metrics: dict[str, float]  # accuracy, test_accuracy (and their 95% intervals), size_bytes, latency_ms, onnx_bytes, parameters, val_samples, test_samples
     trained_now: bool
 
 
@@ -104,9 +105,11 @@ def measure_baseline(model: torch.nn.Module, data: TaskData, artifact: Path, fol
     onnx_path = folder / "baseline.onnx"
     onnx_bytes = export_onnx(model, example_inputs(data), onnx_path, {})
     settings = LatencySettings(**experiment.measure.model_dump())
+    scores = {"accuracy": accuracy(model, data.val), "test_accuracy": accuracy(model, data.test)}
     return {
-        "accuracy": accuracy(model, data.val),
-        "test_accuracy": accuracy(model, data.test),
+        **scores,
+        **interval_metrics("accuracy", scores["accuracy"], len(data.val)),
+        **interval_metrics("test_accuracy", scores["test_accuracy"], len(data.test)),
         "size_bytes": float(artifact.stat().st_size),
         "latency_ms": measure_latency_ms(onnx_path, data.input_shape, settings),
         "onnx_bytes": float(onnx_bytes),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from netshrink.config import TaskConfig
 
-from .front import TrialPoint
+from .front import TrialPoint, with_interval
 from .onnx_export import EXIT_OUTPUT
 
 FILE_ROLES = {
@@ -46,14 +46,19 @@ def _ratio(baseline: float, value: float, better: str, worse: str) -> str:
 
 def metrics_table(facts: CardFacts) -> str:
     point, base = facts.point, facts.baseline
-    test = point.extra.get("test_accuracy")
+    metrics = point.metrics()
+    test = metrics.get("test_accuracy")
     rows = [
         "| | baseline | this model | change |",
         "|---|---:|---:|---:|",
-        f"| accuracy (validation split) | {base['accuracy']:.2%} | {point.accuracy:.2%} | {100 * (point.accuracy - base['accuracy']):+.2f} points |",
+        f"| accuracy, validation split (selected this model) | {with_interval(base, 'accuracy')} | {with_interval(metrics, 'accuracy')} "
+        f"| {100 * (point.accuracy - base['accuracy']):+.2f} points |",
     ]
     if test is not None and "test_accuracy" in base:
-        rows.append(f"| test accuracy | {base['test_accuracy']:.2%} | {test:.2%} | {100 * (test - base['test_accuracy']):+.2f} points |")
+        rows.append(
+            f"| accuracy, test split (held out: quote this) | {with_interval(base, 'test_accuracy')} | {with_interval(metrics, 'test_accuracy')} "
+            f"| {100 * (test - base['test_accuracy']):+.2f} points |"
+        )
     rows += [
         f"| size (compressed artifact file) | {base['size_bytes']:,.0f} B | {point.size_bytes:,.0f} B | {_ratio(base['size_bytes'], point.size_bytes, 'smaller', 'larger')} |",
         f"| latency (batch 1, ONNX Runtime CPU) | {base['latency_ms']:.4f} ms | {point.latency_ms:.4f} ms | {_ratio(base['latency_ms'], point.latency_ms, 'faster', 'slower')} |",
@@ -110,8 +115,10 @@ def render_card(facts: CardFacts) -> str:
         "",
         metrics_table(facts),
         "",
-        "Measured by the search on the artifact the trial wrote. Size is the compressed artifact file's size; latency is "
-        "batch-1 ONNX Runtime CPU time, timed in alternation with the baseline (ratio x the baseline's figure). "
+        "Measured by the search on the artifact the trial wrote. Accuracy brackets are 95% Wilson intervals. The search "
+        "picked its front on the validation split, so that figure is the best of many tries and optimistic; the test split "
+        "played no part in the choice, which is why its figure is the one to quote. Size is the compressed artifact file's "
+        "size; latency is batch-1 ONNX Runtime CPU time, timed in alternation with the baseline (ratio x the baseline's figure). "
         f"`model.onnx`, checked at export: accuracy {facts.onnx_accuracy:.2%} on the validation split, one sample per call.",
     ]
     shares = [point.extra[f"exit_share_{index}"] for index in range(len(facts.exit_cuts) + 1) if f"exit_share_{index}" in point.extra]

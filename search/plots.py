@@ -27,7 +27,7 @@ from mlflow.entities import Metric
 
 from netshrink.config import OBJECTIVES
 
-from .front import TrialPoint
+from .front import TrialPoint, with_interval
 from .hypervolume import BOX_OVER_BASELINE, front_hypervolume, hypervolume_history
 from .report import LoadedFront
 from .tracking import Tracker, default_tracking_uri
@@ -213,7 +213,8 @@ def _tooltip(point: TrialPoint, baseline: dict[str, float], on_front: bool) -> s
     lines = [
         point.name + (" (Pareto front)" if on_front else ""),
         point.summary,
-        f"accuracy {point.accuracy:.2%}",
+        f"validation accuracy {with_interval(point.metrics(), 'accuracy')} (selected the front)",
+        f"test accuracy {with_interval(point.metrics(), 'test_accuracy')} (held out: quote this)",
         f"size {point.size_bytes / 1e3:.1f} KB ({baseline['size_bytes'] / point.size_bytes:.1f}x smaller)",
         f"latency {point.latency_ms:.4f} ms ({baseline['latency_ms'] / point.latency_ms:.2f}x faster)",
     ]
@@ -222,7 +223,8 @@ def _tooltip(point: TrialPoint, baseline: dict[str, float], on_front: bool) -> s
 
 def _baseline_point(baseline: dict[str, float]) -> TrialPoint:
     return TrialPoint(
-        run_id="", name="baseline", accuracy=baseline["accuracy"], size_bytes=baseline["size_bytes"], latency_ms=baseline["latency_ms"], recipe="{}", summary="uncompressed"
+        run_id="", name="baseline", accuracy=baseline["accuracy"], size_bytes=baseline["size_bytes"], latency_ms=baseline["latency_ms"], recipe="{}", summary="uncompressed",
+        extra={key: value for key, value in baseline.items() if key not in {"accuracy", "size_bytes", "latency_ms"}},
     )
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from netshrink.config import Experiment
 from netshrink.errors import UserError
+from netshrink.node_lock import lock_files
 from netshrink.spaces import SearchSpace
 
 from .baseline import prepare_baseline
@@ -104,6 +105,10 @@ def run_search(
     search_path = str(config_path.resolve().parent)
     tracking_uri = overrides.tracking_uri or experiment.tracking_uri or default_tracking_uri(Path.cwd())
 
+    try:
+        lock_files()  # the measurement lock's private folder: a bad one should not fail every trial
+    except PermissionError as error:
+        raise UserError(str(error)) from None
     tracker, experiment_id = connect_tracking(tracking_uri, experiment.name)
     interrupted = find_interrupted_search(tracker, experiment_id, experiment.name, config_path) if resume else None
     if interrupted is not None and overrides.trials not in (None, interrupted.trials):

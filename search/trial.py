@@ -7,6 +7,7 @@ describe exactly what export ships.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -21,6 +22,7 @@ import torch
 from netshrink.config import FinetuneSettings, MeasureSettings, TaskConfig
 from netshrink.devices import trial_device
 from netshrink.node_lock import compute_slot
+from netshrink.stats import interval_metrics
 from netshrink.tasks import build_model, example_inputs, load_data
 from netshrink.techniques import EarlyExitNet, Pipeline, compress, load_artifact, save_artifact
 from netshrink.training import accuracy, cross_entropy, train
@@ -81,7 +83,9 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path, device
     artifact = workdir / ARTIFACT_FILE
     reference = workdir / "baseline.onnx"
     with compute_slot():  # heavy enough to disturb a neighbour's latency measurement (not nested: no slot inside)
-        size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, pipeline.recipe())
+        size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, compressed.pipeline.recipe())
+    # the recipe as applied: the layers, ranks and cut points the techniques chose from the model written out
+    (workdir / RECIPE_FILE).write_text(json.dumps(compressed.pipeline.model_dump(mode="json"), indent=2))
         restored = load_artifact(artifact, fresh())[0]
         onnx_bytes = export_onnx(restored, example, workdir / ONNX_FILE, compressed.encodings)
         export_onnx(baseline, example, reference, {})
@@ -103,6 +107,9 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path, device
     base = setup.baseline_metrics
     metrics = {
         **scores,
+        # 95% Wilson intervals: on a few hundred samples, an accuracy is an estimate (netshrink.stats)
+        **interval_metrics("accuracy", scores["accuracy"], len(data.val)),
+        **interval_metrics("test_accuracy", scores["test_accuracy"], len(data.test)),
         "size_bytes": float(size_bytes),
         # drift-corrected: the ratio to the baseline, timed in alternation, times the baseline's latency
         "latency_ms": timed.ratio * base["latency_ms"],
@@ -175,12 +182,13 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         # where this attempt ran: the Ray node, and the device fine-tuning used
         device = trial_device(setup.gpus)
         tracker.log(run_id, params=params, tags={NODE_TAG: ray.get_runtime_context().get_node_id(), DEVICE_TAG: str(device)})
-        tracker.log_json(run_id, pipeline.model_dump(mode="json"), RECIPE_FILE)
+        tracker.log_json(run_id, pipeline.model_dump(mode="json"), RECIPE_FILE)  # as sampled, until the trial writes what it applied
         trial_dir = tune.get_context().get_trial_dir()
         workdir = Path(trial_dir) if trial_dir else Path(tempfile.mkdtemp(prefix="netshrink-trial-"))
         workdir.mkdir(parents=True, exist_ok=True)
         metrics = evaluate_recipe(setup, pipeline, workdir, device)
         tracker.log_file(run_id, workdir / ARTIFACT_FILE)
+        tracker.log_file(run_id, workdir / RECIPE_FILE)  # replaces the sampled recipe logged above
         metrics["seconds_trial"] = time.perf_counter() - started  # all of this function but the last metric upload
         tracker.log(run_id, metrics=metrics)
     except BaseException as error:

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from netshrink.techniques import REGISTRY, Pipeline, TechniqueConfig, exclusion
+from netshrink.techniques.base import is_applied_field
 from netshrink.techniques.registry import conflicts, knob_applies
 
 from .knobs import Choice, Fixed, Knob, Range, Trial, parse_knob
@@ -53,7 +54,7 @@ def _technique_space_model(kind: str) -> type[TechniqueSpace]:
     defaults = getattr(technique, "default_space", {})
     fields: dict[str, Any] = {}
     for name, info in config_type.model_fields.items():
-        if name == "kind":
+        if name == "kind" or is_applied_field(config_type, name):  # filled in when applied, never searched
             continue
         default = parse_knob(defaults[name], info) if name in defaults else Fixed(info.default)
         fields[name] = (

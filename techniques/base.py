@@ -31,6 +31,17 @@ class Stage(IntEnum):
 ORDER = "architecture -> early exits -> distillation -> pruning -> quantization"
 
 
+# ``Field(json_schema_extra=APPLIED)`` marks a field that the technique fills in when it applies (the layers
+# and ranks it chose from the model's shapes): recorded in the recipe so a replay builds the same model, never
+# a search knob. Left empty, the technique decides from its other fields.
+APPLIED = {"applied": True}
+
+
+def is_applied_field(config_type: type[BaseModel], name: str) -> bool:
+    extra = config_type.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and extra.get("applied") is True
+
+
 class TechniqueConfig(BaseModel):
     """Base of every technique config: immutable, unknown keys rejected."""
 
@@ -84,6 +95,12 @@ class Technique(Protocol):
 #     excludes: ClassVar[frozenset[str]]   kinds that must not be active in the same pipeline
 #     exclusion_reason: ClassVar[str]      why, for the error message, e.g. "both set the stored weight values"
 # The pipeline validator rejects such a pair (either side may declare it) and the search space never samples one.
+
+# Optional, for techniques that decide something from the model when they apply (which layers, which ranks):
+#     def resolve(self, model: nn.Module, config: TechniqueConfig) -> TechniqueConfig
+# returns the config with those decisions written out (``APPLIED`` fields, or a default made explicit).
+# ``compress`` applies and records the resolved config, so the recipe says what was done, and a replay of it
+# on another netshrink version builds the same model or fails naming the layer it cannot find.
 
 # Optional, for techniques that change tensor shapes (channel pruning, early-exit heads):
 #     def reshapes(self, config: TechniqueConfig) -> bool

@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .base import CompressionContext, Stage, TechniqueConfig, replace_layers, zero_init
+from .base import APPLIED, CompressionContext, Stage, TechniqueConfig, replace_layers, zero_init
 
 Factorable = nn.Linear | nn.Conv2d
 Initialise = Callable[[nn.Sequential, Factorable], None]
@@ -37,6 +37,11 @@ class LowRankConfig(TechniqueConfig):
         0.25, gt=0.0, lt=1.0, description="rank kept, as a fraction of the smaller of a layer's two dimensions"
     )
     include_1x1_convs: bool = Field(False, description="also factor 1x1 convolutions (per-pixel channel mixing)")
+    ranks: dict[str, int] | None = Field(
+        None,
+        json_schema_extra=APPLIED,
+        description="layer -> rank actually factored, written when applied; when given, exactly these layers at these ranks",
+    )
 
 
 def is_factorable(module: nn.Module, include_1x1_convs: bool) -> bool:
@@ -56,7 +61,15 @@ def saves_parameters(layer: Factorable, rank: int) -> bool:
 
 
 def layers_to_factor(model: nn.Module, config: LowRankConfig) -> dict[str, int]:
-    """Layer name -> rank, for the layers that factoring shrinks; decided from shapes only, so rebuild agrees."""
+    """Layer name -> rank: ``config.ranks`` when the recipe records them, else the layers that factoring shrinks."""
+    if config.ranks is not None:
+        for name, rank in config.ranks.items():
+            layer = dict(model.named_modules()).get(name)
+            if layer is None or not is_factorable(layer, config.include_1x1_convs):
+                raise ValueError(f"lowrank.ranks: the recipe factors layer {name!r}, which this model has not as a plain Linear or 1x1 Conv2d")
+            if not 1 <= rank < min(layer.weight.shape[:2]):
+                raise ValueError(f"lowrank.ranks: rank {rank} for layer {name!r} of shape {tuple(layer.weight.shape[:2])} is not between 1 and its smaller side")
+        return dict(config.ranks)
     chosen: dict[str, int] = {}
     for name, module in model.named_modules():
         if name and is_factorable(module, config.include_1x1_convs):
@@ -110,6 +123,9 @@ class LowRank:
         "rank_fraction": {"low": 0.05, "high": 0.5, "log": True},
         "include_1x1_convs": [False, True],
     }
+
+    def resolve(self, model: nn.Module, config: LowRankConfig) -> LowRankConfig:
+        return config.model_copy(update={"ranks": layers_to_factor(model, config)})
 
     def apply(self, model: nn.Module, config: LowRankConfig, ctx: CompressionContext) -> None:
         factor_layers(model, config, svd_init)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import ORDER, CompressionContext, FineTune, TechniqueConfig, cross_entropy, summed_over_exits
+from .base import ORDER, CompressionContext, FineTune, TechniqueConfig, cross_entropy, is_applied_field, summed_over_exits
 from .encoding import TensorEncoding
 from .registry import REGISTRY, conflicts, knob_applies
 
@@ -69,6 +69,7 @@ class Pipeline(BaseModel):
                 f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={'+'.join(value)}" if isinstance(value, tuple) else f"{key}={value}"
                 for key, value in values.items()
                 if knob_applies(step.kind, key, values)  # e.g. no importance under weight pruning
+                and not is_applied_field(type(step), key)  # the layers it chose: in the recipe, too long for a line
             ]
             parts.append(f"{step.kind}({', '.join(fields)})")
         return " + ".join(parts)
@@ -127,13 +128,20 @@ def compress(
         seed=seed,
         teacher=teacher,
     )
-    active = pipeline.active_steps()
-    for step in active:
-        model = REGISTRY[step.kind].apply(model, step, ctx) or model
-    if active and tune is not None:
+    applied: dict[int, TechniqueConfig] = {}
+    for index, step in enumerate(pipeline.steps):
+        if step.is_noop():
+            continue
+        technique = REGISTRY[step.kind]
+        resolve = getattr(technique, "resolve", None)
+        applied[index] = step = resolve(model, step) if resolve is not None else step
+        model = technique.apply(model, step, ctx) or model
+    if applied and tune is not None:
         tune(model, ctx.loss_fn)
     bake_parametrizations(model)
-    return Compressed(model=model.eval(), encodings=ctx.encodings, pipeline=pipeline)
+    # the recipe of what was done: every decision taken from the model's shapes written out
+    done = Pipeline(steps=[applied.get(index, step) for index, step in enumerate(pipeline.steps)])
+    return Compressed(model=model.eval(), encodings=ctx.encodings, pipeline=done)
 
 
 def bake_parametrizations(model: nn.Module) -> None:

@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .base import CompressionContext, Stage, TechniqueConfig, replace_layers, zero_init
+from .base import APPLIED, CompressionContext, Stage, TechniqueConfig, replace_layers, zero_init
 
 Initialise = Callable[[nn.Sequential, nn.Conv2d], None]
 
@@ -33,6 +33,9 @@ class SeparableConfig(TechniqueConfig):
     kind: Literal["separable"] = "separable"
     which: Literal["all", "all_but_first", "last"] = Field(
         "all_but_first", description="which k x k convolutions, in module order, become depthwise + pointwise"
+    )
+    layers: tuple[str, ...] | None = Field(
+        None, json_schema_extra=APPLIED, description="the convolutions actually separated, written when applied; when given, exactly these"
     )
 
 
@@ -51,10 +54,15 @@ def saves_parameters(conv: nn.Conv2d) -> bool:
     return kernel * in_channels + in_channels * out_channels < kernel * in_channels * out_channels
 
 
-def convs_to_separate(model: nn.Module, which: str) -> list[str]:
-    """The chosen convolutions that separating shrinks; decided from shapes only, so rebuild agrees."""
+def convs_to_separate(model: nn.Module, config: SeparableConfig) -> list[str]:
+    """``config.layers`` when the recipe records them, else the chosen convolutions that separating shrinks."""
     names = spatial_convs(model)
-    chosen = {"all": names, "all_but_first": names[1:], "last": names[-1:]}[which]
+    if config.layers is not None:
+        missing = [name for name in config.layers if name not in names]
+        if missing:
+            raise ValueError(f"separable.layers: the recipe separates {', '.join(map(repr, missing))}, which this model has not as an ungrouped k x k Conv2d")
+        return list(config.layers)
+    chosen = {"all": names, "all_but_first": names[1:], "last": names[-1:]}[config.which]
     return [name for name in chosen if saves_parameters(model.get_submodule(name))]
 
 
@@ -85,7 +93,7 @@ def rank_one_init(pair: nn.Sequential, conv: nn.Conv2d) -> None:
 
 
 def separate_convs(model: nn.Module, config: SeparableConfig, initialise: Initialise) -> None:
-    replace_layers(model, {name: separable_pair for name in convs_to_separate(model, config.which)}, initialise)
+    replace_layers(model, {name: separable_pair for name in convs_to_separate(model, config)}, initialise)
 
 
 class Separable:
@@ -93,6 +101,9 @@ class Separable:
     config_type: ClassVar[type[TechniqueConfig]] = SeparableConfig
     stage: ClassVar[Stage] = Stage.ARCHITECTURE
     default_space: ClassVar[dict[str, Any]] = {"which": ["all", "all_but_first", "last"]}
+
+    def resolve(self, model: nn.Module, config: SeparableConfig) -> SeparableConfig:
+        return config.model_copy(update={"layers": tuple(convs_to_separate(model, config))})
 
     def apply(self, model: nn.Module, config: SeparableConfig, ctx: CompressionContext) -> None:
         separate_convs(model, config, rank_one_init)

@@ -1,3 +1,7 @@
+import os
+import re
+import stat
+import tempfile
 import threading
 import time
 
@@ -8,8 +12,56 @@ from netshrink import node_lock
 
 @pytest.fixture(autouse=True)
 def private_lock_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(node_lock, "GATE", tmp_path / "gate")
-    monkeypatch.setattr(node_lock, "WORK", tmp_path / "work")
+    monkeypatch.setenv(node_lock.LOCK_DIR_VARIABLE, str(tmp_path / "locks"))
+    node_lock.lock_files.cache_clear()
+    yield
+    node_lock.lock_files.cache_clear()  # later tests resolve the folder again, from the restored environment
+
+
+@pytest.fixture
+def default_folder(tmp_path, monkeypatch):
+    """Where the lock goes with neither NETSHRINK_LOCK_DIR nor XDG_RUNTIME_DIR set, inside a private temp folder."""
+    monkeypatch.delenv(node_lock.LOCK_DIR_VARIABLE)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path / f"netshrink-{os.getuid()}"
+
+
+def test_the_default_folder_is_made_private_and_holds_the_lock_files(default_folder):
+    with node_lock.compute_slot():
+        pass
+    with node_lock.quiet_machine():
+        pass
+    assert stat.S_IMODE(default_folder.lstat().st_mode) == 0o700
+    assert sorted(path.name for path in default_folder.iterdir()) == ["node.gate", "node.work"]
+    assert all(path.stat().st_mode & 0o077 == 0 for path in default_folder.iterdir())
+
+
+def test_a_folder_others_can_enter_is_refused(default_folder):
+    default_folder.mkdir()
+    default_folder.chmod(0o755)
+    rule = f"lock folder {default_folder} has mode 0755; it must be a folder of yours with mode 0700"
+    with pytest.raises(PermissionError, match=re.escape(rule)), node_lock.quiet_machine():
+        pass
+
+
+def test_a_symlink_in_place_of_the_folder_is_refused(default_folder, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    default_folder.symlink_to(target)
+    with pytest.raises(PermissionError, match=re.escape(f"lock folder {default_folder} is a symlink")), node_lock.compute_slot():
+        pass
+
+
+def test_the_runtime_folder_is_used_when_there_is_one(default_folder, tmp_path, monkeypatch):
+    runtime = tmp_path / "run"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert node_lock.lock_folder() == default_folder  # not a folder (yet): ignored
+    runtime.mkdir(mode=0o700)
+    with node_lock.compute_slot():
+        pass
+    assert (runtime / "netshrink" / "node.gate").exists()
+    assert not default_folder.exists()
 
 
 def _hold(context_manager, seconds, entered):

@@ -13,6 +13,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from netshrink.stats import wilson_interval
 from netshrink.techniques import Pipeline
 
 TRIALS = 4
@@ -58,6 +59,7 @@ def test_cli_prints_progress_and_the_front(finished_search):
     assert f"[{TRIALS}/{TRIALS}]" in result.stdout
     assert "Pareto front of 'e2e'" in result.stdout
     assert "x smaller" in result.stdout and "x faster" in result.stdout
+    assert "val. accuracy [95% CI]" in result.stdout and "test accuracy [95% CI]" in result.stdout and "quote it" in result.stdout
 
 
 def test_one_parent_run_with_the_baseline(finished_search):
@@ -84,6 +86,11 @@ def test_one_child_run_per_trial_with_metrics_recipe_and_artifact(finished_searc
         assert abs(metrics["onnx_accuracy"] - metrics["accuracy"]) < 0.01  # the ONNX export computes what torch computed
         assert 0 < metrics["accuracy"] <= 1 and metrics["latency_ms"] > 0
         assert metrics["size_ratio"] == pytest.approx(parents[0].data.metrics["baseline_size_bytes"] / metrics["size_bytes"])
+        # each accuracy with its 95% Wilson interval on the split's samples (the baseline logs the split sizes)
+        samples = {"accuracy": parents[0].data.metrics["baseline_val_samples"], "test_accuracy": parents[0].data.metrics["baseline_test_samples"]}
+        for name, count in samples.items():
+            assert (metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]) == pytest.approx(wilson_interval(metrics[name], int(count)))
+            assert metrics[f"{name}_ci_low"] < metrics[name] <= metrics[f"{name}_ci_high"]
         local = Path(client.download_artifacts(child.info.run_id, "", str(tmp_path / child.info.run_id)))
         recipe = Pipeline.model_validate(json.loads((local / "recipe.json").read_text()))
         assert recipe == Pipeline.from_recipe(child.data.tags["recipe"])

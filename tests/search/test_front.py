@@ -2,7 +2,7 @@ import json
 
 import optuna
 
-from netshrink.search.front import TrialPoint, dominates, front_json, pareto_front
+from netshrink.search.front import TrialPoint, dominates, front_json, pareto_front, print_front
 
 DIRECTIONS = ["max", "min", "min"]
 OBJECTIVES = ["accuracy", "size_bytes", "latency_ms"]
@@ -41,3 +41,41 @@ def test_min_accuracy_excludes_points_and_json_has_the_fields():
     rows = json.loads(front_json(points, {"size_bytes": 1000.0, "latency_ms": 2.0, "accuracy": 0.99}))
     assert {"run_id", "accuracy", "size_bytes", "latency_ms", "recipe"} <= set(rows[0])
     assert rows[1]["size_ratio"] == 100.0 and rows[1]["speedup"] == 20.0
+
+
+def test_every_accuracy_shown_carries_its_split_and_its_95_percent_interval(tmp_path):
+    from rich.console import Console
+
+    from netshrink.search.model_card import CardFacts, render_card
+    from netshrink.search.plots import _tooltip
+    from netshrink.config import TaskConfig
+    from netshrink.stats import interval_metrics
+
+    baseline = {"accuracy": 0.975, "test_accuracy": 0.9667, "size_bytes": 1000.0, "latency_ms": 2.0, "val_samples": 360.0, "test_samples": 360.0}
+    baseline |= interval_metrics("accuracy", 0.975, 360) | interval_metrics("test_accuracy", 0.9667, 360)
+    extra = {"test_accuracy": 0.95} | interval_metrics("accuracy", 0.9722, 360) | interval_metrics("test_accuracy", 0.95, 360)
+    trial = TrialPoint("r", "trial-001", 0.9722, 100.0, 1.0, "{}", "quantization(bits=8)", extra)
+    low, high = extra["test_accuracy_ci_low"], extra["test_accuracy_ci_high"]
+    assert (round(low, 4), round(high, 4)) == (0.9224, 0.9681)  # Wilson, 342 of 360, by hand: 0.94525 -/+ 0.02289
+    shown = f"95.00% [{low:.1%}, {high:.1%}]"
+
+    console = Console(width=250, record=True)
+    print_front([trial], baseline, title="t", console=console)
+    text = console.export_text()
+    assert "val. accuracy [95% CI]" in text and "test accuracy [95% CI]" in text and shown in text
+    assert "validation split (360 samples) selected this front" in text and "test split (360 samples)" in text and "quote it" in text
+
+    [row] = json.loads(front_json([trial], baseline))
+    assert row["selection_split"] == "validation" and row["test_accuracy"] == 0.95
+    assert row["test_accuracy_ci95"] == [low, high] and row["accuracy_ci95"] == [extra["accuracy_ci_low"], extra["accuracy_ci_high"]]
+
+    tooltip = _tooltip(trial, baseline, on_front=True)
+    assert f"test accuracy {shown} (held out: quote this)" in tooltip and "validation accuracy 97.22% [" in tooltip
+
+    facts = CardFacts(
+        experiment="e", search_run_id="s", point=trial, pick="as the knee", baseline=baseline, onnx_accuracy=0.9722,
+        files={"model.onnx": 10}, task=TaskConfig(), search_path=str(tmp_path), input_shape=(1, 28, 28),
+    )
+    card = render_card(facts)
+    assert f"| accuracy, test split (held out: quote this) | 96.67% [" in card and shown in card
+    assert "| accuracy, validation split (selected this model) | 97.50% [" in card and "95% Wilson intervals" in card

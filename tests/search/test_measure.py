@@ -1,5 +1,5 @@
+import contextlib
 import multiprocessing
-import statistics
 import time
 
 import numpy as np
@@ -8,6 +8,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from netshrink import node_lock
+from netshrink.search import measure
 from netshrink.search.measure import LatencySettings, measure_latency, measure_relative_latency, onnx_evaluate, ort_session
 from netshrink.search.onnx_export import export_onnx
 from netshrink.tasks.models import LeNet5
@@ -92,6 +94,94 @@ def test_a_training_neighbour_does_not_disturb_the_measurement(tmp_path):
     figures = alone + beside  # as trial latencies they are these ratios times one baseline figure
     assert max(figures) / min(figures) < 1.10, (alone, beside)
     assert all(0.93 < ratio < 1.07 for ratio in figures), (alone, beside)
+
+
+def _recording(context_manager, intervals):
+    """``context_manager`` that appends to ``intervals`` the monotonic-clock span spent inside it."""
+
+    @contextlib.contextmanager
+    def recorded():
+        with context_manager():
+            start = time.monotonic()  # CLOCK_MONOTONIC: one clock for all processes of the machine
+            yield
+            intervals.append((start, time.monotonic()))
+
+    return recorded
+
+
+def _train_recording_steps(lock_enabled, steps_taken, stop, spans_back):
+    """A neighbour trial that trains until told to stop, counts its training steps and sends back the span of each."""
+    torch.set_num_threads(1)
+    from netshrink import training
+
+    spans = []
+    recorded = _recording(training.compute_slot if lock_enabled else contextlib.nullcontext, spans)
+
+    @contextlib.contextmanager
+    def counted():
+        with recorded():
+            yield
+        with steps_taken.get_lock():
+            steps_taken.value += 1
+
+    training.compute_slot = counted
+    data = torch.utils.data.TensorDataset(torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,)))
+    model = LeNet5()
+    while not stop.is_set():
+        training.train(model, data, epochs=1, lr=1e-3, batch_size=32, seed=0)
+    spans_back.put(spans)
+
+
+def _await_steps(neighbour, steps_taken, count, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while steps_taken.value < count:
+        assert neighbour.is_alive() and time.monotonic() < deadline, f"the neighbour took {steps_taken.value} training steps, not {count}"
+        time.sleep(0.005)
+
+
+def _neighbour_steps_and_measurements(tmp_path, monkeypatch, lock_enabled):
+    """Time a model three times while a neighbour process trains; the spans of its steps and of the timed parts.
+
+    The neighbour takes steps before, between and after the measurements: after
+    each one, two more steps are awaited, and the second of them began after it.
+    """
+    _, path = exported(tmp_path, Pipeline())
+    monkeypatch.setenv(node_lock.LOCK_DIR_VARIABLE, str(tmp_path / "locks"))  # the spawned neighbour inherits it
+    node_lock.lock_files.cache_clear()
+    measurements = []
+    quiet = measure.quiet_machine if lock_enabled else contextlib.nullcontext
+    monkeypatch.setattr(measure, "quiet_machine", _recording(quiet, measurements))
+    context = multiprocessing.get_context("spawn")
+    steps_taken, stop, spans_back = context.Value("i", 0), context.Event(), context.Queue()
+    neighbour = context.Process(target=_train_recording_steps, args=(lock_enabled, steps_taken, stop, spans_back))
+    neighbour.start()
+    try:
+        _await_steps(neighbour, steps_taken, 1)
+        for _ in range(3):
+            measure_latency(path, (1, 28, 28), LatencySettings(warmup=20, repeats=400))
+            _await_steps(neighbour, steps_taken, steps_taken.value + 2)
+        stop.set()
+        spans = spans_back.get(timeout=120)  # read before joining: a child with data in a full pipe cannot exit
+    finally:
+        stop.set()
+        neighbour.join(timeout=60)
+        node_lock.lock_files.cache_clear()
+    return spans, measurements
+
+
+def _overlapping(spans, measurements):
+    return [(step, timed) for step in spans for timed in measurements if step[0] < timed[1] and timed[0] < step[1]]
+
+
+def test_no_training_step_of_a_neighbour_runs_while_a_model_is_timed(tmp_path, monkeypatch):
+    spans, measurements = _neighbour_steps_and_measurements(tmp_path, monkeypatch, lock_enabled=True)
+    assert _overlapping(spans, measurements) == []
+
+
+def test_without_the_lock_training_steps_of_a_neighbour_run_while_a_model_is_timed(tmp_path, monkeypatch):
+    """The check above can fail: with the lock disabled, the same scenario overlaps."""
+    spans, measurements = _neighbour_steps_and_measurements(tmp_path, monkeypatch, lock_enabled=False)
+    assert _overlapping(spans, measurements)
 
 
 def test_channel_pruning_is_measurably_faster_and_weight_pruning_is_not(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from netshrink.techniques.base import is_applied_field
 from netshrink.techniques import REGISTRY, Pipeline, compress, load_artifact, save_artifact
 from netshrink.techniques.artifact import encode_state
 from tests.models import EDGE_MODELS
@@ -110,9 +111,16 @@ def test_recipe_round_trips_and_replays(config, images):
     replayed = Pipeline.from_recipe(pipeline.recipe())
     assert replayed == pipeline
     model = EDGE_MODELS["tiny_cnn"]()
-    a = compress(model, pipeline, images[:1], fine_tune=fine_tune, seed=1).model.state_dict()
+    first = compress(model, pipeline, images[:1], fine_tune=fine_tune, seed=1)
+    a = first.model.state_dict()
     b = compress(model, replayed, images[:1], fine_tune=fine_tune, seed=1).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the recipe of what was applied, every decision from the model's shapes written out, replays to the same model
+    applied = Pipeline.from_recipe(first.pipeline.recipe())
+    assert applied == first.pipeline
+    assert all(getattr(step, name) is not None for step in applied.active_steps() for name in type(step).model_fields if is_applied_field(type(step), name))
+    c = compress(model, applied, images[:1], fine_tune=fine_tune, seed=1).model.state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.parametrize("kind", sorted(REGISTRY))

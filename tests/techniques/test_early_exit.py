@@ -95,3 +95,10 @@ def test_artifact_reloads_with_its_exits(tmp_path):
         torch.testing.assert_close(a, b)
     # channel pruning shrank the exit head's input with the layer before it, and kept its 10 classes
     assert restored.heads[0].linear.in_features == 10 * 16 and restored.heads[0].linear.out_features == 10
+
+
+def test_the_recipe_records_the_cut_point_the_default_placement_resolved_to():
+    model = lenet5(image_size=16)
+    applied = compress(model, Pipeline(steps=[EarlyExitConfig()]), torch.zeros(1, 1, 16, 16)).pipeline
+    assert applied.steps[0].after == ("pool2",)  # the middle cut point, by its name; the config asked for ()
+    assert Pipeline.from_recipe(applied.recipe()).steps[0].after == ("pool2",)

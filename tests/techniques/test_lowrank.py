@@ -93,3 +93,12 @@ def test_rank_fraction_must_be_strictly_between_zero_and_one():
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="rank_fraction"):
             LowRankConfig(rank_fraction=bad)
+
+
+def test_the_recipe_records_each_factored_layer_and_rank_and_a_replay_that_cannot_find_one_fails_naming_it():
+    model = LeNet5()
+    applied = compress(model, Pipeline(steps=[LowRankConfig(rank_fraction=0.1)]), torch.zeros(1, 1, 28, 28)).pipeline
+    assert applied.steps[0].ranks == {"fc1": 50, "fc2": 1}  # ceil(0.1 * min(500, 800)) and ceil(0.1 * min(10, 500))
+    renamed = nn.Sequential(nn.Flatten(), nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 10))
+    with pytest.raises(ValueError, match="lowrank.ranks: the recipe factors layer 'fc1'"):
+        compress(renamed, applied, torch.zeros(1, 1, 28, 28))

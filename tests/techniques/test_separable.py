@@ -133,3 +133,11 @@ def test_separable_lowrank_pruning_and_int8_compose_save_reload_and_export(tmp_p
     export_onnx(restored, x[:1], tmp_path / "m.onnx", compressed.encodings)
     logits = ort_session(tmp_path / "m.onnx").run(None, {"input": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(logits), compressed.model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_recipe_records_the_separated_convolutions_and_a_replay_that_cannot_find_one_fails_naming_it():
+    model = LeNet5()
+    applied = compress(model, Pipeline(steps=[SeparableConfig(which="all_but_first")]), torch.zeros(1, 1, 28, 28)).pipeline
+    assert applied.steps[0].layers == ("conv2",)
+    with pytest.raises(ValueError, match="separable.layers: the recipe separates 'conv2'"):
+        compress(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(2704, 10)), applied, torch.zeros(1, 1, 28, 28))
