@@ -18,7 +18,7 @@ from netshrink.node_lock import lock_files
 from netshrink.spaces import SearchSpace
 
 from .baseline import prepare_baseline
-from .front import TrialPoint, front_json, pareto_front, print_front
+from .front import TrialPoint, front_json, pareto_front, print_front, with_interval
 from .plots import log_plots
 from .report import collect_points
 from .resume import Progress, find_interrupted_search, reopen_search
@@ -131,8 +131,8 @@ def run_search(
             parent, study_name, storage_url = interrupted.parent_run_id, interrupted.study_name, interrupted.storage_url
             progress = reopen_search(tracker, experiment_id, interrupted, experiment.objectives)
         console.print(
-            f"Baseline: accuracy {b['accuracy']:.2%}, {b['size_bytes'] / 1e6:.3f} MB, {b['latency_ms']:.4f} ms "
-            f"({int(b['parameters']):,} parameters)"
+            f"Baseline: validation accuracy {with_interval(b, 'accuracy')}, test accuracy {with_interval(b, 'test_accuracy')}, "
+            f"{b['size_bytes'] / 1e6:.3f} MB, {b['latency_ms']:.4f} ms ({int(b['parameters']):,} parameters)"
         )
         verb = "continued" if interrupted else "started"
         console.print(f"MLflow: experiment {experiment.name!r}, search run {parent} {verb} at {tracking_uri}")

@@ -84,11 +84,11 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path, device
     reference = workdir / "baseline.onnx"
     with compute_slot():  # heavy enough to disturb a neighbour's latency measurement (not nested: no slot inside)
         size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, compressed.pipeline.recipe())
-    # the recipe as applied: the layers, ranks and cut points the techniques chose from the model written out
-    (workdir / RECIPE_FILE).write_text(json.dumps(compressed.pipeline.model_dump(mode="json"), indent=2))
         restored = load_artifact(artifact, fresh())[0]
         onnx_bytes = export_onnx(restored, example, workdir / ONNX_FILE, compressed.encodings)
         export_onnx(baseline, example, reference, {})
+    # the recipe as applied: the layers, ranks and cut points the techniques chose from the model written out
+    (workdir / RECIPE_FILE).write_text(json.dumps(compressed.pipeline.model_dump(mode="json"), indent=2))
     started = time.perf_counter()
     try:
         # timed on the validation inputs: a model with early exits is timed over all of them, with its exit logic
