@@ -1,16 +1,19 @@
 """The compressed artifact: one safetensors file, no pickle.
 
 Layout (documented in the README):
-- tensors: for each state entry ``name``, ``name.values`` (dense, or only the
-  nonzeros when sparse; float32, float16, int8 codes, or 4/2/1-bit codes packed
-  into uint8), ``name.mask`` (packed bitmask, when sparse) and ``name.scale``
-  (per-output-channel float32 scales, for 8/4/2/1 bits). Clustered tensors store
-  ``name.centroids`` (float32) and, in ``name.values``, the cluster indices
-  packed at ceil(log2 k) bits, or a canonical Huffman bitstream of them with
-  ``name.code_lengths`` (one uint8 length per centroid). Integer buffers are
-  stored as they are under ``name``.
-- metadata ``netshrink``: JSON with the format version, each entry's shape and
-  encoding, and the recipe that produced the model.
+- tensors: for each state entry ``name``, ``name.values`` (all values, or only
+  the nonzeros in a sparse layout; float32, float16, int8 codes, 4/2/1-bit codes
+  packed into uint8, or one sign bit per nonzero for ternary codes stored
+  sparse), the positions of a sparse layout as ``name.mask`` (packed bitmask) or
+  ``name.gaps`` and ``name.gaps_low`` (Rice-coded runs of zeros), and
+  ``name.scale`` (per-output-channel float32 scales, for 8/4/2/1 bits).
+  Clustered tensors store ``name.centroids`` (float32) and, in ``name.values``,
+  the cluster indices packed at ceil(log2 k) bits, or a canonical Huffman
+  bitstream of them with ``name.code_lengths`` (one uint8 length per centroid).
+  Integer buffers are stored as they are under ``name``.
+- metadata ``netshrink``: JSON with the format version, each entry's shape,
+  encoding (defaults left out) and, for a sparse layout, the layout that
+  decoding needs, and the recipe that produced the model.
 
 Loading rebuilds the model from its factory, resizes layers whose shapes
 changed (structured pruning removes channels) and loads the decoded weights. A
@@ -30,9 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .encoding import TensorEncoding, decode_tensor, encode_tensor
+from .encoding import Layout, TensorEncoding, decode_tensor, encode_tensor, plan_layout
 
-FORMAT = "netshrink-artifact/1"
+FORMAT = "netshrink-artifact/2"  # 2: per-tensor layouts (bitmask or Rice-coded gaps), ternary sign bits
 
 
 def encode_state(model: nn.Module, encodings: dict[str, TensorEncoding]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -41,8 +44,15 @@ def encode_state(model: nn.Module, encodings: dict[str, TensorEncoding]) -> tupl
     entries: dict[str, Any] = {}
     for name, value in model.state_dict().items():
         encoding = encodings.get(name, TensorEncoding())
-        tensors.update(encode_tensor(name, value, encoding))
-        entries[name] = {"shape": list(value.shape), "encoding": encoding.model_dump()}
+        entry: dict[str, Any] = {"shape": list(value.shape), "encoding": encoding.model_dump(exclude_defaults=True)}
+        if value.is_floating_point():
+            layout = plan_layout(value, encoding)
+            tensors.update(encode_tensor(name, value, encoding, layout))
+            if layout.positions != "dense":  # what decoding needs; a dense entry needs nothing
+                entry["layout"] = layout.model_dump(include={"positions", "nonzeros", "rice_k"})
+        else:
+            tensors.update(encode_tensor(name, value, encoding))
+        entries[name] = entry
     return tensors, entries
 
 
@@ -67,7 +77,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         raise ValueError(f"{path}: unsupported artifact format {header.get('format')!r}, expected {FORMAT!r}")
     stored = load_file(os.fspath(path))
     state = {
-        name: decode_tensor(name, stored, tuple(entry["shape"]), TensorEncoding(**entry["encoding"]))
+        name: decode_tensor(name, stored, tuple(entry["shape"]), TensorEncoding(**entry["encoding"]), Layout(**entry.get("layout", {})))
         for name, entry in header["entries"].items()
     }
     return state, header

@@ -1,17 +1,32 @@
 """How one tensor is stored in the compressed artifact.
 
-The storage plan is explicit so that the bytes a technique promises can be
-checked against the bytes the artifact writer produces (see ``payload_bytes``).
+The storage plan (``TensorEncoding``) says what a technique promises: the
+value format (float32, float16, 8/4/2/1-bit integer codes with one float32
+scale per output channel, or cluster indices into float32 centroids, packed or
+Huffman-coded) and whether zeros are free (``sparse``, after pruning). The
+*layout* (``Layout``) is how the writer then stores it, chosen per tensor as
+the smallest valid one and recorded in the artifact's header:
 
-Integer widths (8, 4, 2, 1 bits) store one code per weight plus one float32
-scale per output channel; the decoded weight is ``code * scale``. 8-bit codes
-are int8; 4-, 2- and 1-bit codes are packed into uint8 bytes (first code in the
-high bits, the last byte zero-padded), so the artifact shrinks by the bit ratio.
+- ``dense``: every value;
+- ``bitmask``: one bit per weight says where the nonzeros are, then only the nonzeros;
+- ``gaps``: the nonzeros' positions as the runs of zeros between them
+  (Deep Compression's relative indices), Rice-coded: each run r is
+  ``r >> k`` in unary plus its low ``k`` bits, ``k`` chosen per tensor. The runs
+  of a pruned layer are close to geometric, for which Rice codes are within a
+  few hundredths of a bit of the entropy: at 8% density, about 0.41 bit per
+  weight of the layer against 1 for the bitmask (the entropy limit is 0.40).
+
+Integer codes: 8-bit codes are int8; 4-, 2- and 1-bit codes are packed into
+uint8 bytes (first code in the high bits, the last byte zero-padded). The 2-bit
+grid is ternary (-s, 0, +s), and so is a pruned 1-bit layer (its zeros stay
+zero): stored sparse, a ternary tensor keeps one sign bit per nonzero.
 
 Clustered tensors (weight sharing) store their distinct values as float32
 centroids and, per stored weight, a cluster index: packed at ceil(log2 k) bits,
-or as a canonical Huffman bitstream plus one code length per centroid. The
-indices are derived from the tensor itself: every value equals one centroid.
+or as a canonical Huffman bitstream plus one code length per centroid.
+
+``payload_bytes`` computes the bytes a plan writes without writing them, so the
+size a technique promises can be checked against the bytes the writer produces.
 """
 
 from __future__ import annotations
@@ -50,23 +65,21 @@ class TensorEncoding(BaseModel):
         return self
 
     def payload_bytes(self, tensor: torch.Tensor) -> int:
-        """Bytes this encoding writes for the float ``tensor``, computed without serialising it."""
-        shape = tuple(tensor.shape)
-        numel = math.prod(shape)
-        mask = math.ceil(numel / 8) if self.sparse else 0
-        if self.clusters is not None:
-            centroids, indices = cluster_indices(tensor, self)
-            size = 4 * centroids.numel() + mask
-            if self.huffman:  # the code-length table, and each symbol's frequency x its code length in bits
-                frequencies = np.bincount(indices, minlength=centroids.numel())
-                lengths = huffman.code_lengths(frequencies)
-                return size + lengths.size + math.ceil(int((frequencies * lengths).sum()) / 8)
-            return size + math.ceil(indices.size * index_width(self.clusters) / 8)
-        stored = int((tensor != 0).sum()) if self.sparse else numel
-        size = math.ceil(stored * self.bits / 8) + mask
-        if self.bits in INTEGER_BITS:
-            size += 4 * _out_channels(shape)
-        return size
+        """Bytes this encoding writes for the float ``tensor`` (in its chosen layout), computed without serialising it."""
+        return plan_layout(tensor, self).payload_bytes
+
+
+class Layout(BaseModel):
+    """How the writer stored one tensor: recorded per entry in the artifact's header."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    positions: Literal["dense", "bitmask", "gaps"] = "dense"
+    nonzeros: int | None = None  # values stored in a sparse layout
+    rice_k: int = Field(0, ge=0, le=8)  # low bits of each run of zeros, under ``gaps``
+    value_format: str = "float32"  # what the values are, in words: float16, int4, ternary, binary, clustered(16), ...
+    payload_bytes: int = 0  # positions + values + scales, centroids and code tables: the tensor's bytes in the file
+    position_bytes: int = 0
 
 
 def _out_channels(shape: tuple[int, ...]) -> int:
@@ -78,21 +91,68 @@ def level_max(bits: int) -> int:
     return 1 if bits == 1 else 2 ** (bits - 1) - 1
 
 
-def channel_scales(weight: torch.Tensor, bits: int, sparse: bool = False) -> torch.Tensor:
-    """Per-output-channel float32 scale of the ``bits``-wide grid.
+# MSE-optimal clipping for 4-bit grids: candidate scales f * max|w| / 7, f from 1 down to 0.3 in 36 steps
+# (max-abs, f = 1, first: it wins ties, so a tensor already on its grid keeps exactly that grid).
+CLIP_FACTORS = torch.linspace(1.0, 0.3, 36).tolist()
 
-    8/4/2 bits: max|w| / level_max, so the largest weight is exact (a zero channel
-    gets scale 1). 1 bit: mean|w| over the channel, the L2-optimal scale of
-    sign(w) (XNOR-Net, Rastegari et al. 2016); when the tensor is stored sparse the
-    mean runs over the nonzeros only, since zeros are kept by the bitmask.
+
+def channel_scales(weight: torch.Tensor, bits: int, sparse: bool = False) -> torch.Tensor:
+    """Per-output-channel float32 scale of the ``bits``-wide grid, chosen to keep the quantization error small.
+
+    - 8 bits: max|w| / 127, so the largest weight is exact.
+    - 4 bits: the scale among ``CLIP_FACTORS`` x max|w| / 7 with the least squared error:
+      clipping a few large weights buys a finer step for all the others.
+    - 2 bits: the grid is ternary {-s, 0, +s}; s and the zero threshold s/2 are the least-squares
+      ternary fit (``ternary_scales``, the exact optimum that TWN approximates with 0.7 mean|w|).
+      max|w| as the scale rounded 52-92% of LeNet-5's weights to zero.
+    - 1 bit: mean|w| over the channel, the L2-optimal scale of sign(w) (XNOR-Net, Rastegari et al.
+      2016); when the tensor is stored sparse the mean runs over the nonzeros only, since zeros stay zero.
+
+    A zero channel gets scale 1.
     """
     flat = weight.detach().reshape(weight.shape[0], -1) if weight.dim() > 0 else weight.detach().reshape(1, 1)
     flat = flat.to(torch.float32)
     if bits == 1:
         count = (flat != 0).sum(dim=1) if sparse else torch.full((flat.shape[0],), flat.shape[1])
-        return flat.abs().sum(dim=1) / count.clamp(min=1)
-    scale = flat.abs().amax(dim=1) / level_max(bits)
+        # summed in float64: a channel already at +-s gives s back exactly
+        return (flat.abs().to(torch.float64).sum(dim=1) / count.clamp(min=1)).to(torch.float32)
+    if bits == 2:
+        scale = ternary_scales(flat)
+    elif bits == 4:
+        scale = clipped_scales(flat, bits)
+    else:
+        scale = flat.abs().amax(dim=1) / level_max(bits)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def ternary_scales(flat: torch.Tensor) -> torch.Tensor:
+    """Per row, the s of the least-squares fit by {-s, 0, +s}.
+
+    Keeping the m largest |w| at +/-s (s their mean) leaves an error of sum(w^2) - S_m^2 / m,
+    S_m the sum of those m magnitudes, so the best m maximises S_m^2 / m: one sort and a
+    cumulative sum per row. Summed in float64, so a row already on a ternary grid gives its s back exactly.
+    """
+    magnitudes = flat.abs().to(torch.float64).sort(dim=1, descending=True).values
+    sums = magnitudes.cumsum(dim=1)
+    kept = torch.arange(1, flat.shape[1] + 1, dtype=torch.float64)
+    best = (sums * sums / kept).argmax(dim=1, keepdim=True)
+    return (sums.gather(1, best) / (best + 1)).squeeze(1).to(torch.float32)
+
+
+def clipped_scales(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per row, the scale among ``CLIP_FACTORS`` x max|w| / q with the smallest squared quantization error."""
+    q = level_max(bits)
+    top = flat.abs().amax(dim=1, keepdim=True)
+    best_scale, best_error = None, None
+    for factor in CLIP_FACTORS:
+        scale = torch.where(top > 0, top * factor / q, torch.ones_like(top))
+        error = ((torch.clamp(torch.round(flat / scale), -q, q) * scale - flat) ** 2).sum(dim=1, keepdim=True)
+        if best_error is None:
+            best_scale, best_error = scale, error
+        else:
+            better = error < best_error
+            best_scale, best_error = torch.where(better, scale, best_scale), torch.where(better, error, best_error)
+    return best_scale.squeeze(1)
 
 
 def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, sparse: bool = False) -> torch.Tensor:
@@ -148,51 +208,162 @@ def unpack_bits(packed: torch.Tensor, width: int, count: int) -> np.ndarray:
     return bits @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64))
 
 
-def cluster_indices(tensor: torch.Tensor, encoding: TensorEncoding) -> tuple[torch.Tensor, np.ndarray]:
-    """The centroids (the distinct stored values, ascending, float32) and each stored value's index into them.
+def value_format(encoding: TensorEncoding, codes: torch.Tensor | None = None) -> str:
+    """The stored values in words; a 1-bit tensor with zeros (pruned, then binarised) is ternary."""
+    if encoding.clusters is not None:
+        return f"clustered({encoding.clusters})" + ("+huffman" if encoding.huffman else "")
+    if encoding.bits == 2 or (encoding.bits == 1 and codes is not None and bool((codes == 0).any())):
+        return "ternary"
+    return {32: "float32", 16: "float16", 8: "int8", 4: "int4", 1: "binary"}[encoding.bits]
 
-    Stored values are the nonzeros when the tensor is sparse (the bitmask keeps the zeros), else all values.
+
+def _stored_form(tensor: torch.Tensor, encoding: TensorEncoding) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The values as the format holds them (integer codes, float16, or the float32 values) and the per-channel scales."""
+    if encoding.clusters is not None or encoding.bits == 32:
+        return tensor.to(torch.float32), None
+    if encoding.bits == 16:
+        return tensor.to(torch.float16), None
+    scale = channel_scales(tensor, encoding.bits, encoding.sparse)
+    return quantize_codes(tensor, scale, encoding.bits, encoding.sparse), scale
+
+
+def _code_width(encoding: TensorEncoding, positions: str) -> int:
+    """Bits per stored integer code: a ternary code stored sparse is nonzero, so its sign is all there is to keep."""
+    if encoding.bits in (2, 1) and positions != "dense":
+        return 1
+    return encoding.bits
+
+
+def _value_bytes(values: torch.Tensor, encoding: TensorEncoding, positions: str, channels: int) -> int | None:
+    """Bytes of the stored ``values`` (1-D), or None where this layout cannot hold them."""
+    count = values.numel()
+    if encoding.clusters is not None:
+        centroids, indices = torch.unique(values, sorted=True, return_inverse=True)
+        if centroids.numel() > encoding.clusters:
+            return None  # dense after sparse clustering: zero would be one centroid too many
+        if encoding.huffman:
+            frequencies = np.bincount(indices.numpy(), minlength=centroids.numel())
+            lengths = huffman.code_lengths(frequencies)
+            return 4 * centroids.numel() + lengths.size + math.ceil(int((frequencies * lengths).sum()) / 8)
+        return 4 * centroids.numel() + math.ceil(count * index_width(encoding.clusters) / 8)
+    if encoding.bits in INTEGER_BITS:
+        if encoding.bits == 1 and positions == "dense" and bool((values == 0).any()):
+            return None  # a binary code has no zero
+        return math.ceil(count * _code_width(encoding, positions) / 8) + 4 * channels
+    return count * (encoding.bits // 8)
+
+
+def run_lengths(mask: np.ndarray) -> np.ndarray:
+    """The number of zeros before each nonzero (after the previous one): Deep Compression's relative indices."""
+    where = np.flatnonzero(mask)
+    return np.diff(where, prepend=-1) - 1
+
+
+def rice_bytes(runs: np.ndarray, k: int) -> int:
+    unary = int((runs >> k).sum()) + runs.size
+    return math.ceil(unary / 8) + math.ceil(runs.size * k / 8)
+
+
+def best_rice_k(runs: np.ndarray) -> int:
+    """The Rice parameter (0..8) that stores ``runs`` in the fewest bytes; the smallest such one."""
+    return min(range(9), key=lambda k: (rice_bytes(runs, k), k))
+
+
+def rice_encode(runs: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unary quotients (a 1 per unit of ``run >> k``, then a 0) packed to bytes, and the low ``k`` bits packed apart.
+
+    Two streams, so both decode with array operations: the quotients are the gaps
+    between the zeros of the first, the low bits a fixed-width array.
     """
-    flat = tensor.detach().to(torch.float32).reshape(-1)
+    quotients = runs >> k
+    bits = np.ones(int(quotients.sum()) + runs.size, dtype=np.uint8)
+    bits[np.cumsum(quotients + 1) - 1] = 0
+    low = pack_bits((runs & ((1 << k) - 1)).astype(np.uint8), k) if k > 0 and runs.size else None
+    return torch.from_numpy(np.packbits(bits)), low
+
+
+def rice_decode(unary: torch.Tensor, low: torch.Tensor | None, k: int, count: int) -> np.ndarray:
+    ends = np.flatnonzero(np.unpackbits(unary.numpy()) == 0)[:count]  # the last byte's padding is zeros too: take ``count``
+    quotients = np.diff(ends, prepend=-1) - 1
+    remainders = unpack_bits(low, k, count) if low is not None else np.zeros(count, dtype=np.int64)
+    return (quotients.astype(np.int64) << k) | remainders
+
+
+def plan_layout(tensor: torch.Tensor, encoding: TensorEncoding) -> Layout:
+    """The smallest valid layout for ``tensor`` under ``encoding``: dense, bitmask or Rice-coded gaps.
+
+    Only a plan with ``sparse`` (pruned weights) is stored sparse; ties go to the
+    simpler layout (dense, then bitmask, then gaps).
+    """
+    tensor = tensor.detach().cpu()
+    numel = tensor.numel()
+    form, _scale = _stored_form(tensor, encoding)
+    flat = form.reshape(-1)
+    channels = _out_channels(tuple(tensor.shape))
+    name = value_format(encoding, form if encoding.bits == 1 else None)
+    options: list[Layout] = []
+    dense = _value_bytes(flat, encoding, "dense", channels)
+    if dense is not None:
+        options.append(Layout(positions="dense", value_format=name, payload_bytes=dense))
     if encoding.sparse:
-        flat = flat[flat != 0]
-    centroids, indices = torch.unique(flat, sorted=True, return_inverse=True)
+        mask = (flat != 0).numpy()
+        nonzero = flat[torch.from_numpy(mask)]
+        sparse_values = _value_bytes(nonzero, encoding, "bitmask", channels)
+        runs = run_lengths(mask)
+        k = best_rice_k(runs)
+        for positions, cost, rice_k in (("bitmask", math.ceil(numel / 8), 0), ("gaps", rice_bytes(runs, k), k)):
+            options.append(
+                Layout(
+                    positions=positions, nonzeros=int(nonzero.numel()), rice_k=rice_k, value_format=name,
+                    payload_bytes=cost + sparse_values, position_bytes=cost,
+                )
+            )
+    if not options:
+        distinct = torch.unique(flat).numel()
+        raise ValueError(
+            f"tensor has {distinct} distinct values but is planned as clusters={encoding.clusters}: "
+            "a clustered tensor must hold only its centroids"
+        )
+    return min(options, key=lambda layout: layout.payload_bytes)  # the first of equals: the simpler layout
+
+
+def encode_tensor(name: str, tensor: torch.Tensor, encoding: TensorEncoding, layout: Layout | None = None) -> dict[str, torch.Tensor]:
+    """Tensors (keyed ``name`` + suffix) that store ``tensor`` under ``encoding`` in ``layout`` (default: ``plan_layout``)."""
+    tensor = tensor.detach().cpu().contiguous()
+    if not tensor.is_floating_point():
+        return {name: tensor}
+    layout = layout or plan_layout(tensor, encoding)
+    form, scale = _stored_form(tensor, encoding)
+    flat = form.reshape(-1)
+    out: dict[str, torch.Tensor] = {}
+    if layout.positions != "dense":
+        mask = (flat != 0).numpy()
+        if layout.positions == "bitmask":
+            out[f"{name}.mask"] = torch.from_numpy(np.packbits(mask))
+        else:
+            unary, low = rice_encode(run_lengths(mask), layout.rice_k)
+            out[f"{name}.gaps"] = unary
+            if low is not None:
+                out[f"{name}.gaps_low"] = low
+        flat = flat[torch.from_numpy(mask)]
+    if encoding.clusters is not None:
+        return {**out, **_encode_clustered(name, flat, encoding)}
+    if scale is not None:
+        out[f"{name}.scale"] = scale
+        width = _code_width(encoding, layout.positions)
+        flat = pack_codes(flat, width) if width in PACKED_BITS else flat
+    out[f"{name}.values"] = flat.contiguous()
+    return out
+
+
+def _encode_clustered(name: str, values: torch.Tensor, encoding: TensorEncoding) -> dict[str, torch.Tensor]:
+    centroids, indices = torch.unique(values, sorted=True, return_inverse=True)
     if centroids.numel() > encoding.clusters:
         raise ValueError(
             f"tensor has {centroids.numel()} distinct values but is planned as clusters={encoding.clusters}: "
             "a clustered tensor must hold only its centroids"
         )
-    return centroids, indices.numpy().astype(np.int64)
-
-
-def encode_tensor(name: str, tensor: torch.Tensor, encoding: TensorEncoding) -> dict[str, torch.Tensor]:
-    """Tensors (keyed ``name`` + suffix) that store ``tensor`` under ``encoding``."""
-    tensor = tensor.detach().cpu().contiguous()
-    if not tensor.is_floating_point():
-        return {name: tensor}
-    out: dict[str, torch.Tensor] = {}
-    if encoding.sparse:
-        out[f"{name}.mask"] = torch.from_numpy(np.packbits((tensor != 0).reshape(-1).numpy()))
-    if encoding.clusters is not None:
-        return {**out, **_encode_clustered(name, tensor, encoding)}
-    if encoding.bits in INTEGER_BITS:
-        scale = channel_scales(tensor, encoding.bits, encoding.sparse)
-        values = quantize_codes(tensor, scale, encoding.bits, encoding.sparse)
-        out[f"{name}.scale"] = scale
-    elif encoding.bits == 16:
-        values = tensor.to(torch.float16)
-    else:
-        values = tensor.to(torch.float32)
-    if encoding.sparse:
-        values = values.reshape(-1)[(tensor != 0).reshape(-1)]
-    if encoding.bits in PACKED_BITS:
-        values = pack_codes(values, encoding.bits)
-    out[f"{name}.values"] = values.contiguous()
-    return out
-
-
-def _encode_clustered(name: str, tensor: torch.Tensor, encoding: TensorEncoding) -> dict[str, torch.Tensor]:
-    centroids, indices = cluster_indices(tensor, encoding)
+    indices = indices.numpy().astype(np.int64)
     out = {f"{name}.centroids": centroids}
     if encoding.huffman:
         lengths = huffman.code_lengths(np.bincount(indices, minlength=centroids.numel()))
@@ -204,7 +375,7 @@ def _encode_clustered(name: str, tensor: torch.Tensor, encoding: TensorEncoding)
 
 
 def decode_tensor(
-    name: str, stored: dict[str, torch.Tensor], shape: tuple[int, ...], encoding: TensorEncoding
+    name: str, stored: dict[str, torch.Tensor], shape: tuple[int, ...], encoding: TensorEncoding, layout: Layout = Layout()
 ) -> torch.Tensor:
     """Inverse of ``encode_tensor``: the float32 (or original integer) tensor."""
     if name in stored:
@@ -212,13 +383,19 @@ def decode_tensor(
     values = stored[f"{name}.values"]
     numel = math.prod(shape)
     mask = None
-    if encoding.sparse:
+    if layout.positions == "bitmask":
         mask = torch.from_numpy(np.unpackbits(stored[f"{name}.mask"].numpy(), count=numel).astype(bool))
+    elif layout.positions == "gaps":
+        runs = rice_decode(stored[f"{name}.gaps"], stored.get(f"{name}.gaps_low"), layout.rice_k, layout.nonzeros or 0)
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[torch.from_numpy(np.cumsum(runs + 1) - 1)] = True
     count = int(mask.sum()) if mask is not None else numel
     if encoding.clusters is not None:
         values = _decode_clustered(name, stored, count, encoding)
-    elif encoding.bits in PACKED_BITS:
-        values = unpack_codes(values, encoding.bits, count)
+    else:
+        width = _code_width(encoding, layout.positions)
+        if width in PACKED_BITS:
+            values = unpack_codes(values, width, count)
     if mask is not None:
         dense = torch.zeros(numel, dtype=values.dtype)
         dense[mask] = values

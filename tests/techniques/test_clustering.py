@@ -8,7 +8,7 @@ from netshrink.tasks.models import LeNet5
 from netshrink.techniques import ClusteringConfig, Pipeline, PruningConfig, QuantizationConfig, compress, load_artifact, save_artifact
 from netshrink.techniques import huffman
 from netshrink.techniques.clustering import kmeans_1d
-from netshrink.techniques.encoding import TensorEncoding, decode_tensor, encode_tensor, pack_bits, unpack_bits
+from netshrink.techniques.encoding import TensorEncoding, decode_tensor, encode_tensor, pack_bits, plan_layout, unpack_bits
 
 LENET_INPUT = torch.zeros(1, 1, 28, 28)
 
@@ -138,9 +138,10 @@ def test_clustered_tensor_round_trips_and_size_is_accounted(shape, use_huffman, 
     if sparse:
         weight = weight * (torch.rand(shape, generator=torch.Generator().manual_seed(5)) > 0.5)
     encoding = TensorEncoding(clusters=5, huffman=use_huffman, sparse=sparse)
-    stored = encode_tensor("w", weight, encoding)
+    layout = plan_layout(weight, encoding)
+    stored = encode_tensor("w", weight, encoding, layout)
     assert sum(t.numel() * t.element_size() for t in stored.values()) == encoding.payload_bytes(weight)
-    assert torch.equal(decode_tensor("w", stored, shape, encoding), weight)
+    assert torch.equal(decode_tensor("w", stored, shape, encoding, layout), weight)
 
 
 def test_huffman_is_smaller_than_fixed_width_on_skewed_indices():

@@ -60,7 +60,9 @@ def test_unstructured_pruning_saves_bytes_only_through_sparse_storage(tmp_path):
     sparse_bytes = save_artifact(tmp_path / "s.safetensors", sparse.model, sparse.encodings, "{}")
     stored = load_file(tmp_path / "s.safetensors")
     assert stored["fc1.weight.values"].numel() == 100_000  # a quarter of 400,000 weights kept
-    assert stored["fc1.weight.mask"].numel() == 400_000 // 8
+    # at 25% density the Rice-coded runs of zeros beat the 1-bit-per-weight bitmask: h(0.25) = 0.81 bit per weight
+    positions = sum(stored[key].numel() for key in ("fc1.weight.gaps", "fc1.weight.gaps_low"))
+    assert 0.81 * 400_000 / 8 < positions < 0.9 * 400_000 / 8 and "fc1.weight.mask" not in stored
     assert sparse_bytes < 0.4 * dense_bytes
 
 
