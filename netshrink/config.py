@@ -53,6 +53,23 @@ class TaskConfig(Strict):
         return value
 
 
+class RefineSettings(Strict):
+    """After the search, fine-tune the front's most useful points longer and measure them again.
+
+    A few epochs rank trials; a model that ships deserves more. Each refined point
+    replays its trial's recipe on the baseline with ``epochs`` of fine-tuning and
+    becomes a child run of its own (``refined_from`` names the trial); the front
+    is then taken over trials and refined runs together.
+    """
+
+    epochs: int = Field(0, ge=0, le=10_000, description="fine-tuning epochs of a refined point; 0: no refinement")
+    lr: float | None = Field(None, gt=0, le=1, description="its learning rate; default: finetune.lr")
+    points: Literal["all", "above_min_accuracy", "knee"] = Field(
+        "knee", description="which front points: all, those at min_accuracy or above, or the `count` nearest the knee"
+    )
+    count: int = Field(4, ge=1, description="points: knee: how many, from the knee outwards")
+
+
 class SearchSettings(Strict):
     trials: int = Field(32, ge=1, le=100_000)
     max_concurrent: int = Field(2, ge=1)
@@ -88,6 +105,7 @@ class Experiment(Strict):
     name: str = Field(description="MLflow experiment name")
     task: TaskConfig = Field(default_factory=TaskConfig)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    refine: RefineSettings = Field(default_factory=RefineSettings)
     objectives: list[str] = Field(default_factory=lambda: list(OBJECTIVES))
     min_accuracy: float | None = Field(None, gt=0, le=1, description="points below it never enter the front")
     search: SearchSettings = Field(default_factory=SearchSettings)
@@ -184,6 +202,28 @@ def check_task(experiment: Experiment, search_path: str) -> None:
     except ValueError as error:
         raise UserError(f"task.model: model {task.model!r}: {error}") from None
     check_exit_points(experiment, model)
+    check_layer_names(experiment, model)
+
+
+def check_layer_names(experiment: Experiment, model) -> None:
+    """Every layer a per-layer map names (``pruning.layer_ratios``, ``quantization.layer_bits``, ...) is one the technique acts on."""
+    from netshrink.spaces.knobs import Fixed
+    from netshrink.techniques import REGISTRY
+    from netshrink.techniques.base import compressible_weights, is_per_layer_field
+
+    layers = [name.removesuffix(".weight") for name in compressible_weights(model)]
+    problems = []
+    for kind, space in experiment.space.techniques().items():
+        for field, knob in space.knobs().items():
+            if is_per_layer_field(REGISTRY[kind].config_type, field) and isinstance(knob, Fixed) and knob.value:
+                unknown = [name for name in knob.value if name not in layers]
+                if unknown:
+                    problems.append(
+                        f"space.{kind}.{field}: {', '.join(map(repr, unknown))} is not a layer of model {experiment.task.model!r} "
+                        f"that {kind} acts on; its layers: {', '.join(layers)}"
+                    )
+    if problems:
+        raise UserError(problems, title="invalid experiment file")
 
 
 def check_exit_points(experiment: Experiment, model) -> None:

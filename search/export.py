@@ -10,7 +10,6 @@ measured; the export checks that on the validation split.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from netshrink.config import OBJECTIVES, TaskConfig
 from netshrink.errors import UserError, describe_validation_error
 from netshrink.yaml_file import DuplicateKeyError, read_yaml
 
-from .front import TrialPoint
+from .front import TrialPoint, knee_point
 from .model_card import CardFacts, render_card
 from .report import collect_points, load_front
 from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, PARENT_TAG, RECIPE_FILE, ROLE_TAG, Tracker, default_tracking_uri, is_local, text_sha256
@@ -58,27 +57,6 @@ class Export:
     files: dict[str, int]  # file name -> bytes on disk
     onnx_accuracy: float
     registered_version: str | None
-
-
-def knee_point(front: list[TrialPoint], objectives: list[str]) -> TrialPoint:
-    """The balanced point of the front.
-
-    Each objective is min-max normalised over the front to [0, 1], 0 being its
-    best value there (an objective equal on the whole front is 0 everywhere);
-    the knee is the point nearest, in Euclidean distance, to the ideal corner
-    where every objective is 0. Ties go to the more accurate point. Sizes and
-    latencies count linearly, as the objectives the search optimised.
-    """
-    spans = {name: (min(p.value(name) for p in front), max(p.value(name) for p in front)) for name in objectives}
-
-    def badness(point: TrialPoint, name: str) -> float:
-        low, high = spans[name]
-        if high == low:
-            return 0.0
-        scaled = (point.value(name) - low) / (high - low)
-        return 1.0 - scaled if OBJECTIVES[name] == "max" else scaled
-
-    return min(front, key=lambda p: (math.hypot(*(badness(p, name) for name in objectives)), -p.accuracy))
 
 
 def pick_from_front(front: list[TrialPoint], pick: str, objectives: list[str]) -> TrialPoint:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -20,6 +21,7 @@ class TrialPoint:
     recipe: str  # the pipeline JSON
     summary: str  # the pipeline in one line
     extra: dict[str, float] = field(default_factory=dict)
+    refined_from: str | None = None  # a refined run: the run id of the trial it fine-tuned longer
 
     def value(self, objective: str) -> float:
         return getattr(self, objective)
@@ -67,6 +69,34 @@ def pareto_front(points: list[TrialPoint], objectives: list[str], directions: li
     values = [[p.value(o) for o in objectives] for p in eligible]
     front = [p for i, p in enumerate(eligible) if not any(dominates(values[j], values[i], directions) for j in range(len(eligible)) if j != i)]
     return sorted(front, key=lambda p: (-p.accuracy, p.size_bytes, p.latency_ms))
+
+
+def knee_order(front: list[TrialPoint], objectives: list[str]) -> list[TrialPoint]:
+    """The front from its knee outwards: nearest the ideal corner first.
+
+    Each objective is min-max normalised over the front to [0, 1], 0 being its
+    best value there (an objective equal on the whole front is 0 everywhere);
+    points are ordered by their Euclidean distance to the ideal corner where
+    every objective is 0. Ties go to the more accurate point. Sizes and
+    latencies count linearly, as the objectives the search optimised.
+    """
+    from netshrink.config import OBJECTIVES
+
+    spans = {name: (min(p.value(name) for p in front), max(p.value(name) for p in front)) for name in objectives}
+
+    def badness(point: TrialPoint, name: str) -> float:
+        low, high = spans[name]
+        if high == low:
+            return 0.0
+        scaled = (point.value(name) - low) / (high - low)
+        return 1.0 - scaled if OBJECTIVES[name] == "max" else scaled
+
+    return sorted(front, key=lambda p: (math.hypot(*(badness(p, name) for name in objectives)), -p.accuracy))
+
+
+def knee_point(front: list[TrialPoint], objectives: list[str]) -> TrialPoint:
+    """The balanced point of the front: the first of ``knee_order``."""
+    return knee_order(front, objectives)[0]
 
 
 def _size(num_bytes: float) -> str:

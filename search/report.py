@@ -9,7 +9,7 @@ from netshrink.config import OBJECTIVES
 from netshrink.errors import UserError
 
 from .front import TrialPoint, pareto_front
-from .tracking import RECIPE_TAG, SUMMARY_TAG, Tracker, default_tracking_uri
+from .tracking import RECIPE_TAG, REFINED_FROM_TAG, SUMMARY_TAG, Tracker, default_tracking_uri
 
 
 @dataclass
@@ -38,6 +38,7 @@ def collect_points(tracker: Tracker, experiment_id: str, parent_run_id: str | No
                 recipe=run.data.tags.get(RECIPE_TAG, "{}"),
                 summary=run.data.tags.get(SUMMARY_TAG, ""),
                 extra={k: v for k, v in metrics.items() if k not in {"accuracy", "size_bytes", "latency_ms"}},
+                refined_from=run.data.tags.get(REFINED_FROM_TAG),
             )
         )
     return points, failed

@@ -93,7 +93,7 @@ def reopen_search(tracker: Tracker, experiment_id: str, search: InterruptedSearc
     finished = {
         int(run.data.tags[OPTUNA_TRIAL_TAG]): run
         for run in children
-        if run.info.status == "FINISHED" and set(objectives) <= run.data.metrics.keys()
+        if run.info.status == "FINISHED" and set(objectives) <= run.data.metrics.keys() and OPTUNA_TRIAL_TAG in run.data.tags  # not refined runs
     }
     cut_short = set()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):

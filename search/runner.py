@@ -18,13 +18,13 @@ from netshrink.node_lock import lock_files
 from netshrink.spaces import SearchSpace
 
 from .baseline import prepare_baseline
-from .front import TrialPoint, front_json, pareto_front, print_front, with_interval
+from .front import TrialPoint, front_json, knee_order, pareto_front, print_front, with_interval
 from .plots import log_plots
 from .report import collect_points
 from .resume import Progress, find_interrupted_search, reopen_search
 from .searcher import DistinctPipelineSearch
 from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, PARETO_TAG, Tracker, default_tracking_uri, is_local, text_sha256
-from .trial import TrialSetup, run_trial
+from .trial import REFINE_OF, TrialSetup, refine_trial, run_trial
 
 STATE_DIR = ".netshrink"
 
@@ -160,6 +160,8 @@ def run_search(
         repeats = progress.repeats
         if remaining > 0:
             repeats += run_trials(experiment, setup, study_name, storage_url, run_name, remaining, concurrency, state_dir, progress)
+        if experiment.refine.epochs > 0:
+            refine_front(experiment, setup, tracker, experiment_id, run_name, concurrency, state_dir, console)
     except KeyboardInterrupt:
         if parent is not None:
             tracker.interrupted(parent)
@@ -344,7 +346,57 @@ def run_trials(
     return searcher.repeats_skipped
 
 
-def progress_printer(total: int, baseline: dict[str, float], done: int = 0):
+def points_to_refine(trials: list[TrialPoint], experiment: Experiment) -> list[TrialPoint]:
+    """The trials ``refine.points`` asks for: the whole front, the front at ``min_accuracy`` or above, or the
+    ``refine.count`` points nearest its knee (see ``front.knee_order``)."""
+    refine = experiment.refine
+    if refine.points == "all":
+        return pareto_front(trials, experiment.objectives, experiment.directions())
+    front = pareto_front(trials, experiment.objectives, experiment.directions(), experiment.min_accuracy)
+    return front if refine.points == "above_min_accuracy" else knee_order(front, experiment.objectives)[: refine.count]
+
+
+def refine_front(
+    experiment: Experiment, setup: TrialSetup, tracker: Tracker, experiment_id: str, run_name: str, concurrency: int, state_dir: Path, console: Console
+) -> None:
+    """Fine-tune the chosen front points for ``refine.epochs`` on Ray Tune, each as a child run of its own.
+
+    A refined run replays its trial's recipe on the baseline with the longer
+    fine-tuning and is measured like any trial; it names its trial in
+    ``refined_from`` and is no Optuna trial. Points refined before (a resumed
+    search) are not refined again.
+    """
+    from dataclasses import replace
+
+    from ray import tune
+
+    points, _ = collect_points(tracker, experiment_id, setup.parent_run_id)
+    done = {point.refined_from for point in points if point.refined_from}
+    chosen = [point for point in points_to_refine([p for p in points if p.refined_from is None], experiment) if point.run_id not in done]
+    if not chosen:
+        return
+    refine = experiment.refine
+    console.print(f"Refining {len(chosen)} front point(s) ({', '.join(p.name for p in chosen)}) with {refine.epochs} epochs of fine-tuning ...")
+    longer = replace(setup, finetune=experiment.finetune.model_copy(update={"epochs": refine.epochs, "lr": refine.lr or experiment.finetune.lr}))
+    trainable = tune.with_resources(
+        tune.with_parameters(refine_trial, setup=longer), {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu}
+    )
+    configs = [{"recipe": point.recipe, "run_name": f"{point.name}-refined", REFINE_OF: point.run_id} for point in chosen]
+    tune.Tuner(
+        trainable,
+        param_space={"point": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"{run_name}-refine",
+            storage_path=str((state_dir / "ray").resolve()),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
+            callbacks=[progress_printer(len(chosen), setup.baseline_metrics, label="refined ")],
+        ),
+    ).fit()
+
+
+def progress_printer(total: int, baseline: dict[str, float], done: int = 0, label: str = ""):
     """Tune callback printing one line per finished, failed or retried trial (Tune pickles it: it holds no console).
 
     ``done``: trials a resumed search had finished before, so the count goes on from there.
@@ -361,15 +413,15 @@ def progress_printer(total: int, baseline: dict[str, float], done: int = 0):
             if "accuracy" not in r:
                 return
             print(
-                f"[{self.done}/{total}] acc {r['accuracy']:.2%}  size {r['size_bytes'] / 1e3:.1f} KB "
+                f"[{label}{self.done}/{total}] acc {r['accuracy']:.2%}  size {r['size_bytes'] / 1e3:.1f} KB "
                 f"({baseline['size_bytes'] / r['size_bytes']:.1f}x smaller)  latency {r['latency_ms']:.4f} ms "
-                f"({baseline['latency_ms'] / r['latency_ms']:.2f}x)  {_describe(trial.config.get('recipe'))}",
+                f"({baseline['latency_ms'] / r['latency_ms']:.2f}x)  {_describe(trial.config.get('recipe') or trial.config.get('point', {}).get('recipe'))}",
                 flush=True,
             )
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            print(f"[{self.done}/{total}] trial failed: {_first_error_line(trial)}", flush=True)
+            print(f"[{label}{self.done}/{total}] trial failed: {_first_error_line(trial)}", flush=True)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             print(f"trial {trial.trial_id} failed ({_first_error_line(trial)}), running it again", flush=True)

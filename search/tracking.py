@@ -29,6 +29,7 @@ CONFIG_ARTIFACT = "experiment.yaml"  # the experiment file as the search read it
 CONFIG_HASH_TAG = "config_sha256"  # SHA-256 of that file: a local copy is checked against it before its code runs
 NODE_TAG = "ray_node_id"  # the Ray node the trial (its last attempt) ran on
 DEVICE_TAG = "device"  # where fine-tuning ran: cpu, cuda:0, ...
+REFINED_FROM_TAG = "refined_from"  # a refined run: the run id of the trial whose recipe it fine-tuned longer
 
 
 def default_tracking_uri(workdir: Path | None = None) -> str:

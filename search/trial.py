@@ -29,10 +29,11 @@ from netshrink.training import accuracy, cross_entropy, train
 
 from .measure import LatencySettings, measure_relative_latency, onnx_evaluate
 from .onnx_export import export_onnx
-from .tracking import DEVICE_TAG, ERROR_TAG, NODE_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, Tracker, flatten
+from .tracking import DEVICE_TAG, ERROR_TAG, NODE_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, Tracker, flatten
 
 ARTIFACT_FILE = "compressed.safetensors"
 ONNX_FILE = "model.onnx"
+REFINE_OF = "refine_of"  # key of a refinement's config: the run id of the trial it refines
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,11 @@ def validation_inputs(dataset) -> np.ndarray:
     return np.stack([np.asarray(dataset[index][0], dtype=np.float32) for index in range(len(dataset))])
 
 
+def refine_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune trainable of a refinement: ``config["point"]`` is a trial's recipe with ``run_name`` and ``refine_of``."""
+    run_trial(config["point"], setup)
+
+
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Ray Tune function trainable: one child MLflow run, one report with all objectives.
 
@@ -155,8 +161,11 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     started = time.perf_counter()
     pipeline = Pipeline.from_recipe(config["recipe"])
     number = int(config.get("optuna_trial", -1))
+    refined_from = config.get(REFINE_OF)
     # Ray hands define-by-run values back nested ({"pruning": {"ratio": ...}}); log them under Optuna's names.
-    params = flatten({key: value for key, value in config.items() if key not in {"recipe", "optuna_trial"}}, sep="/")
+    params = flatten({key: value for key, value in config.items() if key not in {"recipe", "optuna_trial", REFINE_OF, "run_name"}}, sep="/")
+    if refined_from:
+        params["refine/epochs"] = setup.finetune.epochs
     tracker = Tracker(setup.tracking_uri)
     tune_trial_id = tune.get_context().get_trial_id() or ""
     earlier = tracker.trial_attempt(setup.experiment_id, setup.parent_run_id, tune_trial_id) if tune_trial_id else None
@@ -167,16 +176,13 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         run_id = earlier.info.run_id
         tracker.reopen(run_id)
     else:
+        # a refined run is no Optuna trial: it names the trial it refines instead
+        origin = {REFINED_FROM_TAG: refined_from} if refined_from else {OPTUNA_TRIAL_TAG: str(number)}
         run_id = tracker.start_trial(
             setup.experiment_id,
             setup.parent_run_id,
-            run_name=f"trial-{number:03d}",
-            tags={
-                OPTUNA_TRIAL_TAG: str(number),
-                TUNE_TRIAL_TAG: tune_trial_id,
-                RECIPE_TAG: pipeline.recipe(),
-                SUMMARY_TAG: pipeline.describe(),
-            },
+            run_name=config.get("run_name") or f"trial-{number:03d}",
+            tags={**origin, TUNE_TRIAL_TAG: tune_trial_id, RECIPE_TAG: pipeline.recipe(), SUMMARY_TAG: pipeline.describe()},
         )
     try:
         # where this attempt ran: the Ray node, and the device fine-tuning used

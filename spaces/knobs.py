@@ -4,6 +4,7 @@ YAML forms, for a technique field ``f``:
 - ``f: 0.5``                          fixed, not searched
 - ``f: [weight, channel]``            Optuna categorical over these values
 - ``f: {low: 0.2, high: 0.9}``        Optuna float (or int) distribution; ``log: true`` for log scale, ``step`` optional
+- ``layer_bits: {conv1: 8, fc1: 4}``  a per-layer map (fields marked ``PER_LAYER``): one fixed value
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def parse_knob(raw: Any, field: FieldInfo) -> Knob:
     if isinstance(raw, (Fixed, Choice, Range)):
         return raw
     adapter = _field_adapter(field)
+    extra = field.json_schema_extra
+    if isinstance(raw, dict) and isinstance(extra, dict) and extra.get("per_layer"):
+        return Fixed(value=_check_value(adapter, raw, "value"))  # layer -> value: one fixed choice, never searched
     if isinstance(raw, dict):
         unknown = set(raw) - _RANGE_KEYS
         if unknown:

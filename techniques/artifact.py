@@ -83,6 +83,31 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     return state, header
 
 
+# What each stored tensor is for, by its name's suffix (see the module docstring); anything else is values.
+PART_OF_SUFFIX = {"mask": "positions", "gaps": "positions", "gaps_low": "positions", "values": "values",
+                  "scale": "codebooks", "centroids": "codebooks", "code_lengths": "codebooks"}
+
+
+def byte_breakdown(path: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """Where an artifact's bytes go: per state entry, its ``positions``, ``values`` and ``codebooks`` (scales,
+    centroids, Huffman tables); plus ``header``: safetensors' own header with netshrink's metadata (shapes,
+    encodings, layouts, the recipe). The parts add up to the file's size."""
+    import struct
+
+    with open(path, "rb") as handle:
+        header_length = struct.unpack("<Q", handle.read(8))[0]
+    _, header = read_artifact(path)
+    stored = load_file(os.fspath(path))
+    parts: dict[str, dict[str, int]] = {name: {"positions": 0, "values": 0, "codebooks": 0} for name in header["entries"]}
+    for key, tensor in stored.items():
+        entry, _, suffix = key.rpartition(".")
+        if key in parts:  # an integer buffer stored as it is
+            entry, suffix = key, "values"
+        parts[entry][PART_OF_SUFFIX[suffix]] += tensor.numel() * tensor.element_size()
+    parts["header"] = {"header": 8 + header_length}
+    return parts
+
+
 def shape_mismatches(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """(tensor name, stored shape, model's shape) for every tensor of ``model`` whose stored shape differs."""
     current = model.state_dict()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -40,6 +40,30 @@ APPLIED = {"applied": True}
 def is_applied_field(config_type: type[BaseModel], name: str) -> bool:
     extra = config_type.model_fields[name].json_schema_extra
     return isinstance(extra, dict) and extra.get("applied") is True
+
+
+# ``Field(json_schema_extra=PER_LAYER)`` marks a map from layer (module) name to a value, written in the
+# experiment file as one fixed value (``layer_bits: {conv1: 8, fc1: 4}``) so that a published recipe can be
+# written down as published; validation checks the names against the model.
+PER_LAYER = {"per_layer": True}
+
+
+def is_per_layer_field(config_type: type[BaseModel], name: str) -> bool:
+    extra = config_type.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and extra.get("per_layer") is True
+
+
+def per_layer(layers: dict[str, nn.Module], values: dict[str, Any] | None, default: Any, field: str) -> dict[str, Any]:
+    """``layers``' parameter names -> their value: from ``values`` (by module name) where listed, else ``default``.
+
+    ``ValueError`` naming ``field`` and the layer when ``values`` names a module that is not among ``layers``.
+    """
+    values = values or {}
+    modules = {name.removesuffix(".weight"): name for name in layers}
+    unknown = [name for name in values if name not in modules]
+    if unknown:
+        raise ValueError(f"{field}: {', '.join(map(repr, unknown))} is not a compressible layer of this model; its layers: {', '.join(modules)}")
+    return {parameter: values.get(module, default) for module, parameter in modules.items()}
 
 
 class TechniqueConfig(BaseModel):

@@ -13,14 +13,14 @@ of the weights that share it, the update rule of the paper.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import CompressionContext, Stage, TechniqueConfig, compressible_weights
+from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
 from .encoding import TensorEncoding
 
 LLOYD_ITERATIONS = 20  # 1-D k-means from a linear start settles within a few dozen iterations on layer weights
@@ -30,6 +30,11 @@ class ClusteringConfig(TechniqueConfig):
     kind: Literal["clustering"] = "clustering"
     clusters: int = Field(16, ge=2, le=256, description="shared weight values (centroids) per layer")
     huffman: bool = Field(False, description="store the cluster indices Huffman-coded instead of at fixed width")
+    layer_clusters: dict[str, Annotated[int, Field(ge=2, le=256)]] | None = Field(
+        None,
+        json_schema_extra=PER_LAYER,
+        description="layer (module name) -> its own centroid count (Deep Compression: 256 for convolutions, 32 for fully connected layers)",
+    )
 
 
 def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = LLOYD_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,10 +116,9 @@ class Clustering:
     exclusion_reason: ClassVar[str] = "both set the stored weight values; use one of them"
 
     def apply(self, model: nn.Module, config: ClusteringConfig, ctx: CompressionContext) -> None:
-        for name, module in compressible_weights(model).items():
+        layers = compressible_weights(model)
+        for name, clusters in per_layer(layers, config.layer_clusters, config.clusters, "clustering.layer_clusters").items():
             encoding = ctx.encodings.get(name, TensorEncoding())
-            shared = cluster_weight(module.weight, config.clusters, encoding.sparse)
-            parametrize.register_parametrization(module, "weight", shared)
-            ctx.encodings[name] = TensorEncoding.model_validate(
-                {**encoding.model_dump(), "clusters": config.clusters, "huffman": config.huffman}
-            )
+            shared = cluster_weight(layers[name].weight, clusters, encoding.sparse)
+            parametrize.register_parametrization(layers[name], "weight", shared)
+            ctx.encodings[name] = TensorEncoding.model_validate({**encoding.model_dump(), "clusters": clusters, "huffman": config.huffman})

@@ -66,13 +66,25 @@ class Pipeline(BaseModel):
         for step in self.active_steps():
             values = step.model_dump(exclude={"kind"})
             fields = [
-                f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={'+'.join(value)}" if isinstance(value, tuple) else f"{key}={value}"
+                f"{key}={_short(value)}"
                 for key, value in values.items()
-                if knob_applies(step.kind, key, values)  # e.g. no importance under weight pruning
+                if value is not None  # a per-layer map that was not given
+                and knob_applies(step.kind, key, values)  # e.g. no importance under weight pruning
                 and not is_applied_field(type(step), key)  # the layers it chose: in the recipe, too long for a line
             ]
             parts.append(f"{step.kind}({', '.join(fields)})")
         return " + ".join(parts)
+
+
+def _short(value) -> str:
+    """``0.457``, ``pool1+pool2``, ``conv1:8/fc1:4``: a knob's value as a summary shows it."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, tuple):
+        return "+".join(value)
+    if isinstance(value, dict):
+        return "/".join(f"{key}:{_short(item)}" for key, item in value.items())
+    return str(value)
 
 
 @dataclass

@@ -17,7 +17,7 @@ pruning and retraining), fine-tuning between steps.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch_pruning as tp
@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import CompressionContext, Stage, TechniqueConfig, compressible_weights
+from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
 from .early_exit import all_outputs
 from .encoding import TensorEncoding
 
@@ -39,6 +39,17 @@ class PruningConfig(TechniqueConfig):
     steps: int = Field(1, ge=1, le=10, description="prune in this many steps, fine-tuning between them")
     importance: Literal["l1", "l2"] = Field(
         "l1", description="channel norm that ranks channels (for single weights both rank alike)"
+    )
+    scope: Literal["layer", "global"] = Field(
+        "layer",
+        description="layer: every layer loses `ratio` of its weights (channels); global: one magnitude threshold over all "
+        "layers removes `ratio` of all of them, so large layers lose more (Deep Compression kept 8% of LeNet-5's fc1, 66% of conv1)",
+    )
+    floor: float = Field(0.02, ge=0.0, lt=1.0, description="scope global: every layer keeps at least this fraction, so none is emptied")
+    layer_ratios: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
+        None,
+        json_schema_extra=PER_LAYER,
+        description="layer (module name) -> its own ratio, as a published recipe gives them; layers not listed follow `ratio` and `scope`",
     )
 
 
@@ -74,26 +85,54 @@ def _between_steps(model: nn.Module, step: int, steps: int, ctx: CompressionCont
         ctx.fine_tune(model, ctx.loss_fn)
 
 
+def global_ratios(weights: dict[str, torch.Tensor], ratio: float, floor: float) -> dict[str, float]:
+    """Per layer, the share of its weights under one magnitude threshold that removes ``ratio`` of all of them,
+    capped so that every layer keeps at least ``floor`` of its own."""
+    magnitudes = torch.cat([weight.detach().abs().reshape(-1) for weight in weights.values()])
+    drop = int(round(ratio * magnitudes.numel()))
+    if drop == 0:
+        return {name: 0.0 for name in weights}
+    threshold = magnitudes.kthvalue(drop).values
+    return {name: min(float((weight.detach().abs() <= threshold).float().mean()), 1.0 - floor) for name, weight in weights.items()}
+
+
+def listed_ratios(layers: dict[str, nn.Module], config: PruningConfig) -> dict[str, float]:
+    """The layers ``layer_ratios`` names, by parameter name, with their ratios."""
+    return {name: ratio for name, ratio in per_layer(layers, config.layer_ratios, None, "pruning.layer_ratios").items() if ratio is not None}
+
+
 def prune_weights(model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> None:
     layers = compressible_weights(model)
-    for step, ratio in enumerate(step_ratios(config.ratio, config.steps)):
+    listed = listed_ratios(layers, config)
+    for step in range(config.steps):
+        ratios = {name: step_ratios(listed.get(name, config.ratio), config.steps)[step] for name in layers}
+        if config.scope == "global":  # the layers not listed share one threshold; pruned zeros count as the smallest
+            free = {name: module.weight for name, module in layers.items() if name not in listed}
+            if free:
+                ratios.update(global_ratios(free, step_ratios(config.ratio, config.steps)[step], config.floor))
         for name, module in layers.items():
             if parametrize.is_parametrized(module, "weight"):
                 # Pruned weights read as exactly zero, so they stay among the smallest and stay pruned.
-                module.parametrizations.weight[0].mask.copy_(magnitude_mask(module.weight, ratio))
+                module.parametrizations.weight[0].mask.copy_(magnitude_mask(module.weight, ratios[name]))
             else:
-                parametrize.register_parametrization(module, "weight", WeightMask(magnitude_mask(module.weight, ratio)))
+                parametrize.register_parametrization(module, "weight", WeightMask(magnitude_mask(module.weight, ratios[name])))
                 ctx.encodings[name] = ctx.encodings.get(name, TensorEncoding()).model_copy(update={"sparse": True})
         _between_steps(model, step, config.steps, ctx)
 
 
 def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> None:
     protected = [module for name, module in model.named_modules() if name in ctx.protected_modules]
+    modules = dict(model.named_modules())
+    listed = {modules[name.removesuffix(".weight")]: ratio for name, ratio in listed_ratios(compressible_weights(model), config).items()}
     pruner = tp.pruner.BasePruner(
         model,
         ctx.example_inputs,
         importance=tp.importance.MagnitudeImportance(p=1 if config.importance == "l1" else 2),
         pruning_ratio=config.ratio,
+        pruning_ratio_dict=listed or None,
+        # Torch-Pruning's global ranking: one threshold over every layer's normalised channel importances
+        global_pruning=config.scope == "global",
+        max_pruning_ratio=1.0 - config.floor if config.scope == "global" else 1.0,
         iterative_steps=config.steps,
         ignored_layers=protected,
         forward_fn=all_outputs,  # every exit of an early-exit model, so its heads are pruned consistently
@@ -112,9 +151,10 @@ class Pruning:
         "ratio": {"low": 0.2, "high": 0.9},
         "steps": {"low": 1, "high": 3},
         "importance": ["l1", "l2"],
+        "scope": ["layer", "global"],
     }
     # knobs that only mean something for some values of an earlier knob: asked only then
-    conditions: ClassVar[dict[str, dict[str, Any]]] = {"importance": {"granularity": "channel"}}
+    conditions: ClassVar[dict[str, dict[str, Any]]] = {"importance": {"granularity": "channel"}, "floor": {"scope": "global"}}
 
     def reshapes(self, config: PruningConfig) -> bool:
         """Channel pruning removes channels: the stored layers are narrower than the model's factory builds them."""

@@ -18,16 +18,19 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import CompressionContext, Stage, TechniqueConfig, compressible_weights
+from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
 from .encoding import INTEGER_BITS, Bits, TensorEncoding, channel_scales, dequantize, quantize_codes
 
 
 class QuantizationConfig(TechniqueConfig):
     kind: Literal["quantization"] = "quantization"
     bits: Bits = Field(8, description="bit width of the stored weights; 32 leaves them as they are")
+    layer_bits: dict[str, Bits] | None = Field(
+        None, json_schema_extra=PER_LAYER, description="layer (module name) -> its own bit width; layers not listed get `bits`"
+    )
 
     def is_noop(self) -> bool:
-        return self.bits == 32
+        return self.bits == 32 and all(bits == 32 for bits in (self.layer_bits or {}).values())
 
 
 class FakeQuantize(nn.Module):
@@ -65,7 +68,10 @@ class Quantization:
     default_space: ClassVar[dict[str, Any]] = {"bits": [16, 8, 4, 2, 1]}
 
     def apply(self, model: nn.Module, config: QuantizationConfig, ctx: CompressionContext) -> None:
-        for name, module in compressible_weights(model).items():
-            encoding = ctx.encodings.get(name, TensorEncoding()).model_copy(update={"bits": config.bits})
-            parametrize.register_parametrization(module, "weight", FakeQuantize(config.bits, encoding.sparse))
+        layers = compressible_weights(model)
+        for name, bits in per_layer(layers, config.layer_bits, config.bits, "quantization.layer_bits").items():
+            if bits == 32:
+                continue
+            encoding = ctx.encodings.get(name, TensorEncoding()).model_copy(update={"bits": bits})
+            parametrize.register_parametrization(layers[name], "weight", FakeQuantize(bits, encoding.sparse))
             ctx.encodings[name] = encoding

@@ -16,7 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from netshrink.errors import UserError
-from netshrink.search.export import choose_trial, knee_point, pick_from_front
+from netshrink.search.export import choose_trial, pick_from_front
+from netshrink.search.front import knee_point
 from netshrink.search.front import TrialPoint
 from netshrink.search.tracking import Tracker
 from netshrink.tasks import load_data

@@ -40,7 +40,7 @@ def test_parameter_names_are_technique_slash_field_and_numeric_knobs_are_numeric
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     trial = study.ask()
     space.sample(trial)
-    assert set(trial.params) == {"pruning/ratio", "pruning/steps"}  # enabled: true and fixed knobs are not searched
+    assert set(trial.params) == {"pruning/ratio", "pruning/steps", "pruning/scope"}  # enabled: true and fixed knobs are not searched
     assert isinstance(trial.distributions["pruning/steps"], optuna.distributions.IntDistribution)
     ratio = trial.distributions["pruning/ratio"]
     assert isinstance(ratio, optuna.distributions.FloatDistribution) and ratio.log
@@ -60,7 +60,7 @@ def test_conditional_knobs_are_only_asked_when_the_technique_is_on():
 
 
 def test_defaults_fixed_values_and_disabled_techniques():
-    space = SearchSpace.model_validate({"pruning": {"granularity": "channel", "steps": 1, "importance": "l2"}, "quantization": {"enabled": False}})
+    space = SearchSpace.model_validate({"pruning": {"granularity": "channel", "steps": 1, "importance": "l2", "scope": "layer"}, "quantization": {"enabled": False}})
     pruning = space.techniques()["pruning"]
     assert pruning.granularity == Fixed("channel")
     assert pruning.ratio == Range(low=0.2, high=0.9)  # the technique's default range

@@ -22,10 +22,12 @@ def test_unknown_kind_is_rejected():
 
 def test_describe_is_one_line():
     pipeline = Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.4567), QuantizationConfig(bits=32)])
-    assert pipeline.describe() == "pruning(granularity=channel, ratio=0.457, steps=1, importance=l1)"
+    assert pipeline.describe() == "pruning(granularity=channel, ratio=0.457, steps=1, importance=l1, scope=layer)"
     assert Pipeline().describe() == "uncompressed"
     weight = Pipeline(steps=[PruningConfig(granularity="weight", ratio=0.5)])
-    assert weight.describe() == "pruning(granularity=weight, ratio=0.5, steps=1)"  # importance means nothing here
+    assert weight.describe() == "pruning(granularity=weight, ratio=0.5, steps=1, scope=layer)"  # importance means nothing here
+    published = Pipeline(steps=[PruningConfig(granularity="weight", scope="global", layer_ratios={"conv1": 0.34, "fc1": 0.92})])
+    assert published.describe() == "pruning(granularity=weight, ratio=0.5, steps=1, scope=global, floor=0.02, layer_ratios=conv1:0.34/fc1:0.92)"
 
 
 def test_foreign_safetensors_file_is_refused(tmp_path):
