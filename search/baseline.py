@@ -14,7 +14,9 @@ import netshrink
 from netshrink.config import Experiment, TaskConfig
 from netshrink.stats import interval_metrics
 from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, TaskData, build_model, dataset_digest, example_inputs, factory_sources, load_data
+from netshrink.node_lock import compute_slot
 from netshrink.techniques import Pipeline, load_artifact, save_artifact
+from netshrink.techniques.sensitivity import measure_sensitivity
 from netshrink.training import accuracy, train
 
 from .measure import LatencySettings, measure_latency_ms
@@ -29,6 +31,7 @@ class Baseline:
     """The trained, uncompressed model's weights (as stored on disk) and its measured metrics."""
 
     artifact: Path
+    sensitivity: dict  # per-layer loss rise at each width (``techniques.sensitivity``), for allocation: sensitivity
     metrics: dict[str, float]  # accuracy, test_accuracy (and their 95% intervals), size_bytes, latency_ms, onnx_bytes, parameters, val_samples, test_samples
     trained_now: bool
 
@@ -98,7 +101,31 @@ def prepare_baseline(experiment: Experiment, cache_dir: Path, search_path: str, 
     model = load_artifact(artifact, model)[0]
     metrics = measure_baseline(model, data, artifact, folder, experiment)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return Baseline(artifact=artifact, metrics=metrics, trained_now=trained_now)
+    return Baseline(artifact=artifact, sensitivity=cached_sensitivity(model, data, folder), metrics=metrics, trained_now=trained_now)
+
+
+SENSITIVITY_FILE = "sensitivity.json"
+SENSITIVITY_SAMPLES = 1024  # training samples the loss is taken on (all of the built-in task's 1,078 but a few)
+
+
+def cached_sensitivity(model: torch.nn.Module, data: TaskData, folder: Path) -> dict:
+    """The baseline's per-layer sensitivity, measured once (a few seconds for LeNet-5) and kept next to it.
+
+    On the training split: the validation split selects the front and the test split
+    stays held out, so neither may steer the allocation.
+    """
+    path = folder / SENSITIVITY_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    count = len(data.train)
+    indices = sorted({round(i * (count - 1) / max(SENSITIVITY_SAMPLES - 1, 1)) for i in range(min(count, SENSITIVITY_SAMPLES))})
+    samples = [data.train[index] for index in indices]
+    inputs = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in samples])
+    labels = torch.tensor([int(y) for _, y in samples])
+    with compute_slot():
+        scores = measure_sensitivity(model, inputs, labels)
+    path.write_text(json.dumps(scores, indent=2))
+    return json.loads(path.read_text())  # widths as JSON keys (strings), as a cached file gives them
 
 
 def measure_baseline(model: torch.nn.Module, data: TaskData, artifact: Path, folder: Path, experiment: Experiment) -> dict[str, float]:

@@ -151,6 +151,7 @@ def run_search(
             experiment_id=experiment_id,
             parent_run_id=parent,
             gpus=experiment.resources.gpu,
+            sensitivity=baseline.sensitivity,
         )
         remaining = trials - progress.ended
         if interrupted:

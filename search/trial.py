@@ -52,6 +52,7 @@ class TrialSetup:
     experiment_id: str
     parent_run_id: str
     gpus: float = 0.0  # resources.gpu: fine-tuning runs on CUDA only when the trial reserved a GPU
+    sensitivity: dict | None = None  # the baseline's per-layer sensitivity, for allocation: sensitivity
 
 
 def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path, device: torch.device | None = None) -> dict[str, float]:
@@ -77,7 +78,8 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path, device
     )
     started = time.perf_counter()
     compressed = compress(
-        baseline, pipeline, example, fine_tune=lambda model, loss_fn: fine_tune(model, loss_fn=loss_fn or cross_entropy), seed=setup.seed
+        baseline, pipeline, example, fine_tune=lambda model, loss_fn: fine_tune(model, loss_fn=loss_fn or cross_entropy), seed=setup.seed,
+        sensitivity=setup.sensitivity,
     )
     seconds_training = time.perf_counter() - started  # the techniques and their fine-tuning
 

@@ -97,6 +97,7 @@ class CompressionContext:
     seed: int = 0
     teacher: nn.Module | None = None  # the caller's model, untouched: distillation's teacher
     loss_fn: LossFn | None = None  # set by a technique that changes the training objective
+    sensitivity: dict | None = None  # the baseline's per-layer sensitivity (``sensitivity.measure_sensitivity``)
 
 
 class Technique(Protocol):
@@ -121,7 +122,7 @@ class Technique(Protocol):
 # The pipeline validator rejects such a pair (either side may declare it) and the search space never samples one.
 
 # Optional, for techniques that decide something from the model when they apply (which layers, which ranks):
-#     def resolve(self, model: nn.Module, config: TechniqueConfig) -> TechniqueConfig
+#     def resolve(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> TechniqueConfig
 # returns the config with those decisions written out (``APPLIED`` fields, or a default made explicit).
 # ``compress`` applies and records the resolved config, so the recipe says what was done, and a replay of it
 # on another netshrink version builds the same model or fails naming the layer it cannot find.

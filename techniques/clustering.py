@@ -22,13 +22,18 @@ from torch.nn.utils import parametrize
 
 from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
 from .encoding import TensorEncoding
+from .sensitivity import allocated_widths
 
 LLOYD_ITERATIONS = 20  # 1-D k-means from a linear start settles within a few dozen iterations on layer weights
 
 
 class ClusteringConfig(TechniqueConfig):
     kind: Literal["clustering"] = "clustering"
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        "uniform", description="uniform: every layer gets `clusters`; sensitivity: per-layer counts (256..4) averaging `average_bits` of index"
+    )
     clusters: int = Field(16, ge=2, le=256, description="shared weight values (centroids) per layer")
+    average_bits: float = Field(4.0, ge=2.0, le=8.0, description="allocation sensitivity: the average log2(clusters) over the stored weights")
     huffman: bool = Field(False, description="store the cluster indices Huffman-coded instead of at fixed width")
     layer_clusters: dict[str, Annotated[int, Field(ge=2, le=256)]] | None = Field(
         None,
@@ -111,9 +116,21 @@ class Clustering:
     kind: ClassVar[str] = "clustering"
     config_type: ClassVar[type[TechniqueConfig]] = ClusteringConfig
     stage: ClassVar[Stage] = Stage.QUANTIZATION
-    default_space: ClassVar[dict[str, Any]] = {"clusters": [4, 8, 16, 32], "huffman": [False, True]}
+    default_space: ClassVar[dict[str, Any]] = {
+        "allocation": ["uniform", "sensitivity"],
+        "clusters": [4, 8, 16, 32],
+        "average_bits": {"low": 2.0, "high": 6.0},
+        "huffman": [False, True],
+    }
+    conditions: ClassVar[dict[str, dict[str, Any]]] = {"clusters": {"allocation": "uniform"}, "average_bits": {"allocation": "sensitivity"}}
     excludes: ClassVar[frozenset[str]] = frozenset({"quantization"})
     exclusion_reason: ClassVar[str] = "both set the stored weight values; use one of them"
+
+    def resolve(self, model: nn.Module, config: ClusteringConfig, ctx: CompressionContext) -> ClusteringConfig:
+        """allocation sensitivity: the per-layer counts, written into ``layer_clusters`` (a given one is kept)."""
+        if config.allocation == "uniform" or config.layer_clusters is not None:
+            return config
+        return config.model_copy(update={"layer_clusters": allocated_widths(model, "clustering", config.average_bits, ctx)})
 
     def apply(self, model: nn.Module, config: ClusteringConfig, ctx: CompressionContext) -> None:
         layers = compressible_weights(model)

@@ -280,7 +280,7 @@ class EarlyExit:
     stage: ClassVar[Stage] = Stage.DYNAMIC
     default_space: ClassVar[dict[str, Any]] = {"threshold": {"low": 0.5, "high": 0.99}}
 
-    def resolve(self, model: nn.Module, config: EarlyExitConfig) -> EarlyExitConfig:
+    def resolve(self, model: nn.Module, config: EarlyExitConfig, ctx: CompressionContext) -> EarlyExitConfig:
         """The cut points by the names they resolved to (the middle one, when ``after`` is empty)."""
         available = cut_points(trace(model))
         return config.model_copy(update={"after": tuple(available[cut][0] for cut in resolve_cuts(available, config.after))})

@@ -124,7 +124,7 @@ class LowRank:
         "include_1x1_convs": [False, True],
     }
 
-    def resolve(self, model: nn.Module, config: LowRankConfig) -> LowRankConfig:
+    def resolve(self, model: nn.Module, config: LowRankConfig, ctx: CompressionContext) -> LowRankConfig:
         return config.model_copy(update={"ranks": layers_to_factor(model, config)})
 
     def apply(self, model: nn.Module, config: LowRankConfig, ctx: CompressionContext) -> None:

@@ -118,12 +118,14 @@ def compress(
     *,
     fine_tune: FineTune | None = None,
     seed: int = 0,
+    sensitivity: dict | None = None,
 ) -> Compressed:
     """Apply ``pipeline`` to a copy of ``model``, fine-tune, and bake the result.
 
     The caller's model is never mutated. After this returns, the model's weights
     are exactly the values the artifact stores (masks and fake quantization are
-    folded in), so evaluating it evaluates the artifact.
+    folded in), so evaluating it evaluates the artifact. ``sensitivity`` (the
+    baseline's per-layer scores) is what ``allocation: sensitivity`` allocates widths from.
     """
     torch.manual_seed(seed)
     teacher = model
@@ -139,6 +141,7 @@ def compress(
         fine_tune=tune,
         seed=seed,
         teacher=teacher,
+        sensitivity=sensitivity,
     )
     applied: dict[int, TechniqueConfig] = {}
     for index, step in enumerate(pipeline.steps):
@@ -146,7 +149,7 @@ def compress(
             continue
         technique = REGISTRY[step.kind]
         resolve = getattr(technique, "resolve", None)
-        applied[index] = step = resolve(model, step) if resolve is not None else step
+        applied[index] = step = resolve(model, step, ctx) if resolve is not None else step
         model = technique.apply(model, step, ctx) or model
     if applied and tune is not None:
         tune(model, ctx.loss_fn)

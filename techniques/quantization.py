@@ -19,18 +19,25 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
+from .sensitivity import allocated_widths
 from .encoding import INTEGER_BITS, Bits, TensorEncoding, channel_scales, dequantize, quantize_codes
 
 
 class QuantizationConfig(TechniqueConfig):
     kind: Literal["quantization"] = "quantization"
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        "uniform", description="uniform: every layer at `bits`; sensitivity: per-layer widths (8/4/2/1) averaging `average_bits`"
+    )
     bits: Bits = Field(8, description="bit width of the stored weights; 32 leaves them as they are")
+    average_bits: float = Field(4.0, ge=1.0, le=8.0, description="allocation sensitivity: the average width over the stored weights")
     layer_bits: dict[str, Bits] | None = Field(
-        None, json_schema_extra=PER_LAYER, description="layer (module name) -> its own bit width; layers not listed get `bits`"
+        None,
+        json_schema_extra=PER_LAYER,
+        description="layer (module name) -> its own bit width; layers not listed get `bits`. Written by allocation sensitivity",
     )
 
     def is_noop(self) -> bool:
-        return self.bits == 32 and all(bits == 32 for bits in (self.layer_bits or {}).values())
+        return self.allocation == "uniform" and self.bits == 32 and all(bits == 32 for bits in (self.layer_bits or {}).values())
 
 
 class FakeQuantize(nn.Module):
@@ -65,7 +72,14 @@ class Quantization:
     kind: ClassVar[str] = "quantization"
     config_type: ClassVar[type[TechniqueConfig]] = QuantizationConfig
     stage: ClassVar[Stage] = Stage.QUANTIZATION
-    default_space: ClassVar[dict[str, Any]] = {"bits": [16, 8, 4, 2, 1]}
+    default_space: ClassVar[dict[str, Any]] = {"allocation": ["uniform", "sensitivity"], "bits": [16, 8, 4, 2, 1], "average_bits": {"low": 1.0, "high": 6.0}}
+    conditions: ClassVar[dict[str, dict[str, Any]]] = {"bits": {"allocation": "uniform"}, "average_bits": {"allocation": "sensitivity"}}
+
+    def resolve(self, model: nn.Module, config: QuantizationConfig, ctx: CompressionContext) -> QuantizationConfig:
+        """allocation sensitivity: the per-layer widths, written into ``layer_bits`` (a given ``layer_bits`` is kept)."""
+        if config.allocation == "uniform" or config.layer_bits is not None:
+            return config
+        return config.model_copy(update={"layer_bits": allocated_widths(model, "quantization", config.average_bits, ctx)})
 
     def apply(self, model: nn.Module, config: QuantizationConfig, ctx: CompressionContext) -> None:
         layers = compressible_weights(model)

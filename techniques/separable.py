@@ -102,7 +102,7 @@ class Separable:
     stage: ClassVar[Stage] = Stage.ARCHITECTURE
     default_space: ClassVar[dict[str, Any]] = {"which": ["all", "all_but_first", "last"]}
 
-    def resolve(self, model: nn.Module, config: SeparableConfig) -> SeparableConfig:
+    def resolve(self, model: nn.Module, config: SeparableConfig, ctx: CompressionContext) -> SeparableConfig:
         return config.model_copy(update={"layers": tuple(convs_to_separate(model, config))})
 
     def apply(self, model: nn.Module, config: SeparableConfig, ctx: CompressionContext) -> None:

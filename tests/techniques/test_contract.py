@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from netshrink.techniques.base import is_applied_field
 from netshrink.techniques import REGISTRY, Pipeline, compress, load_artifact, save_artifact
 from netshrink.techniques.artifact import encode_state
+from netshrink.techniques.sensitivity import measure_sensitivity
 from tests.models import EDGE_MODELS
 
 
@@ -55,12 +56,19 @@ def fine_tune(model, loss_fn=None):
 CONFIGS = contract_configs()
 
 
+def compress_scored(model, pipeline, example, **kwargs):
+    """``compress`` with the model's per-layer sensitivity, as a search passes it (for ``allocation: sensitivity``)."""
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.randn(32, *example.shape[1:], generator=generator)
+    return compress(model, pipeline, example, sensitivity=measure_sensitivity(model, inputs, torch.randint(0, 10, (32,), generator=generator)), **kwargs)
+
+
 @pytest.mark.parametrize("model_name", sorted(EDGE_MODELS))
 @pytest.mark.parametrize("config", CONFIGS)
 def test_forward_runs_and_caller_model_untouched(config, model_name, images):
     model = EDGE_MODELS[model_name]().eval()
     before = copy.deepcopy(model.state_dict())
-    compressed = compress(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune)
+    compressed = compress_scored(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune)
     assert compressed.model(images).shape == (16, 10)
     after = model.state_dict()
     assert before.keys() == after.keys()
@@ -70,7 +78,7 @@ def test_forward_runs_and_caller_model_untouched(config, model_name, images):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_accounted_size_equals_written_size(config, tmp_path, images):
     model = EDGE_MODELS["tiny_cnn"]()
-    compressed = compress(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune)
+    compressed = compress_scored(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune)
     accounted = 0
     for name, value in compressed.model.state_dict().items():
         encoding = compressed.encodings.get(name)
@@ -90,7 +98,7 @@ def test_accounted_size_equals_written_size(config, tmp_path, images):
 def test_artifact_reloads_to_the_same_model(config, tmp_path, images):
     model = EDGE_MODELS["residual_bn"]().eval()
     pipeline = Pipeline(steps=[config])
-    compressed = compress(model, pipeline, images[:1], fine_tune=fine_tune)
+    compressed = compress_scored(model, pipeline, images[:1], fine_tune=fine_tune)
     save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, pipeline.recipe())
     restored, header = load_artifact(tmp_path / "m.safetensors", EDGE_MODELS["residual_bn"]())
     assert Pipeline.model_validate(header["recipe"]) == pipeline
@@ -100,7 +108,7 @@ def test_artifact_reloads_to_the_same_model(config, tmp_path, images):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_deterministic_under_a_seed(config, images):
     model = EDGE_MODELS["concat"]()
-    runs = [compress(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune, seed=3) for _ in range(2)]
+    runs = [compress_scored(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune, seed=3) for _ in range(2)]
     first, second = (run.model.state_dict() for run in runs)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -111,15 +119,15 @@ def test_recipe_round_trips_and_replays(config, images):
     replayed = Pipeline.from_recipe(pipeline.recipe())
     assert replayed == pipeline
     model = EDGE_MODELS["tiny_cnn"]()
-    first = compress(model, pipeline, images[:1], fine_tune=fine_tune, seed=1)
+    first = compress_scored(model, pipeline, images[:1], fine_tune=fine_tune, seed=1)
     a = first.model.state_dict()
-    b = compress(model, replayed, images[:1], fine_tune=fine_tune, seed=1).model.state_dict()
+    b = compress_scored(model, replayed, images[:1], fine_tune=fine_tune, seed=1).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the recipe of what was applied, every decision from the model's shapes written out, replays to the same model
     applied = Pipeline.from_recipe(first.pipeline.recipe())
     assert applied == first.pipeline
     assert all(getattr(step, name) is not None for step in applied.active_steps() for name in type(step).model_fields if is_applied_field(type(step), name))
-    c = compress(model, applied, images[:1], fine_tune=fine_tune, seed=1).model.state_dict()
+    c = compress_scored(model, applied, images[:1], fine_tune=fine_tune, seed=1).model.state_dict()
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
