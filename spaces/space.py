@@ -153,7 +153,16 @@ class _SearchSpaceBase(BaseModel):
             if switches[kind] == "search" and not switch_always_implied:
                 names.append(f"{kind}/enabled")
             if switches[kind] is not False:
-                names += [f"{kind}/{name}" for name, knob in space.knobs().items() if isinstance(knob, (Choice, Range))]
+                knobs = space.knobs()
+                fixed = {name: knob.value for name, knob in knobs.items() if isinstance(knob, Fixed)}
+                conditions = getattr(REGISTRY[kind], "conditions", {})
+                names += [
+                    f"{kind}/{name}"
+                    for name, knob in knobs.items()
+                    # a knob whose condition a fixed value rules out is never asked
+                    if isinstance(knob, (Choice, Range))
+                    and all(fixed.get(field, wanted) == wanted for field, wanted in conditions.get(name, {}).items())
+                ]
         return names
 
 
