@@ -53,6 +53,7 @@ def search(workdir: Path, experiment: Path, name: str, overrides: dict) -> str:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     started = time.time()
     result = subprocess.run([sys.executable, "-m", "netshrink.cli", "search", path.name], cwd=workdir, capture_output=True, text=True)
+    (workdir / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         sys.exit(f"search {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     print(f"  {name}: {time.time() - started:.0f} s", flush=True)

@@ -96,6 +96,7 @@ def allocate(scores: dict[str, dict[int, float]], sizes: dict[str, int], kind: s
                 lower = widths[position + 1]
                 saved = sizes[name] * (width_bits(kind, choice[name]) - width_bits(kind, lower))
                 rise = scores[name][lower] - scores[name][choice[name]]
+                rise = math.inf if math.isnan(rise) else rise  # from one unbearable width to the next
                 moves.append((rise / saved, name, lower))
         if not moves:
             break
@@ -108,10 +109,22 @@ def allocated_widths(model: nn.Module, kind: str, average_bits: float, ctx) -> d
     """``allocate`` for the compressible layers of ``model`` as it is now (pruned weights do not count)."""
     if not ctx.sensitivity or kind not in ctx.sensitivity:
         raise ValueError(f"{kind}.allocation sensitivity needs the baseline's per-layer sensitivity (compress(..., sensitivity=...))")
-    scores = ctx.sensitivity[kind]
+    measured = {name: {int(width): value for width, value in widths.items()} for name, widths in ctx.sensitivity[kind].items()}
     layers = {name.removesuffix(".weight"): module for name, module in compressible_weights(model).items()}
-    missing = [name for name in layers if name not in scores]
-    if missing:
-        raise ValueError(f"{kind}.allocation sensitivity: no sensitivity score for layer(s) {', '.join(missing)}; the model differs from the baseline it was measured on")
+    scores = {name: score_of(name, measured) for name in layers}
     sizes = {name: int((module.weight != 0).sum()) for name, module in layers.items()}
-    return allocate({name: {int(w): v for w, v in scores[name].items()} for name in layers}, sizes, kind, average_bits)
+    return allocate(scores, sizes, kind, average_bits)
+
+
+def score_of(layer: str, measured: dict[str, dict[int, float]]) -> dict[int, float]:
+    """The scores of ``layer``, or of the baseline layer it came from: an architecture technique renames
+    ``conv2`` to ``conv2.0`` and ``conv2.1`` (separable, low-rank), early exits to ``segments.1.conv2``.
+    A layer with no such origin (an exit head) is scored as unbearable to lower: it keeps the widest width."""
+    if layer in measured:
+        return measured[layer]
+    parts = layer.split(".")
+    origins = [name for name in measured if any(".".join(parts[start : start + len(name.split("."))]) == name for start in range(len(parts)))]
+    if origins:
+        return measured[max(origins, key=len)]
+    widths = sorted({width for scores in measured.values() for width in scores}, reverse=True)
+    return {width: 0.0 if index == 0 else math.inf for index, width in enumerate(widths)}

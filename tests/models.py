@@ -73,3 +73,17 @@ class CustomLayer(nn.Module):
 
 
 EDGE_MODELS = {"tiny_cnn": TinyCNN, "residual_bn": ResidualBN, "concat": Concat, "custom_layer": CustomLayer}
+
+
+def applied_agrees_with_sampled(applied: dict, sampled: dict) -> bool:
+    """A trial's ``recipe.json`` (the pipeline as applied) against its ``recipe`` tag (as sampled): the same
+    steps with the same knobs; what the sampled recipe left open (None, an empty placement) the applied
+    one may have filled in (layers and ranks chosen, widths allocated, the cut point resolved)."""
+    if [step["kind"] for step in applied["steps"]] != [step["kind"] for step in sampled["steps"]]:
+        return False
+    return all(
+        done[key] == value
+        for done, asked in zip(applied["steps"], sampled["steps"])
+        for key, value in asked.items()
+        if value not in (None, [], ())
+    )

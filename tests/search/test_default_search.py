@@ -1,4 +1,4 @@
-"""The README's main job, run as a user runs it (about 70 s on 2 cores; it was `slow` until trials reused their worker processes)."""
+"""The README's main job, run as a user runs it (about 3 minutes on 2 cores with its refinement)."""
 
 import shutil
 import subprocess
@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from netshrink.techniques import Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,5 +21,9 @@ def test_default_digits_search_finishes_with_a_front(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("digits-lenet5").experiment_id], max_results=1000)
     children = [r for r in runs if r.data.tags.get("netshrink.role") == "trial"]
-    assert len(children) == 32
+    trials = [r for r in children if "refined_from" not in r.data.tags]
+    refined = [r for r in children if "refined_from" in r.data.tags]
+    assert len(trials) == 32 and 1 <= len(refined) <= 4  # refine: the 4 front points nearest the knee
+    assert all(r.info.status == "FINISHED" for r in children)  # no trial failed
+    assert all(Pipeline.from_recipe(r.data.tags["recipe"]).active_steps() for r in children)  # never the baseline
     assert any(r.data.tags.get("pareto") == "true" for r in children)

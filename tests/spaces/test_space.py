@@ -5,6 +5,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from netshrink.techniques.sensitivity import measure_sensitivity
 from netshrink.spaces import Choice, Fixed, Range, SearchSpace
 from netshrink.tasks.models import LeNet5
 from netshrink.techniques import REGISTRY, Pipeline, compress
@@ -22,13 +23,14 @@ def test_two_hundred_random_draws_all_build_a_working_model(model_type, side):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
     model = model_type().eval()
     x = torch.randn(2, 1, side, side)
+    scores = measure_sensitivity(model, torch.randn(16, 1, side, side), torch.randint(0, 10, (16,)))  # as a search passes them
     kinds_seen = set()
     for _ in range(200):
         trial = study.ask()
         pipeline = space.sample(trial)
         assert Pipeline.from_recipe(pipeline.recipe()) == pipeline
         kinds_seen.update(step.kind for step in pipeline.active_steps())
-        assert compress(model, pipeline, x[:1]).model(x).shape == (2, 10)
+        assert compress(model, pipeline, x[:1], sensitivity=scores).model(x).shape == (2, 10)
         study.tell(trial, [0.5, 1.0])
     assert kinds_seen == set(REGISTRY)
 

@@ -38,3 +38,18 @@ def test_lenet5_sensitivity_rises_as_the_width_falls_and_the_allocation_lands_in
 def test_sensitivity_allocation_without_scores_is_refused_naming_the_knob():
     with pytest.raises(ValueError, match="quantization.allocation sensitivity needs the baseline's per-layer sensitivity"):
         compress(LeNet5(), Pipeline(steps=[QuantizationConfig(allocation="sensitivity")]), torch.zeros(1, 1, 28, 28))
+
+
+def test_layers_an_architecture_technique_made_take_the_scores_of_the_layer_they_replace():
+    from netshrink.techniques import SeparableConfig
+    from netshrink.techniques.sensitivity import score_of
+
+    measured = {"conv2": {8: 0.0, 4: 0.1}, "fc1": {8: 0.0, 4: 0.01}}
+    assert score_of("conv2.1", measured) == measured["conv2"] and score_of("segments.1.fc1.0", measured) == measured["fc1"]
+    assert score_of("heads.0.linear", measured)[4] == float("inf")  # an exit head keeps the widest width
+    model = LeNet5().eval()
+    inputs = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    scores = measure_sensitivity(model, inputs, torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2)))
+    pipeline = Pipeline(steps=[SeparableConfig(which="all"), ClusteringConfig(allocation="sensitivity", average_bits=3.0)])
+    applied = compress(model, pipeline, inputs[:1], sensitivity=scores).pipeline.steps[1]
+    assert {"conv2.0", "conv2.1", "fc1"} <= set(applied.layer_clusters)
