@@ -77,6 +77,10 @@ class SearchSettings(Strict):
     population_size: int = Field(8, ge=2, description="NSGA-II generation size")
     seed: int = 0
     skip_repeats: bool = Field(True, description="a pipeline already evaluated in this search is not trained again")
+    early_stopping: bool = Field(True, description="stop a trial whose validation accuracy during fine-tuning shows it cannot reach min_accuracy")
+    informed_start: bool = Field(
+        True, description="the first trials are the informed start (spaces/start.py): each technique alone, then combinations known to work"
+    )
     max_failures: int = Field(1, ge=0, description="times a failed trial is run again (a worker process that died, an error) before it counts as failed")
 
 
@@ -107,7 +111,11 @@ class Experiment(Strict):
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     refine: RefineSettings = Field(default_factory=RefineSettings)
     objectives: list[str] = Field(default_factory=lambda: list(OBJECTIVES))
-    min_accuracy: float | None = Field(None, gt=0, le=1, description="points below it never enter the front")
+    min_accuracy: float | None = Field(
+        None, gt=0, le=1, description="validation accuracy a model must reach to count (a constraint); default: the baseline's minus 5 points"
+    )
+    max_size_bytes: float | None = Field(None, gt=0, description="largest artifact a model may have to count (a constraint); default: none")
+    max_latency_ms: float | None = Field(None, gt=0, description="largest latency a model may have to count (a constraint); default: none")
     search: SearchSettings = Field(default_factory=SearchSettings)
     resources: Resources = Field(default_factory=Resources)
     measure: MeasureSettings = Field(default_factory=MeasureSettings)

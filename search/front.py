@@ -10,6 +10,8 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from .constraints import Constraints
+
 
 @dataclass(frozen=True)
 class TrialPoint:
@@ -63,9 +65,9 @@ def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str])
     return better
 
 
-def pareto_front(points: list[TrialPoint], objectives: list[str], directions: list[str], min_accuracy: float | None = None) -> list[TrialPoint]:
-    """Non-dominated points, best accuracy first. Points under ``min_accuracy`` are not eligible."""
-    eligible = [p for p in points if min_accuracy is None or p.accuracy >= min_accuracy]
+def pareto_front(points: list[TrialPoint], objectives: list[str], directions: list[str], constraints: Constraints | None = None) -> list[TrialPoint]:
+    """Non-dominated points, best accuracy first. Points that break ``constraints`` are not eligible."""
+    eligible = [p for p in points if constraints is None or constraints.feasible(p.metrics())]
     values = [[p.value(o) for o in objectives] for p in eligible]
     front = [p for i, p in enumerate(eligible) if not any(dominates(values[j], values[i], directions) for j in range(len(eligible)) if j != i)]
     return sorted(front, key=lambda p: (-p.accuracy, p.size_bytes, p.latency_ms))

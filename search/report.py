@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from netshrink.config import OBJECTIVES
 from netshrink.errors import UserError
 
+from .constraints import Constraints
 from .front import TrialPoint, pareto_front
 from .tracking import RECIPE_TAG, REFINED_FROM_TAG, SUMMARY_TAG, Tracker, default_tracking_uri
 
@@ -59,10 +60,9 @@ def load_front(experiment_name: str, tracking_uri: str | None = None, search_run
         if parent is None:
             raise UserError(f"--experiment: {experiment_name!r} has no search runs yet")
     objectives = json.loads(parent.data.tags.get("objectives", json.dumps(list(OBJECTIVES))))
-    min_accuracy = parent.data.tags.get("min_accuracy")
     points, _failed = collect_points(tracker, experiment_id, parent.info.run_id)
     if not points:
         raise UserError(f"search {parent.info.run_id} of {experiment_name!r} has no finished trials")
-    front = pareto_front(points, objectives, [OBJECTIVES[o] for o in objectives], float(min_accuracy) if min_accuracy else None)
+    front = pareto_front(points, objectives, [OBJECTIVES[o] for o in objectives], Constraints.from_tags(parent.data.tags))
     baseline = {key.removeprefix("baseline_"): value for key, value in parent.data.metrics.items() if key.startswith("baseline_")}
     return LoadedFront(parent_run_id=parent.info.run_id, front=front, points=points, baseline=baseline)

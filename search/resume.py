@@ -26,8 +26,9 @@ import optuna
 
 from netshrink.errors import UserError
 
-from .searcher import REPEAT_OF, UNCOMPRESSED, Evaluated
-from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, OPTUNA_TRIAL_TAG, RECIPE_TAG, Tracker, text_sha256
+from .constraints import Constraints
+from .searcher import REPEAT_OF, UNCOMPRESSED, Evaluated, annotate
+from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, OPTUNA_TRIAL_TAG, RECIPE_TAG, STOPPED_TAG, Tracker, text_sha256
 
 RETRY_OF = "retry_of"  # user attribute of an enqueued Optuna trial: the number of the interrupted trial it runs again
 
@@ -39,6 +40,7 @@ class InterruptedSearch:
     storage_url: str
     trials: int  # the budget the search started with
     baseline: dict[str, float]  # the baseline figures the trials before the interruption were compared with
+    constraints: Constraints | None  # the constraints it ran under (None: a search of a netshrink that recorded none)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ def find_interrupted_search(tracker: Tracker, experiment_id: str, experiment_nam
         storage_url=tags["optuna.storage"],
         trials=int(params["trials"]),
         baseline=baseline,
+        constraints=Constraints.from_tags(tags),
     )
 
 
@@ -85,33 +88,39 @@ def _logged_experiment_file(tracker: Tracker, run_id: str) -> str | None:
         return None
 
 
-def reopen_search(tracker: Tracker, experiment_id: str, search: InterruptedSearch, objectives: list[str]) -> Progress:
+def reopen_search(
+    tracker: Tracker, experiment_id: str, search: InterruptedSearch, objectives: list[str], constraints: Constraints
+) -> Progress:
     """Set the parent run RUNNING again and settle the trials the interruption cut short (see the module docstring)."""
     tracker.reopen(search.parent_run_id)
     study = optuna.load_study(study_name=search.study_name, storage=optuna.storages.RDBStorage(search.storage_url))
     children = tracker.trial_runs(experiment_id, search.parent_run_id)
-    finished = {
+    finished = {  # measured trials, those early stopping ended included; not refined runs
         int(run.data.tags[OPTUNA_TRIAL_TAG]): run
         for run in children
-        if run.info.status == "FINISHED" and set(objectives) <= run.data.metrics.keys() and OPTUNA_TRIAL_TAG in run.data.tags  # not refined runs
+        if (run.info.status == "FINISHED" or run.data.tags.get(STOPPED_TAG) == "true")
+        and set(objectives) <= run.data.metrics.keys()
+        and OPTUNA_TRIAL_TAG in run.data.tags
     }
     cut_short = set()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         run = finished.get(trial.number)
         if run is not None:
-            study.tell(trial.number, [run.data.metrics[name] for name in objectives])
+            metrics = run.data.metrics
+            annotate(optuna.trial.Trial(study, trial._trial_id), metrics, constraints)  # as the searcher would have
+            study.tell(trial.number, [metrics[name] for name in objectives])
         else:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
             cut_short.add(trial.number)
     for run in children:
         status = run.info.status
-        if status == "RUNNING" or (status != "FINISHED" and int(run.data.tags.get(OPTUNA_TRIAL_TAG, -1)) in cut_short):
+        if status == "RUNNING" or (status not in ("FINISHED", "KILLED") and int(run.data.tags.get(OPTUNA_TRIAL_TAG, -1)) in cut_short):
             tracker.interrupted(run.info.run_id)
     trials = study.get_trials(deepcopy=False)
     return Progress(
         ended=ended_trials(trials),
-        evaluated={run.data.tags[RECIPE_TAG]: (number, [run.data.metrics[name] for name in objectives]) for number, run in finished.items()},
+        evaluated={run.data.tags[RECIPE_TAG]: (number, dict(run.data.metrics)) for number, run in finished.items()},
         repeats=sum(REPEAT_OF in trial.user_attrs for trial in trials),
         study_trials=len(trials),
     )

@@ -16,13 +16,16 @@ from netshrink.config import Experiment
 from netshrink.errors import UserError
 from netshrink.node_lock import lock_files
 from netshrink.spaces import SearchSpace
+from netshrink.spaces.start import start_params
 
 from .baseline import prepare_baseline
+from .constraints import DEFAULT_DROP, Constraints
 from .front import TrialPoint, front_json, knee_order, pareto_front, print_front, with_interval
 from .plots import log_plots
 from .report import collect_points
 from .resume import Progress, find_interrupted_search, reopen_search
 from .searcher import DistinctPipelineSearch
+from .stopping import StopRule
 from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, PARETO_TAG, Tracker, default_tracking_uri, is_local, text_sha256
 from .trial import REFINE_OF, TrialSetup, refine_trial, run_trial
 
@@ -69,7 +72,10 @@ class SpaceSampler:
 
 
 def make_sampler(experiment: Experiment, seed_offset: int = 0):
-    """``seed_offset``: a resumed search's sampler must not replay the random draws its first run made."""
+    """The experiment's sampler. NSGA-II and TPE read each trial's constraint values (``searcher.annotate``).
+
+    ``seed_offset``: a resumed search's sampler must not replay the random draws its first run made.
+    """
     import optuna
 
     settings = experiment.search
@@ -124,12 +130,14 @@ def run_search(
         storage_url = optuna_storage_url(tracking_uri, state_dir)
         if interrupted is None:
             b = baseline.metrics
-            parent, study_name = start_parent_run(tracker, experiment_id, experiment, config_path, storage_url, b, trials, concurrency)
+            constraints = Constraints.for_search(experiment.min_accuracy, experiment.max_size_bytes, experiment.max_latency_ms, b)
+            parent, study_name = start_parent_run(tracker, experiment_id, experiment, config_path, storage_url, b, trials, concurrency, constraints)
             progress = Progress()
         else:
             b = interrupted.baseline  # the figures the trials before the interruption were compared with
+            constraints = interrupted.constraints or Constraints.for_search(experiment.min_accuracy, experiment.max_size_bytes, experiment.max_latency_ms, b)
             parent, study_name, storage_url = interrupted.parent_run_id, interrupted.study_name, interrupted.storage_url
-            progress = reopen_search(tracker, experiment_id, interrupted, experiment.objectives)
+            progress = reopen_search(tracker, experiment_id, interrupted, experiment.objectives, constraints)
         console.print(
             f"Baseline: validation accuracy {with_interval(b, 'accuracy')}, test accuracy {with_interval(b, 'test_accuracy')}, "
             f"{b['size_bytes'] / 1e6:.3f} MB, {b['latency_ms']:.4f} ms ({int(b['parameters']):,} parameters)"
@@ -137,6 +145,8 @@ def run_search(
         verb = "continued" if interrupted else "started"
         console.print(f"MLflow: experiment {experiment.name!r}, search run {parent} {verb} at {tracking_uri}")
         console.print(f"Optuna: study {study_name!r} in {storage_url}")
+        default_floor = "" if experiment.min_accuracy is not None else f" (min_accuracy defaults to the baseline's minus {100 * DEFAULT_DROP:g} points)"
+        console.print(f"Constraints: {constraints.describe()}{default_floor}")
 
         setup = TrialSetup(
             task=experiment.task,
@@ -152,6 +162,8 @@ def run_search(
             parent_run_id=parent,
             gpus=experiment.resources.gpu,
             sensitivity=baseline.sensitivity,
+            constraints=constraints,
+            stop_rule=StopRule(constraints.min_accuracy) if experiment.search.early_stopping else None,
         )
         remaining = trials - progress.ended
         if interrupted:
@@ -160,7 +172,7 @@ def run_search(
         run_name = time.strftime("search-%Y%m%d-%H%M%S")  # the Tune run; a resumed search starts a new one
         repeats = progress.repeats
         if remaining > 0:
-            repeats += run_trials(experiment, setup, study_name, storage_url, run_name, remaining, concurrency, state_dir, progress)
+            repeats += run_trials(experiment, setup, study_name, storage_url, run_name, remaining, concurrency, state_dir, progress, fresh=interrupted is None)
         if experiment.refine.epochs > 0:
             refine_front(experiment, setup, tracker, experiment_id, run_name, concurrency, state_dir, console)
     except KeyboardInterrupt:
@@ -177,7 +189,7 @@ def run_search(
             ray.shutdown()
 
     points, failed = collect_points(tracker, experiment_id, parent)
-    front = pareto_front(points, experiment.objectives, experiment.directions(), experiment.min_accuracy)
+    front = pareto_front(points, experiment.objectives, experiment.directions(), constraints)
     on_front = {p.run_id for p in front}
     for point in points:
         tracker.client.set_tag(point.run_id, PARETO_TAG, "true" if point.run_id in on_front else "false")
@@ -185,7 +197,7 @@ def run_search(
     if repeats:
         console.print(f"The sampler proposed {repeats} pipeline(s) already evaluated; their earlier results were reused, not retrained.")
     tracker.client.log_text(parent, front_json(front, b), "front.json")
-    log_plots(tracker, parent, points, front, b, experiment.objectives, experiment.min_accuracy)
+    log_plots(tracker, parent, points, front, b, experiment.objectives, constraints.min_accuracy)
     tracker.finish(parent)
     seconds = time.time() - started
     print_front(front, b, title=f"Pareto front of {experiment.name!r}: {len(front)} of {len(points)} finished trials ({failed} failed), {seconds:.0f} s", console=console)
@@ -206,7 +218,8 @@ def run_search(
 
 
 def start_parent_run(
-    tracker: Tracker, experiment_id: str, experiment: Experiment, config_path: Path, storage_url: str, baseline: dict[str, float], trials: int, concurrency: int
+    tracker: Tracker, experiment_id: str, experiment: Experiment, config_path: Path, storage_url: str, baseline: dict[str, float], trials: int, concurrency: int,
+    constraints: Constraints,
 ) -> tuple[str, str]:
     """The search's MLflow run, holding everything ``--resume`` needs to continue it; returns its id and the Optuna study's name."""
     parent = tracker.start_search(
@@ -217,7 +230,7 @@ def start_parent_run(
             "optuna.storage": storage_url,
             "config_file": str(config_path.resolve()),  # export imports module:factory references from its folder
             "objectives": json.dumps(experiment.objectives),
-            "min_accuracy": "" if experiment.min_accuracy is None else str(experiment.min_accuracy),
+            **constraints.to_tags(),  # as in force, min_accuracy's default resolved
         },
     )
     study_name = f"{experiment.name}/{parent}"
@@ -302,9 +315,12 @@ def run_trials(
     concurrency: int,
     state_dir: Path,
     progress: Progress = Progress(),
+    fresh: bool = True,
 ) -> int:
     """Ray Tune runs the trials; Optuna's multi-objective sampler chooses each one's pipeline.
 
+    A ``fresh`` search (not a resumed one, whose study has them already) starts with the
+    informed start (``spaces/start.py``) when ``search.informed_start`` is on.
     Returns how many repeated pipelines were answered from earlier trials instead of run again.
     A failed trial is run again up to ``search.max_failures`` times (see ``run_trial``).
     """
@@ -316,7 +332,8 @@ def run_trials(
     # search would look finished with part of its budget.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     searcher = DistinctPipelineSearch(
-        baseline_values=[setup.baseline_metrics[name] for name in experiment.objectives],
+        baseline_metrics=setup.baseline_metrics,
+        constraints=setup.constraints,
         skip_repeats=experiment.search.skip_repeats,
         evaluated=progress.evaluated,
         space=SpaceSampler(experiment.space),
@@ -325,6 +342,7 @@ def run_trials(
         sampler=make_sampler(experiment, seed_offset=progress.study_trials),
         storage=optuna.storages.RDBStorage(storage_url),
         study_name=study_name,
+        points_to_evaluate=start_params(experiment.space) if fresh and experiment.search.informed_start else None,
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
@@ -413,8 +431,9 @@ def progress_printer(total: int, baseline: dict[str, float], done: int = 0, labe
             r = trial.last_result or {}
             if "accuracy" not in r:
                 return
+            stopped = f"stopped after {r['stopped_at_fraction']:.0%} of fine-tuning, " if r.get("stopped_early") else ""
             print(
-                f"[{label}{self.done}/{total}] acc {r['accuracy']:.2%}  size {r['size_bytes'] / 1e3:.1f} KB "
+                f"[{label}{self.done}/{total}] {stopped}acc {r['accuracy']:.2%}  size {r['size_bytes'] / 1e3:.1f} KB "
                 f"({baseline['size_bytes'] / r['size_bytes']:.1f}x smaller)  latency {r['latency_ms']:.4f} ms "
                 f"({baseline['latency_ms'] / r['latency_ms']:.2f}x)  {_describe(trial.config.get('recipe') or trial.config.get('point', {}).get('recipe'))}",
                 flush=True,

@@ -16,6 +16,12 @@ space turns the last technique on when all others are off, but cannot stop it
 drawing its no-op value) is the uncompressed baseline, measured once per
 search: Optuna is told the baseline's figures (``uncompressed`` attribute) and
 no trial is spent on it.
+
+Every answer to Optuna carries the trial's constraint values (``Trial.set_constraint``;
+see ``constraints.py``),
+and a trial that early stopping ended is told as complete, with the figures it was
+measured at and its ``stopped_early`` attribute: its accuracy is under
+``min_accuracy``, so it is infeasible, and the sampler learns to avoid its region.
 """
 
 from __future__ import annotations
@@ -28,20 +34,39 @@ from ray.tune.search.optuna import OptunaSearch
 
 from netshrink.techniques import Pipeline
 
+from .constraints import Constraints
+
 MAX_REPEATS_IN_A_ROW = 100
 REPEAT_OF = "repeat_of"  # user attribute of a repeat's Optuna trial: the number of the trial it repeats
 UNCOMPRESSED = "uncompressed"  # user attribute of an Optuna trial that drew the baseline, answered with its figures
 
-Evaluated = dict[str, tuple[int, list[float]]]  # recipe -> (Optuna trial number, objective values)
+STOPPED_ATTR = "stopped_early"  # user attribute of an Optuna trial that early stopping ended: the share of fine-tuning done
+Evaluated = dict[str, tuple[int, dict[str, float]]]  # recipe -> (Optuna trial number, its logged metrics)
+
+
+def annotate(trial, metrics: dict[str, float], constraints: Constraints | None) -> None:
+    """What an answered Optuna trial carries: its constraint values, and how far it got if stopped early."""
+    if constraints is not None:
+        for name, value in constraints.violations(metrics).items():
+            trial.set_constraint(name, value)
+    if metrics.get(STOPPED_ATTR):
+        trial.set_user_attr(STOPPED_ATTR, metrics["stopped_at_fraction"])
 
 
 class DistinctPipelineSearch(OptunaSearch):
     def __init__(
-        self, *args: Any, baseline_values: list[float], skip_repeats: bool = True, evaluated: Evaluated | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        baseline_metrics: dict[str, float],
+        constraints: Constraints | None = None,
+        skip_repeats: bool = True,
+        evaluated: Evaluated | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.skip_repeats = skip_repeats
-        self.baseline_values = baseline_values  # the objectives' values of the uncompressed model
+        self.baseline_metrics = baseline_metrics  # the figures of the uncompressed model
+        self.constraints = constraints
         self.repeats_skipped = 0
         self.baselines_skipped = 0
         self._recipe_of_trial: dict[str, str] = {}
@@ -62,22 +87,30 @@ class DistinctPipelineSearch(OptunaSearch):
             if not Pipeline.from_recipe(config["recipe"]).active_steps():
                 answered = self._ot_trials.pop(trial_id)
                 answered.set_user_attr(UNCOMPRESSED, True)
-                self._ot_study.tell(answered, self.baseline_values)
+                self._tell(answered, self.baseline_metrics)
                 self.baselines_skipped += 1
                 continue
             earlier = self._finished.get(config["recipe"]) if self.skip_repeats else None
             if earlier is None:
                 self._recipe_of_trial[trial_id] = config["recipe"]
                 return config
-            number, values = earlier
+            number, metrics = earlier
             repeat = self._ot_trials.pop(trial_id)
             repeat.set_user_attr(REPEAT_OF, number)
-            self._ot_study.tell(repeat, values)
+            self._tell(repeat, metrics)
             self.repeats_skipped += 1
         return Searcher.FINISHED
 
+    def _tell(self, trial, metrics: dict[str, float]) -> None:
+        """Tell Optuna a trial's objectives, with its constraint values and whether it was stopped early."""
+        annotate(trial, metrics, self.constraints)
+        self._ot_study.tell(trial, [metrics[name] for name in self.metric])
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         recipe = self._recipe_of_trial.pop(trial_id, None)
-        if recipe is not None and result and not error and all(metric in result for metric in self.metric):
-            self._finished.setdefault(recipe, (self._ot_trials[trial_id].number, [result[metric] for metric in self.metric]))
+        measured = bool(result) and not error and all(metric in result for metric in self.metric)
+        if measured:
+            annotate(self._ot_trials[trial_id], result, self.constraints)
+            if recipe is not None:
+                self._finished.setdefault(recipe, (self._ot_trials[trial_id].number, dict(result)))
         super().on_trial_complete(trial_id, result=result, error=error)

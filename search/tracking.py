@@ -29,6 +29,11 @@ CONFIG_ARTIFACT = "experiment.yaml"  # the experiment file as the search read it
 CONFIG_HASH_TAG = "config_sha256"  # SHA-256 of that file: a local copy is checked against it before its code runs
 NODE_TAG = "ray_node_id"  # the Ray node the trial (its last attempt) ran on
 DEVICE_TAG = "device"  # where fine-tuning ran: cpu, cuda:0, ...
+FEASIBLE_TAG = "feasible"  # "true" or "false": whether the trial meets the search's constraints (search/constraints.py)
+STOPPED_TAG = "stopped_early"  # "true" on a trial that early stopping ended (its run is KILLED)
+STOPPED_AT_TAG = "stopped_at_fraction"  # the share of its fine-tuning such a trial had done
+STOP_REASON_TAG = "stop_reason"  # why it was stopped, in words
+FINETUNE_METRIC = "finetune_accuracy"  # validation accuracy during fine-tuning, at step = 100 x epochs done
 REFINED_FROM_TAG = "refined_from"  # a refined run: the run id of the trial whose recipe it fine-tuned longer
 
 
@@ -116,6 +121,10 @@ class Tracker:
 
     def finish(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def stopped(self, run_id: str) -> None:
+        """KILLED, with the ``stopped_early`` tag the trial set: early stopping ended it (see ``search/stopping.py``)."""
+        self.client.set_terminated(run_id, "KILLED")
 
     def interrupted(self, run_id: str) -> None:
         """KILLED, not FAILED: the run did nothing wrong, it was stopped (Ctrl-C, a dead driver); ``--resume`` redoes it."""

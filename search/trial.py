@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,9 +27,14 @@ from netshrink.tasks import build_model, example_inputs, load_data
 from netshrink.techniques import EarlyExitNet, Pipeline, compress, load_artifact, save_artifact
 from netshrink.training import accuracy, cross_entropy, train
 
+from .constraints import Constraints
 from .measure import LatencySettings, measure_relative_latency, onnx_evaluate
 from .onnx_export import export_onnx
-from .tracking import DEVICE_TAG, ERROR_TAG, NODE_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, Tracker, flatten
+from .stopping import Checkpoint, FineTuneMonitor, StopRule
+from .tracking import (
+    DEVICE_TAG, ERROR_TAG, FEASIBLE_TAG, NODE_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG, STOP_REASON_TAG, STOPPED_AT_TAG,
+    STOPPED_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, FINETUNE_METRIC, Tracker, flatten,
+)
 
 ARTIFACT_FILE = "compressed.safetensors"
 ONNX_FILE = "model.onnx"
@@ -53,13 +58,23 @@ class TrialSetup:
     parent_run_id: str
     gpus: float = 0.0  # resources.gpu: fine-tuning runs on CUDA only when the trial reserved a GPU
     sensitivity: dict | None = None  # the baseline's per-layer sensitivity, for allocation: sensitivity
+    constraints: Constraints | None = None  # what a shippable model reaches: tags the run ``feasible``
+    stop_rule: StopRule | None = None  # early stopping of hopeless trials; None: every trial fine-tunes to the end
 
 
-def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path, device: torch.device | None = None) -> dict[str, float]:
+STOPPED = "stopped_early"  # result key (1.0) of a trial that early stopping ended, measured as it stood
+
+
+def evaluate_recipe(
+    setup: TrialSetup, pipeline: Pipeline, workdir: Path, device: torch.device | None = None, report: Callable[[Checkpoint], None] | None = None
+) -> dict[str, float]:
     """Compress, fine-tune and measure; returns the trial's metrics. Plain function: no Ray, no MLflow.
 
     Only fine-tuning uses the trial's GPU; ``train`` hands the model back on the CPU, so the
     artifact, the ONNX export and every measurement are taken on the CPU, as they are deployed.
+    Fine-tuning takes validation accuracy at checkpoints and hands each to ``report``; when
+    ``setup.stop_rule`` stops the trial, the rest of its fine-tuning is skipped and the model
+    is measured as it stands, with ``stopped_early`` and the checkpoint in the metrics.
     """
     torch.set_num_threads(max(1, int(setup.cpus)))
     task = setup.task
@@ -72,15 +87,24 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path, device
     finally:
         baseline_file.unlink()  # a copy per trial would add up to megabytes per trial
     example = example_inputs(data)
-    fine_tune = partial(
-        train, dataset=data.train, epochs=setup.finetune.epochs, lr=setup.finetune.lr, batch_size=setup.finetune.batch_size, seed=setup.seed,
-        device=device or trial_device(setup.gpus),
+    device = device or trial_device(setup.gpus)
+    settings = setup.finetune
+    monitor = FineTuneMonitor(
+        rounds=pipeline.fine_tune_rounds(), epochs=settings.epochs, evaluate=lambda model: accuracy(model, data.val, device=device),
+        rule=setup.stop_rule, report=report,
     )
+
+    def fine_tune(model: torch.nn.Module, loss_fn) -> None:
+        if monitor.skip or monitor.before_fine_tuning(model):
+            return  # stopped: the rest of the fine-tuning is not worth its time
+        train(
+            model, data.train, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=setup.seed, device=device,
+            loss_fn=loss_fn or cross_entropy, checkpoint=monitor, checkpoints_at=monitor.checkpoints_at,
+        )
+        monitor.round_done()
+
     started = time.perf_counter()
-    compressed = compress(
-        baseline, pipeline, example, fine_tune=lambda model, loss_fn: fine_tune(model, loss_fn=loss_fn or cross_entropy), seed=setup.seed,
-        sensitivity=setup.sensitivity,
-    )
+    compressed = compress(baseline, pipeline, example, fine_tune=fine_tune, seed=setup.seed, sensitivity=setup.sensitivity)
     seconds_training = time.perf_counter() - started  # the techniques and their fine-tuning
 
     artifact = workdir / ARTIFACT_FILE
@@ -131,6 +155,8 @@ def evaluate_recipe(setup: TrialSetup, pipeline: Pipeline, workdir: Path, device
         total = sum(exported.exit_counts.values())
         for index in range(len(restored.heads) + 1):
             metrics[f"exit_share_{index}"] = exported.exit_counts.get(index, 0) / total
+    if monitor.stopped is not None:
+        metrics.update({STOPPED: 1.0, "stopped_at_fraction": monitor.stopped.fraction, "stopped_accuracy": monitor.stopped.accuracy})
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise FloatingPointError(f"non-finite metrics: {bad}")
@@ -194,14 +220,32 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         trial_dir = tune.get_context().get_trial_dir()
         workdir = Path(trial_dir) if trial_dir else Path(tempfile.mkdtemp(prefix="netshrink-trial-"))
         workdir.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_recipe(setup, pipeline, workdir, device)
+        metrics = evaluate_recipe(setup, pipeline, workdir, device, report=partial(log_checkpoint, tracker, run_id))
         tracker.log_file(run_id, workdir / ARTIFACT_FILE)
         tracker.log_file(run_id, workdir / RECIPE_FILE)  # replaces the sampled recipe logged above
         metrics["seconds_trial"] = time.perf_counter() - started  # all of this function but the last metric upload
-        tracker.log(run_id, metrics=metrics)
+        tags = {}
+        if setup.constraints is not None:
+            tags[FEASIBLE_TAG] = str(setup.constraints.feasible(metrics) and STOPPED not in metrics).lower()
+        if STOPPED in metrics:
+            tags.update({STOPPED_TAG: "true", STOPPED_AT_TAG: f"{metrics['stopped_at_fraction']:.3f}", STOP_REASON_TAG: stop_reason(metrics, setup)})
+        tracker.log(run_id, metrics=metrics, tags=tags)
     except BaseException as error:
         tracker.log(run_id, tags={ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})
         tracker.finish(run_id, failed=True)
         raise
-    tracker.finish(run_id)
+    if STOPPED in metrics:
+        tracker.stopped(run_id)
+    else:
+        tracker.finish(run_id)
     tune.report({**metrics, "mlflow_run_id": run_id})
+
+
+def log_checkpoint(tracker: Tracker, run_id: str, point: Checkpoint) -> None:
+    """Validation accuracy during fine-tuning, as an MLflow metric history (step: 100 x epochs done)."""
+    tracker.client.log_metric(run_id, FINETUNE_METRIC, point.accuracy, step=round(100 * point.epochs))
+
+
+def stop_reason(metrics: dict[str, float], setup: TrialSetup) -> str:
+    checkpoint = Checkpoint(fraction=metrics["stopped_at_fraction"], epochs=0.0, accuracy=metrics["stopped_accuracy"])
+    return (setup.stop_rule.reason(checkpoint) if setup.stop_rule else None) or "stopped early"

@@ -24,7 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from netshrink.techniques import REGISTRY, Pipeline, TechniqueConfig, exclusion
 from netshrink.techniques.base import is_applied_field
-from netshrink.techniques.registry import conflicts, knob_applies
+from netshrink.techniques.registry import compresses, conflicts, knob_applies
 
 from .knobs import Choice, Fixed, Knob, Range, Trial, parse_knob
 
@@ -105,26 +105,27 @@ class _SearchSpaceBase(BaseModel):
     def sample(self, trial: Trial) -> Pipeline:
         """Define-by-run: ask ``trial`` for each knob (``<technique>/<field>``) and build the pipeline.
 
-        A pipeline never comes out empty: the uncompressed model is the baseline,
-        measured once per search. When every searchable technique before the last
-        one was switched off (or drew its no-op value, such as 32 bits) and none is
-        forced on, the last one is on without a ``<technique>/enabled`` question.
-        That one may still draw its no-op value; the searcher answers such a
-        pipeline with the baseline's figures instead of training it. A technique that an enabled one excludes
+        A pipeline never comes out without a technique that compresses: the
+        uncompressed model is the baseline, measured once per search, and
+        distillation alone (``Technique.compresses`` False) would only fine-tune it.
+        When every searchable compressing technique before the last one was switched
+        off (or drew its no-op value, such as 32 bits) and none is forced on, the last
+        one is on without a ``<technique>/enabled`` question. That one may still draw
+        its no-op value; the searcher answers such a pipeline with the baseline's
+        figures instead of training it. A technique that an enabled one excludes
         (``Technique.excludes``) is off without a question; this never empties the
         pipeline, since only an enabled technique excludes.
         """
         steps = []
         techniques = self.techniques()
         switches = self.switches()
-        forced_on = any(switch is True for switch in switches.values())
-        searchable = [kind for kind, switch in switches.items() if switch == "search"]
+        last = self._last_implied_switch()
         for kind, space in techniques.items():
             enabled = switches[kind]
             if any(exclusion(kind, step.kind) is not None for step in steps if not step.is_noop()):
                 continue
             if enabled == "search":
-                if kind == searchable[-1] and not forced_on and not any(not step.is_noop() for step in steps):
+                if kind == last and not any(compresses(step.kind) and not step.is_noop() for step in steps):
                     enabled = True
                 else:
                     enabled = trial.suggest_categorical(f"{kind}/enabled", [True, False])
@@ -132,6 +133,15 @@ class _SearchSpaceBase(BaseModel):
                 continue
             steps.append(REGISTRY[kind].config_type(**self._ask_knobs(trial, kind, space)))
         return Pipeline(steps=steps)
+
+    def _last_implied_switch(self) -> str | None:
+        """The searchable compressing technique that is on without a question when no compressing one before it is
+        (``sample``); None when a compressing technique is forced on, or none is searchable."""
+        switches = self.switches()
+        if any(switch is True and compresses(kind) for kind, switch in switches.items()):
+            return None
+        searchable = [kind for kind, switch in switches.items() if switch == "search" and compresses(kind)]
+        return searchable[-1] if searchable else None
 
     @staticmethod
     def _ask_knobs(trial: Trial, kind: str, space: TechniqueSpace) -> dict[str, Any]:
@@ -146,11 +156,11 @@ class _SearchSpaceBase(BaseModel):
         """Parameter names the sampler may ask for."""
         techniques = self.techniques()
         switches = self.switches()
-        searchable = [kind for kind, switch in switches.items() if switch == "search"]
-        switch_always_implied = len(searchable) == 1 and not any(switch is True for switch in switches.values())
+        last = self._last_implied_switch()
+        compressing = [kind for kind, switch in switches.items() if switch == "search" and compresses(kind)]
         names = []
         for kind, space in techniques.items():
-            if switches[kind] == "search" and not switch_always_implied:
+            if switches[kind] == "search" and not (kind == last and compressing == [kind]):  # the only one: always implied
                 names.append(f"{kind}/enabled")
             if switches[kind] is not False:
                 knobs = space.knobs()

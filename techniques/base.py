@@ -127,6 +127,15 @@ class Technique(Protocol):
 # ``compress`` applies and records the resolved config, so the recipe says what was done, and a replay of it
 # on another netshrink version builds the same model or fails naming the layer it cannot find.
 
+# Optional, for techniques that do not make the model smaller or faster by themselves (distillation):
+#     compresses: ClassVar[bool] = False
+# The search space never samples a pipeline of such techniques alone (see ``SearchSpace.sample``).
+
+# Optional, for techniques that fine-tune the model themselves while they apply (iterative pruning):
+#     def fine_tune_rounds(self, config: TechniqueConfig) -> int
+# how many times ``apply`` calls ``ctx.fine_tune``; ``Pipeline.fine_tune_rounds`` adds them up, so a trial
+# knows its whole fine-tuning in advance (early stopping judges a trial by the share of it done).
+
 # Optional, for techniques that change tensor shapes (channel pruning, early-exit heads):
 #     def reshapes(self, config: TechniqueConfig) -> bool
 # True lets ``load_artifact`` resize the freshly built layers to the stored shapes; without such a step

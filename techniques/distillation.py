@@ -56,6 +56,8 @@ class Distillation:
     kind: ClassVar[str] = "distillation"
     config_type: ClassVar[type[TechniqueConfig]] = DistillationConfig
     stage: ClassVar[Stage] = Stage.DISTILLATION
+    # it changes how the model is fine-tuned, not the model: alone it would spend a trial on the baseline
+    compresses: ClassVar[bool] = False
     default_space: ClassVar[dict[str, Any]] = {
         "temperature": {"low": 1.0, "high": 20.0, "log": True},
         "alpha": {"low": 0.1, "high": 0.9},

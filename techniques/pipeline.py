@@ -58,6 +58,12 @@ class Pipeline(BaseModel):
     def active_steps(self) -> list[TechniqueConfig]:
         return [step for step in self.steps if not step.is_noop()]
 
+    def fine_tune_rounds(self) -> int:
+        """Fine-tunings ``compress`` runs for this pipeline: those the techniques run while applying, and the final one."""
+        if not self.active_steps():
+            return 0
+        return 1 + sum(getattr(REGISTRY[step.kind], "fine_tune_rounds", lambda _config: 0)(step) for step in self.active_steps())
+
     def describe(self) -> str:
         """One line for tables: ``pruning(channel, ratio=0.52) + quantization(bits=8)``."""
         if not self.active_steps():

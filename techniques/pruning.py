@@ -156,6 +156,10 @@ class Pruning:
     # knobs that only mean something for some values of an earlier knob: asked only then
     conditions: ClassVar[dict[str, dict[str, Any]]] = {"importance": {"granularity": "channel"}, "floor": {"scope": "global"}}
 
+    def fine_tune_rounds(self, config: PruningConfig) -> int:
+        """Fine-tunings this technique runs itself: one between each two of its steps."""
+        return config.steps - 1
+
     def reshapes(self, config: PruningConfig) -> bool:
         """Channel pruning removes channels: the stored layers are narrower than the model's factory builds them."""
         return config.granularity == "channel"

@@ -47,6 +47,11 @@ def conflicts(kinds: list[str]) -> list[tuple[str, str, str]]:
     return found
 
 
+def compresses(kind: str) -> bool:
+    """Whether technique ``kind`` makes a model smaller or faster by itself (``Technique.compresses``, default True)."""
+    return getattr(REGISTRY[kind], "compresses", True)
+
+
 def knob_applies(kind: str, knob: str, values: dict[str, Any]) -> bool:
     """Whether ``knob`` of technique ``kind`` means anything given the other ``values`` (``Technique.conditions``)."""
     conditions = getattr(REGISTRY[kind], "conditions", {})

@@ -2,6 +2,7 @@ import json
 
 import optuna
 
+from netshrink.search.constraints import Constraints
 from netshrink.search.front import TrialPoint, dominates, front_json, pareto_front, print_front
 
 DIRECTIONS = ["max", "min", "min"]
@@ -34,10 +35,12 @@ def test_front_matches_optuna_best_trials_on_random_points():
     assert ours == theirs
 
 
-def test_min_accuracy_excludes_points_and_json_has_the_fields():
+def test_constraints_exclude_points_and_json_has_the_fields():
     points = [point("a", 0.99, 100, 1.0), point("b", 0.80, 10, 0.1)]
     assert [p.name for p in pareto_front(points, OBJECTIVES, DIRECTIONS)] == ["a", "b"]
-    assert [p.name for p in pareto_front(points, OBJECTIVES, DIRECTIONS, min_accuracy=0.9)] == ["a"]
+    assert [p.name for p in pareto_front(points, OBJECTIVES, DIRECTIONS, Constraints(min_accuracy=0.9))] == ["a"]
+    assert [p.name for p in pareto_front(points, OBJECTIVES, DIRECTIONS, Constraints(min_accuracy=0.5, max_size_bytes=50))] == ["b"]
+    assert [p.name for p in pareto_front(points, OBJECTIVES, DIRECTIONS, Constraints(min_accuracy=0.5, max_latency_ms=0.05))] == []
     rows = json.loads(front_json(points, {"size_bytes": 1000.0, "latency_ms": 2.0, "accuracy": 0.99}))
     assert {"run_id", "accuracy", "size_bytes", "latency_ms", "recipe"} <= set(rows[0])
     assert rows[1]["size_ratio"] == 100.0 and rows[1]["speedup"] == 20.0

@@ -1,0 +1,194 @@
+"""The measurements behind the default search: each technique alone across its range, the informed
+start's combinations, and the fine-tuning curves that calibrate early stopping.
+
+On the built-in task (LeNet-5 on scikit-learn's digits, ``spaces/digits.yaml``'s task and
+fine-tuning), every pipeline is run the way a trial runs it (``evaluate_recipe``: compress,
+fine-tune, write the artifact, reload it, export to ONNX, measure) but without Ray or MLflow,
+once per seed (the fine-tuning seed), on one cached baseline. Three parts:
+
+1. **ranges**: each technique alone over the values its default range spans;
+2. **start**: the informed start's points (``spaces/start.py``);
+3. **curves**: pipelines drawn at random from the default space (Optuna's RandomSampler),
+   fine-tuned with no early stopping, their validation accuracy taken at every checkpoint.
+   For each share of fine-tuning it prints the largest rise of validation accuracy from a
+   checkpoint there to the end (``search/stopping.py``'s ``RECOVERY``), and what the stop
+   rule in force would have done: trials stopped, and trials stopped that would have ended
+   at or above ``min_accuracy`` (wrong stops; the rule is meant to make none).
+
+For parts 1 and 2 it prints, per pipeline, the mean over seeds of the validation and test
+accuracy change from the baseline (points), the size ratio and the speed-up, with the
+spread (min to max) of the validation change. Accuracy: validation is the split that
+selects a search's front, test is held out. It asserts nothing.
+
+    .venv/bin/python benchmarks/evidence.py                       # every part, seeds 0 1 2, 60 random draws
+    .venv/bin/python benchmarks/evidence.py --parts curves --draws 100 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Part 1: each technique alone, over its default range (the values a search draws from)
+RANGES: list[tuple[str, dict]] = [
+    *[(f"pruning channel {r}", {"pruning": {"granularity": "channel", "ratio": r}}) for r in (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)],
+    *[(f"pruning weight layer {r}", {"pruning": {"granularity": "weight", "ratio": r, "scope": "layer"}}) for r in (0.5, 0.8, 0.9)],
+    *[(f"pruning weight global {r} x2 steps", {"pruning": {"granularity": "weight", "ratio": r, "scope": "global", "steps": 2}}) for r in (0.8, 0.9, 0.95)],
+    *[(f"quantization {b} bits", {"quantization": {"bits": b}}) for b in (16, 8, 4, 2, 1)],
+    *[(f"quantization sensitivity avg {a}", {"quantization": {"allocation": "sensitivity", "average_bits": a}}) for a in (1.5, 2.5, 4.0)],
+    *[(f"clustering {k} huffman", {"clustering": {"clusters": k, "huffman": True}}) for k in (4, 8, 16, 32)],
+    *[(f"lowrank {f}", {"lowrank": {"rank_fraction": f}}) for f in (0.05, 0.08, 0.12, 0.2, 0.3, 0.5)],
+    *[(f"separable {w}", {"separable": {"which": w}}) for w in ("last", "all_but_first", "all")],
+    *[(f"early_exit {a} t={t}", {"early_exit": {"after": a, "threshold": t}}) for a in ("pool1", "pool2") for t in (0.6, 0.9, 0.99)],
+]
+
+
+def pipeline_of(point: dict):
+    from netshrink.techniques import REGISTRY, Pipeline
+
+    order = list(REGISTRY)
+    return Pipeline(steps=[REGISTRY[kind].config_type(**knobs) for kind, knobs in sorted(point.items(), key=lambda item: order.index(item[0]))])
+
+
+def make_setup(workdir: Path, seed: int, early_stopping: bool):
+    """A ``TrialSetup`` on the default experiment's cached baseline (trained on first use)."""
+    from netshrink.config import load_experiment
+    from netshrink.search.baseline import prepare_baseline
+    from netshrink.search.constraints import Constraints
+    from netshrink.search.stopping import StopRule
+    from netshrink.search.trial import TrialSetup
+
+    experiment = load_experiment(ROOT / "spaces" / "digits.yaml")
+    baseline = prepare_baseline(experiment, workdir / ".netshrink" / "baselines", str(ROOT / "spaces"), log=lambda *_: None)
+    constraints = Constraints.for_search(None, None, None, baseline.metrics)
+    setup = TrialSetup(
+        task=experiment.task, finetune=experiment.finetune, measure=experiment.measure, seed=seed, cpus=1, search_path=str(ROOT / "spaces"),
+        baseline_weights=baseline.artifact.read_bytes(), baseline_metrics=baseline.metrics, tracking_uri="", experiment_id="", parent_run_id="",
+        sensitivity=baseline.sensitivity, constraints=constraints, stop_rule=StopRule(constraints.min_accuracy) if early_stopping else None,
+    )
+    return experiment, setup
+
+
+def evaluate(setup, pipeline) -> tuple[dict, list]:
+    from netshrink.search.trial import evaluate_recipe
+
+    curve: list = []
+    with tempfile.TemporaryDirectory() as folder:
+        metrics = evaluate_recipe(setup, pipeline, Path(folder), report=curve.append)
+    return metrics, curve
+
+
+def table(title: str, rows: list[tuple[str, dict]], setups: dict, out: list) -> None:
+    print(f"\n{title}")
+    print(f"  {'pipeline':<44} {'val chg (pt)':>13} {'[min, max]':>15} {'test chg':>9} {'x smaller':>10} {'x faster':>9}")
+    for label, point in rows:
+        pipeline = pipeline_of(point)
+        results = []
+        for seed, setup in setups.items():
+            metrics, curve = evaluate(setup, pipeline)
+            results.append(metrics)
+            out.append({"part": title, "label": label, "seed": seed, "metrics": metrics, "curve": [c.__dict__ for c in curve]})
+        base = next(iter(setups.values())).baseline_metrics
+        val = [100 * (m["accuracy"] - base["accuracy"]) for m in results]
+        test = [100 * (m["test_accuracy"] - base["test_accuracy"]) for m in results]
+        print(
+            f"  {label:<44} {statistics.fmean(val):>+13.2f} {f'[{min(val):+.1f}, {max(val):+.1f}]':>15} {statistics.fmean(test):>+9.2f} "
+            f"{statistics.fmean(m['size_ratio'] for m in results):>9.1f}x {statistics.fmean(m['speedup'] for m in results):>8.2f}x",
+            flush=True,
+        )
+
+
+def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
+    import optuna
+
+    from netshrink.search.stopping import StopRule
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), directions=["maximize", "minimize"])
+    records = []
+    print(f"\nCurves: {draws} pipelines drawn at random from the default space (sampler seed {seed}), no early stopping")
+    for index in range(draws):
+        trial = study.ask()
+        pipeline = experiment.space.sample(trial)
+        study.tell(trial, [0.0, 0.0])
+        if not pipeline.active_steps():
+            continue
+        metrics, curve = evaluate(setup, pipeline)
+        records.append((metrics["accuracy"], curve))
+        out.append({"part": "curves", "label": pipeline.describe(), "seed": setup.seed, "metrics": metrics, "curve": [c.__dict__ for c in curve]})
+        print(f"  [{index + 1}/{draws}] final {metrics['accuracy']:.1%}  curve " + " ".join(f"{c.fraction:.2f}:{c.accuracy:.0%}" for c in curve), flush=True)
+    base = setup.baseline_metrics["accuracy"]
+    floor = setup.constraints.min_accuracy
+    print(f"\n  Largest rise of validation accuracy from a checkpoint to the end, by share of fine-tuning done ({len(records)} trials):")
+    buckets = defaultdict(list)
+    for final, curve in records:
+        for point in curve:
+            if point.fraction < 1.0:
+                buckets[round(point.fraction, 2)].append(final - point.accuracy)
+    for share in sorted(buckets):
+        rises = buckets[share]
+        print(f"    {share:>5.2f}: largest rise {max(rises):+.1%}, 95th percentile {statistics.quantiles(rises, n=20)[-1] if len(rises) > 1 else rises[0]:+.1%} ({len(rises)} checkpoints)")
+    rule = StopRule(floor)
+    stopped = wrong = hopeless = early = 0
+    for final, curve in records:
+        at = next((point for point in curve if rule.reason(point)), None)
+        hopeless += final < base - 0.10
+        if at is not None:
+            stopped += 1
+            wrong += final >= floor
+            early += final < base - 0.10 and at.fraction <= 0.25
+    print(
+        f"\n  The stop rule in force (min_accuracy {floor:.2%} = baseline - 5 pt): would stop {stopped} of {len(records)} trials; "
+        f"{wrong} of them ended at or above min_accuracy (wrong stops). Trials ending below baseline - 10 pt: {hopeless}, "
+        f"of which stopped within the first quarter of fine-tuning: {early}."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["ranges", "start", "curves"], choices=["ranges", "start", "curves"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds for ranges and start")
+    parser.add_argument("--draws", type=int, default=60, help="random pipelines for the curves")
+    parser.add_argument("--keep", type=Path, help="working folder (baseline cache, evidence.json); default: a temporary one")
+    args = parser.parse_args()
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="netshrink-evidence-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
+    import netshrink
+
+    print(f"Machine: {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, {platform.platform()}; netshrink {netshrink.__version__}")
+    setups = {}
+    for seed in args.seeds:
+        experiment, setups[seed] = make_setup(workdir, seed, early_stopping=False)
+    base = setups[args.seeds[0]].baseline_metrics
+    print(
+        f"Baseline: validation {base['accuracy']:.2%}, test {base['test_accuracy']:.2%}, {base['size_bytes']:,.0f} bytes; "
+        f"fine-tuning {experiment.finetune.epochs} epochs, lr {experiment.finetune.lr}; seeds {args.seeds}; folder {workdir}"
+    )
+    started = time.time()
+    out: list = []
+    if "ranges" in args.parts:
+        table("Ranges: each technique alone", RANGES, setups, out)
+    if "start" in args.parts:
+        from netshrink.spaces.start import INFORMED_START
+
+        rows = [(" + ".join(f"{kind}({', '.join(f'{k}={v}' for k, v in knobs.items())})" for kind, knobs in point.items())[:44], point) for point in INFORMED_START]
+        table("Start: the informed start's points", rows, setups, out)
+    if "curves" in args.parts:
+        curves(experiment, setups[args.seeds[0]], args.draws, seed=args.seeds[0], out=out)
+    (workdir / "evidence.json").write_text(json.dumps(out, indent=1))
+    print(f"\n{time.time() - started:.0f} s; every measurement in {workdir / 'evidence.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The search's constraints: what a model must reach to be worth shipping.
+
+``min_accuracy`` (default: the baseline's validation accuracy minus ``DEFAULT_DROP``),
+and optionally ``max_size_bytes`` and ``max_latency_ms``. They reach the sampler as Optuna constraints
+(``Trial.set_constraint``, set on every trial the searcher tells; NSGA-II, TPE and GP
+samplers rank infeasible trials below feasible ones, and ``Study.best_trials`` keeps
+feasible ones only), so it learns where the feasible region is rather than having its
+proposals filtered afterwards; the trial
+tags its MLflow run ``feasible``; early stopping stops a trial that cannot reach
+``min_accuracy``; and the front holds feasible points only.
+
+Each violation is a number that is positive when the constraint is broken, scaled so
+that the three are comparable when NSGA-II sums them to rank infeasible trials: points
+of accuracy as a fraction (0.05 = 5 points short), size and latency as the share by
+which they exceed their limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_DROP = 0.05  # min_accuracy defaults to the baseline's validation accuracy minus 5 points
+
+
+@dataclass(frozen=True)
+class Constraints:
+    min_accuracy: float
+    max_size_bytes: float | None = None
+    max_latency_ms: float | None = None
+
+    @classmethod
+    def for_search(cls, min_accuracy: float | None, max_size_bytes: float | None, max_latency_ms: float | None, baseline: dict[str, float]) -> "Constraints":
+        """The experiment's limits, with ``min_accuracy`` defaulting to the baseline's accuracy minus ``DEFAULT_DROP``."""
+        floor = min_accuracy if min_accuracy is not None else max(baseline["accuracy"] - DEFAULT_DROP, 0.0)
+        return cls(min_accuracy=floor, max_size_bytes=max_size_bytes, max_latency_ms=max_latency_ms)
+
+    def violations(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Per constraint, a value that is positive where ``metrics`` break it (see the module docstring)."""
+        values = {"min_accuracy": self.min_accuracy - metrics["accuracy"]}
+        if self.max_size_bytes is not None:
+            values["max_size_bytes"] = metrics["size_bytes"] / self.max_size_bytes - 1.0
+        if self.max_latency_ms is not None:
+            values["max_latency_ms"] = metrics["latency_ms"] / self.max_latency_ms - 1.0
+        return values
+
+    def feasible(self, metrics: dict[str, float]) -> bool:
+        return all(value <= 0 for value in self.violations(metrics).values())
+
+    def to_tags(self) -> dict[str, str]:
+        """The parent run's record of the constraints (read back by ``from_tags``)."""
+        return {
+            "min_accuracy": repr(self.min_accuracy),
+            "max_size_bytes": "" if self.max_size_bytes is None else repr(self.max_size_bytes),
+            "max_latency_ms": "" if self.max_latency_ms is None else repr(self.max_latency_ms),
+        }
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> "Constraints | None":
+        """The constraints a search ran under, from its parent run; None for a search that recorded none."""
+        if not tags.get("min_accuracy"):
+            return None
+        optional = {name: float(tags[name]) if tags.get(name) else None for name in ("max_size_bytes", "max_latency_ms")}
+        return cls(min_accuracy=float(tags["min_accuracy"]), **optional)
+
+    def describe(self) -> str:
+        parts = [f"validation accuracy >= {self.min_accuracy:.2%}"]
+        if self.max_size_bytes is not None:
+            parts.append(f"size <= {self.max_size_bytes:,.0f} bytes")
+        if self.max_latency_ms is not None:
+            parts.append(f"latency <= {self.max_latency_ms:g} ms")
+        return ", ".join(parts)
+
