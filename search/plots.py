@@ -22,6 +22,7 @@ from typing import Sequence
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 from mlflow.entities import Metric
 
@@ -98,6 +99,18 @@ def write_search_plots(folder: Path, loaded: LoadedFront, tracking_uri: str | No
     return write_plots(folder, loaded.points, loaded.front, loaded.baseline, objectives, min_accuracy)
 
 
+STRIP = 0.25  # height of the strip for points under the accuracy axis, as a share of the axis' span
+BELOW_BASELINE = 0.10  # without min_accuracy, the accuracy axis starts 10 points under the baseline
+BELOW_STYLE = {"s": 22, "marker": "v", "color": "#e0e0e0", "edgecolors": "#909090", "linewidths": 0.6, "zorder": 2}
+
+
+def accuracy_window(points: Sequence[TrialPoint], baseline: dict[str, float], min_accuracy: float | None) -> tuple[float, float]:
+    """The accuracy axis: from just under ``min_accuracy`` (else the baseline minus 10 points) to just over the best."""
+    floor = (min_accuracy if min_accuracy is not None else baseline["accuracy"] - BELOW_BASELINE) - 0.01
+    top = max([baseline["accuracy"], *(point.accuracy for point in points)])
+    return floor, top + max(0.1 * (top - floor), 0.002)
+
+
 def pareto_figure(
     points: Sequence[TrialPoint],
     front: Sequence[TrialPoint],
@@ -107,51 +120,102 @@ def pareto_figure(
 ) -> tuple[Figure, dict[str, str]]:
     """Accuracy against size and against latency; returns the figure and a tooltip per point's SVG id.
 
-    Every point is its own artist so that the SVG has one group per point to hang a tooltip on.
+    The accuracy axis covers the useful region (``accuracy_window``); trials under it are drawn
+    in a shaded strip at the bottom, at their true size and latency, with their true accuracy on
+    hover. Front labels are placed so that none overlaps another (``place_labels``). Every point is
+    its own artist so that the SVG has one group per point to hang a tooltip on.
     """
-    figure = Figure(figsize=(11, 5), layout="constrained")
+    figure = Figure(figsize=(11, 5.5), layout="constrained")
     by_size, by_latency = figure.subplots(1, 2, sharey=True)
     on_front = {point.run_id for point in front}
     tooltips: dict[str, str] = {}
+    floor, top = accuracy_window(points, baseline, min_accuracy)
+    strip_center = floor - STRIP * (top - floor) / 2
+    below = [point for point in points if point.accuracy < floor]
     panels = (
         (by_size, "size", lambda p: p.size_bytes / 1e3, "size of the compressed model file (KB, log scale)"),
         (by_latency, "latency", lambda p: p.latency_ms, "batch-1 ONNX Runtime latency on CPU (ms)"),
     )
+    labels: dict[str, list[tuple[str, float, float]]] = {}
     for axes, panel, x_of, x_label in panels:
         legend: dict[str, object] = {}
         for index, point in enumerate(points):
             is_front = point.run_id in on_front
-            label = "Pareto front" if is_front else "other finished trials"
+            under = point.accuracy < floor
+            label = "Pareto front" if is_front else f"under {floor:.1%} (in the strip)" if under else "other finished trials"
             x = x_of(point)
-            artist = axes.scatter([x], [point.accuracy], **(FRONT_STYLE if is_front else TRIAL_STYLE))
+            style = FRONT_STYLE if is_front else BELOW_STYLE if under else TRIAL_STYLE
+            artist = axes.scatter([x], [strip_center if under else point.accuracy], **style)
             artist.set_gid(f"point-{panel}-{index}")
             tooltips[f"point-{panel}-{index}"] = _tooltip(point, baseline, is_front)
             legend.setdefault(label, artist)
-            if is_front:
-                axes.annotate(point.name, (x, point.accuracy), xytext=(4, 4), textcoords="offset points", fontsize=7)
+            if is_front and not under:
+                labels.setdefault(panel, []).append((point.name, x, point.accuracy))
         base_x = baseline["size_bytes"] / 1e3 if panel == "size" else baseline["latency_ms"]
         artist = axes.scatter([base_x], [baseline["accuracy"]], **BASELINE_STYLE)
         artist.set_gid(f"point-{panel}-baseline")
         tooltips[f"point-{panel}-baseline"] = _tooltip(_baseline_point(baseline), baseline, False)
         legend["baseline (uncompressed)"] = artist
+        axes.axhspan(floor - STRIP * (top - floor), floor, color="#f2f2f2", zorder=0)
+        if below:
+            axes.text(0.01, strip_center, f"  {len(below)} trial(s) under {floor:.1%}", transform=axes.get_yaxis_transform(), fontsize=7, va="center", color="#606060")
+        if min_accuracy is not None:
+            legend[f"min_accuracy {min_accuracy:.1%}"] = axes.axhline(min_accuracy, color="grey", linestyle="--", linewidth=1)
         axes.set_xlabel(x_label)
         axes.grid(True, alpha=0.3)
-    low, high = by_size.get_ylim()
-    if min_accuracy is not None and low <= min_accuracy <= high:  # far below every trial it would only squash them
-        for axes in (by_size, by_latency):
-            legend[f"min_accuracy {min_accuracy:.1%}"] = axes.axhline(min_accuracy, color="grey", linestyle="--", linewidth=1)
-        by_size.set_ylim(low, high)
-    by_size.set_xscale("log")
-    by_size.xaxis.set_major_formatter(LogFormatter())  # 40, 60, 100 rather than 4x10^1
-    by_size.xaxis.set_minor_formatter(LogFormatter())
+        axes.set_ylim(floor - STRIP * (top - floor), top)
+        if panel == "size":
+            axes.set_xscale("log")
+            axes.xaxis.set_major_formatter(LogFormatter())  # 40, 60, 100 rather than 4x10^1
+            axes.xaxis.set_minor_formatter(LogFormatter())
     by_size.set_ylabel("validation accuracy")
     by_size.yaxis.set_major_formatter(PercentFormatter(xmax=1))
-    by_latency.legend(list(legend.values()), list(legend.keys()), loc="best", fontsize=8)  # the last panel's artists
+    by_latency.legend(list(legend.values()), list(legend.keys()), loc="lower right", fontsize=8)  # the last panel's artists
     title = f"Pareto front over {', '.join(objectives)}: {len(front)} of {len(points)} finished trials"
     if len(objectives) > 2:
         title += "\n(the front is taken over all objectives at once, so a front point can look dominated in one panel)"
     figure.suptitle(title, fontsize=10)
+    for axes, panel, *_ in panels:  # once the layout is final
+        place_labels(figure, axes, labels.get(panel, []))
     return figure, tooltips
+
+
+def place_labels(figure: Figure, axes, labels: list[tuple[str, float, float]], fontsize: float = 7) -> list:
+    """Annotate each point with its name, moving a label up or down (with a leader line) until it overlaps no
+    label placed before it; labels are placed from the top down. Returns the text artists."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()  # the layout engine fixes the axes' positions; extents are measured on that layout
+    renderer = canvas.get_renderer()
+    placed, boxes = [], []
+    for name, x, y in sorted(labels, key=lambda label: -label[2]):
+        for shift in _shifts():
+            text, box = _label(axes, renderer, name, x, y, shift, fontsize)
+            if not any(box.overlaps(other) for other in boxes):
+                break
+            text.remove()
+        else:  # no free place within reach: at the point, overlapping
+            text, box = _label(axes, renderer, name, x, y, 0.0, fontsize)
+        boxes.append(box)
+        placed.append(text)
+    return placed
+
+
+def _label(axes, renderer, name: str, x: float, y: float, shift: float, fontsize: float):
+    text = axes.annotate(
+        name, (x, y), xytext=(4, 4 + shift), textcoords="offset points", fontsize=fontsize,
+        arrowprops={"arrowstyle": "-", "color": "#909090", "linewidth": 0.5} if shift else None,
+    )
+    return text, Text.get_window_extent(text, renderer).expanded(1.05, 1.15)  # the words, not the leader line
+
+
+def _shifts(step: float = 9.0, tries: int = 24):
+    """Vertical offsets in points: 0, then one label height up, down, two up, two down, ..."""
+    yield 0.0
+    for k in range(1, tries):
+        yield k * step
+        yield -k * step
 
 
 def hypervolume_figure(

@@ -4,6 +4,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from netshrink.search.constraints import Constraints
 from netshrink.search.front import TrialPoint, pareto_front
 from netshrink.search.hypervolume import hypervolume_history
 from netshrink.search.plots import HYPERVOLUME_PNG, PARETO_HTML, PARETO_PNG, log_plots, write_plots, write_search_plots
@@ -83,7 +84,7 @@ def test_logged_into_the_search_run_and_drawn_again_from_its_tags(tmp_path):
     objectives = ["accuracy", "size_bytes"]
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = tracker.start_search(tracker.experiment_id("plots"), "search", params={}, tags={"objectives": json.dumps(objectives), "min_accuracy": "0.85"})
-    front = pareto_front(POINTS, objectives, ["max", "min"], min_accuracy=0.85)
+    front = pareto_front(POINTS, objectives, ["max", "min"], Constraints(min_accuracy=0.85))
     log_plots(tracker, parent, POINTS, front, BASELINE, objectives, min_accuracy=0.85)
 
     assert {a.path for a in tracker.client.list_artifacts(parent, "plots")} == {f"plots/{name}" for name in (PARETO_PNG, PARETO_HTML, HYPERVOLUME_PNG)}
@@ -95,3 +96,29 @@ def test_logged_into_the_search_run_and_drawn_again_from_its_tags(tmp_path):
     loaded = LoadedFront(parent_run_id=parent, front=front, points=POINTS, baseline=BASELINE)
     assert write_search_plots(tmp_path / "again", loaded, tracker.uri) == pytest.approx(expected)
     assert (tmp_path / "again" / PARETO_HTML).stat().st_size > 1000
+
+
+def test_the_accuracy_axis_covers_the_useful_region_with_the_rest_in_a_strip_and_no_labels_overlap():
+    """Many front points crowded near the baseline, others far below: the axis starts just under min_accuracy,
+    the far ones sit in the strip (hover keeps their accuracy), and the front's labels do not touch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from netshrink.search.plots import accuracy_window, pareto_figure
+
+    crowded = [point(10 + i, 0.975 - 0.0005 * i, 20_000 * (1 + 0.02 * i), 0.05 * (1 + 0.01 * i)) for i in range(8)]
+    far = [point(30, 0.20, 15_000, 0.04), point(31, 0.55, 18_000, 0.045)]
+    points = crowded + far
+    figure, tooltips = pareto_figure(points, crowded, BASELINE, ALL, min_accuracy=0.93)
+    floor, top = accuracy_window(points, BASELINE, 0.93)
+    assert floor == pytest.approx(0.92) and top < 1.0
+    for axes in figure.axes[:2]:
+        low, high = axes.get_ylim()
+        assert low < floor < 0.93 < high and high == pytest.approx(top)
+        strip = [c.get_offsets()[0][1] for c in axes.collections if len(c.get_offsets()) == 1 and c.get_offsets()[0][1] < floor]
+        assert len(strip) == 2  # the two far trials, drawn in the strip
+        renderer = FigureCanvasAgg(figure).get_renderer()
+        boxes = [Text.get_window_extent(text, renderer) for text in axes.texts if text.get_text().startswith("trial-")]
+        assert len(boxes) == len(crowded)
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert any("accuracy 20.00%" in text for text in tooltips.values())
