@@ -142,7 +142,7 @@ def pareto_figure(
         for index, point in enumerate(points):
             is_front = point.run_id in on_front
             under = point.accuracy < floor
-            label = "Pareto front" if is_front else f"under {floor:.1%} (in the strip)" if under else "other finished trials"
+            label = "Pareto front" if is_front else f"{len(below)} under {floor:.1%} (in the grey strip)" if under else "other finished trials"
             x = x_of(point)
             style = FRONT_STYLE if is_front else BELOW_STYLE if under else TRIAL_STYLE
             artist = axes.scatter([x], [strip_center if under else point.accuracy], **style)
@@ -157,8 +157,6 @@ def pareto_figure(
         tooltips[f"point-{panel}-baseline"] = _tooltip(_baseline_point(baseline), baseline, False)
         legend["baseline (uncompressed)"] = artist
         axes.axhspan(floor - STRIP * (top - floor), floor, color="#f2f2f2", zorder=0)
-        if below:
-            axes.text(0.01, strip_center, f"  {len(below)} trial(s) under {floor:.1%}", transform=axes.get_yaxis_transform(), fontsize=7, va="center", color="#606060")
         if min_accuracy is not None:
             legend[f"min_accuracy {min_accuracy:.1%}"] = axes.axhline(min_accuracy, color="grey", linestyle="--", linewidth=1)
         axes.set_xlabel(x_label)
@@ -176,23 +174,29 @@ def pareto_figure(
         title += "\n(the front is taken over all objectives at once, so a front point can look dominated in one panel)"
     figure.suptitle(title, fontsize=10)
     for axes, panel, *_ in panels:  # once the layout is final
-        place_labels(figure, axes, labels.get(panel, []))
+        base_x = baseline["size_bytes"] / 1e3 if panel == "size" else baseline["latency_ms"]
+        place_labels(figure, axes, labels.get(panel, []), markers=[(base_x, baseline["accuracy"])])
     return figure, tooltips
 
 
-def place_labels(figure: Figure, axes, labels: list[tuple[str, float, float]], fontsize: float = 7) -> list:
-    """Annotate each point with its name, moving a label up or down (with a leader line) until it overlaps no
-    label placed before it; labels are placed from the top down. Returns the text artists."""
+def place_labels(figure: Figure, axes, labels: list[tuple[str, float, float]], markers: Sequence[tuple[float, float]] = (), fontsize: float = 7) -> list:
+    """Annotate each point with its name, moving a label up or down (with a leader line) until it stays inside the
+    axes and overlaps neither a label placed before it nor a marker at ``markers`` (the front's points are markers
+    too); labels are placed from the top down. Returns the text artists."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
 
     canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
     canvas.draw()  # the layout engine fixes the axes' positions; extents are measured on that layout
     renderer = canvas.get_renderer()
-    placed, boxes = [], []
+    radius = 5.0  # display pixels around a marker's center
+    centers = [axes.transData.transform((x, y)) for x, y in [*markers, *((x, y) for _, x, y in labels)]]
+    placed, boxes = [], [Bbox.from_extents(cx - radius, cy - radius, cx + radius, cy + radius) for cx, cy in centers]
     for name, x, y in sorted(labels, key=lambda label: -label[2]):
         for shift in _shifts():
             text, box = _label(axes, renderer, name, x, y, shift, fontsize)
-            if not any(box.overlaps(other) for other in boxes):
+            inside = axes.bbox.x0 <= box.x0 and box.x1 <= axes.bbox.x1 and axes.bbox.y0 <= box.y0 and box.y1 <= axes.bbox.y1
+            if inside and not any(box.overlaps(other) for other in boxes):
                 break
             text.remove()
         else:  # no free place within reach: at the point, overlapping
@@ -207,6 +211,7 @@ def _label(axes, renderer, name: str, x: float, y: float, shift: float, fontsize
         name, (x, y), xytext=(4, 4 + shift), textcoords="offset points", fontsize=fontsize,
         arrowprops={"arrowstyle": "-", "color": "#909090", "linewidth": 0.5} if shift else None,
     )
+    text.update_positions(renderer)
     return text, Text.get_window_extent(text, renderer).expanded(1.05, 1.15)  # the words, not the leader line
 
 
