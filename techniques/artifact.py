@@ -5,7 +5,8 @@ Layout (documented in the README):
   the nonzeros in a sparse layout; float32, float16, int8 codes, 4/2/1-bit codes
   packed into uint8, or one sign bit per nonzero for ternary codes stored
   sparse), the positions of a sparse layout as ``name.mask`` (packed bitmask) or
-  ``name.gaps`` and ``name.gaps_low`` (Rice-coded runs of zeros), and
+  ``name.gaps`` and ``name.gaps_low`` (Rice-coded runs of zeros, after ``name.rows``,
+  a bitmask of the rows with a nonzero, where skipping the empty rows is smaller), and
   ``name.scale`` (per-output-channel float32 scales, for 8/4/2/1 bits).
   Clustered tensors store ``name.centroids`` (float32) and, in ``name.values``,
   the cluster indices packed at ceil(log2 k) bits, or a canonical Huffman
@@ -49,7 +50,7 @@ def encode_state(model: nn.Module, encodings: dict[str, TensorEncoding]) -> tupl
             layout = plan_layout(value, encoding)
             tensors.update(encode_tensor(name, value, encoding, layout))
             if layout.positions != "dense":  # what decoding needs; a dense entry needs nothing
-                entry["layout"] = layout.model_dump(include={"positions", "nonzeros", "rice_k"})
+                entry["layout"] = layout.model_dump(include={"positions", "nonzeros", "rice_k", "rows"}, exclude_defaults=True)
         else:
             tensors.update(encode_tensor(name, value, encoding))
         entries[name] = entry
@@ -84,7 +85,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
 
 
 # What each stored tensor is for, by its name's suffix (see the module docstring); anything else is values.
-PART_OF_SUFFIX = {"mask": "positions", "gaps": "positions", "gaps_low": "positions", "values": "values",
+PART_OF_SUFFIX = {"mask": "positions", "gaps": "positions", "gaps_low": "positions", "rows": "positions", "values": "values",
                   "scale": "codebooks", "centroids": "codebooks", "code_lengths": "codebooks"}
 
 

@@ -60,8 +60,10 @@ def saves_parameters(layer: Factorable, rank: int) -> bool:
     return rank * (out_features + in_features) < out_features * in_features
 
 
-def layers_to_factor(model: nn.Module, config: LowRankConfig) -> dict[str, int]:
-    """Layer name -> rank: ``config.ranks`` when the recipe records them, else the layers that factoring shrinks."""
+def layers_to_factor(model: nn.Module, config: LowRankConfig, protected: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Layer name -> rank: ``config.ranks`` when the recipe records them, else the layers that factoring shrinks,
+    but not the ``protected`` ones (the output layer: factored to fewer dimensions than it has classes, it can no
+    longer tell them apart; on LeNet-5 at rank 2 of 10 that cost 50 points of accuracy)."""
     if config.ranks is not None:
         for name, rank in config.ranks.items():
             layer = dict(model.named_modules()).get(name)
@@ -72,7 +74,7 @@ def layers_to_factor(model: nn.Module, config: LowRankConfig) -> dict[str, int]:
         return dict(config.ranks)
     chosen: dict[str, int] = {}
     for name, module in model.named_modules():
-        if name and is_factorable(module, config.include_1x1_convs):
+        if name and name not in protected and is_factorable(module, config.include_1x1_convs):
             rank = rank_for(module, config.rank_fraction)
             if saves_parameters(module, rank):
                 chosen[name] = rank
@@ -125,7 +127,7 @@ class LowRank:
     }
 
     def resolve(self, model: nn.Module, config: LowRankConfig, ctx: CompressionContext) -> LowRankConfig:
-        return config.model_copy(update={"ranks": layers_to_factor(model, config)})
+        return config.model_copy(update={"ranks": layers_to_factor(model, config, ctx.protected_modules)})
 
     def apply(self, model: nn.Module, config: LowRankConfig, ctx: CompressionContext) -> None:
         factor_layers(model, config, svd_init)

@@ -87,7 +87,7 @@ def test_accounted_size_equals_written_size(config, tmp_path, images):
         else:
             accounted += encoding.payload_bytes(value)
     path = tmp_path / "model.safetensors"
-    written = save_artifact(path, compressed.model, compressed.encodings, Pipeline(steps=[config]).recipe())
+    written = save_artifact(path, compressed.model, compressed.encodings, compressed.pipeline.recipe())
     stored = load_file(path)
     assert sum(t.numel() * t.element_size() for t in stored.values()) == accounted
     header_length = struct.unpack("<Q", path.read_bytes()[:8])[0]
@@ -99,9 +99,9 @@ def test_artifact_reloads_to_the_same_model(config, tmp_path, images):
     model = EDGE_MODELS["residual_bn"]().eval()
     pipeline = Pipeline(steps=[config])
     compressed = compress_scored(model, pipeline, images[:1], fine_tune=fine_tune)
-    save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, pipeline.recipe())
+    save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())  # as applied, as a trial saves it
     restored, header = load_artifact(tmp_path / "m.safetensors", EDGE_MODELS["residual_bn"]())
-    assert Pipeline.model_validate(header["recipe"]) == pipeline
+    assert Pipeline.model_validate(header["recipe"]) == compressed.pipeline
     torch.testing.assert_close(restored(images), compressed.model(images), rtol=1e-4, atol=1e-5)
 
 

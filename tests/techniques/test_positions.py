@@ -83,3 +83,22 @@ def test_a_pruned_binary_layer_is_ternary_and_cannot_be_stored_dense():
     assert layout.value_format == "ternary" and layout.positions != "dense"  # a binary code has no zero
     assert plan_layout(weight, TensorEncoding(bits=2)).value_format == "ternary"
     assert plan_layout(torch.randn(8, 8), TensorEncoding(bits=1)).value_format == "binary"
+
+
+@pytest.mark.parametrize("bits", [32, 8, 2])
+def test_empty_rows_are_skipped_by_a_row_bitmask_when_that_is_smaller_and_decode_exactly(bits):
+    """Dead neurons (rows with no weight left) cost one bit each instead of their runs of zeros."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(500, 800, generator=generator) * (torch.rand(500, 800, generator=generator) < 0.10)
+    weight[::5] = 0  # every fifth neuron is dead
+    encoding = TensorEncoding(bits=bits, sparse=True)
+    layout = plan_layout(weight, encoding)
+    assert layout.positions == "gaps" and layout.rows
+    without = layout.model_copy(update={"rows": False})
+    stored = encode_tensor("w", weight, encoding, layout)
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == layout.payload_bytes
+    assert sum(t.numel() * t.element_size() for t in encode_tensor("w", weight, encoding, without).values()) > layout.payload_bytes
+    for used in (layout, without):
+        decoded = decode_tensor("w", encode_tensor("w", weight, encoding, used), tuple(weight.shape), encoding, used)
+        reference = decode_tensor("w", encode_tensor("w", weight, encoding, layout.model_copy(update={"positions": "dense", "rows": False})), tuple(weight.shape), encoding)
+        assert torch.equal(decoded, reference)
