@@ -7,6 +7,7 @@ fine-tune, write the artifact, reload it, export to ONNX, measure) but without R
 once per seed (the fine-tuning seed), on one cached baseline. Three parts:
 
 1. **ranges**: each technique alone over the values its default range spans;
+   **combinations**: combinations considered for the informed start;
 2. **start**: the informed start's points (``spaces/start.py``);
 3. **curves**: pipelines drawn at random from the default space (Optuna's RandomSampler),
    fine-tuned with no early stopping, their validation accuracy taken at every checkpoint.
@@ -49,6 +50,24 @@ RANGES: list[tuple[str, dict]] = [
     *[(f"lowrank {f}", {"lowrank": {"rank_fraction": f}}) for f in (0.05, 0.08, 0.12, 0.2, 0.3, 0.5)],
     *[(f"separable {w}", {"separable": {"which": w}}) for w in ("last", "all_but_first", "all")],
     *[(f"early_exit {a} t={t}", {"early_exit": {"after": a, "threshold": t}}) for a in ("pool1", "pool2") for t in (0.6, 0.9, 0.99)],
+]
+
+# Combinations considered for the informed start (part 1b): the winners the issue saw, and pruning + low bits
+COMBINATIONS: list[tuple[str, dict]] = [
+    ("channel 0.3 + 1 bit", {"pruning": {"granularity": "channel", "ratio": 0.3, "importance": "l2"}, "quantization": {"bits": 1}}),
+    ("channel 0.45 + 2 bits", {"pruning": {"granularity": "channel", "ratio": 0.45, "importance": "l2"}, "quantization": {"bits": 2}}),
+    ("channel 0.5 + clustering 4 huffman", {"pruning": {"granularity": "channel", "ratio": 0.5}, "clustering": {"clusters": 4, "huffman": True}}),
+    *[
+        (f"weight global {r} x2 + {b} bits", {"pruning": {"granularity": "weight", "ratio": r, "scope": "global", "steps": 2}, "quantization": {"bits": b}})
+        for r in (0.9, 0.95) for b in (2, 4)
+    ],
+    *[
+        (f"weight global {r} x2 + clustering {k} huffman", {"pruning": {"granularity": "weight", "ratio": r, "scope": "global", "steps": 2}, "clustering": {"clusters": k, "huffman": True}})
+        for r in (0.9, 0.95) for k in (4, 16)
+    ],
+    ("weight global 0.95 x2 + sensitivity avg 2", {"pruning": {"granularity": "weight", "ratio": 0.95, "scope": "global", "steps": 2}, "quantization": {"allocation": "sensitivity", "average_bits": 2.0}}),
+    ("distill + weight global 0.95 x2 + 2 bits", {"distillation": {"temperature": 4.0, "alpha": 0.5}, "pruning": {"granularity": "weight", "ratio": 0.95, "scope": "global", "steps": 2}, "quantization": {"bits": 2}}),
+    ("separable last + weight global 0.9 x2 + 2 bits", {"separable": {"which": "last"}, "pruning": {"granularity": "weight", "ratio": 0.9, "scope": "global", "steps": 2}, "quantization": {"bits": 2}}),
 ]
 
 
@@ -155,7 +174,8 @@ def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["ranges", "start", "curves"], choices=["ranges", "start", "curves"])
+    parser.add_argument("--parts", nargs="+", default=["ranges", "combinations", "start", "curves"], choices=["ranges", "combinations", "start", "curves"])
+    parser.add_argument("--match", help="only the ranges and combinations whose label contains this")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds for ranges and start")
     parser.add_argument("--draws", type=int, default=60, help="random pipelines for the curves")
     parser.add_argument("--keep", type=Path, help="working folder (baseline cache, evidence.json); default: a temporary one")
@@ -177,12 +197,15 @@ def main() -> None:
     )
     started = time.time()
     out: list = []
+    chosen = lambda rows: [row for row in rows if args.match is None or args.match in row[0]]  # noqa: E731
     if "ranges" in args.parts:
-        table("Ranges: each technique alone", RANGES, setups, out)
+        table("Ranges: each technique alone", chosen(RANGES), setups, out)
+    if "combinations" in args.parts:
+        table("Combinations considered for the informed start", chosen(COMBINATIONS), setups, out)
     if "start" in args.parts:
         from netshrink.spaces.start import INFORMED_START
 
-        rows = [(" + ".join(f"{kind}({', '.join(f'{k}={v}' for k, v in knobs.items())})" for kind, knobs in point.items())[:44], point) for point in INFORMED_START]
+        rows = [(f"{index + 1}. " + " + ".join(f"{kind}({', '.join(f'{v}' for v in knobs.values())})" for kind, knobs in point.items()))[:44], point) for index, point in enumerate(INFORMED_START)]
         table("Start: the informed start's points", rows, setups, out)
     if "curves" in args.parts:
         curves(experiment, setups[args.seeds[0]], args.draws, seed=args.seeds[0], out=out)
