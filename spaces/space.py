@@ -170,7 +170,7 @@ class _SearchSpaceBase(BaseModel):
                     f"{kind}/{name}"
                     for name, knob in knobs.items()
                     # a knob whose condition a fixed value rules out is never asked
-                    if isinstance(knob, (Choice, Range))
+                    if isinstance(knob, Range) or (isinstance(knob, Choice) and len(knob.options) > 1)
                     and all(fixed.get(field, wanted) == wanted for field, wanted in conditions.get(name, {}).items())
                 ]
         return names

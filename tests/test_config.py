@@ -130,7 +130,7 @@ def test_cli_help_explains_every_subcommand():
 
 
 def test_an_early_exit_placement_that_is_not_a_cut_point_fails_before_any_work(tmp_path):
-    text = EXAMPLE.read_text().replace('after: [pool1, pool2, "pool1+pool2"]', 'after: [pool1, "pool2+pool7"]')
+    text = EXAMPLE.read_text().replace('after: [pool2, pool1, "pool1+pool2"]', 'after: [pool1, "pool2+pool7"]')
     (tmp_path / "exp.yaml").write_text(text)
     with pytest.raises(UserError, match=r"space.early_exit.after: 'pool7' is not a cut point of model 'lenet5'; its cut points, in forward order: conv1, pool1"):
         load_experiment(tmp_path / "exp.yaml")
