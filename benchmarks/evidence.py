@@ -78,6 +78,12 @@ def pipeline_of(point: dict):
     return Pipeline(steps=[REGISTRY[kind].config_type(**knobs) for kind, knobs in sorted(point.items(), key=lambda item: order.index(item[0]))])
 
 
+def start_label(index: int, point: dict) -> str:
+    """``3. quantization(uniform, 4)``: a start point in one short line."""
+    parts = [f"{kind}({', '.join(str(value) for value in knobs.values())})" for kind, knobs in point.items()]
+    return f"{index + 1}. {' + '.join(parts)}"[:44]
+
+
 def make_setup(workdir: Path, seed: int, early_stopping: bool):
     """A ``TrialSetup`` on the default experiment's cached baseline (trained on first use)."""
     from netshrink.config import load_experiment
@@ -205,7 +211,7 @@ def main() -> None:
     if "start" in args.parts:
         from netshrink.spaces.start import INFORMED_START
 
-        rows = [(f"{index + 1}. " + " + ".join(f"{kind}({', '.join(f'{v}' for v in knobs.values())})" for kind, knobs in point.items()))[:44], point) for index, point in enumerate(INFORMED_START)]
+        rows = [(start_label(index, point), point) for index, point in enumerate(INFORMED_START)]
         table("Start: the informed start's points", rows, setups, out)
     if "curves" in args.parts:
         curves(experiment, setups[args.seeds[0]], args.draws, seed=args.seeds[0], out=out)
