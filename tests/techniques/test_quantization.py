@@ -1,6 +1,6 @@
 import pytest
 import torch
-from safetensors.torch import load_file
+from netshrink.techniques.artifact import read_parts
 
 from netshrink.tasks.models import LeNet5
 from netshrink.techniques import Pipeline, PruningConfig, QuantizationConfig, compress, read_artifact, save_artifact
@@ -12,7 +12,7 @@ def test_int8_weights_are_stored_as_int8_with_per_channel_scales(tmp_path):
     x = torch.zeros(1, 1, 28, 28)
     quantized = compress(model, Pipeline(steps=[QuantizationConfig(bits=8)]), x)
     size = save_artifact(tmp_path / "q.safetensors", quantized.model, quantized.encodings, "{}")
-    stored = load_file(tmp_path / "q.safetensors")
+    stored = read_parts(tmp_path / "q.safetensors")[0]
     assert stored["fc1.weight.values"].dtype == torch.int8
     assert stored["fc1.weight.scale"].shape == (500,)
     assert stored["fc1.bias.values"].dtype == torch.float32  # biases stay float
@@ -60,7 +60,7 @@ def test_pruned_and_quantized_stores_only_nonzero_int8(tmp_path):
     pipeline = Pipeline(steps=[PruningConfig(granularity="weight", ratio=0.8), QuantizationConfig(bits=8)])
     compressed = compress(model, pipeline, torch.zeros(1, 1, 28, 28))
     save_artifact(tmp_path / "pq.safetensors", compressed.model, compressed.encodings, pipeline.recipe())
-    stored = load_file(tmp_path / "pq.safetensors")
+    stored = read_parts(tmp_path / "pq.safetensors")[0]
     assert stored["fc1.weight.values"].dtype == torch.int8
     assert stored["fc1.weight.values"].numel() == pytest.approx(80_000, abs=10)
 
@@ -174,7 +174,7 @@ def test_lenet5_weight_payload_shrinks_by_the_bit_ratio(tmp_path, bits, expected
     compressed = compress(model, Pipeline(steps=[QuantizationConfig(bits=bits)]), x[:1])
     path = tmp_path / "q.safetensors"
     save_artifact(path, compressed.model, compressed.encodings, "{}")
-    stored = load_file(path)
+    stored = read_parts(path)[0]
     values = stored["fc1.weight.values"]
     assert values.numel() * values.element_size() == expected_bytes
     if bits in SUB_BYTE:
@@ -196,7 +196,7 @@ def test_pruned_and_sub_byte_stores_compact_positions_and_packed_nonzeros(tmp_pa
         for row in weight:
             assert row.unique().numel() <= 3
     save_artifact(tmp_path / "pq.safetensors", compressed.model, compressed.encodings, pipeline.recipe())
-    stored = load_file(tmp_path / "pq.safetensors")
+    stored = read_parts(tmp_path / "pq.safetensors")[0]
     assert stored["fc1.weight.values"].dtype == torch.uint8
     # 2 bits and pruned 1 bit are ternary: stored sparse, a nonzero code is +1 or -1, one sign bit
     width = 1 if bits in (2, 1) else bits
