@@ -153,15 +153,20 @@ def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
         print(f"  [{index + 1}/{draws}] final {metrics['accuracy']:.1%}  curve " + " ".join(f"{c.fraction:.2f}:{c.accuracy:.0%}" for c in curve), flush=True)
     base = setup.baseline_metrics["accuracy"]
     floor = setup.constraints.min_accuracy
-    print(f"\n  Largest rise of validation accuracy from a checkpoint to the end, by share of fine-tuning done ({len(records)} trials):")
+    from netshrink.search.stopping import RECOVERY
+
+    shares = [share for share, _ in RECOVERY]
+    print(f"\n  Largest rise of validation accuracy from a checkpoint to the end, by share of fine-tuning done ({len(records)} trials),")
+    print("  next to the rise the stop rule assumes (search/stopping.py's RECOVERY):")
     buckets = defaultdict(list)
     for final, curve in records:
         for point in curve:
             if point.fraction < 1.0:
-                buckets[round(point.fraction, 2)].append(final - point.accuracy)
-    for share in sorted(buckets):
-        rises = buckets[share]
-        print(f"    {share:>5.2f}: largest rise {max(rises):+.1%}, 95th percentile {statistics.quantiles(rises, n=20)[-1] if len(rises) > 1 else rises[0]:+.1%} ({len(rises)} checkpoints)")
+                buckets[max(share for share in shares if share <= point.fraction + 1e-9)].append(final - point.accuracy)
+    for share, assumed in RECOVERY:
+        rises = buckets.get(share, [])
+        seen = f"largest rise {max(rises):+.1%} over {len(rises)} checkpoints" if rises else "no checkpoint"
+        print(f"    from {share:.2f}: {seen}; the rule assumes {assumed:+.1%}")
     rule = StopRule(floor)
     stopped = wrong = hopeless = early = 0
     for final, curve in records:

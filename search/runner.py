@@ -431,7 +431,10 @@ def progress_printer(total: int, baseline: dict[str, float], done: int = 0, labe
             r = trial.last_result or {}
             if "accuracy" not in r:
                 return
-            stopped = f"stopped after {r['stopped_at_fraction']:.0%} of fine-tuning, " if r.get("stopped_early") else ""
+            stopped = ""
+            if r.get("stopped_early"):
+                share = r["stopped_at_fraction"]
+                stopped = f"stopped after {share:.0%} of fine-tuning, " if share > 0 else "stopped before fine-tuning, "
             print(
                 f"[{label}{self.done}/{total}] {stopped}acc {r['accuracy']:.2%}  size {r['size_bytes'] / 1e3:.1f} KB "
                 f"({baseline['size_bytes'] / r['size_bytes']:.1f}x smaller)  latency {r['latency_ms']:.4f} ms "

@@ -65,7 +65,7 @@ def test_defaults_fixed_values_and_disabled_techniques():
     space = SearchSpace.model_validate({"pruning": {"granularity": "channel", "steps": 1, "importance": "l2", "scope": "layer"}, "quantization": {"enabled": False}})
     pruning = space.techniques()["pruning"]
     assert pruning.granularity == Fixed("channel")
-    assert pruning.ratio == Range(low=0.2, high=0.9)  # the technique's default range
+    assert pruning.ratio == Range(low=0.2, high=0.97)  # the technique's default range
     assert space.searched_names() == ["pruning/ratio"]  # the only searchable technique is always on
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     assert all([step.kind for step in space.sample(study.ask()).steps] == ["pruning"] for _ in range(20))
