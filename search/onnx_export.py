@@ -237,7 +237,8 @@ def early_exit_graph(model: EarlyExitNet, example_inputs: torch.Tensor, encoding
         for index, segment in enumerate(model.segments):
             head = model.heads[index] if index < last else None
             outputs = ["features", "logits"] if head is not None else ["logits"]
-            exported = export_module(_Stage(segment, head), features, outputs, _stage_encodings(encodings, index))
+            # eval: a wrapper starts in training mode, and the exporter traced dropout inside the segment as active
+            exported = export_module(_Stage(segment, head).eval(), features, outputs, _stage_encodings(encodings, index))
             stages.append(onnx.compose.add_prefix(exported, f"s{index}/"))
             if head is not None:
                 features = segment(features)

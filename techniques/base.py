@@ -136,6 +136,10 @@ class Technique(Protocol):
 # how many times ``apply`` calls ``ctx.fine_tune``; ``Pipeline.fine_tune_rounds`` adds them up, so a trial
 # knows its whole fine-tuning in advance (early stopping judges a trial by the share of it done).
 
+# Optional, for techniques whose decisions are known only once applied (the heads channel pruning kept):
+#     def record(self, model: nn.Module, config: TechniqueConfig) -> TechniqueConfig
+# returns the config with them written out (``APPLIED`` fields), as ``resolve`` does for decisions taken before.
+
 # Optional, for techniques that change tensor shapes (channel pruning, early-exit heads):
 #     def reshapes(self, config: TechniqueConfig) -> bool
 # True lets ``load_artifact`` resize the freshly built layers to the stored shapes; without such a step

@@ -18,6 +18,12 @@ the last layer of ``stem``) or, after a function call, by its fx node name
 An exit head pools its feature map to at most 4 positions per spatial axis
 (average pooling, so it exports to plain ONNX) and classifies with one linear
 layer: 4x4x20 + bias -> 10 classes after LeNet-5's ``pool1`` is 3,210 parameters.
+In a transformer, whose features are tokens (batch, tokens, width) of a width a
+LayerNorm normalises, an exit head averages the tokens and classifies their mean.
+
+Transformers are cut between blocks: attention modules are single layers to the
+tracer (``attention.is_attention``), and ``nn.TransformerEncoder`` is traced as the
+sequence of its layers (called without masks), so an exit can follow any of them.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import torch.nn.functional as F
 from pydantic import BeforeValidator, Field
 from torch import fx, nn
 
-from .base import CompressionContext, Stage, TechniqueConfig
+from .attention import is_attention, normalises_last_axis
+from .base import APPLIED, CompressionContext, Stage, TechniqueConfig
 
 HEAD_POSITIONS = 4  # pooled positions per spatial axis of an exit head's input
 
@@ -50,27 +57,37 @@ class EarlyExitConfig(TechniqueConfig):
         "empty: one exit at the middle cut point",
     )
     threshold: float = Field(0.9, gt=0.0, lt=1.0, description="a sample leaves at the first exit whose top softmax probability reaches this")
+    pooling: tuple[Literal["spatial", "tokens"], ...] | None = Field(
+        None, json_schema_extra=APPLIED, description="per exit head, how it pools its features, written when applied"
+    )
 
 
 class ExitHead(nn.Module):
-    """Average-pool to at most 4 positions per spatial axis, flatten, one linear classifier."""
+    """Average-pool to at most 4 positions per spatial axis (or average the tokens), flatten, one linear classifier."""
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, num_classes: int, tokens: bool = False) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, num_classes)
+        self.tokens = tokens
 
-    @staticmethod
-    def pool(features: torch.Tensor) -> torch.Tensor:
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
         """The flattened head input: a (batch, features) tensor."""
-        spatial = features.shape[2:]
-        if spatial:
-            kernel = [math.ceil(size / HEAD_POSITIONS) for size in spatial]
-            pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(spatial)]
-            features = pool(features, kernel, kernel, ceil_mode=True)
-        return torch.flatten(features, 1)
+        return pooled(features, self.tokens)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(self.pool(features))
+
+
+def pooled(features: torch.Tensor, tokens: bool) -> torch.Tensor:
+    """An exit head's input: the mean token of (batch, tokens, width) features, or the spatially pooled map."""
+    if tokens:
+        return features.mean(dim=1)
+    spatial = features.shape[2:]
+    if spatial:
+        kernel = [math.ceil(size / HEAD_POSITIONS) for size in spatial]
+        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(spatial)]
+        features = pool(features, kernel, kernel, ceil_mode=True)
+    return torch.flatten(features, 1)
 
 
 class EarlyExitNet(nn.Module):
@@ -142,23 +159,51 @@ def all_outputs(model: nn.Module, inputs: torch.Tensor) -> Any:
     return model(inputs)
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, with attention modules as single layers and ``nn.TransformerEncoder`` as the sequence of its layers."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return is_attention(module) or super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module: nn.Module, forward, args, kwargs):
+        if isinstance(module, nn.TransformerEncoder) and len(args) == 1 and not kwargs:
+            prefix = self.path_of_module(module)
+            features = args[0]
+            for index, layer in enumerate(module.layers):
+                features = self.create_proxy("call_module", f"{prefix}.layers.{index}", (features,), {})
+            if module.norm is not None:
+                features = self.create_proxy("call_module", f"{prefix}.norm", (features,), {})
+            return features
+        return super().call_module(module, forward, args, kwargs)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     except Exception as error:  # fx raises many types for untraceable code
         raise ValueError(
             f"early exits need a model that torch.fx can trace (no Python control flow on tensor values): {type(error).__name__}: {error}"
         ) from None
 
 
-def _names(node: fx.Node, later_modules: list[str], module_calls: dict[str, int]) -> list[str]:
+def _scopes(node: fx.Node) -> list[str]:
+    """The modules whose forward pass ``node`` runs inside, outermost first (fx's ``nn_module_stack``)."""
+    return [path for path in (node.meta.get("nn_module_stack") or {}) if path]
+
+
+def _names(node: fx.Node, later_modules: list[str], module_calls: dict[str, int], later_scopes: set[str] | None = None) -> list[str]:
     """Names of a cut after ``node``, outermost first: ``conv2`` as well as ``conv2.1`` once separable made conv2 a pair.
 
     A module path names the cut when the node is its last call (no later node calls
     into it), so names stay valid when an architecture technique replaced the layer.
+    A function call (a residual ``add``) is named by the modules it ends, when it is
+    the last node computed inside them (``blocks.1`` after a transformer block), then
+    by its fx node name.
     """
     if node.op != "call_module":
-        return [node.name]
+        return [scope for scope in _scopes(node) if scope not in (later_scopes or set())] + [node.name]
     parts = str(node.target).split(".")
     names = []
     for length in range(1, len(parts) + 1):
@@ -192,7 +237,8 @@ def cut_points(graph_module: fx.GraphModule) -> dict[fx.Node, list[str]]:
             continue
         if all(last_use[earlier] <= position[node] for earlier in nodes[: position[node]] if earlier.op != "get_attr"):
             later = [str(n.target) for n in nodes[position[node] + 1 :] if n.op == "call_module"]
-            found[node] = _names(node, later, module_calls)
+            later_scopes = {scope for n in nodes[position[node] + 1 :] for scope in _scopes(n)}
+            found[node] = _names(node, later, module_calls, later_scopes)
     return found
 
 
@@ -271,7 +317,9 @@ def build_exits(model: nn.Module, config: EarlyExitConfig) -> EarlyExitNet:
     shared = shared_parameters(segments)
     if shared:
         raise ValueError(f"early exits cannot cut here: layers used on both sides of a cut ({', '.join(shared)})")
-    return EarlyExitNet(segments, [ExitHead(1, 1) for _ in cuts], tuple(available[cut][0] for cut in cuts), config.threshold)
+    pooling = config.pooling or ("spatial",) * len(cuts)
+    heads = [ExitHead(1, 1, tokens=kind == "tokens") for kind in pooling]
+    return EarlyExitNet(segments, heads, tuple(available[cut][0] for cut in cuts), config.threshold)
 
 
 class EarlyExit:
@@ -295,7 +343,8 @@ class EarlyExit:
                 features = segment(features)
                 if not isinstance(features, torch.Tensor) or features.dim() < 2:
                     raise ValueError(f"early exits need a batch of features at each cut point, got {type(features).__name__}")
-                heads.append(ExitHead(ExitHead.pool(features).shape[1], classes))
+                tokens = features.dim() == 3 and normalises_last_axis(model, features.shape[-1])
+                heads.append(ExitHead(pooled(features, tokens).shape[1], classes, tokens=tokens))
         exits.heads = nn.ModuleList(heads)
         # the layers that must keep their output size (the classes) under channel pruning, under their new names;
         # by their leaf layers, since fx re-creates the containers (a low-rank Sequential) around them
@@ -305,6 +354,10 @@ class EarlyExit:
             + [f"heads.{index}.linear" for index in range(len(heads))]
         )
         return exits
+
+    def record(self, model: nn.Module, config: EarlyExitConfig) -> EarlyExitConfig:
+        """How each exit head pools its features (a replay builds the same heads)."""
+        return config.model_copy(update={"pooling": tuple("tokens" if head.tokens else "spatial" for head in model.heads)})
 
     def reshapes(self, config: EarlyExitConfig) -> bool:
         """``rebuild`` makes heads of placeholder size; loading gives them their stored sizes."""

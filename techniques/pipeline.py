@@ -155,8 +155,10 @@ def compress(
             continue
         technique = REGISTRY[step.kind]
         resolve = getattr(technique, "resolve", None)
-        applied[index] = step = resolve(model, step, ctx) if resolve is not None else step
+        step = resolve(model, step, ctx) if resolve is not None else step
         model = technique.apply(model, step, ctx) or model
+        record = getattr(technique, "record", None)
+        applied[index] = record(model, step) if record is not None else step
     if applied and tune is not None:
         tune(model, ctx.loss_fn)
     bake_parametrizations(model)

@@ -13,6 +13,18 @@ measuring are separate steps, as in Torch-Pruning.
 
 With ``steps`` > 1 the ratio is reached gradually (Han et al., 2015: iterative
 pruning and retraining), fine-tuning between steps.
+
+Transformers. Channel pruning keeps a transformer's embedding width (the residual
+stream every block adds to): a layer whose output channels Torch-Pruning's dependency
+graph couples to a LayerNorm is left whole, so ``ratio`` removes MLP hidden neurons
+(and the channels of any other layer outside the residual stream). Attention heads
+go whole, by ``head_ratio``, through Torch-Pruning's head pruning (``num_heads``,
+``prune_num_heads``): an attention module written as timm writes it (a ``qkv``
+Linear, possibly factored by low-rank, and an int ``num_heads`` that its forward pass
+reshapes by) loses the same heads from q, k, v and ``proj``, and its ``num_heads`` is
+set to the heads left (the recipe records them, so loading sets them again).
+``torch.nn.MultiheadAttention`` keeps its heads: Torch-Pruning cannot remove them, so
+``head_ratio`` on such a model is refused, naming the layer.
 """
 
 from __future__ import annotations
@@ -25,7 +37,8 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
+from .base import APPLIED, PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
+from .attention import attention_modules, qkv_output
 from .early_exit import all_outputs
 from .encoding import TensorEncoding
 
@@ -50,6 +63,10 @@ class PruningConfig(TechniqueConfig):
         None,
         json_schema_extra=PER_LAYER,
         description="layer (module name) -> its own ratio, as a published recipe gives them; layers not listed follow `ratio` and `scope`",
+    )
+    head_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="channel: share of each attention layer's heads removed (whole heads)")
+    heads: dict[str, int] | None = Field(
+        None, json_schema_extra=APPLIED, description="attention module -> its heads after pruning, written when applied"
     )
 
 
@@ -120,10 +137,37 @@ def prune_weights(model: nn.Module, config: PruningConfig, ctx: CompressionConte
         _between_steps(model, step, config.steps, ctx)
 
 
+def residual_stream_layers(model: nn.Module, example_inputs: torch.Tensor, candidates: list[nn.Module]) -> list[nn.Module]:
+    """Of ``candidates``, the layers whose output channels Torch-Pruning couples to a LayerNorm: a transformer's
+    embedding width, which channel pruning keeps."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=all_outputs)
+    kept = []
+    for layer in candidates:
+        prune_out = graph.get_pruner_of_module(layer).prune_out_channels
+        group = graph.get_pruning_group(layer, prune_out, idxs=[0])
+        if any(isinstance(dependency.target.module, nn.LayerNorm) for dependency, _ in group):
+            kept.append(layer)
+    return kept
+
+
 def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> None:
     protected = [module for name, module in model.named_modules() if name in ctx.protected_modules]
     modules = dict(model.named_modules())
     listed = {modules[name.removesuffix(".weight")]: ratio for name, ratio in listed_ratios(compressible_weights(model), config).items()}
+    attention = {name: (module, qkv_output(module)) for name, module in attention_modules(model).items()}
+    check_heads(model, config, attention)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)) and m not in protected]
+    kept = residual_stream_layers(model, ctx.example_inputs, layers) if any(isinstance(m, nn.LayerNorm) for m in model.modules()) else []
+    heads: dict[str, object] = {}
+    if config.head_ratio > 0:
+        heads = {
+            "num_heads": {qkv: module.num_heads for module, qkv in attention.values()},
+            "prune_num_heads": True,
+            "prune_head_dims": False,  # a head keeps its width; whole heads go
+            "head_pruning_ratio": config.head_ratio,
+        }
+    else:
+        kept += [qkv for _, qkv in attention.values()]  # heads are kept whole, so their q, k, v widths too
     pruner = tp.pruner.BasePruner(
         model,
         ctx.example_inputs,
@@ -134,12 +178,41 @@ def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionCont
         global_pruning=config.scope == "global",
         max_pruning_ratio=1.0 - config.floor if config.scope == "global" else 1.0,
         iterative_steps=config.steps,
-        ignored_layers=protected,
+        ignored_layers=protected + kept,
         forward_fn=all_outputs,  # every exit of an early-exit model, so its heads are pruned consistently
+        out_channel_groups={},  # Torch-Pruning's defaults are dicts shared between pruners, which it fills in
+        in_channel_groups={},
+        **heads,
     )
     for step in range(config.steps):
         pruner.step()
+        for module, qkv in attention.values():
+            module.num_heads = pruner.num_heads.get(qkv, module.num_heads) if heads else module.num_heads
         _between_steps(model, step, config.steps, ctx)
+
+
+def check_heads(model: nn.Module, config: PruningConfig, attention: dict) -> None:
+    """``head_ratio`` needs attention whose heads can go whole; ``ValueError`` naming what stands in the way."""
+    if config.head_ratio <= 0:
+        return
+    others = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+    if others:
+        raise ValueError(
+            f"pruning.head_ratio: {others[0]!r} is a torch.nn.MultiheadAttention, whose heads Torch-Pruning cannot remove; "
+            "set head_ratio to 0 (ratio still prunes the MLPs), or write the attention as timm does (a qkv Linear and num_heads)"
+        )
+    if not attention:
+        raise ValueError("pruning.head_ratio: this model has no attention layer whose heads can go whole (a module with a qkv Linear and an int num_heads); set head_ratio to 0")
+
+
+def set_heads(model: nn.Module, heads: dict[str, int]) -> None:
+    """Give the attention modules the head counts a recipe recorded (their forward passes reshape by them)."""
+    for name, count in heads.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"pruning.heads: the recipe pruned the heads of {name!r}, which this model does not have") from None
+        module.num_heads = count
 
 
 class Pruning:
@@ -169,3 +242,12 @@ class Pruning:
             prune_weights(model, config, ctx)
         else:
             prune_channels(model, config, ctx)
+
+    def record(self, model: nn.Module, config: PruningConfig) -> PruningConfig:
+        """The heads each attention module kept, written into ``heads`` (empty when no heads were removed)."""
+        removed = config.granularity == "channel" and config.head_ratio > 0
+        return config.model_copy(update={"heads": {name: module.num_heads for name, module in attention_modules(model).items()} if removed else {}})
+
+    def rebuild(self, model: nn.Module, config: PruningConfig) -> None:
+        """Removed heads: the attention modules get the head counts the recipe recorded (the tensors are resized on load)."""
+        set_heads(model, config.heads or {})

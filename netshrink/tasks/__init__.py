@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .datasets import TaskData, dataset_digest, digits
-from .models import lenet5
+from .models import lenet5, vit
 
 BUILTIN_DATASETS: dict[str, Callable[..., TaskData]] = {"digits": digits}
-BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": lenet5}
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": lenet5, "vit": vit}
 
 
 def resolve_factory(reference: str, builtins: dict[str, Callable[..., Any]], search_path: str | None = None) -> Callable[..., Any]:
@@ -84,7 +84,7 @@ def load_data(reference: str, args: dict[str, Any], search_path: str | None = No
 def build_model(reference: str, args: dict[str, Any], data: TaskData, search_path: str | None = None) -> nn.Module:
     """Instantiate the model. ``num_classes`` and ``input_shape`` are passed when the factory takes them."""
     factory = resolve_factory(reference, BUILTIN_MODELS, search_path)
-    if factory is lenet5:
+    if factory in BUILTIN_MODELS.values():
         defaults = {"num_classes": data.num_classes, "in_channels": data.input_shape[0], "image_size": data.input_shape[-1]}
     else:
         accepted = inspect.signature(factory).parameters
