@@ -211,15 +211,26 @@ def check_task(experiment: Experiment, search_path: str) -> None:
         raise UserError(f"task.model: model {task.model!r}: {error}") from None
     check_exit_points(experiment, model)
     check_layer_names(experiment, model)
+    check_space_on_model(experiment, model, example_inputs(data))
+
+
+def check_space_on_model(experiment: Experiment, model, example) -> None:
+    """Every technique the space may switch on can act on this model, and pipelines of the space run and export
+    (``spaces.probe``): a pipeline that would break the model's shapes fails here, in seconds, not in a trial."""
+    from netshrink.spaces.probe import probe
+
+    problems = probe(experiment.space, model, example)
+    if problems:
+        raise UserError(problems, title=f"the space does not fit model {experiment.task.model!r}")
 
 
 def check_layer_names(experiment: Experiment, model) -> None:
     """Every layer a per-layer map names (``pruning.layer_ratios``, ``quantization.layer_bits``, ...) is one the technique acts on."""
     from netshrink.spaces.knobs import Fixed
     from netshrink.techniques import REGISTRY
-    from netshrink.techniques.base import compressible_weights, is_per_layer_field
+    from netshrink.techniques.base import compressible_weights, is_per_layer_field, module_of
 
-    layers = [name.removesuffix(".weight") for name in compressible_weights(model)]
+    layers = [module_of(name) for name in compressible_weights(model)]
     problems = []
     for kind, space in experiment.space.techniques().items():
         for field, knob in space.knobs().items():

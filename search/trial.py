@@ -37,6 +37,8 @@ from .tracking import (
 )
 
 ARTIFACT_FILE = "compressed.safetensors"
+NOTES_FILE = "notes.txt"  # what the techniques left out and why (``Compressed.notes``), tagged ``notes`` on the run
+NOTES_TAG = "notes"
 ONNX_FILE = "model.onnx"
 REFINE_OF = "refine_of"  # key of a refinement's config: the run id of the trial it refines
 
@@ -116,6 +118,8 @@ def evaluate_recipe(
         export_onnx(baseline, example, reference, {})
     # the recipe as applied: the layers, ranks and cut points the techniques chose from the model written out
     (workdir / RECIPE_FILE).write_text(json.dumps(compressed.pipeline.model_dump(mode="json"), indent=2))
+    if compressed.notes:
+        (workdir / NOTES_FILE).write_text("\n".join(compressed.notes))
     started = time.perf_counter()
     try:
         # timed on the validation inputs: a model with early exits is timed over all of them, with its exit logic
@@ -229,6 +233,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             tags[FEASIBLE_TAG] = str(setup.constraints.feasible(metrics) and STOPPED not in metrics).lower()
         if STOPPED in metrics:
             tags.update({STOPPED_TAG: "true", STOPPED_AT_TAG: f"{metrics['stopped_at_fraction']:.3f}", STOP_REASON_TAG: stop_reason(metrics, setup)})
+        notes = (workdir / NOTES_FILE).read_text() if (workdir / NOTES_FILE).is_file() else ""
+        if notes:
+            tags[NOTES_TAG] = notes[:5000]  # layers a technique left out, and why
         tracker.log(run_id, metrics=metrics, tags=tags)
     except BaseException as error:
         tracker.log(run_id, tags={ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})

@@ -7,7 +7,7 @@ a model that the pipeline has already copied; they never see the caller's model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Callable, ClassVar, Protocol
 
@@ -59,7 +59,7 @@ def per_layer(layers: dict[str, nn.Module], values: dict[str, Any] | None, defau
     ``ValueError`` naming ``field`` and the layer when ``values`` names a module that is not among ``layers``.
     """
     values = values or {}
-    modules = {name.removesuffix(".weight"): name for name in layers}
+    modules = {module_of(name): name for name in layers}
     unknown = [name for name in values if name not in modules]
     if unknown:
         raise ValueError(f"{field}: {', '.join(map(repr, unknown))} is not a compressible layer of this model; its layers: {', '.join(modules)}")
@@ -98,6 +98,7 @@ class CompressionContext:
     teacher: nn.Module | None = None  # the caller's model, untouched: distillation's teacher
     loss_fn: LossFn | None = None  # set by a technique that changes the training objective
     sensitivity: dict | None = None  # the baseline's per-layer sensitivity (``sensitivity.measure_sensitivity``)
+    notes: list[str] = field(default_factory=list)  # what a technique left out and why (a layer it cannot treat), for the log
 
 
 class Technique(Protocol):
@@ -126,6 +127,10 @@ class Technique(Protocol):
 # returns the config with those decisions written out (``APPLIED`` fields, or a default made explicit).
 # ``compress`` applies and records the resolved config, so the recipe says what was done, and a replay of it
 # on another netshrink version builds the same model or fails naming the layer it cannot find.
+
+# Optional, for techniques that cannot act on some models at all (separable substitution on a transformer):
+#     def inapplicable(self, model: nn.Module) -> str | None
+# why not, in words, or None; validation refuses such a technique in the space before anything runs.
 
 # Optional, for techniques that do not make the model smaller or faster by themselves (distillation):
 #     compresses: ClassVar[bool] = False
@@ -167,16 +172,31 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _inputs: torch.Ten
 
 
 def compressible_weights(model: nn.Module) -> dict[str, nn.Module]:
-    """Weight tensors of convolutions and linear layers, by parameter name.
+    """Weight tensors of convolutions and linear layers, and the input projection of ``nn.MultiheadAttention``
+    (a Parameter, not a Linear), by parameter name, each with the module that holds it.
 
     These are the tensors that pruning and quantization act on; biases and
-    normalisation parameters are a rounding error in size and stay float32.
+    normalisation parameters are a rounding error in size and stay float32. The
+    tensor is ``getattr(module, attribute_of(name))``; its layer is ``module_of(name)``.
     """
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            found[f"{name}.weight" if name else "weight"] = module
+            found[f"{prefix}weight"] = module
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            found[f"{prefix}in_proj_weight"] = module  # q, k and v stacked; its out_proj is a Linear, found as one
     return found
+
+
+def attribute_of(name: str) -> str:
+    """``weight`` of ``fc1.weight``, ``in_proj_weight`` of ``attn.in_proj_weight``."""
+    return name.rpartition(".")[2]
+
+
+def module_of(name: str) -> str:
+    """The layer a compressible weight belongs to: ``fc1`` of ``fc1.weight``, ``attn`` of ``attn.in_proj_weight``."""
+    return name.rpartition(".")[0]
 
 
 def replace_layers(

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
+from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, attribute_of, compressible_weights, per_layer
 from .encoding import TensorEncoding
 from .sensitivity import allocated_widths
 
@@ -136,6 +136,6 @@ class Clustering:
         layers = compressible_weights(model)
         for name, clusters in per_layer(layers, config.layer_clusters, config.clusters, "clustering.layer_clusters").items():
             encoding = ctx.encodings.get(name, TensorEncoding())
-            shared = cluster_weight(layers[name].weight, clusters, encoding.sparse)
-            parametrize.register_parametrization(layers[name], "weight", shared)
+            shared = cluster_weight(getattr(layers[name], attribute_of(name)), clusters, encoding.sparse)
+            parametrize.register_parametrization(layers[name], attribute_of(name), shared)
             ctx.encodings[name] = TensorEncoding.model_validate({**encoding.model_dump(), "clusters": clusters, "huffman": config.huffman})

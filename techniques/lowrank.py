@@ -60,7 +60,25 @@ def saves_parameters(layer: Factorable, rank: int) -> bool:
     return rank * (out_features + in_features) < out_features * in_features
 
 
-def layers_to_factor(model: nn.Module, config: LowRankConfig, protected: frozenset[str] = frozenset()) -> dict[str, int]:
+# Layers whose parent reads the child Linear's ``.weight`` itself (the fused fast path of PyTorch's transformer
+# layers), so a factored pair in its place would break the parent's forward pass.
+READ_BY_PARENT = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def read_by_parent(model: nn.Module) -> set[str]:
+    """Names of the Linear children that a parent in ``READ_BY_PARENT`` reads directly."""
+    return {
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules()
+        if isinstance(module, READ_BY_PARENT)
+        for child, layer in module.named_children()
+        if isinstance(layer, nn.Linear)
+    }
+
+
+def layers_to_factor(
+    model: nn.Module, config: LowRankConfig, protected: frozenset[str] = frozenset(), notes: list[str] | None = None
+) -> dict[str, int]:
     """Layer name -> rank: ``config.ranks`` when the recipe records them, else the layers that factoring shrinks,
     but not the ``protected`` ones (the output layer: factored to fewer dimensions than it has classes, it can no
     longer tell them apart; on LeNet-5 at rank 2 of 10 that cost 50 points of accuracy)."""
@@ -73,8 +91,11 @@ def layers_to_factor(model: nn.Module, config: LowRankConfig, protected: frozens
                 raise ValueError(f"lowrank.ranks: rank {rank} for layer {name!r} of shape {tuple(layer.weight.shape[:2])} is not between 1 and its smaller side")
         return dict(config.ranks)
     chosen: dict[str, int] = {}
+    kept_whole = read_by_parent(model)
     for name, module in model.named_modules():
-        if name and name not in protected and is_factorable(module, config.include_1x1_convs):
+        if name in kept_whole and notes is not None and is_factorable(module, config.include_1x1_convs):
+            notes.append(f"lowrank: {name!r} left whole: its parent, a {type(model.get_submodule(name.rpartition('.')[0])).__name__}, reads its weight directly")
+        if name and name not in protected and name not in kept_whole and is_factorable(module, config.include_1x1_convs):
             rank = rank_for(module, config.rank_fraction)
             if saves_parameters(module, rank):
                 chosen[name] = rank
@@ -126,8 +147,15 @@ class LowRank:
         "include_1x1_convs": [False, True],
     }
 
+    def inapplicable(self, model: nn.Module) -> str | None:
+        """Why low-rank factorization cannot change ``model``: no Linear it may factor."""
+        kept_whole = read_by_parent(model)
+        if not any(is_factorable(module, True) and name not in kept_whole for name, module in model.named_modules() if name):
+            return "the model has no plain Linear (or 1x1 Conv2d) it may factor; remove lowrank from the space"
+        return None
+
     def resolve(self, model: nn.Module, config: LowRankConfig, ctx: CompressionContext) -> LowRankConfig:
-        return config.model_copy(update={"ranks": layers_to_factor(model, config, ctx.protected_modules)})
+        return config.model_copy(update={"ranks": layers_to_factor(model, config, ctx.protected_modules, ctx.notes)})
 
     def apply(self, model: nn.Module, config: LowRankConfig, ctx: CompressionContext) -> None:
         factor_layers(model, config, svd_init)

@@ -6,7 +6,7 @@ The pipeline's JSON is the *recipe*: MLflow stores it and export replays it.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Union
 
 import torch
@@ -98,6 +98,7 @@ class Compressed:
     model: nn.Module
     encodings: dict[str, TensorEncoding]
     pipeline: Pipeline
+    notes: list[str] = field(default_factory=list)  # layers a technique left out, and why
 
 
 def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> frozenset[str]:
@@ -164,7 +165,7 @@ def compress(
     bake_parametrizations(model)
     # the recipe of what was done: every decision taken from the model's shapes written out
     done = Pipeline(steps=[applied.get(index, step) for index, step in enumerate(pipeline.steps)])
-    return Compressed(model=model.eval(), encodings=ctx.encodings, pipeline=done)
+    return Compressed(model=model.eval(), encodings=ctx.encodings, pipeline=done, notes=ctx.notes)
 
 
 def bake_parametrizations(model: nn.Module) -> None:

@@ -31,13 +31,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
+import warnings
+
 import torch
 import torch_pruning as tp
 from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import APPLIED, PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
+from .base import APPLIED, PER_LAYER, CompressionContext, Stage, TechniqueConfig, attribute_of, compressible_weights, module_of, per_layer
 from .attention import attention_modules, qkv_output
 from .early_exit import all_outputs
 from .encoding import TensorEncoding
@@ -124,15 +126,17 @@ def prune_weights(model: nn.Module, config: PruningConfig, ctx: CompressionConte
     for step in range(config.steps):
         ratios = {name: step_ratios(listed.get(name, config.ratio), config.steps)[step] for name in layers}
         if config.scope == "global":  # the layers not listed share one threshold; pruned zeros count as the smallest
-            free = {name: module.weight for name, module in layers.items() if name not in listed}
+            free = {name: getattr(module, attribute_of(name)) for name, module in layers.items() if name not in listed}
             if free:
                 ratios.update(global_ratios(free, step_ratios(config.ratio, config.steps)[step], config.floor))
         for name, module in layers.items():
-            if parametrize.is_parametrized(module, "weight"):
+            attribute = attribute_of(name)
+            weight = getattr(module, attribute)
+            if parametrize.is_parametrized(module, attribute):
                 # Pruned weights read as exactly zero, so they stay among the smallest and stay pruned.
-                module.parametrizations.weight[0].mask.copy_(magnitude_mask(module.weight, ratios[name]))
+                module.parametrizations[attribute][0].mask.copy_(magnitude_mask(weight, ratios[name]))
             else:
-                parametrize.register_parametrization(module, "weight", WeightMask(magnitude_mask(module.weight, ratios[name])))
+                parametrize.register_parametrization(module, attribute, WeightMask(magnitude_mask(weight, ratios[name])))
                 ctx.encodings[name] = ctx.encodings.get(name, TensorEncoding()).model_copy(update={"sparse": True})
         _between_steps(model, step, config.steps, ctx)
 
@@ -143,6 +147,8 @@ def residual_stream_layers(model: nn.Module, example_inputs: torch.Tensor, candi
     graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=all_outputs)
     kept = []
     for layer in candidates:
+        if layer not in graph.module2node:
+            continue  # read by its parent, not called (nn.MultiheadAttention's out_proj): pruned with its parent or not at all
         prune_out = graph.get_pruner_of_module(layer).prune_out_channels
         group = graph.get_pruning_group(layer, prune_out, idxs=[0])
         if any(isinstance(dependency.target.module, nn.LayerNorm) for dependency, _ in group):
@@ -150,45 +156,71 @@ def residual_stream_layers(model: nn.Module, example_inputs: torch.Tensor, candi
     return kept
 
 
+# Torch-Pruning warns of parameters outside any layer (a transformer's position embedding), which it would prune
+# along their last axis: they are part of the embedding width, which channel pruning keeps.
+warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
+
+
 def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> None:
     protected = [module for name, module in model.named_modules() if name in ctx.protected_modules]
     modules = dict(model.named_modules())
-    listed = {modules[name.removesuffix(".weight")]: ratio for name, ratio in listed_ratios(compressible_weights(model), config).items()}
+    listed = {modules[module_of(name)]: ratio for name, ratio in listed_ratios(compressible_weights(model), config).items()}
     attention = {name: (module, qkv_output(module)) for name, module in attention_modules(model).items()}
     check_heads(model, config, attention)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)) and m not in protected]
     kept = residual_stream_layers(model, ctx.example_inputs, layers) if any(isinstance(m, nn.LayerNorm) for m in model.modules()) else []
-    heads: dict[str, object] = {}
+    importance = tp.importance.MagnitudeImportance(p=1 if config.importance == "l1" else 2)
     if config.head_ratio > 0:
-        heads = {
-            "num_heads": {qkv: module.num_heads for module, qkv in attention.values()},
-            "prune_num_heads": True,
-            "prune_head_dims": False,  # a head keeps its width; whole heads go
-            "head_pruning_ratio": config.head_ratio,
-        }
-    else:
-        kept += [qkv for _, qkv in attention.values()]  # heads are kept whole, so their q, k, v widths too
+        prune_heads(model, config, ctx, attention, importance, ignored=protected + kept)
     pruner = tp.pruner.BasePruner(
         model,
         ctx.example_inputs,
-        importance=tp.importance.MagnitudeImportance(p=1 if config.importance == "l1" else 2),
+        importance=importance,
         pruning_ratio=config.ratio,
         pruning_ratio_dict=listed or None,
         # Torch-Pruning's global ranking: one threshold over every layer's normalised channel importances
         global_pruning=config.scope == "global",
         max_pruning_ratio=1.0 - config.floor if config.scope == "global" else 1.0,
         iterative_steps=config.steps,
-        ignored_layers=protected + kept,
+        # the embedding width, and q, k and v (heads go whole, above, or not at all)
+        ignored_layers=protected + kept + [qkv for _, qkv in attention.values()],
         forward_fn=all_outputs,  # every exit of an early-exit model, so its heads are pruned consistently
         out_channel_groups={},  # Torch-Pruning's defaults are dicts shared between pruners, which it fills in
         in_channel_groups={},
-        **heads,
     )
     for step in range(config.steps):
         pruner.step()
-        for module, qkv in attention.values():
-            module.num_heads = pruner.num_heads.get(qkv, module.num_heads) if heads else module.num_heads
         _between_steps(model, step, config.steps, ctx)
+
+
+def prune_heads(model: nn.Module, config: PruningConfig, ctx: CompressionContext, attention: dict, importance, ignored: list[nn.Module]) -> None:
+    """Remove ``head_ratio`` of each attention module's heads (whole heads, the same from q, k, v and proj), in one
+    step before the widths, and set each module's ``num_heads`` to what is left.
+
+    Per layer and in one step, because Torch-Pruning's own iterative and global head pruning can take a layer's
+    last head (iteratively it applies each step's ratio to the heads left, so 0.75 over 3 steps removes all 4):
+    here each layer keeps at least one head.
+    """
+    qkvs = {qkv: module.num_heads for module, qkv in attention.values()}
+    pruner = tp.pruner.BasePruner(
+        model,
+        ctx.example_inputs,
+        importance=importance,
+        pruning_ratio=0.0,
+        pruning_ratio_dict={qkv: 0.5 for qkv in qkvs},  # only a pruned width lets Torch-Pruning remove heads; head dims stay
+        ignored_layers=ignored,
+        num_heads=dict(qkvs),
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=config.head_ratio,
+        head_pruning_ratio_dict={qkv: min(config.head_ratio, (heads - 1) / heads) for qkv, heads in qkvs.items()},
+        forward_fn=all_outputs,
+        out_channel_groups={},
+        in_channel_groups={},
+    )
+    pruner.step()
+    for module, qkv in attention.values():
+        module.num_heads = pruner.num_heads[qkv]
 
 
 def check_heads(model: nn.Module, config: PruningConfig, attention: dict) -> None:
@@ -227,7 +259,11 @@ class Pruning:
         "scope": ["layer", "global"],
     }
     # knobs that only mean something for some values of an earlier knob: asked only then
-    conditions: ClassVar[dict[str, dict[str, Any]]] = {"importance": {"granularity": "channel"}, "floor": {"scope": "global"}}
+    conditions: ClassVar[dict[str, dict[str, Any]]] = {
+        "importance": {"granularity": "channel"},
+        "floor": {"scope": "global"},
+        "head_ratio": {"granularity": "channel"},
+    }
 
     def fine_tune_rounds(self, config: PruningConfig) -> int:
         """Fine-tunings this technique runs itself: one between each two of its steps."""

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, compressible_weights, per_layer
+from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, attribute_of, compressible_weights, per_layer
 from .sensitivity import allocated_widths
 from .encoding import INTEGER_BITS, Bits, TensorEncoding, channel_scales, dequantize, quantize_codes
 
@@ -87,5 +87,5 @@ class Quantization:
             if bits == 32:
                 continue
             encoding = ctx.encodings.get(name, TensorEncoding()).model_copy(update={"bits": bits})
-            parametrize.register_parametrization(layers[name], "weight", FakeQuantize(bits, encoding.sparse))
+            parametrize.register_parametrization(layers[name], attribute_of(name), FakeQuantize(bits, encoding.sparse))
             ctx.encodings[name] = encoding

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import compressible_weights
+from .base import attribute_of, compressible_weights, module_of
 
 QUANTIZATION_WIDTHS = (8, 4, 2, 1)  # the integer widths quantization stores
 CLUSTER_COUNTS = (256, 64, 32, 16, 8, 4)  # 8, 6, 5, 4, 3 and 2 bits of index
@@ -58,13 +58,14 @@ def measure_sensitivity(model: nn.Module, inputs: torch.Tensor, labels: torch.Te
     scores: Sensitivity = {kind: {} for kind in stored}
     probe = copy.deepcopy(model)
     for name, module in compressible_weights(probe).items():
-        original = module.weight.detach().clone()
+        weight = getattr(module, attribute_of(name))
+        original = weight.detach().clone()
         for kind, transform in stored.items():
-            layer = scores[kind].setdefault(name.removesuffix(".weight"), {})
+            layer = scores[kind].setdefault(module_of(name), {})
             for width in widths[kind]:
-                module.weight.copy_(transform(original, width))
+                weight.copy_(transform(original, width))
                 layer[width] = _loss(probe, inputs, labels) - reference
-        module.weight.copy_(original)
+        weight.copy_(original)
     return scores
 
 
@@ -110,9 +111,9 @@ def allocated_widths(model: nn.Module, kind: str, average_bits: float, ctx) -> d
     if not ctx.sensitivity or kind not in ctx.sensitivity:
         raise ValueError(f"{kind}.allocation sensitivity needs the baseline's per-layer sensitivity (compress(..., sensitivity=...))")
     measured = {name: {int(width): value for width, value in widths.items()} for name, widths in ctx.sensitivity[kind].items()}
-    layers = {name.removesuffix(".weight"): module for name, module in compressible_weights(model).items()}
+    layers = {module_of(name): getattr(module, attribute_of(name)) for name, module in compressible_weights(model).items()}
     scores = {name: score_of(name, measured) for name in layers}
-    sizes = {name: int((module.weight != 0).sum()) for name, module in layers.items()}
+    sizes = {name: int((weight != 0).sum()) for name, weight in layers.items()}
     return allocate(scores, sizes, kind, average_bits)
 
 

@@ -102,6 +102,12 @@ class Separable:
     stage: ClassVar[Stage] = Stage.ARCHITECTURE
     default_space: ClassVar[dict[str, Any]] = {"which": ["all", "all_but_first", "last"]}
 
+    def inapplicable(self, model: nn.Module) -> str | None:
+        """Why separable substitution cannot change ``model``: it has no k x k convolution (a transformer)."""
+        if not spatial_convs(model):
+            return "the model has no ungrouped k x k Conv2d to separate (a transformer's layers are Linear); remove separable from the space"
+        return None
+
     def resolve(self, model: nn.Module, config: SeparableConfig, ctx: CompressionContext) -> SeparableConfig:
         return config.model_copy(update={"layers": tuple(convs_to_separate(model, config))})
 
