@@ -76,10 +76,17 @@ class Pipeline(BaseModel):
                 for key, value in values.items()
                 if value is not None  # a per-layer map that was not given
                 and knob_applies(step.kind, key, values)  # e.g. no importance under weight pruning
+                and not _quiet_default(step, key, value)  # e.g. head_ratio=0 on every channel pruning of a CNN
                 and not is_applied_field(type(step), key)  # the layers it chose: in the recipe, too long for a line
             ]
             parts.append(f"{step.kind}({', '.join(fields)})")
         return " + ".join(parts)
+
+
+def _quiet_default(step: TechniqueConfig, key: str, value) -> bool:
+    """A knob left off (at a default of 0) that the technique does not search by default (``head_ratio`` 0): left out of one-liners."""
+    default = type(step).model_fields[key].default
+    return key not in getattr(REGISTRY[step.kind], "default_space", {}) and not default and value == default
 
 
 def _short(value) -> str:

@@ -72,7 +72,17 @@ class CustomLayer(nn.Module):
         return self.head(self.scale(torch.relu(self.conv(x))).mean(dim=(2, 3)))
 
 
-EDGE_MODELS = {"tiny_cnn": TinyCNN, "residual_bn": ResidualBN, "concat": Concat, "custom_layer": CustomLayer}
+def tiny_vit() -> nn.Module:
+    """netshrink's ViT at the contract tests' 12x12 inputs: 36 tokens, width 16, 2 blocks of 4 heads."""
+    from netshrink.tasks.models import ViT
+
+    return ViT(image_size=12, dim=16, depth=2, num_heads=4)
+
+
+EDGE_MODELS = {
+    "tiny_cnn": TinyCNN, "residual_bn": ResidualBN, "concat": Concat, "custom_layer": CustomLayer,
+    "vit": tiny_vit, "torch_encoder": lambda: TorchEncoder(side=12),
+}
 
 
 def applied_agrees_with_sampled(applied: dict, sampled: dict) -> bool:
@@ -87,3 +97,37 @@ def applied_agrees_with_sampled(applied: dict, sampled: dict) -> bool:
         for key, value in asked.items()
         if value not in (None, [], ())
     )
+
+
+class TorchEncoder(nn.Module):
+    """Tokens through PyTorch's own ``nn.TransformerEncoder`` (``nn.MultiheadAttention`` inside), mean-pooled."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, layers: int = 2, side: int = 8) -> None:
+        super().__init__()
+        self.side = side
+        self.embed = nn.Linear(side, width)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=0.0, batch_first=True), layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x.reshape(x.shape[0], self.side, self.side))).mean(dim=1))
+
+
+class SplitHeads(nn.Module):
+    """Attention written by hand with separate q, k, v Linears, reshaped by its own ``heads`` attribute:
+    no technique knows where its heads are."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(8, width)
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        tokens = self.embed(x.reshape(x.shape[0], 8, 8))
+        b, n, c = tokens.shape
+        q, k, v = (layer(tokens).reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        mixed = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.head(self.out(mixed).mean(dim=1))
