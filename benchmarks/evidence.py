@@ -12,7 +12,7 @@ once per seed (the fine-tuning seed), on one cached baseline. Three parts:
 3. **curves**: pipelines drawn at random from the default space (Optuna's RandomSampler),
    fine-tuned with no early stopping, their validation accuracy taken at every checkpoint.
    For each share of fine-tuning it prints the largest rise of validation accuracy from a
-   checkpoint there to the end (``search/stopping.py``'s ``RECOVERY``), and what the stop
+   checkpoint there to the end (``netshrink/deploy/stopping.py``'s ``RECOVERY``), and what the stop
    rule in force would have done: trials stopped, and trials stopped that would have ended
    at or above ``min_accuracy`` (wrong stops; the rule is meant to make none).
 
@@ -89,7 +89,7 @@ def make_setup(workdir: Path, seed: int, early_stopping: bool):
     from netshrink.config import load_experiment
     from netshrink.search.baseline import prepare_baseline
     from netshrink.search.constraints import Constraints
-    from netshrink.search.stopping import StopRule
+    from netshrink.deploy.stopping import StopRule
     from netshrink.search.trial import TrialSetup
 
     experiment = load_experiment(ROOT / "spaces" / "digits.yaml")
@@ -135,7 +135,7 @@ def table(title: str, rows: list[tuple[str, dict]], setups: dict, out: list) -> 
 def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
     import optuna
 
-    from netshrink.search.stopping import StopRule
+    from netshrink.deploy.stopping import StopRule
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), directions=["maximize", "minimize"])
@@ -153,11 +153,11 @@ def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
         print(f"  [{index + 1}/{draws}] final {metrics['accuracy']:.1%}  curve " + " ".join(f"{c.fraction:.2f}:{c.accuracy:.0%}" for c in curve), flush=True)
     base = setup.baseline_metrics["accuracy"]
     floor = setup.constraints.min_accuracy
-    from netshrink.search.stopping import RECOVERY
+    from netshrink.deploy.stopping import RECOVERY
 
     shares = [share for share, _ in RECOVERY]
     print(f"\n  Largest rise of validation accuracy from a checkpoint to the end, by share of fine-tuning done ({len(records)} trials),")
-    print("  next to the rise the stop rule assumes (search/stopping.py's RECOVERY):")
+    print("  next to the rise the stop rule assumes (netshrink/deploy/stopping.py's RECOVERY):")
     buckets = defaultdict(list)
     for final, curve in records:
         for point in curve:

@@ -93,7 +93,7 @@ class Resources(Strict):
 
 class MeasureSettings(Strict):
     """Latency: ``repeats`` batch-1 runs on ONNX Runtime CPU after ``warmup`` runs; a trial's model
-    is timed in alternation with the baseline (see ``netshrink.search.measure``)."""
+    is timed in alternation with the baseline (see ``netshrink.deploy.measure``)."""
 
     threads: int = Field(1, ge=1, le=256)
     warmup: int = Field(100, ge=0)
@@ -203,7 +203,7 @@ def check_task(experiment: Experiment, search_path: str) -> None:
             f"task.model: model {task.model!r} does not run on {task.dataset!r} inputs of shape "
             f"{tuple(data.input_shape)}: {type(error).__name__}: {error}"
         ) from None
-    from netshrink.search.onnx_export import check_exportable
+    from netshrink.deploy.onnx_export import check_exportable
 
     try:
         check_exportable(model, example_inputs(data))

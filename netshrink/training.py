@@ -6,13 +6,12 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from netshrink.node_lock import compute_slot
+from netshrink.techniques.base import LossFn, cross_entropy
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, inputs) -> loss
 # Called at a checkpoint of training with the model and the epochs done so far (0.25 = a quarter of the first
 # epoch); returns True to end training there. The model is in eval mode during the call and trains on afterwards.
 Checkpoint = Callable[[nn.Module, float], bool]
@@ -32,10 +31,6 @@ def on_device(model: nn.Module, device: str | torch.device) -> Iterator[nn.Modul
         yield model
     finally:
         model.to(home)
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _inputs: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels)
 
 
 def train(

@@ -19,8 +19,9 @@ from netshrink.techniques import Pipeline, load_artifact, save_artifact
 from netshrink.techniques.sensitivity import measure_sensitivity
 from netshrink.training import accuracy, train
 
-from .measure import LatencySettings, measure_latency_ms
-from .onnx_export import export_onnx
+from netshrink.config import MeasureSettings
+from netshrink.deploy.measure import measure_latency_ms
+from netshrink.deploy.onnx_export import export_onnx
 
 BASELINE_FILE = "baseline.safetensors"
 FINGERPRINT_FILE = "fingerprint.json"  # what the cache key hashes, kept next to the baseline to say why one retrains
@@ -131,7 +132,7 @@ def cached_sensitivity(model: torch.nn.Module, data: TaskData, folder: Path) -> 
 def measure_baseline(model: torch.nn.Module, data: TaskData, artifact: Path, folder: Path, experiment: Experiment) -> dict[str, float]:
     onnx_path = folder / "baseline.onnx"
     onnx_bytes = export_onnx(model, example_inputs(data), onnx_path, {})
-    settings = LatencySettings(**experiment.measure.model_dump())
+    settings = experiment.measure
     scores = {"accuracy": accuracy(model, data.val), "test_accuracy": accuracy(model, data.test)}
     return {
         **scores,

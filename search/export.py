@@ -221,8 +221,8 @@ def write_files(
     from netshrink.tasks import build_model, example_inputs, load_data
     from netshrink.techniques import EarlyExitNet, TensorEncoding, load_artifact
 
-    from .measure import onnx_evaluate
-    from .onnx_export import export_onnx
+    from netshrink.deploy.measure import onnx_evaluate
+    from netshrink.deploy.onnx_export import export_onnx
 
     run_id = chosen.point.run_id
     for name in (ARTIFACT_FILE, RECIPE_FILE):

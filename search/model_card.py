@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from netshrink.config import TaskConfig
 
 from .front import TrialPoint, with_interval
-from .onnx_export import EXIT_OUTPUT
+from netshrink.deploy.onnx_export import EXIT_OUTPUT
 
 FILE_ROLES = {
     "model.onnx": "ONNX model (opset 17), self-contained: runs with numpy and onnxruntime alone",

@@ -25,7 +25,7 @@ from .plots import log_plots
 from .report import collect_points
 from .resume import Progress, find_interrupted_search, reopen_search
 from .searcher import DistinctPipelineSearch
-from .stopping import StopRule
+from netshrink.deploy.stopping import StopRule
 from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, PARETO_TAG, Tracker, default_tracking_uri, is_local, text_sha256
 from .trial import REFINE_OF, TrialSetup, refine_trial, run_trial
 

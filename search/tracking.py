@@ -123,7 +123,7 @@ class Tracker:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
     def stopped(self, run_id: str) -> None:
-        """KILLED, with the ``stopped_early`` tag the trial set: early stopping ended it (see ``search/stopping.py``)."""
+        """KILLED, with the ``stopped_early`` tag the trial set: early stopping ended it (see ``netshrink/deploy/stopping.py``)."""
         self.client.set_terminated(run_id, "KILLED")
 
     def interrupted(self, run_id: str) -> None:

@@ -25,12 +25,14 @@ from netshrink.node_lock import compute_slot
 from netshrink.stats import interval_metrics
 from netshrink.tasks import build_model, example_inputs, load_data
 from netshrink.techniques import EarlyExitNet, Pipeline, compress, load_artifact, save_artifact
-from netshrink.training import accuracy, cross_entropy, train
+from netshrink.techniques.base import cross_entropy
+from netshrink.training import accuracy, train
 
 from .constraints import Constraints
-from .measure import LatencySettings, measure_relative_latency, onnx_evaluate
-from .onnx_export import export_onnx
-from .stopping import Checkpoint, FineTuneMonitor, StopRule
+from netshrink.config import MeasureSettings
+from netshrink.deploy.measure import measure_relative_latency, onnx_evaluate
+from netshrink.deploy.onnx_export import export_onnx
+from netshrink.deploy.stopping import Checkpoint, FineTuneMonitor, StopRule
 from .tracking import (
     DEVICE_TAG, ERROR_TAG, FEASIBLE_TAG, NODE_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG, STOP_REASON_TAG, STOPPED_AT_TAG,
     STOPPED_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, FINETUNE_METRIC, Tracker, flatten,
@@ -123,7 +125,7 @@ def evaluate_recipe(
     started = time.perf_counter()
     try:
         # timed on the validation inputs: a model with early exits is timed over all of them, with its exit logic
-        timed = measure_relative_latency(workdir / ONNX_FILE, reference, validation_inputs(data.val), LatencySettings(**setup.measure.model_dump()))
+        timed = measure_relative_latency(workdir / ONNX_FILE, reference, validation_inputs(data.val), setup.measure)
     finally:
         reference.unlink()
     seconds_latency = time.perf_counter() - started

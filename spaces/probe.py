@@ -46,8 +46,7 @@ def inapplicable(space, model: nn.Module) -> list[str]:
     """``space.<kind>: reason`` for each technique the space may switch on that cannot act on ``model``."""
     problems = []
     for kind, switch in space.switches().items():
-        check = getattr(REGISTRY[kind], "inapplicable", None)
-        reason = check(model) if switch is not False and check is not None else None
+        reason = REGISTRY[kind].inapplicable(model) if switch is not False else None
         if reason:
             problems.append(f"space.{kind}: {reason}")
     return problems
@@ -56,7 +55,7 @@ def inapplicable(space, model: nn.Module) -> list[str]:
 def changes_structure(step) -> bool:
     """Whether ``step`` changes the model's layers or shapes (the steps that can break a forward pass or an export)."""
     stage = REGISTRY[step.kind].stage
-    return stage in (Stage.ARCHITECTURE, Stage.DYNAMIC) or getattr(REGISTRY[step.kind], "reshapes", lambda _: False)(step)
+    return stage in (Stage.ARCHITECTURE, Stage.DYNAMIC) or REGISTRY[step.kind].reshapes(step)
 
 
 def _alone(space) -> list[Pipeline]:
@@ -110,7 +109,7 @@ def exports_faithfully(compressed, example_inputs: torch.Tensor) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from netshrink.search.onnx_export import CHECK_ATOL, CHECK_RTOL, export_onnx
+    from netshrink.deploy.onnx_export import CHECK_ATOL, CHECK_RTOL, export_onnx
 
     inputs = torch.randn(example_inputs.shape, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:

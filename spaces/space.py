@@ -51,7 +51,7 @@ class TechniqueSpace(BaseModel):
 def _technique_space_model(kind: str) -> type[TechniqueSpace]:
     technique = REGISTRY[kind]
     config_type: type[TechniqueConfig] = technique.config_type
-    defaults = getattr(technique, "default_space", {})
+    defaults = technique.default_space
     fields: dict[str, Any] = {}
     for name, info in config_type.model_fields.items():
         if name == "kind" or is_applied_field(config_type, name):  # filled in when applied, never searched
@@ -165,7 +165,7 @@ class _SearchSpaceBase(BaseModel):
             if switches[kind] is not False:
                 knobs = space.knobs()
                 fixed = {name: knob.value for name, knob in knobs.items() if isinstance(knob, Fixed)}
-                conditions = getattr(REGISTRY[kind], "conditions", {})
+                conditions = REGISTRY[kind].conditions
                 names += [
                     f"{kind}/{name}"
                     for name, knob in knobs.items()

@@ -1,16 +1,16 @@
 """Compression techniques as plain PyTorch: no Ray, Optuna or MLflow in here."""
 
 from .artifact import load_artifact, read_artifact, save_artifact
-from .base import CompressionContext, Stage, Technique, TechniqueConfig
+from .base import CompressionContext, Stage, Technique, TechniqueConfig, all_outputs
 from .clustering import ClusteringConfig
 from .distillation import DistillationConfig
-from .early_exit import EarlyExitConfig, EarlyExitNet, all_outputs, exit_points
+from .early_exit import EarlyExitConfig, EarlyExitNet, exit_points
 from .encoding import TensorEncoding
 from .lowrank import LowRankConfig
 from .pipeline import Compressed, Pipeline, compress
 from .pruning import PruningConfig
 from .quantization import QuantizationConfig
-from .registry import REGISTRY, exclusion, get_technique
+from .registry import REGISTRY, exclusion
 from .separable import SeparableConfig
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "compress",
     "exclusion",
     "exit_points",
-    "get_technique",
     "load_artifact",
     "read_artifact",
     "save_artifact",

@@ -211,10 +211,8 @@ def load_artifact(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module,
         if technique is None:
             raise ValueError(f"{path}: its recipe has a step {step['kind']!r}, which is no technique of this netshrink ({', '.join(REGISTRY)})")
         config = technique.config_type.model_validate(step)
-        rebuild = getattr(technique, "rebuild", None)
-        if rebuild is not None:
-            model = rebuild(model, config) or model
-        if getattr(technique, "reshapes", lambda _config: False)(config):
+        model = technique.rebuild(model, config) or model
+        if technique.reshapes(config):
             reshaping.append(step["kind"])
     mismatched = shape_mismatches(model, state)
     if mismatched and not reshaping:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -101,12 +101,33 @@ class CompressionContext:
     notes: list[str] = field(default_factory=list)  # what a technique left out and why (a layer it cannot treat), for the log
 
 
-class Technique(Protocol):
-    """A registered technique: its config type, its stage and how to apply it."""
+class Technique:
+    """The contract of a registered technique, with its defaults: subclass it, set ``config_type`` and
+    ``stage``, implement ``apply``, and override what the technique needs (torchao's registered
+    config handlers, Optuna's ``BaseSampler``). ``kind`` is taken from the config type's ``kind``.
 
-    kind: ClassVar[str]
+    Adding a technique is one module (its config and its ``Technique`` subclass) and one line in
+    ``registry.py``; the contract tests then run it through every check.
+    """
+
     config_type: ClassVar[type[TechniqueConfig]]
     stage: ClassVar[Stage]
+    kind: ClassVar[str]  # set from ``config_type`` for every subclass
+    # the space a search draws the technique's knobs from when the experiment file names none
+    default_space: ClassVar[dict[str, Any]] = {}
+    # knob -> {other knob: value}: the knob means something (and is asked) only when the others have these values
+    conditions: ClassVar[dict[str, dict[str, Any]]] = {}
+    # kinds that must not be active in the same pipeline (either side may declare it), and why
+    excludes: ClassVar[frozenset[str]] = frozenset()
+    exclusion_reason: ClassVar[str] = ""
+    # False for a technique that makes a model neither smaller nor faster by itself (distillation): the space
+    # never samples a pipeline of such techniques alone
+    compresses: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_type" in cls.__dict__:
+            cls.kind = cls.config_type.model_fields["kind"].default
 
     def apply(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> nn.Module | None:
         """Transform ``model`` in place and record the storage plan in ``ctx.encodings``.
@@ -114,46 +135,49 @@ class Technique(Protocol):
         A technique that wraps the model (early exits) returns the new model, which
         replaces ``model`` for the rest of the pipeline; others return None.
         """
-        ...
+        raise NotImplementedError
+
+    def resolve(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> TechniqueConfig:
+        """The config with the decisions taken from the model before applying written out (``APPLIED`` fields:
+        which layers, which ranks), so the recipe says what was done and a replay on another netshrink
+        version builds the same model or fails naming the layer it cannot find."""
+        return config
+
+    def record(self, model: nn.Module, config: TechniqueConfig) -> TechniqueConfig:
+        """The config with the decisions known only once applied written out (the heads channel pruning kept)."""
+        return config
+
+    def rebuild(self, model: nn.Module, config: TechniqueConfig) -> nn.Module | None:
+        """For techniques that change the module tree: the same structural change with placeholder weights
+        (returning the new model if it wraps it, as ``apply`` does). ``load_artifact`` replays it from the
+        recipe before loading the stored weights, so a changed architecture loads without pickle."""
+        return None
+
+    def reshapes(self, config: TechniqueConfig) -> bool:
+        """Whether ``config`` changes tensor shapes (channel pruning, early-exit heads). True lets
+        ``load_artifact`` resize the freshly built layers to the stored shapes; without such a step in the
+        recipe, a shape that differs means the model's code changed, and loading refuses it."""
+        return False
+
+    def fine_tune_rounds(self, config: TechniqueConfig) -> int:
+        """How many times ``apply`` calls ``ctx.fine_tune`` itself (iterative pruning: between its steps), so a
+        trial knows its whole fine-tuning in advance (early stopping judges a trial by the share of it done)."""
+        return 0
+
+    def inapplicable(self, model: nn.Module) -> str | None:
+        """Why the technique cannot act on ``model`` at all (separable substitution on a transformer), or None;
+        validation refuses such a technique in the space before anything runs."""
+        return None
 
 
-# Optional, for techniques that cannot be combined with others:
-#     excludes: ClassVar[frozenset[str]]   kinds that must not be active in the same pipeline
-#     exclusion_reason: ClassVar[str]      why, for the error message, e.g. "both set the stored weight values"
-# The pipeline validator rejects such a pair (either side may declare it) and the search space never samples one.
+def all_outputs(model: nn.Module, inputs: torch.Tensor) -> Any:
+    """Every output ``model`` has: each exit's logits for a model with exits (its ``all_outputs``), else its one output.
 
-# Optional, for techniques that decide something from the model when they apply (which layers, which ranks):
-#     def resolve(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> TechniqueConfig
-# returns the config with those decisions written out (``APPLIED`` fields, or a default made explicit).
-# ``compress`` applies and records the resolved config, so the recipe says what was done, and a replay of it
-# on another netshrink version builds the same model or fails naming the layer it cannot find.
-
-# Optional, for techniques that cannot act on some models at all (separable substitution on a transformer):
-#     def inapplicable(self, model: nn.Module) -> str | None
-# why not, in words, or None; validation refuses such a technique in the space before anything runs.
-
-# Optional, for techniques that do not make the model smaller or faster by themselves (distillation):
-#     compresses: ClassVar[bool] = False
-# The search space never samples a pipeline of such techniques alone (see ``SearchSpace.sample``).
-
-# Optional, for techniques that fine-tune the model themselves while they apply (iterative pruning):
-#     def fine_tune_rounds(self, config: TechniqueConfig) -> int
-# how many times ``apply`` calls ``ctx.fine_tune``; ``Pipeline.fine_tune_rounds`` adds them up, so a trial
-# knows its whole fine-tuning in advance (early stopping judges a trial by the share of it done).
-
-# Optional, for techniques whose decisions are known only once applied (the heads channel pruning kept):
-#     def record(self, model: nn.Module, config: TechniqueConfig) -> TechniqueConfig
-# returns the config with them written out (``APPLIED`` fields), as ``resolve`` does for decisions taken before.
-
-# Optional, for techniques that change tensor shapes (channel pruning, early-exit heads):
-#     def reshapes(self, config: TechniqueConfig) -> bool
-# True lets ``load_artifact`` resize the freshly built layers to the stored shapes; without such a step
-# in the recipe, a shape that differs means the model's code changed, and loading refuses it.
-
-# Optional, for techniques that change the module tree (architecture stage):
-#     def rebuild(self, model: nn.Module, config: TechniqueConfig) -> nn.Module | None
-# makes the same structural change with placeholder weights (returning the new model if it wraps it, as apply does). ``load_artifact`` replays it from the
-# recipe before loading the stored weights, so a changed architecture loads without pickle.
+    Graph tracers (Torch-Pruning) need them all, or the exit heads would be left out
+    of the dependency graph and keep stale input sizes when channels are removed.
+    """
+    outputs = getattr(model, "all_outputs", None)
+    return outputs(inputs) if callable(outputs) else model(inputs)
 
 
 def summed_over_exits(loss_fn: LossFn) -> LossFn:

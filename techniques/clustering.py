@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, attribute_of, compressible_weights, per_layer
+from .base import PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer
 from .encoding import TensorEncoding
 from .sensitivity import allocated_widths
 
@@ -112,8 +112,7 @@ def cluster_weight(weight: torch.Tensor, clusters: int, sparse: bool) -> SharedW
     return SharedWeights(centroids, index, keep)
 
 
-class Clustering:
-    kind: ClassVar[str] = "clustering"
+class Clustering(Technique):
     config_type: ClassVar[type[TechniqueConfig]] = ClusteringConfig
     stage: ClassVar[Stage] = Stage.QUANTIZATION
     default_space: ClassVar[dict[str, Any]] = {

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import CompressionContext, LossFn, Stage, TechniqueConfig
+from .base import CompressionContext, LossFn, Stage, Technique, TechniqueConfig
 
 
 class DistillationConfig(TechniqueConfig):
@@ -52,8 +52,7 @@ def teacher_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossFn
     return loss
 
 
-class Distillation:
-    kind: ClassVar[str] = "distillation"
+class Distillation(Technique):
     config_type: ClassVar[type[TechniqueConfig]] = DistillationConfig
     stage: ClassVar[Stage] = Stage.DISTILLATION
     # it changes how the model is fine-tuned, not the model: alone it would spend a trial on the baseline

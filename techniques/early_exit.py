@@ -37,7 +37,7 @@ from pydantic import BeforeValidator, Field
 from torch import fx, nn
 
 from .attention import is_attention, normalises_last_axis
-from .base import APPLIED, CompressionContext, Stage, TechniqueConfig
+from .base import APPLIED, CompressionContext, Stage, Technique, TechniqueConfig
 
 HEAD_POSITIONS = 4  # pooled positions per spatial axis of an exit head's input
 
@@ -147,16 +147,6 @@ class EarlyExitNet(nn.Module):
             return self.all_outputs(inputs)
         return self.exit_forward(inputs)[0]
 
-
-def all_outputs(model: nn.Module, inputs: torch.Tensor) -> Any:
-    """Every output ``model`` has: each exit's logits for an early-exit model, else its one output.
-
-    Graph tracers (Torch-Pruning) need them all, or the exit heads would be left out
-    of the dependency graph and keep stale input sizes when channels are removed.
-    """
-    if isinstance(model, EarlyExitNet):
-        return model.all_outputs(inputs)
-    return model(inputs)
 
 
 class _Tracer(fx.Tracer):
@@ -322,8 +312,7 @@ def build_exits(model: nn.Module, config: EarlyExitConfig) -> EarlyExitNet:
     return EarlyExitNet(segments, heads, tuple(available[cut][0] for cut in cuts), config.threshold)
 
 
-class EarlyExit:
-    kind: ClassVar[str] = "early_exit"
+class EarlyExit(Technique):
     config_type: ClassVar[type[TechniqueConfig]] = EarlyExitConfig
     stage: ClassVar[Stage] = Stage.DYNAMIC
     default_space: ClassVar[dict[str, Any]] = {"threshold": {"low": 0.5, "high": 0.99}}

@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .base import APPLIED, CompressionContext, Stage, TechniqueConfig, replace_layers, zero_init
+from .base import APPLIED, CompressionContext, Stage, Technique, TechniqueConfig, replace_layers, zero_init
 
 Factorable = nn.Linear | nn.Conv2d
 Initialise = Callable[[nn.Sequential, Factorable], None]
@@ -138,8 +138,7 @@ def factor_layers(model: nn.Module, config: LowRankConfig, initialise: Initialis
     replace_layers(model, builders, initialise)
 
 
-class LowRank:
-    kind: ClassVar[str] = "lowrank"
+class LowRank(Technique):
     config_type: ClassVar[type[TechniqueConfig]] = LowRankConfig
     stage: ClassVar[Stage] = Stage.ARCHITECTURE
     default_space: ClassVar[dict[str, Any]] = {

@@ -62,7 +62,7 @@ class Pipeline(BaseModel):
         """Fine-tunings ``compress`` runs for this pipeline: those the techniques run while applying, and the final one."""
         if not self.active_steps():
             return 0
-        return 1 + sum(getattr(REGISTRY[step.kind], "fine_tune_rounds", lambda _config: 0)(step) for step in self.active_steps())
+        return 1 + sum(REGISTRY[step.kind].fine_tune_rounds(step) for step in self.active_steps())
 
     def describe(self) -> str:
         """One line for tables: ``pruning(channel, ratio=0.52) + quantization(bits=8)``."""
@@ -86,7 +86,7 @@ class Pipeline(BaseModel):
 def _quiet_default(step: TechniqueConfig, key: str, value) -> bool:
     """A knob left off (at a default of 0) that the technique does not search by default (``head_ratio`` 0): left out of one-liners."""
     default = type(step).model_fields[key].default
-    return key not in getattr(REGISTRY[step.kind], "default_space", {}) and not default and value == default
+    return key not in REGISTRY[step.kind].default_space and not default and value == default
 
 
 def _short(value) -> str:
@@ -162,11 +162,9 @@ def compress(
         if step.is_noop():
             continue
         technique = REGISTRY[step.kind]
-        resolve = getattr(technique, "resolve", None)
-        step = resolve(model, step, ctx) if resolve is not None else step
+        step = technique.resolve(model, step, ctx)
         model = technique.apply(model, step, ctx) or model
-        record = getattr(technique, "record", None)
-        applied[index] = record(model, step) if record is not None else step
+        applied[index] = technique.record(model, step)
     if applied and tune is not None:
         tune(model, ctx.loss_fn)
     bake_parametrizations(model)

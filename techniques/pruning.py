@@ -39,9 +39,8 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import APPLIED, PER_LAYER, CompressionContext, Stage, TechniqueConfig, attribute_of, compressible_weights, module_of, per_layer
+from .base import APPLIED, PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, all_outputs, attribute_of, compressible_weights, module_of, per_layer
 from .attention import attention_modules, qkv_output
-from .early_exit import all_outputs
 from .encoding import TensorEncoding
 
 
@@ -247,8 +246,7 @@ def set_heads(model: nn.Module, heads: dict[str, int]) -> None:
         module.num_heads = count
 
 
-class Pruning:
-    kind: ClassVar[str] = "pruning"
+class Pruning(Technique):
     config_type: ClassVar[type[TechniqueConfig]] = PruningConfig
     stage: ClassVar[Stage] = Stage.PRUNING
     default_space: ClassVar[dict[str, Any]] = {

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import PER_LAYER, CompressionContext, Stage, TechniqueConfig, attribute_of, compressible_weights, per_layer
+from .base import PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer
 from .sensitivity import allocated_widths
 from .encoding import INTEGER_BITS, Bits, TensorEncoding, channel_scales, dequantize, quantize_codes
 
@@ -68,8 +68,7 @@ def fake_quantize(weight: torch.Tensor, bits: int, sparse: bool = False) -> torc
     return weight
 
 
-class Quantization:
-    kind: ClassVar[str] = "quantization"
+class Quantization(Technique):
     config_type: ClassVar[type[TechniqueConfig]] = QuantizationConfig
     stage: ClassVar[Stage] = Stage.QUANTIZATION
     default_space: ClassVar[dict[str, Any]] = {"allocation": ["uniform", "sensitivity"], "bits": [16, 8, 4, 2, 1], "average_bits": {"low": 1.0, "high": 6.0}}

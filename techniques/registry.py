@@ -31,8 +31,8 @@ def exclusion(kind_a: str, kind_b: str) -> str | None:
     """Why techniques ``kind_a`` and ``kind_b`` cannot both be active (``Technique.excludes``), or None if they can."""
     for one, other in ((kind_a, kind_b), (kind_b, kind_a)):
         technique = REGISTRY[one]
-        if other in getattr(technique, "excludes", frozenset()):
-            return getattr(technique, "exclusion_reason", f"{one} excludes {other}")
+        if other in technique.excludes:
+            return technique.exclusion_reason or f"{one} excludes {other}"
     return None
 
 
@@ -48,18 +48,11 @@ def conflicts(kinds: list[str]) -> list[tuple[str, str, str]]:
 
 
 def compresses(kind: str) -> bool:
-    """Whether technique ``kind`` makes a model smaller or faster by itself (``Technique.compresses``, default True)."""
-    return getattr(REGISTRY[kind], "compresses", True)
+    """Whether technique ``kind`` makes a model smaller or faster by itself (``Technique.compresses``)."""
+    return REGISTRY[kind].compresses
 
 
 def knob_applies(kind: str, knob: str, values: dict[str, Any]) -> bool:
     """Whether ``knob`` of technique ``kind`` means anything given the other ``values`` (``Technique.conditions``)."""
-    conditions = getattr(REGISTRY[kind], "conditions", {})
+    conditions = REGISTRY[kind].conditions
     return all(values.get(field) == wanted for field, wanted in conditions.get(knob, {}).items())
-
-
-def get_technique(kind: str) -> Technique:
-    try:
-        return REGISTRY[kind]
-    except KeyError:
-        raise ValueError(f"unknown technique {kind!r}; known: {', '.join(sorted(REGISTRY))}") from None

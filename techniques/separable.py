@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .base import APPLIED, CompressionContext, Stage, TechniqueConfig, replace_layers, zero_init
+from .base import APPLIED, CompressionContext, Stage, Technique, TechniqueConfig, replace_layers, zero_init
 
 Initialise = Callable[[nn.Sequential, nn.Conv2d], None]
 
@@ -96,8 +96,7 @@ def separate_convs(model: nn.Module, config: SeparableConfig, initialise: Initia
     replace_layers(model, {name: separable_pair for name in convs_to_separate(model, config)}, initialise)
 
 
-class Separable:
-    kind: ClassVar[str] = "separable"
+class Separable(Technique):
     config_type: ClassVar[type[TechniqueConfig]] = SeparableConfig
     stage: ClassVar[Stage] = Stage.ARCHITECTURE
     default_space: ClassVar[dict[str, Any]] = {"which": ["all", "all_but_first", "last"]}

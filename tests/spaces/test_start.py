@@ -34,7 +34,7 @@ def test_the_default_space_expresses_every_start_point_and_replays_each_as_writt
                 assert getattr(steps[kind], knob) == value
         if len(point) == 1:
             kinds_alone.add(next(iter(point)))
-    compressing = {kind for kind in REGISTRY if getattr(REGISTRY[kind], "compresses", True)}
+    compressing = {kind for kind in REGISTRY if REGISTRY[kind].compresses}
     assert kinds_alone == compressing  # each technique that compresses, alone; distillation comes with one that does
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from netshrink.search.onnx_export import export_onnx
-from netshrink.search.measure import ort_session
+from netshrink.deploy.onnx_export import export_onnx
+from netshrink.deploy.measure import ort_session
 from netshrink.spaces import SearchSpace
 from netshrink.spaces.probe import probe
 from netshrink.tasks.models import ViT

@@ -23,7 +23,7 @@ def contract_configs():
     """Every value of every choice knob of each technique's default space, with ranges at their midpoint."""
     cases = []
     for kind, technique in REGISTRY.items():
-        space = getattr(technique, "default_space", {})
+        space = technique.default_space
         base = {name: (value["low"] + value["high"]) / 2 if isinstance(value, dict) else value for name, value in space.items()}
         variants = [{}]
         for name, value in space.items():

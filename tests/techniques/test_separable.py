@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from netshrink.search.measure import ort_session
-from netshrink.search.onnx_export import export_onnx
+from netshrink.deploy.measure import ort_session
+from netshrink.deploy.onnx_export import export_onnx
 from netshrink.tasks.models import LeNet5
 from netshrink.techniques import (
     LowRankConfig,

@@ -19,16 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from netshrink.config import MeasureSettings
 from netshrink.node_lock import compute_slot, quiet_machine
 
 from .onnx_export import EXIT_OUTPUT
-
-@dataclass(frozen=True)
-class LatencySettings:
-    threads: int = 1
-    warmup: int = 100
-    repeats: int = 2000
-    fold_int8_weights: bool = False
 
 
 def ort_session(onnx_path: str | os.PathLike, threads: int = 1, fold_int8_weights: bool = False):
@@ -119,7 +113,7 @@ def _summary(blocks: list[list[float]], statistic=statistics.median) -> Latency:
     )
 
 
-def measure_latency(onnx_path: str | os.PathLike, inputs: Inputs, settings: LatencySettings = LatencySettings()) -> Latency:
+def measure_latency(onnx_path: str | os.PathLike, inputs: Inputs, settings: MeasureSettings = MeasureSettings()) -> Latency:
     """Time ``settings.repeats`` batch-1 runs in 10 blocks, after warm-up, while the machine is quiet.
 
     ``ms`` is the median of the block with the lowest median: short bursts of
@@ -138,7 +132,7 @@ def measure_relative_latency(
     onnx_path: str | os.PathLike,
     reference_path: str | os.PathLike,
     inputs: Inputs,
-    settings: LatencySettings = LatencySettings(),
+    settings: MeasureSettings = MeasureSettings(),
 ) -> RelativeLatency:
     """Time the model and a reference in alternating rounds of two blocks each; the ratio is the median per-round ratio.
 
@@ -178,7 +172,7 @@ def measure_relative_latency(
     )
 
 
-def measure_latency_ms(onnx_path: str | os.PathLike, inputs: Inputs, settings: LatencySettings = LatencySettings()) -> float:
+def measure_latency_ms(onnx_path: str | os.PathLike, inputs: Inputs, settings: MeasureSettings = MeasureSettings()) -> float:
     return measure_latency(onnx_path, inputs, settings).ms
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from netshrink.search.measure import LatencySettings, measure_relative_latency, onnx_evaluate, ort_session
-from netshrink.search.onnx_export import export_onnx
+from netshrink.config import MeasureSettings
+from netshrink.deploy.measure import measure_relative_latency, onnx_evaluate, ort_session
+from netshrink.deploy.onnx_export import export_onnx
 from netshrink.tasks.models import lenet5
 from netshrink.techniques import EarlyExitConfig, Pipeline, QuantizationConfig, compress
 
@@ -54,5 +55,5 @@ def test_leaving_early_is_measured_faster_than_running_to_the_end(tmp_path):
         compressed = early(after="pool1", threshold=threshold)
         path = tmp_path / f"{threshold}.onnx"
         export_onnx(compressed.model, X[:1], path, compressed.encodings)
-        ratios[threshold] = measure_relative_latency(path, reference, X[:16].numpy(), LatencySettings(warmup=20)).ratio
+        ratios[threshold] = measure_relative_latency(path, reference, X[:16].numpy(), MeasureSettings(warmup=20)).ratio
     assert ratios[0.01] < 0.6 < 0.9 < ratios[0.99999]

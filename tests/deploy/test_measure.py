@@ -9,9 +9,10 @@ import torch
 from onnx import numpy_helper
 
 from netshrink import node_lock
-from netshrink.search import measure
-from netshrink.search.measure import LatencySettings, measure_latency, measure_relative_latency, onnx_evaluate, ort_session
-from netshrink.search.onnx_export import export_onnx
+from netshrink.deploy import measure
+from netshrink.config import MeasureSettings
+from netshrink.deploy.measure import measure_latency, measure_relative_latency, onnx_evaluate, ort_session
+from netshrink.deploy.onnx_export import export_onnx
 from netshrink.tasks.models import LeNet5
 from netshrink.techniques import Pipeline, PruningConfig, QuantizationConfig, compress
 
@@ -78,7 +79,7 @@ def test_a_training_neighbour_does_not_disturb_the_measurement(tmp_path):
     """Concurrent trials: one trains while the other times a model against the same model as reference."""
     _, path = exported(tmp_path, Pipeline())
     _, reference = exported(tmp_path, Pipeline(), "reference.onnx")
-    settings = LatencySettings()
+    settings = MeasureSettings()
     alone = [measure_relative_latency(path, reference, (1, 28, 28), settings).ratio for _ in range(3)]
     context = multiprocessing.get_context("spawn")
     ready, stop = context.Event(), context.Event()
@@ -158,7 +159,7 @@ def _neighbour_steps_and_measurements(tmp_path, monkeypatch, lock_enabled):
     try:
         _await_steps(neighbour, steps_taken, 1)
         for _ in range(3):
-            measure_latency(path, (1, 28, 28), LatencySettings(warmup=20, repeats=400))
+            measure_latency(path, (1, 28, 28), MeasureSettings(warmup=20, repeats=400))
             _await_steps(neighbour, steps_taken, steps_taken.value + 2)
         stop.set()
         spans = spans_back.get(timeout=120)  # read before joining: a child with data in a full pipe cannot exit
@@ -200,15 +201,15 @@ def test_channel_pruning_is_measurably_faster_and_weight_pruning_is_not(tmp_path
 def test_folding_int8_weights_removes_the_per_call_dequantization_cost(tmp_path):
     _, path = exported(tmp_path, Pipeline(steps=[QuantizationConfig(bits=8)]))
     _, dense = exported(tmp_path, Pipeline(), "dense.onnx")
-    folded = measure_relative_latency(path, dense, (1, 28, 28), LatencySettings(fold_int8_weights=True)).ratio
-    per_call = measure_relative_latency(path, dense, (1, 28, 28), LatencySettings()).ratio
+    folded = measure_relative_latency(path, dense, (1, 28, 28), MeasureSettings(fold_int8_weights=True)).ratio
+    per_call = measure_relative_latency(path, dense, (1, 28, 28), MeasureSettings()).ratio
     assert folded < per_call
     assert 0.9 < folded < 1.1, folded
 
 
 def test_absolute_latency_reports_its_runs_and_spread(tmp_path):
     _, path = exported(tmp_path, Pipeline())
-    latency = measure_latency(path, (1, 28, 28), LatencySettings(warmup=5, repeats=200))
+    latency = measure_latency(path, (1, 28, 28), MeasureSettings(warmup=5, repeats=200))
     assert latency.runs == 200
     assert 0 < latency.ms <= latency.median_all_ms <= latency.p90_ms
 
