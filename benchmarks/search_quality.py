@@ -11,7 +11,7 @@ every run back from MLflow. Configurations:
 - ``random``: ``search.sampler: random`` with no informed start (``search.informed_start: false``
   where the installed netshrink has that knob): plain random sampling of the default space, the
   reference a user gets without any steering;
-- ``random+start``: random sampling after the informed start, to tell the start's share of the
+- ``random-start``: random sampling after the informed start, to tell the start's share of the
   gain from the sampler's (only where the installed netshrink has an informed start).
 
 For each it prints mean and spread (population standard deviation; min and max) over seeds of:
@@ -74,7 +74,7 @@ def configurations(informed_start: bool) -> dict[str, dict]:
     configs = {"default": {}, "tpe": {"search": {"sampler": "tpe"}}}
     configs["random"] = {"search": {"sampler": "random", **({"informed_start": False} if informed_start else {})}}
     if informed_start:
-        configs["random+start"] = {"search": {"sampler": "random"}}
+        configs["random-start"] = {"search": {"sampler": "random"}}
     return configs
 
 
@@ -84,7 +84,24 @@ def has_informed_start() -> bool:
     return "informed_start" in SearchSettings.model_fields
 
 
+def finished_before(workdir: Path, name: str) -> float | None:
+    """The wall time of a search of this name that already finished in ``workdir`` (a rerun with --keep goes on from there)."""
+    if not (workdir / "mlflow.db").is_file():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return None
+    parents = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("netshrink.role") == "search" and r.info.status == "FINISHED"]
+    return (parents[0].info.end_time - parents[0].info.start_time) / 1000 if parents else None
+
+
 def run_search(workdir: Path, name: str, overrides: dict) -> float:
+    earlier = finished_before(workdir, name)
+    if earlier is not None:
+        return earlier
     raw = yaml.safe_load((ROOT / "spaces" / "digits.yaml").read_text())
     raw["name"] = name
     for section, values in overrides.items():
