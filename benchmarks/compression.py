@@ -88,7 +88,7 @@ def breakdown(workdir: Path, point) -> None:
     from mlflow.tracking import MlflowClient
 
     from netshrink.techniques.artifact import byte_breakdown, read_artifact
-    from netshrink.techniques.encoding import TensorEncoding, plan_layout
+    from netshrink.techniques.encoding import plan_layout
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     path = Path(client.download_artifacts(point.run_id, "compressed.safetensors", tempfile.mkdtemp()))
@@ -97,8 +97,8 @@ def breakdown(workdir: Path, point) -> None:
     print(f"\nWhere the {path.stat().st_size:,} bytes of {point.name} go ({point.summary}):")
     print(f"  {'entry':<14} {'stored as':<26} {'density':>8} {'positions':>10} {'values':>9} {'codebooks':>10} {'bits/weight':>12}")
     totals = {"positions": 0, "values": 0, "codebooks": 0}
-    for name, entry in header["entries"].items():
-        encoding = TensorEncoding(**entry["encoding"])
+    for name, entry in header.entries.items():
+        encoding = entry.encoding
         tensor = state[name]
         layout = plan_layout(tensor, encoding) if tensor.is_floating_point() else None
         what = f"{layout.value_format}, {layout.positions}" if layout else str(tensor.dtype)

@@ -99,7 +99,7 @@ def prepare_baseline(experiment: Experiment, cache_dir: Path, search_path: str, 
         partial.replace(artifact)  # atomic: a crash mid-write never leaves a half baseline behind
     else:
         log(f"Using the cached baseline {artifact}")
-    model = load_artifact(artifact, model)[0]
+    model = load_artifact(artifact, model).model
     metrics = measure_baseline(model, data, artifact, folder, experiment)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return Baseline(artifact=artifact, sensitivity=cached_sensitivity(model, data, folder), metrics=metrics, trained_now=trained_now)

@@ -219,10 +219,9 @@ def write_files(
 ) -> tuple[dict[str, int], float]:
     """Artifact and recipe as the trial logged them; the ONNX model rebuilt from the artifact; the card."""
     from netshrink.tasks import build_model, example_inputs, load_data
-    from netshrink.techniques import EarlyExitNet, TensorEncoding, load_artifact
-
     from netshrink.deploy.measure import onnx_evaluate
-    from netshrink.deploy.onnx_export import export_onnx
+    from netshrink.deploy.onnx_export import export_artifact
+    from netshrink.techniques import EarlyExitNet, load_artifact
 
     run_id = chosen.point.run_id
     for name in (ARTIFACT_FILE, RECIPE_FILE):
@@ -240,11 +239,11 @@ def write_files(
             f"'module:factory' references import from {search_path}, the experiment file's folder: the code must still be there"
         ) from None
     try:
-        model, header = load_artifact(folder / ARTIFACT_FILE, fresh)
+        loaded = load_artifact(folder / ARTIFACT_FILE, fresh)
     except (RuntimeError, ValueError, KeyError) as error:
         raise UserError(f"task.model: {task.model!r} as it is now does not fit trial {run_id}'s artifact: {error}") from None
-    encodings = {name: TensorEncoding(**entry["encoding"]) for name, entry in header["entries"].items()}
-    export_onnx(model, example_inputs(data), folder / ONNX_FILE, encodings)
+    model = loaded.model
+    export_artifact(loaded, example_inputs(data), folder / ONNX_FILE)  # the path the trial took to the ONNX it measured
     onnx_accuracy = onnx_evaluate(folder / ONNX_FILE, data.val).accuracy
     files = {name: os.path.getsize(folder / name) for name in (ONNX_FILE, ARTIFACT_FILE, RECIPE_FILE)}
     exits = isinstance(model, EarlyExitNet)

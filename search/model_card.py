@@ -98,7 +98,7 @@ def torch_snippet(facts: CardFacts) -> str:
         "from netshrink.tasks import build_model, load_data\n"
         "from netshrink.techniques import load_artifact\n\n"
         f"data = load_data({task.dataset!r}, {task.dataset_args!r}{where})\n"
-        f"model, header = load_artifact('compressed.safetensors', build_model({task.model!r}, {task.model_args!r}, data{where}))\n"
+        f"model = load_artifact('compressed.safetensors', build_model({task.model!r}, {task.model_args!r}, data{where})).model\n"
         "```"
     )
 

@@ -31,7 +31,7 @@ from netshrink.training import accuracy, train
 from .constraints import Constraints
 from netshrink.config import MeasureSettings
 from netshrink.deploy.measure import measure_relative_latency, onnx_evaluate
-from netshrink.deploy.onnx_export import export_onnx
+from netshrink.deploy.onnx_export import export_artifact, export_onnx
 from netshrink.deploy.stopping import Checkpoint, FineTuneMonitor, StopRule
 from .tracking import (
     DEVICE_TAG, ERROR_TAG, FEASIBLE_TAG, NODE_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG, STOP_REASON_TAG, STOPPED_AT_TAG,
@@ -87,7 +87,7 @@ def evaluate_recipe(
     baseline_file = workdir / "baseline.safetensors"
     baseline_file.write_bytes(setup.baseline_weights)
     try:
-        baseline = load_artifact(baseline_file, fresh())[0]
+        baseline = load_artifact(baseline_file, fresh()).model
     finally:
         baseline_file.unlink()  # a copy per trial would add up to megabytes per trial
     example = example_inputs(data)
@@ -115,9 +115,10 @@ def evaluate_recipe(
     reference = workdir / "baseline.onnx"
     with compute_slot():  # heavy enough to disturb a neighbour's latency measurement (not nested: no slot inside)
         size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, compressed.pipeline.recipe())
-        restored = load_artifact(artifact, fresh())[0]
-        onnx_bytes = export_onnx(restored, example, workdir / ONNX_FILE, compressed.encodings)
+        loaded = load_artifact(artifact, fresh())
+        onnx_bytes = export_artifact(loaded, example, workdir / ONNX_FILE)  # as `netshrink export` will write it
         export_onnx(baseline, example, reference, {})
+    restored = loaded.model
     # the recipe as applied: the layers, ranks and cut points the techniques chose from the model written out
     (workdir / RECIPE_FILE).write_text(json.dumps(compressed.pipeline.model_dump(mode="json"), indent=2))
     if compressed.notes:

@@ -54,7 +54,7 @@ def _technique_space_model(kind: str) -> type[TechniqueSpace]:
     defaults = technique.default_space
     fields: dict[str, Any] = {}
     for name, info in config_type.model_fields.items():
-        if name == "kind" or is_applied_field(config_type, name):  # filled in when applied, never searched
+        if name in ("kind", "version") or is_applied_field(config_type, name):  # not knobs: filled in when applied
             continue
         default = parse_knob(defaults[name], info) if name in defaults else Fixed(info.default)
         fields[name] = (

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -67,6 +69,42 @@ def unpack_parts(name: str, blob: torch.Tensor, listed: list[list[Any]]) -> dict
     return out
 
 
+class ArtifactEntry(BaseModel):
+    """One state entry in the header: what decoding it needs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    shape: list[int]
+    encoding: TensorEncoding = TensorEncoding()
+    parts: list[tuple[str, str, int]] | None = None  # (part, dtype, bytes) in stored order; None: plain float32 values
+    layout: Layout = Layout()  # for a sparse layout: positions, nonzeros, rice_k, rows
+    raw: bool = False  # an integer buffer, stored as it is
+
+
+class ArtifactHeader(BaseModel):
+    """The artifact's ``netshrink`` metadata, typed: the source of truth for decoding it and rebuilding its model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: str
+    entries: dict[str, ArtifactEntry]
+    recipe: dict[str, Any]  # the pipeline as applied, as JSON
+
+    def encodings(self) -> dict[str, TensorEncoding]:
+        """The storage plan the artifact was written under (what the ONNX export needs to store weights as the trial did)."""
+        return {name: entry.encoding for name, entry in self.entries.items() if not entry.raw and entry.encoding != TensorEncoding()}
+
+
+@dataclass
+class LoadedArtifact:
+    """A loaded artifact: the model rebuilt from it, the recipe that made it, its storage plan and header."""
+
+    model: nn.Module
+    pipeline: Any  # Pipeline (imported lazily: the pipeline module imports the registry, which imports this one)
+    encodings: dict[str, TensorEncoding]
+    header: ArtifactHeader
+
+
 def encode_state(model: nn.Module, encodings: dict[str, TensorEncoding]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and per-entry metadata that store ``model``'s state under ``encodings``."""
     tensors: dict[str, torch.Tensor] = {}
@@ -96,32 +134,30 @@ def save_artifact(path: str | os.PathLike, model: nn.Module, encodings: dict[str
     return os.path.getsize(path)
 
 
-def read_parts(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_parts(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ArtifactHeader]:
     """Every stored part keyed ``entry.part`` (an integer buffer under its entry's name), and the artifact header."""
     with safe_open(os.fspath(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if "netshrink" not in metadata:
         raise ValueError(f"{path}: not a netshrink artifact (no 'netshrink' metadata)")
-    header = json.loads(metadata["netshrink"])
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported artifact format {header.get('format')!r}, expected {FORMAT!r} (written by another netshrink version)")
+    raw_header = json.loads(metadata["netshrink"])
+    if raw_header.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported artifact format {raw_header.get('format')!r}, expected {FORMAT!r} (written by another netshrink version)")
+    header = ArtifactHeader.model_validate(raw_header)
     stored = load_file(os.fspath(path))
     parts: dict[str, torch.Tensor] = {}
-    for name, entry in header["entries"].items():
-        if entry.get("raw"):
+    for name, entry in header.entries.items():
+        if entry.raw:
             parts[name] = stored[name]
         else:
-            parts.update(unpack_parts(name, stored[name], entry.get("parts", PLAIN_PARTS)))
+            parts.update(unpack_parts(name, stored[name], [list(part) for part in entry.parts] if entry.parts else PLAIN_PARTS))
     return parts, header
 
 
-def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ArtifactHeader]:
     """Decoded float state dict and the artifact header."""
     parts, header = read_parts(path)
-    state = {
-        name: decode_tensor(name, parts, tuple(entry["shape"]), TensorEncoding(**entry["encoding"]), Layout(**entry.get("layout", {})))
-        for name, entry in header["entries"].items()
-    }
+    state = {name: decode_tensor(name, parts, tuple(entry.shape), entry.encoding, entry.layout) for name, entry in header.entries.items()}
     return state, header
 
 
@@ -139,7 +175,7 @@ def byte_breakdown(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     with open(path, "rb") as handle:
         header_length = struct.unpack("<Q", handle.read(8))[0]
     stored, header = read_parts(path)
-    parts: dict[str, dict[str, int]] = {name: {"positions": 0, "values": 0, "codebooks": 0} for name in header["entries"]}
+    parts: dict[str, dict[str, int]] = {name: {"positions": 0, "values": 0, "codebooks": 0} for name in header.entries}
     for key, tensor in stored.items():
         entry, _, suffix = key.rpartition(".")
         if key in parts:  # an integer buffer stored as it is
@@ -180,10 +216,15 @@ def resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 module.register_buffer(tensor_name, replacement)
             changed = True
         if changed:
-            _sync_layer_attributes(module, depthwise)
+            _sync_layer_attributes(module_name, module, depthwise)
 
 
-def _sync_layer_attributes(module: nn.Module, depthwise: bool) -> None:
+def _sync_layer_attributes(name: str, module: nn.Module, depthwise: bool) -> None:
+    """The attributes of ``module`` that follow its tensors' shapes, set from its resized tensors.
+
+    A layer of PyTorch's that netshrink does not know is refused by name: its attributes would keep
+    the old sizes. A module of the user's own is left as it is (its tensors are its state).
+    """
     if isinstance(module, nn.modules.conv._ConvNd):
         module.out_channels = module.weight.shape[0]
         if depthwise:  # channel pruning removes a depthwise conv's channels together with its groups
@@ -193,27 +234,44 @@ def _sync_layer_attributes(module: nn.Module, depthwise: bool) -> None:
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.GroupNorm):
+        module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif type(module).__module__.startswith("torch.nn"):
+        raise ValueError(
+            f"{name!r}: its stored tensors have other shapes than the {type(module).__name__} built now, and netshrink does not know "
+            "which of its attributes follow them; it cannot be loaded resized"
+        )
 
 
-def load_artifact(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+def load_artifact(path: str | os.PathLike, model: nn.Module) -> LoadedArtifact:
     """Load an artifact into ``model`` (a fresh instance of the original architecture).
 
     Structural steps of the stored recipe (those whose technique has ``rebuild``)
     are replayed first, then layers are resized to the stored shapes, if a step
-    of the recipe changes shapes; ``ValueError`` naming the tensors if none does.
+    of the recipe changes shapes; ``ValueError`` naming the tensors if none does,
+    and if the recipe was written under other rules than this netshrink's.
     """
+    from .pipeline import Pipeline
     from .registry import REGISTRY
 
     state, header = read_artifact(Path(path))
+    unknown = [step.get("kind") for step in header.recipe.get("steps", []) if step.get("kind") not in REGISTRY]
+    if unknown:
+        raise ValueError(f"{path}: its recipe has a step {unknown[0]!r}, which is no technique of this netshrink ({', '.join(REGISTRY)})")
+    try:
+        pipeline = Pipeline.from_recipe(json.dumps(header.recipe))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     reshaping = []
-    for step in header["recipe"].get("steps", []):
-        technique = REGISTRY.get(step["kind"])
-        if technique is None:
-            raise ValueError(f"{path}: its recipe has a step {step['kind']!r}, which is no technique of this netshrink ({', '.join(REGISTRY)})")
-        config = technique.config_type.model_validate(step)
-        model = technique.rebuild(model, config) or model
-        if technique.reshapes(config):
-            reshaping.append(step["kind"])
+    for step in pipeline.steps:
+        technique = REGISTRY[step.kind]
+        model = technique.rebuild(model, step) or model
+        if technique.reshapes(step):
+            reshaping.append(step.kind)
     mismatched = shape_mismatches(model, state)
     if mismatched and not reshaping:
         listed = "; ".join(f"{name}: {stored} stored, {current} built" for name, stored, current in mismatched[:5])
@@ -223,4 +281,4 @@ def load_artifact(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module,
         )
     resize_to_state(model, state)
     model.load_state_dict(state, strict=True)
-    return model.eval(), header
+    return LoadedArtifact(model=model.eval(), pipeline=pipeline, encodings=header.encodings(), header=header)

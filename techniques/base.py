@@ -12,7 +12,7 @@ from enum import IntEnum
 from typing import Any, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .encoding import TensorEncoding
@@ -67,11 +67,32 @@ def per_layer(layers: dict[str, nn.Module], values: dict[str, Any] | None, defau
 
 
 class TechniqueConfig(BaseModel):
-    """Base of every technique config: immutable, unknown keys rejected."""
+    """Base of every technique config: immutable, unknown keys rejected, versioned.
+
+    ``VERSION`` is the version of the technique's rules for applying and rebuilding a model
+    from its config (torchao's ``AOBaseConfig.VERSION``): bump it when they change, so that a
+    recipe written under the old rules is refused by name instead of replayed into another
+    model. Every step of a recipe carries it (``version``); a config made in code gets the
+    current one.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    VERSION: ClassVar[int] = 1
 
     kind: str
+    version: int = Field(0, description="the version of the technique's rules the step was written under (0: the current one)")
+
+    @model_validator(mode="after")
+    def _current_version(self) -> "TechniqueConfig":
+        if self.version == 0:
+            object.__setattr__(self, "version", type(self).VERSION)
+        elif self.version != type(self).VERSION:
+            raise ValueError(
+                f"{self.kind} version {self.version}: this step was written under version {self.version} of {self.kind}'s rules, and this "
+                f"netshrink applies version {type(self).VERSION}; replaying it would build another model. Run the search again with "
+                "this netshrink, or use the netshrink that wrote it"
+            )
+        return self
 
     def is_noop(self) -> bool:
         """True when this config leaves the model as it is (e.g. 32-bit quantization)."""

@@ -53,6 +53,20 @@ class Pipeline(BaseModel):
 
     @classmethod
     def from_recipe(cls, recipe: str) -> "Pipeline":
+        """The pipeline a recipe (its JSON) describes; ``ValueError`` if a step was written under other rules than
+        this netshrink's (``TechniqueConfig.VERSION``), or before recipes carried versions."""
+        import json
+
+        try:
+            steps = json.loads(recipe).get("steps", [])
+        except (ValueError, AttributeError):
+            steps = []  # not JSON, or not an object: pydantic says what is wrong below
+        unversioned = [step.get("kind") for step in steps if isinstance(step, dict) and step.get("kind") in REGISTRY and "version" not in step]
+        if unversioned:
+            raise ValueError(
+                f"recipe step(s) {', '.join(map(repr, unversioned))} carry no version: written by netshrink 0.2 or older, whose "
+                "rules for rebuilding a model differ; run the search again with this netshrink"
+            )
         return cls.model_validate_json(recipe)
 
     def active_steps(self) -> list[TechniqueConfig]:
@@ -70,7 +84,7 @@ class Pipeline(BaseModel):
             return "uncompressed"
         parts = []
         for step in self.active_steps():
-            values = step.model_dump(exclude={"kind"})
+            values = step.model_dump(exclude={"kind", "version"})
             fields = [
                 f"{key}={_short(value)}"
                 for key, value in values.items()

@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from netshrink.techniques import EarlyExitNet, TensorEncoding
+from netshrink.techniques.artifact import LoadedArtifact
 from netshrink.techniques.encoding import INTEGER_BITS, channel_scales, quantize_codes
 
 OPSET = 17
@@ -49,6 +50,12 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         graph_model = export_module(model, example_inputs, ["logits"], encodings)
     onnx.save(graph_model, os.fspath(path))
     return os.path.getsize(path)
+
+
+def export_artifact(loaded: LoadedArtifact, example_inputs: torch.Tensor, path: str | os.PathLike) -> int:
+    """The one path from a compressed artifact to ONNX, which a trial and ``netshrink export`` both take: the model
+    rebuilt from the artifact, exported with the artifact's own storage plan. Returns the file's size in bytes."""
+    return export_onnx(loaded.model, example_inputs, path, loaded.encodings)
 
 
 @contextmanager

@@ -123,4 +123,4 @@ def test_an_artifact_whose_shapes_the_model_no_longer_has_is_refused_naming_the_
     # a recipe that removes channels stores narrower layers than the factory builds: that loads
     pruned = compress(mlp(50), Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5)]), torch.zeros(1, 1, 8, 8))
     save_artifact(tmp_path / "pruned.safetensors", pruned.model, pruned.encodings, pruned.pipeline.recipe())
-    assert load_artifact(tmp_path / "pruned.safetensors", mlp(50))[0][1].weight.shape[0] < 50
+    assert load_artifact(tmp_path / "pruned.safetensors", mlp(50)).model[1].weight.shape[0] < 50

@@ -29,7 +29,7 @@ def round_trip(factory, pipeline: Pipeline, tmp_path):
     """Compress, save, load into a fresh model, export; the reloaded model and its ONNX export compute what the compressed one does."""
     compressed = compress(factory(), pipeline, X[:1])
     save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
-    restored = load_artifact(tmp_path / "m.safetensors", factory())[0]
+    restored = load_artifact(tmp_path / "m.safetensors", factory()).model
     with torch.no_grad():
         torch.testing.assert_close(restored(X), compressed.model(X), rtol=1e-5, atol=1e-6)
         export_onnx(restored, X[:1], tmp_path / "m.onnx", compressed.encodings)

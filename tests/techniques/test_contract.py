@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from netshrink.techniques.base import is_applied_field
-from netshrink.techniques import REGISTRY, Pipeline, compress, load_artifact, save_artifact
+from netshrink.techniques import REGISTRY, Pipeline, TensorEncoding, compress, load_artifact, save_artifact
 from netshrink.techniques.artifact import encode_state
 from netshrink.techniques.sensitivity import measure_sensitivity
 from tests.models import EDGE_MODELS
@@ -100,8 +100,10 @@ def test_artifact_reloads_to_the_same_model(config, tmp_path, images):
     pipeline = Pipeline(steps=[config])
     compressed = compress_scored(model, pipeline, images[:1], fine_tune=fine_tune)
     save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())  # as applied, as a trial saves it
-    restored, header = load_artifact(tmp_path / "m.safetensors", EDGE_MODELS["residual_bn"]())
-    assert Pipeline.model_validate(header["recipe"]) == compressed.pipeline
+    loaded = load_artifact(tmp_path / "m.safetensors", EDGE_MODELS["residual_bn"]())
+    restored = loaded.model
+    assert loaded.pipeline == compressed.pipeline  # the recipe as applied
+    assert loaded.encodings == {k: v for k, v in compressed.encodings.items() if v != TensorEncoding()}  # the storage plan
     torch.testing.assert_close(restored(images), compressed.model(images), rtol=1e-4, atol=1e-5)
 
 
@@ -137,7 +139,18 @@ def test_unknown_keys_are_rejected_with_the_key_named(kind):
     with pytest.raises(ValidationError, match="not_a_knob"):
         config_type(not_a_knob=1)
     with pytest.raises(ValidationError, match="not_a_knob"):
-        Pipeline.from_recipe(json.dumps({"steps": [{"kind": kind, "not_a_knob": 1}]}))
+        Pipeline.from_recipe(json.dumps({"steps": [{"kind": kind, "version": config_type.VERSION, "not_a_knob": 1}]}))
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRY))
+def test_a_step_written_under_other_rules_or_before_versions_is_refused(kind):
+    """A recipe replays into the same model only under the rules it was written under (``TechniqueConfig.VERSION``)."""
+    version = REGISTRY[kind].config_type.VERSION
+    assert json.loads(Pipeline(steps=[REGISTRY[kind].config_type()]).recipe())["steps"][0]["version"] == version
+    with pytest.raises(ValueError, match=f"{kind} version {version + 1}: this step was written under version {version + 1}"):
+        Pipeline.from_recipe(json.dumps({"steps": [{"kind": kind, "version": version + 1}]}))
+    with pytest.raises(ValueError, match="carry no version: written by netshrink 0.2 or older"):
+        Pipeline.from_recipe(json.dumps({"steps": [{"kind": kind}]}))
 
 
 def test_encode_state_covers_every_entry(images):

@@ -89,7 +89,7 @@ def test_artifact_reloads_with_its_exits(tmp_path):
         lenet5(), Pipeline(steps=[EarlyExitConfig(after="pool1"), PruningConfig(granularity="channel", ratio=0.5)]), X[:1]
     )
     save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
-    restored = load_artifact(tmp_path / "m.safetensors", lenet5())[0]
+    restored = load_artifact(tmp_path / "m.safetensors", lenet5()).model
     assert isinstance(restored, EarlyExitNet)
     for a, b in zip(restored.all_outputs(X), compressed.model.all_outputs(X)):
         torch.testing.assert_close(a, b)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 from pydantic import ValidationError
 
 from netshrink.techniques import Pipeline, PruningConfig, QuantizationConfig, read_artifact, save_artifact
@@ -43,8 +44,8 @@ def test_artifact_header_carries_shapes_and_recipe(tmp_path):
     recipe = Pipeline(steps=[QuantizationConfig(bits=16)]).recipe()
     save_artifact(tmp_path / "a.safetensors", model, {}, recipe)
     state, header = read_artifact(tmp_path / "a.safetensors")
-    assert header["entries"]["weight"]["shape"] == [2, 4]
-    assert Pipeline.model_validate(header["recipe"]) == Pipeline.from_recipe(recipe)
+    assert header.entries["weight"].shape == [2, 4]
+    assert Pipeline.model_validate(header.recipe) == Pipeline.from_recipe(recipe)
     assert torch.equal(state["weight"], model.weight.detach())
 
 
@@ -61,7 +62,19 @@ def test_a_channel_pruned_depthwise_conv_reloads_as_depthwise(tmp_path):
     compressed = compress(make().eval(), pipeline, torch.zeros(1, 1, 12, 12))
     assert compressed.model[1].groups == compressed.model[1].out_channels < 8
     save_artifact(tmp_path / "dw.safetensors", compressed.model, compressed.encodings, pipeline.recipe())
-    restored, _ = load_artifact(tmp_path / "dw.safetensors", make())
+    restored = load_artifact(tmp_path / "dw.safetensors", make()).model
     assert restored[1].groups == restored[1].in_channels == compressed.model[1].groups
     x = torch.randn(2, 1, 12, 12)
     torch.testing.assert_close(restored(x), compressed.model(x))
+
+
+def test_resized_layer_norms_and_embeddings_follow_their_stored_shapes_and_unknown_torch_layers_are_refused():
+    from netshrink.techniques.artifact import resize_to_state
+
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.GroupNorm(2, 8))
+    state = {"0.weight": torch.zeros(12, 6), "1.weight": torch.ones(6), "1.bias": torch.zeros(6), "2.weight": torch.ones(6), "2.bias": torch.zeros(6)}
+    resize_to_state(model, state)
+    assert (model[0].num_embeddings, model[0].embedding_dim, model[1].normalized_shape, model[2].num_channels) == (12, 6, (6,), 6)
+    attention = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(ValueError, match="'0': its stored tensors have other shapes than the MultiheadAttention built now"):
+        resize_to_state(attention, {"0.in_proj_weight": torch.zeros(12, 4)})

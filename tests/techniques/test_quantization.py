@@ -180,7 +180,7 @@ def test_lenet5_weight_payload_shrinks_by_the_bit_ratio(tmp_path, bits, expected
     if bits in SUB_BYTE:
         assert values.dtype == torch.uint8
         assert stored["fc1.weight.scale"].shape == (500,)
-    restored, _ = load_artifact(path, LeNet5())
+    restored = load_artifact(path, LeNet5()).model
     torch.testing.assert_close(restored(x), compressed.model(x), rtol=1e-4, atol=1e-5)
 
 
@@ -203,7 +203,7 @@ def test_pruned_and_sub_byte_stores_compact_positions_and_packed_nonzeros(tmp_pa
     assert stored["fc1.weight.values"].numel() == -(-nonzeros * width // 8)
     # 20% density: Rice-coded runs of zeros, under 0.8 bit per weight (entropy: 0.72) instead of the bitmask's 1
     assert "fc1.weight.mask" not in stored and stored["fc1.weight.gaps"].numel() + stored["fc1.weight.gaps_low"].numel() < 0.8 * 400_000 / 8
-    assert read_artifact(tmp_path / "pq.safetensors")[1]["entries"]["fc1.weight"]["layout"]["positions"] == "gaps"
+    assert read_artifact(tmp_path / "pq.safetensors")[1].entries["fc1.weight"].layout.positions == "gaps"
 
 
 @pytest.mark.parametrize("bits", SUB_BYTE)
