@@ -60,7 +60,7 @@ def search(workdir: Path, experiment: Path, name: str, overrides: dict) -> str:
     from netshrink.search.tracking import Tracker
 
     tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
-    return tracker.latest_search(tracker.experiment_id(name, create=False)).info.run_id
+    return tracker.latest_search(tracker.experiment_id(name, create=False)).run_id
 
 
 def front_of(workdir: Path, name: str, run_id: str):

@@ -240,7 +240,7 @@ def figures_from_mlflow(
     tracker = Tracker(tracking_uri(workdir))
     experiment_id = tracker.experiment_id(name, create=False)
     parent = tracker.latest_search(experiment_id)
-    runs = tracker.trial_runs(experiment_id, parent.info.run_id)
+    runs = tracker.trial_runs(experiment_id, parent.run_id)
     finished = [run for run in runs if run.info.status == "FINISHED" and "seconds_trial" in run.data.metrics]
     failed = len(runs) - len(finished)
     client: MlflowClient = tracker.client

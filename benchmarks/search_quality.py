@@ -138,8 +138,10 @@ def figures_of(workdir: Path, name: str, seconds: float) -> SearchFigures:
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(name)
     runs = client.search_runs([experiment.experiment_id], max_results=10_000)
+    from netshrink.search.tracking import Tracker
+
     parent = next(r for r in runs if r.data.tags.get("netshrink.role") == "search")
-    baseline = {k.removeprefix("baseline_"): v for k, v in parent.data.metrics.items() if k.startswith("baseline_")}
+    baseline = Tracker(f"sqlite:///{workdir / 'mlflow.db'}").search_record(parent).baseline
     children = [r for r in runs if r.data.tags.get("netshrink.role") == "trial"]
     finished = [r for r in children if r.info.status == "FINISHED" and "size_bytes" in r.data.metrics]
     points = [(r.data.metrics["accuracy"], r.data.metrics["size_bytes"], r.data.metrics["latency_ms"]) for r in finished]

@@ -98,7 +98,7 @@ def front(
     if plot is not None:
         from netshrink.search.plots import write_search_plots
 
-        history = write_search_plots(plot, result, tracking_uri)
+        history = write_search_plots(plot, result)
         # on stderr under --json, so that stdout stays one JSON document
         (errors if as_json else console).print(f"Plots in {plot}/ (hypervolume of the front: {history[-1]:.4f})")
 

@@ -9,7 +9,6 @@ measured; the export checks that on the validation split.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,14 +18,14 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from netshrink.config import OBJECTIVES, TaskConfig
+from netshrink.config import TaskConfig
 from netshrink.errors import UserError, describe_validation_error
 from netshrink.yaml_file import DuplicateKeyError, read_yaml
 
 from .front import TrialPoint, knee_point
 from .model_card import CardFacts, render_card
 from .report import collect_points, load_front
-from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, PARENT_TAG, RECIPE_FILE, ROLE_TAG, Tracker, default_tracking_uri, is_local, text_sha256
+from .tracking import CONFIG_ARTIFACT, PARENT_TAG, RECIPE_FILE, ROLE_TAG, SearchRecord, Tracker, default_tracking_uri, is_local, text_sha256
 from .trial import ARTIFACT_FILE, ONNX_FILE
 
 CARD_FILE = "MODEL_CARD.md"
@@ -44,8 +43,15 @@ class Chosen:
 
     point: TrialPoint
     pick: str  # how it was picked, in words
-    search_run_id: str
-    baseline: dict[str, float]
+    search: SearchRecord
+
+    @property
+    def search_run_id(self) -> str:
+        return self.search.run_id
+
+    @property
+    def baseline(self) -> dict[str, float]:
+        return self.search.baseline
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,8 @@ def _choose_on_front(tracker: Tracker, experiment: str, pick: str, min_accuracy:
     if not candidates:
         best = max(p.accuracy for p in loaded.front)
         raise UserError(f"--min-accuracy {min_accuracy}: no trial on the front of search {loaded.parent_run_id} reaches it (the best has {best:.4f})")
-    parent = tracker.client.get_run(loaded.parent_run_id)
-    objectives = json.loads(parent.data.tags.get("objectives", json.dumps(list(OBJECTIVES))))
-    point = pick_from_front(candidates, pick, objectives)
-    return Chosen(point=point, pick=PICKS[pick], search_run_id=loaded.parent_run_id, baseline=loaded.baseline)
+    point = pick_from_front(candidates, pick, loaded.search.objectives)
+    return Chosen(point=point, pick=PICKS[pick], search=loaded.search)
 
 
 def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: float | None, search_run: str | None) -> Chosen:
@@ -109,12 +113,10 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
         raise UserError(f"--pick: trial {run_id} did not finish (status {run.info.status}); only finished trials can be exported")
     if min_accuracy is not None and point.accuracy < min_accuracy:
         raise UserError(f"--min-accuracy {min_accuracy}: trial {run_id} has accuracy {point.accuracy:.4f}, below it")
-    parent = tracker.client.get_run(parent_id)
-    baseline = {key.removeprefix("baseline_"): value for key, value in parent.data.metrics.items() if key.startswith("baseline_")}
-    return Chosen(point=point, pick="by its MLflow run id", search_run_id=parent_id, baseline=baseline)
+    return Chosen(point=point, pick="by its MLflow run id", search=tracker.search_record(parent_id))
 
 
-def task_of_search(tracker: Tracker, search_run_id: str, config: Path | None = None, trust_logged_code: bool = False) -> tuple[TaskConfig, str]:
+def task_of_search(tracker: Tracker, search: SearchRecord, config: Path | None = None, trust_logged_code: bool = False) -> tuple[TaskConfig, str]:
     """The search's task, and the folder its ``module:factory`` references import from.
 
     Rebuilding the task runs the code its experiment file names. The file logged
@@ -124,8 +126,8 @@ def task_of_search(tracker: Tracker, search_run_id: str, config: Path | None = N
     Else the local ``config`` is used, and only if it is the very file the search
     ran (its SHA-256 is logged); its folder is where the factories import from.
     """
-    parent = tracker.client.get_run(search_run_id)
-    logged_hash = parent.data.tags.get(CONFIG_HASH_TAG)
+    search_run_id = search.run_id
+    logged_hash = search.config_sha256
     if config is not None:
         if not config.is_file():
             raise UserError(f"--config: experiment file {str(config)!r} not found")
@@ -134,12 +136,12 @@ def task_of_search(tracker: Tracker, search_run_id: str, config: Path | None = N
         if text_sha256(text) != expected:
             raise UserError(
                 f"--config: {config} is not the experiment file search {search_run_id} ran (its SHA-256 differs from the logged "
-                f"{CONFIG_HASH_TAG} {expected[:12]}...); give the file as it was when the search started"
+                f"one, {expected[:12]}...); give the file as it was when the search started"
             )
         search_path = os.fspath(config.resolve().parent)
     elif is_local(tracker.uri) or trust_logged_code:
         text = _logged_config(tracker, search_run_id)
-        config_file = parent.data.tags.get("config_file")
+        config_file = search.config_file
         # searches from before the absolute path was logged logged it as given: resolved against the current directory
         search_path = os.fspath(Path(config_file).resolve().parent) if config_file else os.getcwd()
     else:
@@ -229,7 +231,7 @@ def write_files(
             tracker.client.download_artifacts(run_id, name, os.fspath(folder))
         except Exception as error:  # the artifact store may be remote, or the file gone
             raise UserError(f"trial {run_id}: cannot download its {name} ({type(error).__name__}: {error})") from None
-    task, search_path = task_of_search(tracker, chosen.search_run_id, config, trust_logged_code)
+    task, search_path = task_of_search(tracker, chosen.search, config, trust_logged_code)
     try:
         data = load_data(task.dataset, task.dataset_args, search_path)
         fresh = build_model(task.model, task.model_args, data, search_path)

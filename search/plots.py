@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import re
 import tempfile
 import time
@@ -26,12 +25,11 @@ from matplotlib.text import Text
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 from mlflow.entities import Metric
 
-from netshrink.config import OBJECTIVES
 
 from .front import TrialPoint, with_interval
 from .hypervolume import BOX_OVER_BASELINE, front_hypervolume, hypervolume_history
 from .report import LoadedFront
-from .tracking import Tracker, default_tracking_uri
+from .tracking import Tracker
 
 ARTIFACT_FOLDER = "plots"  # in the search's parent run
 PARETO_PNG = "pareto.png"
@@ -91,12 +89,10 @@ def log_plots(
         tracker.client.log_batch(run_id, metrics=steps[start : start + 1000])
 
 
-def write_search_plots(folder: Path, loaded: LoadedFront, tracking_uri: str | None = None) -> list[float]:
-    """``write_plots`` for a search read back from MLflow: objectives and ``min_accuracy`` are its parent run's tags."""
-    tags = Tracker(tracking_uri or default_tracking_uri()).client.get_run(loaded.parent_run_id).data.tags
-    objectives = json.loads(tags.get("objectives", json.dumps(list(OBJECTIVES))))
-    min_accuracy = float(tags["min_accuracy"]) if tags.get("min_accuracy") else None
-    return write_plots(folder, loaded.points, loaded.front, loaded.baseline, objectives, min_accuracy)
+def write_search_plots(folder: Path, loaded: LoadedFront) -> list[float]:
+    """``write_plots`` for a search read back from MLflow, with its objectives and ``min_accuracy``."""
+    constraints = loaded.search.constraints
+    return write_plots(folder, loaded.points, loaded.front, loaded.baseline, loaded.search.objectives, constraints.min_accuracy if constraints else None)
 
 
 STRIP = 0.25  # height of the strip for points under the accuracy axis, as a share of the axis' span

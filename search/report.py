@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-from netshrink.config import OBJECTIVES
 from netshrink.errors import UserError
 
-from .constraints import Constraints
 from .front import TrialPoint, pareto_front
-from .tracking import RECIPE_TAG, REFINED_FROM_TAG, SUMMARY_TAG, Tracker, default_tracking_uri
+from .tracking import RECIPE_TAG, REFINED_FROM_TAG, SUMMARY_TAG, SearchRecord, Tracker, default_tracking_uri
 
 
 @dataclass
 class LoadedFront:
-    parent_run_id: str
+    search: SearchRecord
     front: list[TrialPoint]
     points: list[TrialPoint]
-    baseline: dict[str, float]
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.search.run_id
+
+    @property
+    def baseline(self) -> dict[str, float]:
+        return self.search.baseline
 
 
 def collect_points(tracker: Tracker, experiment_id: str, parent_run_id: str | None = None) -> tuple[list[TrialPoint], int]:
@@ -52,17 +56,15 @@ def load_front(experiment_name: str, tracking_uri: str | None = None, search_run
         raise UserError(f"--experiment: no MLflow experiment named {experiment_name!r} at {tracker.uri}")
     if search_run:
         try:
-            parent = tracker.client.get_run(search_run)
+            record = tracker.search_record(search_run)
         except Exception:
             raise UserError(f"--search: no run {search_run!r} in {tracker.uri}") from None
     else:
-        parent = tracker.latest_search(experiment_id)
-        if parent is None:
+        record = tracker.latest_search(experiment_id)
+        if record is None:
             raise UserError(f"--experiment: {experiment_name!r} has no search runs yet")
-    objectives = json.loads(parent.data.tags.get("objectives", json.dumps(list(OBJECTIVES))))
-    points, _failed = collect_points(tracker, experiment_id, parent.info.run_id)
+    points, _failed = collect_points(tracker, experiment_id, record.run_id)
     if not points:
-        raise UserError(f"search {parent.info.run_id} of {experiment_name!r} has no finished trials")
-    front = pareto_front(points, objectives, [OBJECTIVES[o] for o in objectives], Constraints.from_tags(parent.data.tags))
-    baseline = {key.removeprefix("baseline_"): value for key, value in parent.data.metrics.items() if key.startswith("baseline_")}
-    return LoadedFront(parent_run_id=parent.info.run_id, front=front, points=points, baseline=baseline)
+        raise UserError(f"search {record.run_id} of {experiment_name!r} has no finished trials")
+    front = pareto_front(points, record.objectives, record.directions, record.constraints)
+    return LoadedFront(search=record, front=front, points=points)

@@ -28,19 +28,9 @@ from netshrink.errors import UserError
 
 from .constraints import Constraints
 from .searcher import REPEAT_OF, UNCOMPRESSED, Evaluated, annotate
-from .tracking import CONFIG_ARTIFACT, CONFIG_HASH_TAG, OPTUNA_TRIAL_TAG, RECIPE_TAG, STOPPED_TAG, Tracker, text_sha256
+from .tracking import CONFIG_ARTIFACT, OPTUNA_TRIAL_TAG, RECIPE_TAG, STOPPED_TAG, SearchRecord, Tracker, text_sha256
 
 RETRY_OF = "retry_of"  # user attribute of an enqueued Optuna trial: the number of the interrupted trial it runs again
-
-
-@dataclass(frozen=True)
-class InterruptedSearch:
-    parent_run_id: str
-    study_name: str
-    storage_url: str
-    trials: int  # the budget the search started with
-    baseline: dict[str, float]  # the baseline figures the trials before the interruption were compared with
-    constraints: Constraints | None  # the constraints it ran under (None: a search of a netshrink that recorded none)
 
 
 @dataclass(frozen=True)
@@ -53,32 +43,22 @@ class Progress:
     study_trials: int = 0  # every trial in the study, repeats and failures included
 
 
-def find_interrupted_search(tracker: Tracker, experiment_id: str, experiment_name: str, config_path: Path) -> InterruptedSearch:
+def find_interrupted_search(tracker: Tracker, experiment_id: str, experiment_name: str, config_path: Path) -> SearchRecord:
     """The latest search of this experiment that did not finish; it must have run this same experiment file."""
-    parent = tracker.latest_search(experiment_id, unfinished=True)
-    if parent is None:
+    record = tracker.latest_search(experiment_id, unfinished=True)
+    if record is None:
         raise UserError(f"--resume: experiment {experiment_name!r} has no interrupted search in {tracker.uri}; start one without --resume")
-    run_id = parent.info.run_id
-    tags, params = parent.data.tags, parent.data.params
-    logged = _logged_experiment_file(tracker, run_id)
-    if logged is None or not {"optuna.study_name", "optuna.storage"} <= tags.keys() or "trials" not in params:
-        raise UserError(f"--resume: search {run_id} of {experiment_name!r} stopped before its first trial; start it again without --resume")
+    logged = _logged_experiment_file(tracker, record.run_id)
+    if logged is None or record.study_name is None or record.storage_url is None or record.trials is None:
+        raise UserError(f"--resume: search {record.run_id} of {experiment_name!r} stopped before its first trial; start it again without --resume")
     # the task is rebuilt from the local file, never from the logged copy (a tracking server may be shared);
     # the two must be the same file
-    if text_sha256(config_path.read_text()) != tags.get(CONFIG_HASH_TAG, text_sha256(logged)):
+    if text_sha256(config_path.read_text()) != (record.config_sha256 or text_sha256(logged)):
         raise UserError(
-            f"--resume: {config_path} has changed since search {run_id} started; a resumed search must run the same experiment "
+            f"--resume: {config_path} has changed since search {record.run_id} started; a resumed search must run the same experiment "
             f"file (the search's copy is its MLflow artifact {CONFIG_ARTIFACT}). Restore the file, or start a new search without --resume"
         )
-    baseline = {key.removeprefix("baseline_"): value for key, value in parent.data.metrics.items() if key.startswith("baseline_")}
-    return InterruptedSearch(
-        parent_run_id=run_id,
-        study_name=tags["optuna.study_name"],
-        storage_url=tags["optuna.storage"],
-        trials=int(params["trials"]),
-        baseline=baseline,
-        constraints=Constraints.from_tags(tags),
-    )
+    return record
 
 
 def _logged_experiment_file(tracker: Tracker, run_id: str) -> str | None:
@@ -88,13 +68,11 @@ def _logged_experiment_file(tracker: Tracker, run_id: str) -> str | None:
         return None
 
 
-def reopen_search(
-    tracker: Tracker, experiment_id: str, search: InterruptedSearch, objectives: list[str], constraints: Constraints
-) -> Progress:
+def reopen_search(tracker: Tracker, experiment_id: str, search: SearchRecord, objectives: list[str], constraints: Constraints) -> Progress:
     """Set the parent run RUNNING again and settle the trials the interruption cut short (see the module docstring)."""
-    tracker.reopen(search.parent_run_id)
+    tracker.reopen(search.run_id)
     study = optuna.load_study(study_name=search.study_name, storage=optuna.storages.RDBStorage(search.storage_url))
-    children = tracker.trial_runs(experiment_id, search.parent_run_id)
+    children = tracker.trial_runs(experiment_id, search.run_id)
     finished = {  # measured trials, those early stopping ended included; not refined runs
         int(run.data.tags[OPTUNA_TRIAL_TAG]): run
         for run in children

@@ -10,11 +10,14 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from .constraints import Constraints
 
 ROLE_TAG = "netshrink.role"
 PARENT_TAG = "mlflow.parentRunId"
@@ -61,6 +64,36 @@ def flatten(nested: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[st
     return flat
 
 
+BASELINE_PREFIX = "baseline_"  # the parent run's metrics: the baseline's figures, as baseline_accuracy, ...
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """What a search is, as its MLflow parent run holds it: the contract between ``search``, ``--resume``,
+    ``front``, ``export`` and the plots. ``Tracker.start_search`` writes it and ``Tracker.search_record``
+    reads it; no other module names a parent-run tag or metric."""
+
+    run_id: str
+    objectives: list[str]
+    constraints: Constraints | None  # None for a search of a netshrink that recorded none
+    baseline: dict[str, float]  # the baseline's figures the trials were compared with
+    study_name: str | None
+    storage_url: str | None
+    config_file: str | None  # the experiment file's absolute path: export imports module:factory code from its folder
+    config_sha256: str | None  # of the experiment file as the search read it (logged as the artifact experiment.yaml)
+    trials: int | None  # the trial budget
+    status: str = "RUNNING"
+
+    @property
+    def directions(self) -> list[str]:
+        from netshrink.config import OBJECTIVES
+
+        return [OBJECTIVES[name] for name in self.objectives]
+
+
+_STORAGE, _STUDY, _OBJECTIVES, _CONFIG_FILE = "optuna.storage", "optuna.study_name", "objectives", "config_file"
+
+
 class Tracker:
     """Thin, explicit wrapper over ``MlflowClient`` (no fluent global state; safe in Ray workers)."""
 
@@ -82,10 +115,62 @@ class Tracker:
             location = (store / "mlartifacts").resolve().as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def start_search(self, experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        run = self.client.create_run(experiment_id, run_name=run_name, tags={ROLE_TAG: "search", **tags})
-        self.log(run.info.run_id, params=params)
-        return run.info.run_id
+    def start_search(
+        self,
+        experiment_id: str,
+        experiment_name: str,
+        run_name: str,
+        *,
+        objectives: list[str],
+        constraints: Constraints,
+        baseline: dict[str, float],
+        storage_url: str,
+        config_path: Path,
+        trials: int,
+        params: dict[str, Any],
+    ) -> SearchRecord:
+        """The search's parent run, holding everything ``--resume``, ``front`` and ``export`` read back (``search_record``)."""
+        text = config_path.read_text()
+        run_id = self.client.create_run(
+            experiment_id,
+            run_name=run_name,
+            tags={
+                ROLE_TAG: "search",
+                _STORAGE: storage_url,
+                _CONFIG_FILE: str(config_path.resolve()),
+                _OBJECTIVES: json.dumps(objectives),
+                CONFIG_HASH_TAG: text_sha256(text),
+                **constraints.to_tags(),  # as in force, min_accuracy's default resolved
+            },
+        ).info.run_id
+        study_name = f"{experiment_name}/{run_id}"
+        self.log(
+            run_id,
+            params={**params, "trials": trials},
+            metrics={f"{BASELINE_PREFIX}{key}": value for key, value in baseline.items()},
+            tags={_STUDY: study_name},
+        )
+        self.client.log_text(run_id, text, CONFIG_ARTIFACT)
+        return self.search_record(run_id)
+
+    def search_record(self, run: str | Any) -> SearchRecord:
+        """The search a parent run (or its id) records; fields a search of an older netshrink did not record are None."""
+        run = self.client.get_run(run) if isinstance(run, str) else run
+        tags, params = run.data.tags, run.data.params
+        from netshrink.config import OBJECTIVES
+
+        return SearchRecord(
+            run_id=run.info.run_id,
+            objectives=json.loads(tags.get(_OBJECTIVES, json.dumps(list(OBJECTIVES)))),
+            constraints=Constraints.from_tags(tags),
+            baseline={key.removeprefix(BASELINE_PREFIX): value for key, value in run.data.metrics.items() if key.startswith(BASELINE_PREFIX)},
+            study_name=tags.get(_STUDY),
+            storage_url=tags.get(_STORAGE),
+            config_file=tags.get(_CONFIG_FILE),
+            config_sha256=tags.get(CONFIG_HASH_TAG),
+            trials=int(params["trials"]) if "trials" in params else None,
+            status=run.info.status,
+        )
 
     def start_trial(self, experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(
@@ -151,8 +236,8 @@ class Tracker:
             query += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
         return self.client.search_runs([experiment_id], filter_string=query, max_results=50_000)
 
-    def latest_search(self, experiment_id: str, unfinished: bool = False):
-        """The newest search run; with ``unfinished``, the newest that did not finish (failed, killed or still marked running)."""
+    def latest_search(self, experiment_id: str, unfinished: bool = False) -> SearchRecord | None:
+        """The newest search; with ``unfinished``, the newest that did not finish (failed, killed or still marked running)."""
         query = f"tags.{ROLE_TAG} = 'search'" + (" and attributes.status != 'FINISHED'" if unfinished else "")
         runs = self.client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0] if runs else None
+        return self.search_record(runs[0]) if runs else None

@@ -1,4 +1,3 @@
-import json
 import re
 import xml.etree.ElementTree as ET
 
@@ -79,11 +78,16 @@ def test_an_empty_front_and_fewer_objectives_still_draw(tmp_path):
     assert (tmp_path / PARETO_PNG).read_bytes()[:8] == PNG_MAGIC and (tmp_path / HYPERVOLUME_PNG).stat().st_size > 1000
 
 
-def test_logged_into_the_search_run_and_drawn_again_from_its_tags(tmp_path):
+def test_logged_into_the_search_run_and_drawn_again_from_its_record(tmp_path):
     """The search logs the pictures and the history; ``front --plot`` reads objectives and min_accuracy back."""
     objectives = ["accuracy", "size_bytes"]
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = tracker.start_search(tracker.experiment_id("plots"), "search", params={}, tags={"objectives": json.dumps(objectives), "min_accuracy": "0.85"})
+    (tmp_path / "exp.yaml").write_text("name: plots\n")
+    record = tracker.start_search(
+        tracker.experiment_id("plots"), "plots", "search", objectives=objectives, constraints=Constraints(min_accuracy=0.85), baseline=BASELINE,
+        storage_url="sqlite:///unused.db", config_path=tmp_path / "exp.yaml", trials=4, params={},
+    )
+    parent = record.run_id
     front = pareto_front(POINTS, objectives, ["max", "min"], Constraints(min_accuracy=0.85))
     log_plots(tracker, parent, POINTS, front, BASELINE, objectives, min_accuracy=0.85)
 
@@ -93,8 +97,9 @@ def test_logged_into_the_search_run_and_drawn_again_from_its_tags(tmp_path):
     assert [m.step for m in steps] == [1, 2, 3, 4] and [m.value for m in steps] == pytest.approx(expected)
     assert tracker.client.get_run(parent).data.metrics["hypervolume"] == pytest.approx(expected[-1])
 
-    loaded = LoadedFront(parent_run_id=parent, front=front, points=POINTS, baseline=BASELINE)
-    assert write_search_plots(tmp_path / "again", loaded, tracker.uri) == pytest.approx(expected)
+    loaded = LoadedFront(search=tracker.search_record(parent), front=front, points=POINTS)
+    assert loaded.search.objectives == objectives and loaded.search.constraints == Constraints(min_accuracy=0.85) and loaded.baseline == BASELINE
+    assert write_search_plots(tmp_path / "again", loaded) == pytest.approx(expected)
     assert (tmp_path / "again" / PARETO_HTML).stat().st_size > 1000
 
 

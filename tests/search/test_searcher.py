@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from netshrink.search.constraints import Constraints
-from netshrink.search.runner import SpaceSampler
+from netshrink.search.tuning import SpaceSampler
 from netshrink.search.searcher import REPEAT_OF, STOPPED_ATTR, UNCOMPRESSED, DistinctPipelineSearch
 from netshrink.spaces import SearchSpace
 from netshrink.techniques import Pipeline

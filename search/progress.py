@@ -1,0 +1,58 @@
+"""What a running search prints: one line per finished, stopped, failed or retried trial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def progress_printer(total: int, baseline: dict[str, float], done: int = 0, label: str = ""):
+    """Tune callback printing one line per finished, failed or retried trial (Tune pickles it: it holds no console).
+
+    ``done``: trials a resumed search had finished before, so the count goes on from there.
+    """
+    from ray.tune import Callback
+
+    class ProgressPrinter(Callback):
+        def __init__(self) -> None:
+            self.done = done
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            r = trial.last_result or {}
+            if "accuracy" not in r:
+                return
+            stopped = ""
+            if r.get("stopped_early"):
+                share = r["stopped_at_fraction"]
+                stopped = f"stopped after {share:.0%} of fine-tuning, " if share > 0 else "stopped before fine-tuning, "
+            print(
+                f"[{label}{self.done}/{total}] {stopped}acc {r['accuracy']:.2%}  size {r['size_bytes'] / 1e3:.1f} KB "
+                f"({baseline['size_bytes'] / r['size_bytes']:.1f}x smaller)  latency {r['latency_ms']:.4f} ms "
+                f"({baseline['latency_ms'] / r['latency_ms']:.2f}x)  {_describe(trial.config.get('recipe') or trial.config.get('point', {}).get('recipe'))}",
+                flush=True,
+            )
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            print(f"[{label}{self.done}/{total}] trial failed: {_first_error_line(trial)}", flush=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"trial {trial.trial_id} failed ({_first_error_line(trial)}), running it again", flush=True)
+
+    return ProgressPrinter()
+
+
+def _describe(recipe: str | None) -> str:
+    from netshrink.techniques import Pipeline
+
+    return Pipeline.from_recipe(recipe).describe() if recipe else ""
+
+
+def _first_error_line(trial, limit: int = 200) -> str:
+    """The exception's message, cut short: Ray's message for a dead worker runs to 800 characters."""
+    try:
+        text = Path(trial.error_file).read_text().strip().splitlines()
+    except (OSError, TypeError):
+        return "see the Ray trial folder"
+    line = text[-1] if text else "see the Ray trial folder"
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -1,0 +1,47 @@
+"""After the trials: the Pareto front over every finished run, tagged in MLflow, drawn, and printed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from .constraints import Constraints
+from .front import TrialPoint, front_json, pareto_front, print_front
+from .plots import log_plots
+from .report import collect_points
+from .tracking import PARETO_TAG, SearchRecord, Tracker, is_local
+
+
+@dataclass(frozen=True)
+class Summary:
+    front: list[TrialPoint]
+    points: list[TrialPoint]
+    failed: int
+    repeats: int
+    baseline: dict[str, float]
+
+
+def summarise(tracker: Tracker, experiment_id: str, record: SearchRecord, constraints: Constraints, repeats: int) -> Summary:
+    """Take the front over the search's finished runs (trials and refined runs), tag every run ``pareto``, log the
+    counts, ``front.json`` and the plots to the parent run, and mark it finished."""
+    parent = record.run_id
+    points, failed = collect_points(tracker, experiment_id, parent)
+    front = pareto_front(points, record.objectives, record.directions, constraints)
+    on_front = {p.run_id for p in front}
+    for point in points:
+        tracker.client.set_tag(point.run_id, PARETO_TAG, "true" if point.run_id in on_front else "false")
+    tracker.log(parent, metrics={"trials_finished": len(points), "trials_failed": failed, "front_size": len(front), "repeats_skipped": repeats})
+    tracker.client.log_text(parent, front_json(front, record.baseline), "front.json")
+    log_plots(tracker, parent, points, front, record.baseline, record.objectives, constraints.min_accuracy)
+    tracker.finish(parent)
+    return Summary(front=front, points=points, failed=failed, repeats=repeats, baseline=record.baseline)
+
+
+def print_summary(summary: Summary, name: str, seconds: float, tracking_uri: str, console: Console) -> None:
+    if summary.repeats:
+        console.print(f"The sampler proposed {summary.repeats} pipeline(s) already evaluated; their earlier results were reused, not retrained.")
+    title = f"Pareto front of {name!r}: {len(summary.front)} of {len(summary.points)} finished trials ({summary.failed} failed), {seconds:.0f} s"
+    print_front(summary.front, summary.baseline, title=title, console=console)
+    if is_local(tracking_uri):
+        console.print(f"Browse it: mlflow ui --backend-store-uri {tracking_uri}")

@@ -1,0 +1,167 @@
+"""The Ray Tune wiring: trials steered by Optuna's multi-objective sampler, and the refinement of the front.
+
+Ray Tune schedules the trials (``trial.run_trial``) on the local machine or a cluster;
+the searcher (``searcher.DistinctPipelineSearch``, Ray's ``OptunaSearch``) asks Optuna's
+sampler for each pipeline. Refinement replays chosen front points with longer fine-tuning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from netshrink.config import Experiment
+from netshrink.spaces import SearchSpace
+from netshrink.spaces.start import start_params
+
+from .front import TrialPoint, knee_order, pareto_front
+from .progress import progress_printer
+from .report import collect_points
+from .resume import Progress
+from .searcher import DistinctPipelineSearch
+from .tracking import Tracker
+from .trial import REFINE_OF, TrialSetup, refine_trial, run_trial
+
+
+class SpaceSampler:
+    """Define-by-run function for ``OptunaSearch``: samples a pipeline and hands the trial its recipe.
+
+    Returning the recipe (instead of letting each trial rebuild it) means the
+    pipeline is validated once, in the driver, and the trial replays exactly it.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:  # type: ignore[valid-type]
+        self.space = space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        pipeline = self.space.sample(trial)
+        return {"recipe": pipeline.recipe(), "optuna_trial": trial.number}
+
+
+def make_sampler(experiment: Experiment, seed_offset: int = 0):
+    """The experiment's sampler. NSGA-II and TPE read each trial's constraint values (``searcher.annotate``).
+
+    ``seed_offset``: a resumed search's sampler must not replay the random draws its first run made.
+    """
+    import optuna
+
+    settings = experiment.search
+    seed = settings.seed + seed_offset
+    if settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=settings.population_size, seed=seed)
+    if settings.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def run_trials(
+    experiment: Experiment,
+    setup: TrialSetup,
+    study_name: str,
+    storage_url: str,
+    run_name: str,
+    trials: int,
+    concurrency: int,
+    state_dir: Path,
+    progress: Progress = Progress(),
+    fresh: bool = True,
+) -> int:
+    """Ray Tune runs the trials; Optuna's multi-objective sampler chooses each one's pipeline.
+
+    A ``fresh`` search (not a resumed one, whose study has them already) starts with the
+    informed start (``spaces/start.py``) when ``search.informed_start`` is on.
+    Returns how many repeated pipelines were answered from earlier trials instead of run again.
+    A failed trial is run again up to ``search.max_failures`` times (see ``run_trial``).
+    """
+    import optuna
+    from ray import tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Ctrl-C raises KeyboardInterrupt at once; Tune's own handler would end fit() quietly and the
+    # search would look finished with part of its budget.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    searcher = DistinctPipelineSearch(
+        baseline_metrics=setup.baseline_metrics,
+        constraints=setup.constraints,
+        skip_repeats=experiment.search.skip_repeats,
+        evaluated=progress.evaluated,
+        space=SpaceSampler(experiment.space),
+        metric=list(experiment.objectives),
+        mode=experiment.directions(),
+        sampler=make_sampler(experiment, seed_offset=progress.study_trials),
+        storage=optuna.storages.RDBStorage(storage_url),
+        study_name=study_name,
+        points_to_evaluate=start_params(experiment.space) if fresh and experiment.search.informed_start else None,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup),
+        {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        # reuse_actors: a trial runs in the worker process of the one before it, which saves starting a
+        # process and importing torch, MLflow and ONNX Runtime again (about 4 s a trial, benchmarks/scale.py)
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=str((state_dir / "ray").resolve()),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
+            callbacks=[progress_printer(progress.ended + trials, setup.baseline_metrics, done=progress.ended)],
+        ),
+    )
+    tuner.fit()
+    return searcher.repeats_skipped
+
+
+def points_to_refine(trials: list[TrialPoint], experiment: Experiment) -> list[TrialPoint]:
+    """The trials ``refine.points`` asks for: the whole front, the front at ``min_accuracy`` or above, or the
+    ``refine.count`` points nearest its knee (see ``front.knee_order``)."""
+    refine = experiment.refine
+    if refine.points == "all":
+        return pareto_front(trials, experiment.objectives, experiment.directions())
+    front = pareto_front(trials, experiment.objectives, experiment.directions(), experiment.min_accuracy)
+    return front if refine.points == "above_min_accuracy" else knee_order(front, experiment.objectives)[: refine.count]
+
+
+def refine_front(
+    experiment: Experiment, setup: TrialSetup, tracker: Tracker, experiment_id: str, run_name: str, concurrency: int, state_dir: Path, console: Console
+) -> None:
+    """Fine-tune the chosen front points for ``refine.epochs`` on Ray Tune, each as a child run of its own.
+
+    A refined run replays its trial's recipe on the baseline with the longer
+    fine-tuning and is measured like any trial; it names its trial in
+    ``refined_from`` and is no Optuna trial. Points refined before (a resumed
+    search) are not refined again.
+    """
+    from dataclasses import replace
+
+    from ray import tune
+
+    points, _ = collect_points(tracker, experiment_id, setup.parent_run_id)
+    done = {point.refined_from for point in points if point.refined_from}
+    chosen = [point for point in points_to_refine([p for p in points if p.refined_from is None], experiment) if point.run_id not in done]
+    if not chosen:
+        return
+    refine = experiment.refine
+    console.print(f"Refining {len(chosen)} front point(s) ({', '.join(p.name for p in chosen)}) with {refine.epochs} epochs of fine-tuning ...")
+    longer = replace(setup, finetune=experiment.finetune.model_copy(update={"epochs": refine.epochs, "lr": refine.lr or experiment.finetune.lr}))
+    trainable = tune.with_resources(
+        tune.with_parameters(refine_trial, setup=longer), {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu}
+    )
+    configs = [{"recipe": point.recipe, "run_name": f"{point.name}-refined", REFINE_OF: point.run_id} for point in chosen]
+    tune.Tuner(
+        trainable,
+        param_space={"point": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"{run_name}-refine",
+            storage_path=str((state_dir / "ray").resolve()),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
+            callbacks=[progress_printer(len(chosen), setup.baseline_metrics, label="refined ")],
+        ),
+    ).fit()
