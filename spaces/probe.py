@@ -103,31 +103,13 @@ def _drawn(space, draws: int, seed: int) -> list[Pipeline]:
     return pipelines
 
 
-def exports_faithfully(compressed, example_inputs: torch.Tensor) -> None:
-    """Export the compressed model as a trial does and check that ONNX Runtime computes what torch computes, at batch 1
-    (where an early-exit model's exit logic is the same in both); ``ValueError`` if not."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from netshrink.deploy.onnx_export import CHECK_ATOL, CHECK_RTOL, export_onnx
-
-    inputs = torch.randn(example_inputs.shape, generator=torch.Generator().manual_seed(0))
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "probe.onnx"
-        export_onnx(compressed.model, example_inputs, path, compressed.encodings)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        computed = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
-    with torch.no_grad():
-        expected = compressed.model.eval()(inputs).numpy()
-    if computed.shape != expected.shape or not np.allclose(computed, expected, rtol=CHECK_RTOL, atol=CHECK_ATOL):
-        raise ValueError("its ONNX export computes other outputs than torch")
-
-
 def probe(space, model: nn.Module, example_inputs: torch.Tensor, draws: int = RANDOM_DRAWS, seed: int = 0) -> list[str]:
     """Problems of ``space`` on ``model``, in words (empty when every probed pipeline runs and exports)."""
     problems = inapplicable(space, model)
     if problems:
         return problems
+    from netshrink.deploy.onnx_export import exports_faithfully
+
     scores = flat_sensitivity(model)
     seen, exported = set(), set()
     batch = torch.cat([example_inputs, example_inputs])
@@ -143,7 +125,7 @@ def probe(space, model: nn.Module, example_inputs: torch.Tensor, draws: int = RA
             structural = frozenset(step.kind for step in pipeline.active_steps() if changes_structure(step))
             if structural and structural not in exported:  # one export per combination of structural techniques
                 exported.add(structural)
-                exports_faithfully(compressed, example_inputs)
+                exports_faithfully(compressed.model, compressed.encodings, example_inputs)
         except Exception as error:  # whatever a technique or the export raises on this model
             kinds = ", ".join(step.kind for step in pipeline.active_steps())
             problems.append(f"space ({kinds}): {pipeline.describe()} breaks this model: {type(error).__name__}: {str(error)[:400]}")

@@ -129,6 +129,25 @@ def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, T
 CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-4
 
 
+def exports_faithfully(model: nn.Module, encodings: dict[str, TensorEncoding], example_inputs: torch.Tensor) -> None:
+    """Export ``model`` as a trial does (with its storage plan) and check that ONNX Runtime computes what torch computes,
+    within ``CHECK_RTOL``/``CHECK_ATOL``, on a random sample at batch 1 (where an early-exit model's exit logic is the
+    same in both); ``ValueError`` if not."""
+    import onnxruntime as ort
+
+    inputs = torch.randn(example_inputs.shape, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "check.onnx"
+        export_onnx(model, example_inputs, path, encodings)
+        session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+        computed = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+    with torch.no_grad():
+        expected = model.eval()(inputs).numpy()
+    if computed.shape != expected.shape or not np.allclose(computed, expected, rtol=CHECK_RTOL, atol=CHECK_ATOL):
+        difference = float(np.abs(computed - expected).max()) if computed.shape == expected.shape else float("inf")
+        raise ValueError(f"its ONNX export computes other outputs than torch (largest difference {difference:.3g}; allowed: rtol {CHECK_RTOL}, atol {CHECK_ATOL})")
+
+
 def check_exportable(model: nn.Module, example_inputs: torch.Tensor) -> None:
     """Export ``model`` once, run it in ONNX Runtime and compare with torch; ``ValueError`` saying what broke and what to do.
 

@@ -157,3 +157,15 @@ def test_encode_state_covers_every_entry(images):
     model = EDGE_MODELS["residual_bn"]()
     tensors, entries = encode_state(model, {})
     assert set(entries) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("model_name", ["residual_bn", "vit"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_exported_onnx_model_computes_what_torch_computes(config, model_name, images):
+    """Every technique and every choice of its default space, on a CNN and a transformer: ONNX Runtime runs the
+    exported model (weights as the artifact stores them) to torch's outputs within netshrink.deploy's tolerance."""
+    from netshrink.deploy.onnx_export import exports_faithfully
+
+    model = EDGE_MODELS[model_name]().eval()
+    compressed = compress_scored(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune)
+    exports_faithfully(compressed.model, compressed.encodings, images[:1])
