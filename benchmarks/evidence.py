@@ -90,21 +90,21 @@ def make_setup(workdir: Path, seed: int, early_stopping: bool):
     from netshrink.search.baseline import prepare_baseline
     from netshrink.search.constraints import Constraints
     from netshrink.deploy.stopping import StopRule
-    from netshrink.search.trial import TrialSetup
+    from netshrink.deploy.evaluate import RecipeSetup
 
     experiment = load_experiment(ROOT / "spaces" / "digits.yaml")
     baseline = prepare_baseline(experiment, workdir / ".netshrink" / "baselines", str(ROOT / "spaces"), log=lambda *_: None)
     constraints = Constraints.for_search(None, None, None, baseline.metrics)
-    setup = TrialSetup(
+    setup = RecipeSetup(
         task=experiment.task, finetune=experiment.finetune, measure=experiment.measure, seed=seed, cpus=1, search_path=str(ROOT / "spaces"),
-        baseline_weights=baseline.artifact.read_bytes(), baseline_metrics=baseline.metrics, tracking_uri="", experiment_id="", parent_run_id="",
-        sensitivity=baseline.sensitivity, constraints=constraints, stop_rule=StopRule(constraints.min_accuracy) if early_stopping else None,
+        baseline_weights=baseline.artifact.read_bytes(), baseline_metrics=baseline.metrics, sensitivity=baseline.sensitivity,
+        stop_rule=StopRule(constraints.min_accuracy) if early_stopping else None,
     )
     return experiment, setup
 
 
 def evaluate(setup, pipeline) -> tuple[dict, list]:
-    from netshrink.search.trial import evaluate_recipe
+    from netshrink.deploy.evaluate import evaluate_recipe
 
     curve: list = []
     with tempfile.TemporaryDirectory() as folder:
@@ -152,7 +152,9 @@ def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
         out.append({"part": "curves", "label": pipeline.describe(), "seed": setup.seed, "metrics": metrics, "curve": [c.__dict__ for c in curve]})
         print(f"  [{index + 1}/{draws}] final {metrics['accuracy']:.1%}  curve " + " ".join(f"{c.fraction:.2f}:{c.accuracy:.0%}" for c in curve), flush=True)
     base = setup.baseline_metrics["accuracy"]
-    floor = setup.constraints.min_accuracy
+    from netshrink.search.constraints import DEFAULT_DROP
+
+    floor = setup.baseline_metrics["accuracy"] - DEFAULT_DROP
     from netshrink.deploy.stopping import RECOVERY
 
     shares = [share for share, _ in RECOVERY]

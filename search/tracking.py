@@ -17,12 +17,14 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from netshrink.deploy.evaluate import RECIPE_FILE  # noqa: F401  (the run's artifact: the recipe as applied)
+
 from .constraints import Constraints
 
 ROLE_TAG = "netshrink.role"
 PARENT_TAG = "mlflow.parentRunId"
 PARETO_TAG = "pareto"
-RECIPE_FILE = "recipe.json"
+NOTES_TAG = "notes"  # layers a technique left out, and why (``Compressed.notes``)
 RECIPE_TAG = "recipe"  # the pipeline JSON, also kept as a tag so the front needs no artifact downloads
 SUMMARY_TAG = "recipe_summary"  # the pipeline in one line
 OPTUNA_TRIAL_TAG = "optuna_trial"  # the number of the child's trial in the Optuna study

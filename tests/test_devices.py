@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from netshrink.config import FinetuneSettings, MeasureSettings, TaskConfig
 from netshrink.devices import trial_device
-from netshrink.search import trial
+from netshrink.deploy import evaluate
 from netshrink.techniques import Pipeline, PruningConfig, save_artifact
 from netshrink.training import accuracy, on_device, train
 from netshrink.tasks import build_model, load_data
@@ -83,13 +83,13 @@ def test_a_trial_fine_tunes_on_the_device_its_gpu_request_selects(monkeypatch, t
         devices.append(kwargs["device"])
         return train(model, dataset, **kwargs)
 
-    monkeypatch.setattr(trial, "trial_device", chosen_device)
-    monkeypatch.setattr(trial, "train", recording_train)
+    monkeypatch.setattr(evaluate, "trial_device", chosen_device)
+    monkeypatch.setattr(evaluate, "train", recording_train)
     task = TaskConfig(dataset_args={"image_size": 16})
     data = load_data(task.dataset, task.dataset_args)
     baseline = tmp_path / "baseline.safetensors"
     save_artifact(baseline, build_model(task.model, task.model_args, data), {}, Pipeline().recipe())
-    setup = trial.TrialSetup(
+    setup = evaluate.RecipeSetup(
         task=task,
         finetune=FinetuneSettings(epochs=1),
         measure=MeasureSettings(warmup=2, repeats=10),
@@ -98,14 +98,11 @@ def test_a_trial_fine_tunes_on_the_device_its_gpu_request_selects(monkeypatch, t
         search_path=str(tmp_path),
         baseline_weights=baseline.read_bytes(),
         baseline_metrics={"accuracy": 0.1, "size_bytes": float(baseline.stat().st_size), "latency_ms": 0.1},
-        tracking_uri="unused",
-        experiment_id="unused",
-        parent_run_id="unused",
         gpus=0.25,
     )
     workdir = tmp_path / "trial"
     workdir.mkdir()
-    metrics = trial.evaluate_recipe(setup, Pipeline(steps=[PruningConfig(ratio=0.5, steps=2)]), workdir)
+    metrics = evaluate.evaluate_recipe(setup, Pipeline(steps=[PruningConfig(ratio=0.5, steps=2)]), workdir)
     assert requests == [0.25]
     assert devices == [chosen, chosen]  # both fine-tuning rounds of the two-step pruning
-    assert (workdir / trial.ARTIFACT_FILE).is_file() and math.isfinite(metrics["accuracy"])
+    assert (workdir / evaluate.ARTIFACT_FILE).is_file() and math.isfinite(metrics["accuracy"])
