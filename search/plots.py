@@ -15,7 +15,6 @@ import html
 import io
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +22,6 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
-from mlflow.entities import Metric
 
 
 from .front import TrialPoint, with_interval
@@ -32,6 +30,7 @@ from .report import LoadedFront
 from .tracking import Tracker
 
 ARTIFACT_FOLDER = "plots"  # in the search's parent run
+HYPERVOLUME_METRIC = "hypervolume"  # the front's hypervolume after each trial, as a metric history of the search's run
 PARETO_PNG = "pareto.png"
 PARETO_HTML = "pareto.html"
 HYPERVOLUME_PNG = "hypervolume.png"
@@ -83,10 +82,7 @@ def log_plots(
     with tempfile.TemporaryDirectory() as folder:
         history = write_plots(Path(folder), points, front, baseline, objectives, min_accuracy)
         tracker.client.log_artifacts(run_id, folder, ARTIFACT_FOLDER)
-    now = int(time.time() * 1000)
-    steps = [Metric("hypervolume", value, now, step) for step, value in enumerate(history, start=1)]
-    for start in range(0, len(steps), 1000):  # MLflow takes at most 1000 metrics per batch
-        tracker.client.log_batch(run_id, metrics=steps[start : start + 1000])
+    tracker.log_history(run_id, HYPERVOLUME_METRIC, history)
 
 
 def write_search_plots(folder: Path, loaded: LoadedFront) -> list[float]:

@@ -31,8 +31,9 @@ def summarise(tracker: Tracker, experiment_id: str, record: SearchRecord, constr
     on_front = {p.run_id for p in front}
     for point in points:
         tracker.client.set_tag(point.run_id, PARETO_TAG, "true" if point.run_id in on_front else "false")
-    tracker.log(parent, metrics={"trials_finished": len(points), "trials_failed": failed, "front_size": len(front), "repeats_skipped": repeats})
-    tracker.client.log_text(parent, front_json(front, record.baseline), "front.json")
+    tracker.log_search_outcome(
+        record, finished=len(points), failed=failed, front_size=len(front), repeats=repeats, front_json=front_json(front, record.baseline)
+    )
     log_plots(tracker, parent, points, front, record.baseline, record.objectives, constraints.min_accuracy)
     tracker.finish(parent)
     return Summary(front=front, points=points, failed=failed, repeats=repeats, baseline=record.baseline)

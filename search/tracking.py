@@ -155,6 +155,20 @@ class Tracker:
         self.client.log_text(run_id, text, CONFIG_ARTIFACT)
         return self.search_record(run_id)
 
+    def log_search_outcome(self, record: SearchRecord, *, finished: int, failed: int, front_size: int, repeats: int, front_json: str) -> None:
+        """What the search's parent run holds once its trials are done: the counts and the front as JSON."""
+        self.log(record.run_id, metrics={"trials_finished": finished, "trials_failed": failed, "front_size": front_size, "repeats_skipped": repeats})
+        self.client.log_text(record.run_id, front_json, "front.json")
+
+    def log_history(self, run_id: str, metric: str, values: list[float]) -> None:
+        """``values`` as the history of ``metric``, one step per value from 1 (MLflow shows the last as the metric's value)."""
+        import time
+
+        now = int(time.time() * 1000)
+        steps = [Metric(metric, value, now, step) for step, value in enumerate(values, start=1)]
+        for start in range(0, len(steps), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=steps[start : start + 1000])
+
     def search_record(self, run: str | Any) -> SearchRecord:
         """The search a parent run (or its id) records; fields a search of an older netshrink did not record are None."""
         run = self.client.get_run(run) if isinstance(run, str) else run
