@@ -18,7 +18,7 @@ above ``min_accuracy``? The answer comes from measured recovery: the largest ris
 validation accuracy, from a checkpoint at a given share of fine-tuning to the end of
 fine-tuning, seen over calibration trials on the built-in task (``RECOVERY``, measured
 by ``benchmarks/stopping.py``), plus a margin. A trial whose accuracy plus that rise
-stays under ``min_accuracy`` is stopped; the trial then measures the model as it stands
+stays under ``min_accuracy`` is stopped (never before fine-tuning has begun: the grace); the trial then measures the model as it stands
 and the searcher tells Optuna, as a complete but infeasible trial, so the sampler learns
 where the hopeless region is (see ``searcher.py``).
 """
@@ -38,6 +38,9 @@ from torch import nn
 # next round recovers it (the 0.5 entry). From 0.17 the largest rise seen was 2.5 points over 25 checkpoints:
 # the entry keeps 10, as its neighbours.
 RECOVERY: tuple[tuple[float, float], ...] = ((0.0, 0.42), (0.08, 0.18), (0.17, 0.10), (0.25, 0.11), (0.33, 0.075), (0.5, 0.225))
+# No decision before fine-tuning starts (the 0.0 entry is for the record): a structural technique can leave a
+# model at chance that a few steps of fine-tuning bring back (low-rank on a ViT's every Linear), and a table
+# measured on one task cannot promise the contrary for another. From the first checkpoint on, the curve shows it.
 # On top of the largest rise seen: one task and 60 trials are not every model. Before low-rank stopped
 # factoring the output layer, its broken models sat at chance for a quarter of their fine-tuning and then
 # climbed up to 60 points; none of them ended above min_accuracy, and of the trials that did, none rose more
@@ -68,8 +71,8 @@ class StopRule:
 
     def reason(self, point: Checkpoint) -> str | None:
         """Why the trial should stop at ``point``, or None if it may go on."""
-        if point.fraction >= 1.0:
-            return None  # fine-tuning is over: the trial is measured as any other
+        if point.fraction >= 1.0 or point.fraction <= 0.0:
+            return None  # fine-tuning is over (the trial is measured as any other), or has not started (the grace)
         reach = point.accuracy + self.largest_rise(point.fraction) + self.margin
         if reach >= self.min_accuracy:
             return None

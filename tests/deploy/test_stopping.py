@@ -41,7 +41,7 @@ def test_a_checkpoint_that_says_stop_ends_training_there():
 
 def test_the_rule_stops_only_what_the_largest_recovery_seen_cannot_lift_to_min_accuracy():
     rule = StopRule(min_accuracy=0.9, recovery=((0.0, 1.0), (0.25, 0.3), (0.5, 0.1)), margin=0.05)
-    assert rule.reason(Checkpoint(fraction=0.0, epochs=0, accuracy=0.1)) is None  # before fine-tuning anything may recover
+    assert rule.reason(Checkpoint(fraction=0.0, epochs=0, accuracy=0.01)) is None  # the grace: no decision before fine-tuning
     assert rule.reason(Checkpoint(fraction=0.25, epochs=0.75, accuracy=0.56)) is None  # 0.56 + 0.3 + 0.05 reaches 0.9
     reason = rule.reason(Checkpoint(fraction=0.25, epochs=0.75, accuracy=0.5))
     assert reason and "50.0%" in reason and "min_accuracy 90.0%" in reason
