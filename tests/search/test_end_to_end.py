@@ -288,7 +288,7 @@ def test_early_exits_run_in_a_real_search_trial_with_exit_shares_logged(tmp_path
             measure: {warmup: 5, repeats: 100}
             space:
               early_exit: {enabled: true, after: "pool1+pool2", threshold: 0.8}
-              pruning: {enabled: true, granularity: channel, ratio: 0.3}
+              pruning: {enabled: true, granularity: channel, ratio: 0.3, steps: 2, importance: l1, scope: layer}
             """
         )
     )

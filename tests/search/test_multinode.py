@@ -33,7 +33,7 @@ EXPERIMENT = f"""
 name: multinode
 task: {{dataset_args: {{image_size: 16}}, train: {{epochs: 1}}}}
 finetune: {{epochs: 1}}
-search: {{trials: {TRIALS}, max_concurrent: 2, sampler: random, seed: 5}}
+search: {{trials: {TRIALS}, max_concurrent: 2, sampler: random, seed: 5, early_stopping: false}}  # where trials run, not how they end: none stops
 resources: {{cpu: 1}}
 measure: {{warmup: 5, repeats: 50}}
 space:

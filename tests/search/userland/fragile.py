@@ -1,4 +1,7 @@
-"""A user model that breaks once its channels are pruned: every trial of a channel-pruning search fails."""
+"""A user model that breaks in training once its channels are pruned: every trial of a channel-pruning search fails.
+
+In training only, so that validation, which probes the space on the model in eval mode, cannot see it
+coming: a fault that shows only mid-trial, as a user's code can have."""
 
 import torch
 from torch import nn
@@ -11,7 +14,7 @@ class Fragile(nn.Module):
         self.head = nn.Linear(8, num_classes)
 
     def forward(self, x):
-        if self.conv.out_channels != 8:
+        if self.training and self.conv.out_channels != 8:
             raise RuntimeError("Fragile refuses to run with pruned channels")
         return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
