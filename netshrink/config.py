@@ -14,7 +14,7 @@ from netshrink.spaces import SearchSpace
 from netshrink.yaml_file import DuplicateKeyError, read_yaml
 
 # Direction of each metric a search can optimise; fixed, because e.g. minimising accuracy is never meant.
-OBJECTIVES: dict[str, Literal["max", "min"]] = {"accuracy": "max", "size_bytes": "min", "latency_ms": "min"}
+OBJECTIVES: dict[str, Literal["max", "min"]] = {"accuracy": "max", "size_bytes": "min", "latency_ms": "min", "throughput": "max"}
 
 
 class Strict(BaseModel):
@@ -92,17 +92,14 @@ class Resources(Strict):
 
 
 class MeasureSettings(Strict):
-    """Latency: ``repeats`` batch-1 runs on ONNX Runtime CPU after ``warmup`` runs; a trial's model
-    is timed in alternation with the baseline (see ``netshrink.deploy.measure``)."""
+    """Latency: ``repeats`` batch-1 runs on ONNX Runtime CPU after ``warmup`` runs; throughput: batches of
+    ``batch_size``. A trial's model is timed in alternation with the baseline, in the ONNX Runtime session
+    options its deployment uses (see ``netshrink.deploy.measure``)."""
 
-    threads: int = Field(1, ge=1, le=256)
+    threads: int = Field(1, ge=1, le=256, description="ONNX Runtime's intra-op threads for every measurement")
     warmup: int = Field(100, ge=0)
     repeats: int = Field(2000, ge=10)
-    fold_int8_weights: bool = Field(
-        False,
-        description="measure with ONNX Runtime's session.disable_quant_qdq=1, which dequantizes int8 weights once at "
-        "load time (fp32 speed) instead of on every call (the default, slower on CPU)",
-    )
+    batch_size: int = Field(32, ge=1, le=4096, description="samples per call for the throughput objective")
 
 
 class Experiment(Strict):
@@ -110,7 +107,10 @@ class Experiment(Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     refine: RefineSettings = Field(default_factory=RefineSettings)
-    objectives: list[str] = Field(default_factory=lambda: list(OBJECTIVES))
+    objectives: list[str] = Field(
+        default_factory=lambda: ["accuracy", "size_bytes", "latency_ms"],
+        description="what the search optimises (accuracy, size_bytes, latency_ms; throughput: samples/s at measure.batch_size)",
+    )
     min_accuracy: float | None = Field(
         None, gt=0, le=1, description="validation accuracy a model must reach to count (a constraint); default: the baseline's minus 5 points"
     )

@@ -19,8 +19,7 @@ from netshrink.techniques import Pipeline, load_artifact, save_artifact
 from netshrink.techniques.sensitivity import measure_sensitivity
 from netshrink.training import accuracy, train
 
-from netshrink.config import MeasureSettings
-from netshrink.deploy.measure import measure_latency_ms
+from netshrink.deploy.measure import measure_latency, measure_latency_ms, throughput
 from netshrink.deploy.onnx_export import export_onnx
 
 BASELINE_FILE = "baseline.safetensors"
@@ -134,6 +133,9 @@ def measure_baseline(model: torch.nn.Module, data: TaskData, artifact: Path, fol
     onnx_bytes = export_onnx(model, example_inputs(data), onnx_path, {})
     settings = experiment.measure
     scores = {"accuracy": accuracy(model, data.val), "test_accuracy": accuracy(model, data.test)}
+    if "throughput" in experiment.objectives:  # samples per second in batches of measure.batch_size
+        batched = measure_latency(onnx_path, data.input_shape, settings, batch=settings.batch_size)
+        scores["throughput"] = throughput(batched.ms, settings.batch_size)
     return {
         **scores,
         **interval_metrics("accuracy", scores["accuracy"], len(data.val)),

@@ -222,7 +222,7 @@ def write_files(
     """Artifact and recipe as the trial logged them; the ONNX model rebuilt from the artifact; the card."""
     from netshrink.tasks import build_model, example_inputs, load_data
     from netshrink.deploy.measure import onnx_evaluate
-    from netshrink.deploy.onnx_export import export_artifact
+    from netshrink.deploy.onnx_export import deployment_config, export_artifact
     from netshrink.techniques import EarlyExitNet, load_artifact
 
     run_id = chosen.point.run_id
@@ -262,6 +262,7 @@ def write_files(
         input_shape=tuple(data.input_shape),
         exit_cuts=tuple(model.cut_names) if exits else (),
         exit_threshold=model.threshold if exits else None,
+        session_config=deployment_config(folder / ONNX_FILE),
     )
     (folder / CARD_FILE).write_text(render_card(facts))
     return files, onnx_accuracy

@@ -26,7 +26,7 @@ class TrialPoint:
     refined_from: str | None = None  # a refined run: the run id of the trial it fine-tuned longer
 
     def value(self, objective: str) -> float:
-        return getattr(self, objective)
+        return getattr(self, objective) if objective in ("accuracy", "size_bytes", "latency_ms") else self.extra[objective]
 
     def metrics(self) -> dict[str, float]:
         """Every logged figure of the trial, the objectives included."""
@@ -110,24 +110,30 @@ def _size(num_bytes: float) -> str:
 
 def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    columns = (
+    batched = bool(baseline) and "throughput" in baseline  # the search measured throughput: show it
+    columns = [
         ("trial", "left"), ("val. accuracy [95% CI]", "right"), ("test accuracy [95% CI]", "right"), ("size", "right"),
-        ("x smaller", "right"), ("latency ms", "right"), ("x faster", "right"), ("recipe", "left"),
-    )
+        ("x smaller", "right"), ("latency ms", "right"), ("x faster", "right"),
+    ]
+    if batched:
+        columns.append(("samples/s", "right"))
+    columns.append(("recipe", "left"))
     for column, justify in columns:
         table.add_column(column, justify=justify, overflow="fold")
     if baseline:
+        throughput = [f"{baseline['throughput']:,.0f}"] if batched else []
         table.add_row(
             "baseline", with_interval(baseline, "accuracy"), with_interval(baseline, "test_accuracy"), _size(baseline["size_bytes"]), "1.0",
-            f"{baseline['latency_ms']:.4f}", "1.0", "uncompressed", style="dim",
+            f"{baseline['latency_ms']:.4f}", "1.0", *throughput, "uncompressed", style="dim",
         )
     for point in front:
         smaller = f"{baseline['size_bytes'] / point.size_bytes:.1f}" if baseline else "-"
         faster = f"{baseline['latency_ms'] / point.latency_ms:.2f}" if baseline else "-"
         metrics = point.metrics()
+        throughput = [f"{metrics['throughput']:,.0f}" if "throughput" in metrics else "-"] if batched else []
         table.add_row(
             point.name, with_interval(metrics, "accuracy"), with_interval(metrics, "test_accuracy"), _size(point.size_bytes), smaller,
-            f"{point.latency_ms:.4f}", faster, point.summary,
+            f"{point.latency_ms:.4f}", faster, *throughput, point.summary,
         )
     return table
 

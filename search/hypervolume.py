@@ -5,7 +5,8 @@ The rule, so that values are comparable between searches of the same baseline:
 * Each objective the experiment uses becomes a loss to minimise, 0 at ideal and 1 at the reference point:
   - ``accuracy``:   ``(1 - accuracy) / (1 - floor)``, where ``floor`` is ``min_accuracy`` when set, else 0;
   - ``size_bytes``: ``size / (2 * baseline size)``;
-  - ``latency_ms``: ``latency / (2 * baseline latency)``.
+  - ``latency_ms``: ``latency / (2 * baseline latency)``;
+  - ``throughput``: ``baseline throughput / (2 * throughput)`` (1 at half the baseline's samples per second).
 * The reference point is 1 on every used axis: accuracy at ``min_accuracy`` (or 0), twice the
   baseline's size, twice its latency. The hypervolume is the share of that unit box the front
   dominates, so it lies in [0, 1]. With all three objectives and no ``min_accuracy``, a single trial
@@ -71,6 +72,8 @@ def losses(point: TrialPoint, objectives: Sequence[str], baseline: dict[str, flo
         "size_bytes": point.size_bytes / (BOX_OVER_BASELINE * baseline["size_bytes"]),
         "latency_ms": point.latency_ms / (BOX_OVER_BASELINE * baseline["latency_ms"]),
     }
+    if "throughput" in objectives:  # more is better: the loss is the baseline's share, the box ends at half its throughput
+        scaled["throughput"] = baseline["throughput"] / (BOX_OVER_BASELINE * point.value("throughput"))
     return tuple(scaled[name] for name in objectives)
 
 

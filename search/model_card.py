@@ -7,7 +7,7 @@ smallest possible install (numpy and onnxruntime).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netshrink.config import TaskConfig
 
@@ -37,6 +37,13 @@ class CardFacts:
     input_shape: tuple[int, ...]  # one sample
     exit_cuts: tuple[str, ...] = ()  # early exits: the layer each exit follows, in forward order
     exit_threshold: float | None = None
+    session_config: dict[str, str] = field(default_factory=dict)  # the ONNX Runtime session config model.onnx is deployed (and was timed) with
+
+
+def session_options_in_words(config: dict[str, str]) -> str:
+    if config.get("session.disable_quant_qdq") == "1":
+        return "session.disable_quant_qdq=1: the int8 weights are dequantized once, when the session loads; ONNX Runtime's defaults would do it on every call"
+    return "ONNX Runtime's defaults"
 
 
 def _ratio(baseline: float, value: float, better: str, worse: str) -> str:
@@ -63,6 +70,16 @@ def metrics_table(facts: CardFacts) -> str:
         f"| size (compressed artifact file) | {base['size_bytes']:,.0f} B | {point.size_bytes:,.0f} B | {_ratio(base['size_bytes'], point.size_bytes, 'smaller', 'larger')} |",
         f"| latency (batch 1, ONNX Runtime CPU) | {base['latency_ms']:.4f} ms | {point.latency_ms:.4f} ms | {_ratio(base['latency_ms'], point.latency_ms, 'faster', 'slower')} |",
     ]
+    if "latency_dequant_per_call_ms" in metrics:
+        rows.append(
+            f"| latency if the weights were dequantized on every call (ONNX Runtime's defaults) | {base['latency_ms']:.4f} ms "
+            f"| {metrics['latency_dequant_per_call_ms']:.4f} ms | {_ratio(base['latency_ms'], metrics['latency_dequant_per_call_ms'], 'faster', 'slower')} |"
+        )
+    if "throughput" in metrics and "throughput" in base:
+        rows.append(
+            f"| throughput (batches, ONNX Runtime CPU) | {base['throughput']:,.0f} samples/s | {metrics['throughput']:,.0f} samples/s "
+            f"| {_ratio(metrics['throughput'], base['throughput'], 'higher', 'lower')} |"
+        )
     return "\n".join(rows)
 
 
@@ -78,11 +95,15 @@ def onnx_snippet(facts: CardFacts) -> str:
         if facts.exit_cuts
         else 'logits = session.run(["logits"], {"input": x})[0]\nprint(logits.argmax(axis=1))'
     )
+    options = "".join(f'options.add_session_config_entry("{key}", "{value}")\n' for key, value in facts.session_config.items())
     return (
         "```python\n"
         "import numpy as np\n"
         "import onnxruntime as ort\n\n"
-        'session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])\n'
+        "options = ort.SessionOptions()  # the options the latency above was measured with\n"
+        f"{options}"
+        "options.intra_op_num_threads = 1\n"
+        'session = ort.InferenceSession("model.onnx", options, providers=["CPUExecutionProvider"])\n'
         f"x = np.zeros(({shape}), dtype=np.float32)  # a batch of inputs, preprocessed as the task's dataset yields them\n"
         f"{run}\n"
         "```"
@@ -118,7 +139,8 @@ def render_card(facts: CardFacts) -> str:
         "Measured by the search on the artifact the trial wrote. Accuracy brackets are 95% Wilson intervals. The search "
         "picked its front on the validation split, so that figure is the best of many tries and optimistic; the test split "
         "played no part in the choice, which is why its figure is the one to quote. Size is the compressed artifact file's "
-        "size; latency is batch-1 ONNX Runtime CPU time, timed in alternation with the baseline (ratio x the baseline's figure). "
+        "size; latency is batch-1 ONNX Runtime CPU time, timed in alternation with the baseline (ratio x the baseline's figure), "
+        f"in the session options below ({session_options_in_words(facts.session_config)}). "
         f"`model.onnx`, checked at export: accuracy {facts.onnx_accuracy:.2%} on the validation split, one sample per call.",
     ]
     shares = [point.extra[f"exit_share_{index}"] for index in range(len(facts.exit_cuts) + 1) if f"exit_share_{index}" in point.extra]

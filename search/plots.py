@@ -239,6 +239,7 @@ def hypervolume_figure(
         "accuracy": f"accuracy {min_accuracy or 0:.0%}",
         "size_bytes": f"{BOX_OVER_BASELINE:g}x baseline size",
         "latency_ms": f"{BOX_OVER_BASELINE:g}x baseline latency",
+        "throughput": f"1/{BOX_OVER_BASELINE:g} of the baseline's throughput",
     }
     axes.set_title(
         f"Hypervolume of the Pareto front over {', '.join(objectives)}\n"

@@ -137,6 +137,7 @@ def run_search(
             sensitivity=baseline.sensitivity,
             constraints=constraints,
             stop_rule=StopRule(constraints.min_accuracy) if experiment.search.early_stopping else None,
+            measure_throughput="throughput" in experiment.objectives,
         )
         remaining = trials - progress.ended
         if interrupted:

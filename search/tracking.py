@@ -177,7 +177,7 @@ class Tracker:
 
         return SearchRecord(
             run_id=run.info.run_id,
-            objectives=json.loads(tags.get(_OBJECTIVES, json.dumps(list(OBJECTIVES)))),
+            objectives=json.loads(tags.get(_OBJECTIVES, json.dumps(["accuracy", "size_bytes", "latency_ms"]))),
             constraints=Constraints.from_tags(tags),
             baseline={key.removeprefix(BASELINE_PREFIX): value for key, value in run.data.metrics.items() if key.startswith(BASELINE_PREFIX)},
             study_name=tags.get(_STUDY),

@@ -23,8 +23,8 @@ from netshrink.techniques import EarlyExitNet, Pipeline, compress, load_artifact
 from netshrink.techniques.base import cross_entropy
 from netshrink.training import accuracy, train
 
-from .measure import measure_relative_latency, onnx_evaluate
-from .onnx_export import export_artifact, export_onnx
+from .measure import measure_relative_latency, onnx_evaluate, throughput
+from .onnx_export import deployment_config, export_artifact, export_onnx
 from .stopping import Checkpoint, FineTuneMonitor, StopRule
 
 ARTIFACT_FILE = "compressed.safetensors"
@@ -49,6 +49,7 @@ class RecipeSetup:
     gpus: float = 0.0  # resources.gpu: fine-tuning runs on CUDA only when the trial reserved a GPU
     sensitivity: dict | None = None  # the baseline's per-layer sensitivity, for allocation: sensitivity
     stop_rule: StopRule | None = None  # early stopping of hopeless recipes; None: every one fine-tunes to the end
+    measure_throughput: bool = False  # also time batches of measure.batch_size (the throughput objective)
 
 
 def evaluate_recipe(
@@ -106,9 +107,19 @@ def evaluate_recipe(
     if compressed.notes:
         (workdir / NOTES_FILE).write_text("\n".join(compressed.notes))
     started = time.perf_counter()
+    inputs = validation_inputs(data.val)
+    extra: dict[str, float] = {}
     try:
-        # timed on the validation inputs: a model with early exits is timed over all of them, with its exit logic
-        timed = measure_relative_latency(workdir / ONNX_FILE, reference, validation_inputs(data.val), setup.measure)
+        # timed on the validation inputs: a model with early exits is timed over all of them, with its exit logic;
+        # in the session options the exported file records for its deployment
+        timed = measure_relative_latency(workdir / ONNX_FILE, reference, inputs, setup.measure)
+        if deployment_config(workdir / ONNX_FILE):  # weight-only integer: what dequantizing on every call would cost
+            per_call = measure_relative_latency(workdir / ONNX_FILE, reference, inputs, setup.measure, config={})
+            extra["latency_dequant_per_call_ms"] = per_call.ratio * setup.baseline_metrics["latency_ms"]
+        if setup.measure_throughput:
+            batched = measure_relative_latency(workdir / ONNX_FILE, reference, inputs, setup.measure, batch=setup.measure.batch_size)
+            extra["throughput"] = setup.baseline_metrics["throughput"] / batched.ratio
+            extra["throughput_raw"] = throughput(batched.candidate.ms, setup.measure.batch_size)
     finally:
         reference.unlink()
     seconds_latency = time.perf_counter() - started
@@ -132,6 +143,7 @@ def evaluate_recipe(
         "latency_raw_ms": timed.candidate.ms,  # this trial's own figure, under whatever the machine did meanwhile
         "latency_reference_raw_ms": timed.reference.ms,
         "latency_p90_raw_ms": timed.candidate.p90_ms,
+        **extra,
         "onnx_bytes": float(onnx_bytes),
         "parameters": float(sum(p.numel() for p in restored.parameters())),
         "nonzero_parameters": float(sum(int((p != 0).sum()) for p in restored.parameters())),

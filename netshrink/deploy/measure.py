@@ -22,21 +22,21 @@ import torch
 from netshrink.config import MeasureSettings
 from netshrink.node_lock import compute_slot, quiet_machine
 
-from .onnx_export import EXIT_OUTPUT
+from .onnx_export import EXIT_OUTPUT, deployment_config
 
 
-def ort_session(onnx_path: str | os.PathLike, threads: int = 1, fold_int8_weights: bool = False):
-    """An ONNX Runtime CPU session with a fixed thread count.
+def ort_session(onnx_path: str | os.PathLike, threads: int = 1, config: dict[str, str] | None = None):
+    """An ONNX Runtime CPU session with a fixed thread count, in the session options the model is deployed with.
 
-    By default ORT keeps weight-only ``DequantizeLinear`` nodes and runs them on
-    every call; ``fold_int8_weights`` sets ``session.disable_quant_qdq`` so they
-    are folded into float32 weights once, at load time.
+    ``config``: session config entries; default: the ones the exported file records as its deployment's
+    (``onnx_export.deployment_config``). A weight-only integer model records ``session.disable_quant_qdq=1``:
+    its int8 weights are dequantized once at load time rather than on every call.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if fold_int8_weights:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    for key, value in (deployment_config(onnx_path) if config is None else config).items():
+        options.add_session_config_entry(key, value)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -90,10 +90,10 @@ def has_exits(session) -> bool:
     return any(output.name == EXIT_OUTPUT for output in session.get_outputs())
 
 
-def _block(session, samples: np.ndarray, runs: int) -> list[float]:
-    """``runs`` batch-1 calls, cycling through ``samples``; the wall time of each."""
+def _block(session, samples: np.ndarray, runs: int, batch: int = 1) -> list[float]:
+    """``runs`` calls of ``batch`` samples, cycling through ``samples``; the wall time of each."""
     name = session.get_inputs()[0].name
-    feeds = [{name: samples[index : index + 1]} for index in range(len(samples))]
+    feeds = [{name: samples[index : index + batch]} for index in range(0, len(samples) - batch + 1, batch)]
     timings = []
     for run in range(runs):
         feed = feeds[run % len(feeds)]
@@ -113,19 +113,24 @@ def _summary(blocks: list[list[float]], statistic=statistics.median) -> Latency:
     )
 
 
-def measure_latency(onnx_path: str | os.PathLike, inputs: Inputs, settings: MeasureSettings = MeasureSettings()) -> Latency:
-    """Time ``settings.repeats`` batch-1 runs in 10 blocks, after warm-up, while the machine is quiet.
+def measure_latency(onnx_path: str | os.PathLike, inputs: Inputs, settings: MeasureSettings = MeasureSettings(), batch: int = 1) -> Latency:
+    """Time ``settings.repeats`` runs in 10 blocks, after warm-up, while the machine is quiet (``batch`` samples a call).
 
     ``ms`` is the median of the block with the lowest median: short bursts of
     noise spoil some blocks, rarely all.
     """
-    session = ort_session(onnx_path, settings.threads, settings.fold_int8_weights)
-    samples = _samples(inputs)[:1]
-    per_block = max(1, settings.repeats // BLOCKS)
+    session = ort_session(onnx_path, settings.threads)
+    samples = np.resize(_samples(inputs)[:batch], (batch, *_samples(inputs).shape[1:]))
+    per_block = max(1, settings.repeats // (BLOCKS * batch) + (batch > 1))
     with quiet_machine():
-        _block(session, samples, settings.warmup)
-        blocks = [_block(session, samples, per_block) for _ in range(BLOCKS)]
+        _block(session, samples, max(settings.warmup // batch, 1), batch)
+        blocks = [_block(session, samples, per_block, batch) for _ in range(BLOCKS)]
     return _summary(blocks)
+
+
+def throughput(latency_ms: float, batch: int) -> float:
+    """Samples per second of calls of ``batch`` samples that each take ``latency_ms``."""
+    return batch / (latency_ms / 1000.0)
 
 
 def measure_relative_latency(
@@ -133,6 +138,8 @@ def measure_relative_latency(
     reference_path: str | os.PathLike,
     inputs: Inputs,
     settings: MeasureSettings = MeasureSettings(),
+    config: dict[str, str] | None = None,
+    batch: int = 1,
 ) -> RelativeLatency:
     """Time the model and a reference in alternating rounds of two blocks each; the ratio is the median per-round ratio.
 
@@ -142,28 +149,35 @@ def measure_relative_latency(
     input), compared by block medians. A model with early exits runs 10 rounds
     of one pass over all ``inputs`` each (the validation set), compared by block
     means: its figure is the mean over the data with the real exit logic.
+
+    Both sessions use the options their files record for deployment, unless ``config`` gives the
+    candidate's (the per-call dequantization figure of a weight-only integer model). With ``batch`` > 1
+    every call takes ``batch`` samples (throughput), in ``repeats / batch`` calls over 40 rounds.
     """
-    candidate = ort_session(onnx_path, settings.threads, settings.fold_int8_weights)
-    reference = ort_session(reference_path, settings.threads, settings.fold_int8_weights)
+    candidate = ort_session(onnx_path, settings.threads, config)
+    reference = ort_session(reference_path, settings.threads)
     samples = _samples(inputs)
-    if has_exits(candidate):
+    if batch > 1:
+        samples = np.resize(samples, (batch, *samples.shape[1:])) if len(samples) < batch else samples[:batch]
+        rounds, per_block, statistic = ROUNDS, max(1, settings.repeats // (ROUNDS * batch) + 1), statistics.median
+    elif has_exits(candidate):
         rounds, per_block, statistic = DYNAMIC_ROUNDS, len(samples), statistics.fmean
     else:
         rounds, per_block, statistic = ROUNDS, max(1, settings.repeats // ROUNDS), statistics.median
         samples = samples[:1]
     candidate_blocks, reference_blocks = [], []
     with quiet_machine():
-        _block(candidate, samples, settings.warmup)
-        _block(reference, samples, settings.warmup)
+        _block(candidate, samples, max(settings.warmup // batch, 1), batch)
+        _block(reference, samples, max(settings.warmup // batch, 1), batch)
         for round_index in range(rounds):
             # ABBA order: whichever model runs second in a round finds the other's data in cache;
             # alternating the order cancels that (and any linear drift) out of the ratio.
             if round_index % 2 == 0:
-                candidate_blocks.append(_block(candidate, samples, per_block))
-                reference_blocks.append(_block(reference, samples, per_block))
+                candidate_blocks.append(_block(candidate, samples, per_block, batch))
+                reference_blocks.append(_block(reference, samples, per_block, batch))
             else:
-                reference_blocks.append(_block(reference, samples, per_block))
-                candidate_blocks.append(_block(candidate, samples, per_block))
+                reference_blocks.append(_block(reference, samples, per_block, batch))
+                candidate_blocks.append(_block(candidate, samples, per_block, batch))
     ratios = [statistic(c) / statistic(r) for c, r in zip(candidate_blocks, reference_blocks)]
     return RelativeLatency(
         ratio=statistics.median(ratios),

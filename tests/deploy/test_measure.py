@@ -11,7 +11,8 @@ from onnx import numpy_helper
 from netshrink import node_lock
 from netshrink.deploy import measure
 from netshrink.config import MeasureSettings
-from netshrink.deploy.measure import measure_latency, measure_relative_latency, onnx_evaluate, ort_session
+from netshrink.deploy.onnx_export import deployment_config
+from netshrink.deploy.measure import throughput, measure_latency, measure_relative_latency, onnx_evaluate, ort_session
 from netshrink.deploy.onnx_export import export_onnx
 from netshrink.tasks.models import LeNet5
 from netshrink.techniques import Pipeline, PruningConfig, QuantizationConfig, compress
@@ -198,13 +199,37 @@ def test_channel_pruning_is_measurably_faster_and_weight_pruning_is_not(tmp_path
     assert 0.9 < ratio["weight"] < 1.1, ratio
 
 
-def test_folding_int8_weights_removes_the_per_call_dequantization_cost(tmp_path):
+def test_a_weight_only_int8_model_is_deployed_and_timed_with_its_weights_folded_once(tmp_path):
+    """The file records its deployment's session options (disable_quant_qdq=1); the measurement uses them, and the
+    per-call dequantization figure, which ONNX Runtime's defaults would pay, is slower."""
     _, path = exported(tmp_path, Pipeline(steps=[QuantizationConfig(bits=8)]))
     _, dense = exported(tmp_path, Pipeline(), "dense.onnx")
-    folded = measure_relative_latency(path, dense, (1, 28, 28), MeasureSettings(fold_int8_weights=True)).ratio
-    per_call = measure_relative_latency(path, dense, (1, 28, 28), MeasureSettings()).ratio
+    assert deployment_config(path) == {"session.disable_quant_qdq": "1"} and deployment_config(dense) == {}
+    assert ort_session(path).get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    folded = measure_relative_latency(path, dense, (1, 28, 28), MeasureSettings()).ratio
+    per_call = measure_relative_latency(path, dense, (1, 28, 28), MeasureSettings(), config={}).ratio
     assert folded < per_call
     assert 0.9 < folded < 1.1, folded
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_measurements_run_on_the_threads_asked_for(tmp_path, threads):
+    """measure.threads > 1: every session gets that many intra-op threads; a figure still comes out of the alternation."""
+    _, path = exported(tmp_path, Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5)]))
+    _, dense = exported(tmp_path, Pipeline(), "dense.onnx")
+    settings = MeasureSettings(threads=threads, warmup=5, repeats=400)
+    assert ort_session(path, threads).get_session_options().intra_op_num_threads == threads
+    assert measure_relative_latency(path, dense, (1, 28, 28), settings).ratio < 1.0  # channel pruning is faster at any thread count
+
+
+def test_throughput_is_timed_in_batches_in_the_same_alternation(tmp_path):
+    _, path = exported(tmp_path, Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.75)]))
+    _, dense = exported(tmp_path, Pipeline(), "dense.onnx")
+    settings = MeasureSettings(warmup=32, repeats=640, batch_size=32)
+    batched = measure_relative_latency(path, dense, np.random.default_rng(0).standard_normal((50, 1, 28, 28)), settings, batch=32)
+    single = measure_latency(dense, (1, 28, 28), MeasureSettings(warmup=5, repeats=200))
+    assert batched.ratio < 0.8  # a narrower model serves batches faster too
+    assert throughput(batched.reference.ms, 32) > throughput(single.ms, 1)  # batching amortises the per-call cost
 
 
 def test_absolute_latency_reports_its_runs_and_spread(tmp_path):
