@@ -173,7 +173,6 @@ class Tracker:
         """The search a parent run (or its id) records; fields a search of an older netshrink did not record are None."""
         run = self.client.get_run(run) if isinstance(run, str) else run
         tags, params = run.data.tags, run.data.params
-        from netshrink.config import OBJECTIVES
 
         return SearchRecord(
             run_id=run.info.run_id,
