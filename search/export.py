@@ -222,6 +222,7 @@ def write_files(
     """Artifact and recipe as the trial logged them; the ONNX model rebuilt from the artifact; the card."""
     from netshrink.tasks import build_model, example_inputs, load_data
     from netshrink.deploy.measure import onnx_evaluate
+    from netshrink.deploy.evaluate import calibration_samples
     from netshrink.deploy.onnx_export import deployment_config, export_artifact
     from netshrink.techniques import EarlyExitNet, load_artifact
 
@@ -245,7 +246,7 @@ def write_files(
     except (RuntimeError, ValueError, KeyError) as error:
         raise UserError(f"task.model: {task.model!r} as it is now does not fit trial {run_id}'s artifact: {error}") from None
     model = loaded.model
-    export_artifact(loaded, example_inputs(data), folder / ONNX_FILE)  # the path the trial took to the ONNX it measured
+    export_artifact(loaded, example_inputs(data), folder / ONNX_FILE, calibration_samples(data))  # the path the trial took to the ONNX it measured
     onnx_accuracy = onnx_evaluate(folder / ONNX_FILE, data.val).accuracy
     files = {name: os.path.getsize(folder / name) for name in (ONNX_FILE, ARTIFACT_FILE, RECIPE_FILE)}
     exits = isinstance(model, EarlyExitNet)

@@ -119,6 +119,7 @@ class CompressionContext:
     teacher: nn.Module | None = None  # the caller's model, untouched: distillation's teacher
     loss_fn: LossFn | None = None  # set by a technique that changes the training objective
     sensitivity: dict | None = None  # the baseline's per-layer sensitivity (``sensitivity.measure_sensitivity``)
+    calibration_inputs: torch.Tensor | None = None  # training samples that calibrate activation ranges (static int8)
     notes: list[str] = field(default_factory=list)  # what a technique left out and why (a layer it cannot treat), for the log
 
 
@@ -173,6 +174,10 @@ class Technique:
         (returning the new model if it wraps it, as ``apply`` does). ``load_artifact`` replays it from the
         recipe before loading the stored weights, so a changed architecture loads without pickle."""
         return None
+
+    def finish(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> None:
+        """After the pipeline's last fine-tuning, before the result is baked: what depends on the final weights
+        (static int8's activation ranges)."""
 
     def reshapes(self, config: TechniqueConfig) -> bool:
         """Whether ``config`` changes tensor shapes (channel pruning, early-exit heads). True lets

@@ -147,13 +147,15 @@ def compress(
     fine_tune: FineTune | None = None,
     seed: int = 0,
     sensitivity: dict | None = None,
+    calibration_inputs: torch.Tensor | None = None,
 ) -> Compressed:
     """Apply ``pipeline`` to a copy of ``model``, fine-tune, and bake the result.
 
     The caller's model is never mutated. After this returns, the model's weights
     are exactly the values the artifact stores (masks and fake quantization are
     folded in), so evaluating it evaluates the artifact. ``sensitivity`` (the
-    baseline's per-layer scores) is what ``allocation: sensitivity`` allocates widths from.
+    baseline's per-layer scores) is what ``allocation: sensitivity`` allocates widths from; ``calibration_inputs``
+    (training samples) calibrate the activation ranges of static int8 (``quantization.activations``).
     """
     torch.manual_seed(seed)
     teacher = model
@@ -170,6 +172,7 @@ def compress(
         seed=seed,
         teacher=teacher,
         sensitivity=sensitivity,
+        calibration_inputs=calibration_inputs,
     )
     applied: dict[int, TechniqueConfig] = {}
     for index, step in enumerate(pipeline.steps):
@@ -181,6 +184,8 @@ def compress(
         applied[index] = technique.record(model, step)
     if applied and tune is not None:
         tune(model, ctx.loss_fn)
+    for step in applied.values():
+        REGISTRY[step.kind].finish(model, step, ctx)
     bake_parametrizations(model)
     # the recipe of what was done: every decision taken from the model's shapes written out
     done = Pipeline(steps=[applied.get(index, step) for index, step in enumerate(pipeline.steps)])

@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .base import PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer
+from . import activations
 from .sensitivity import allocated_widths
 from .encoding import INTEGER_BITS, Bits, TensorEncoding, channel_scales, dequantize, quantize_codes
 
@@ -35,9 +36,23 @@ class QuantizationConfig(TechniqueConfig):
         json_schema_extra=PER_LAYER,
         description="layer (module name) -> its own bit width; layers not listed get `bits`. Written by allocation sensitivity",
     )
+    activations: Literal["float", "int8"] = Field(
+        "float",
+        description="int8: activations quantized too (uint8 per tensor, calibrated, fake-quantized while fine-tuning) and the model "
+        "exported as static int8 QDQ, which ONNX Runtime runs with integer kernels; needs bits 8 (uniform)",
+    )
+
+    @model_validator(mode="after")
+    def _int8_activations_need_int8_weights(self) -> "QuantizationConfig":
+        if self.activations == "int8" and (self.allocation != "uniform" or self.bits != 8 or any(b != 8 for b in (self.layer_bits or {}).values())):
+            raise ValueError("quantization.activations int8 needs int8 weights: allocation uniform and bits 8 (static int8 is int8 throughout)")
+        return self
 
     def is_noop(self) -> bool:
-        return self.allocation == "uniform" and self.bits == 32 and all(bits == 32 for bits in (self.layer_bits or {}).values())
+        return (
+            self.allocation == "uniform" and self.bits == 32 and self.activations == "float"
+            and all(bits == 32 for bits in (self.layer_bits or {}).values())
+        )
 
 
 class FakeQuantize(nn.Module):
@@ -72,10 +87,19 @@ class Quantization(Technique):
     config_type: ClassVar[type[TechniqueConfig]] = QuantizationConfig
     stage: ClassVar[Stage] = Stage.QUANTIZATION
     default_space: ClassVar[dict[str, Any]] = {"allocation": ["uniform", "sensitivity"], "bits": [16, 8, 4, 2, 1], "average_bits": {"low": 1.0, "high": 6.0}}
-    conditions: ClassVar[dict[str, dict[str, Any]]] = {"bits": {"allocation": "uniform"}, "average_bits": {"allocation": "sensitivity"}}
+    conditions: ClassVar[dict[str, dict[str, Any]]] = {
+        "bits": {"allocation": "uniform"},
+        "average_bits": {"allocation": "sensitivity"},
+        "activations": {"allocation": "uniform", "bits": 8},
+    }
 
     def resolve(self, model: nn.Module, config: QuantizationConfig, ctx: CompressionContext) -> QuantizationConfig:
-        """allocation sensitivity: the per-layer widths, written into ``layer_bits`` (a given ``layer_bits`` is kept)."""
+        """allocation sensitivity: the per-layer widths, written into ``layer_bits`` (a given ``layer_bits`` is kept).
+        int8 activations on a model with early exits stay float (its exits are ``If`` branches, which ONNX Runtime's
+        static quantization does not reach), with a note and the recipe saying so."""
+        if config.activations == "int8" and hasattr(model, "all_outputs"):
+            ctx.notes.append("quantization: activations left float: static int8 export does not reach an early-exit model's exit branches")
+            return config.model_copy(update={"activations": "float"})
         if config.allocation == "uniform" or config.layer_bits is not None:
             return config
         return config.model_copy(update={"layer_bits": allocated_widths(model, "quantization", config.average_bits, ctx)})
@@ -88,3 +112,21 @@ class Quantization(Technique):
             encoding = ctx.encodings.get(name, TensorEncoding()).model_copy(update={"bits": bits})
             parametrize.register_parametrization(layers[name], attribute_of(name), FakeQuantize(bits, encoding.sparse))
             ctx.encodings[name] = encoding
+        if config.activations == "int8":
+            activations.attach(model, activation_layers(model))
+            activations.calibrate(model, ctx.calibration_inputs if ctx.calibration_inputs is not None else ctx.example_inputs)
+
+    def finish(self, model: nn.Module, config: QuantizationConfig, ctx: CompressionContext) -> None:
+        """After fine-tuning: the activation ranges again, on the weights the model ends with (ONNX Runtime calibrates those)."""
+        if config.activations == "int8":
+            activations.calibrate(model, ctx.calibration_inputs if ctx.calibration_inputs is not None else ctx.example_inputs)
+
+    def rebuild(self, model: nn.Module, config: QuantizationConfig) -> None:
+        """int8 activations: the layers get their ``input_quant`` again (its stored range is then loaded into it)."""
+        if config.activations == "int8":
+            activations.attach(model, activation_layers(model))
+
+
+def activation_layers(model: nn.Module) -> list[str]:
+    """The layers whose inputs static int8 quantizes: every convolution and linear layer (ONNX Runtime's QLinearConv, QGemm)."""
+    return [name for name, module in model.named_modules() if name and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))]

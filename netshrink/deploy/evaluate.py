@@ -91,7 +91,10 @@ def evaluate_recipe(
         monitor.round_done()
 
     started = time.perf_counter()
-    compressed = compress(baseline, pipeline, example, fine_tune=fine_tune, seed=setup.seed, sensitivity=setup.sensitivity)
+    calibration = calibration_samples(data)
+    compressed = compress(
+        baseline, pipeline, example, fine_tune=fine_tune, seed=setup.seed, sensitivity=setup.sensitivity, calibration_inputs=calibration
+    )
     seconds_training = time.perf_counter() - started  # the techniques and their fine-tuning
 
     artifact = workdir / ARTIFACT_FILE
@@ -99,7 +102,7 @@ def evaluate_recipe(
     with compute_slot():  # heavy enough to disturb a neighbour's latency measurement (not nested: no slot inside)
         size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, compressed.pipeline.recipe())
         loaded = load_artifact(artifact, fresh())
-        onnx_bytes = export_artifact(loaded, example, workdir / ONNX_FILE)  # as `netshrink export` will write it
+        onnx_bytes = export_artifact(loaded, example, workdir / ONNX_FILE, calibration)  # as `netshrink export` will write it
         export_onnx(baseline, example, reference, {})
     restored = loaded.model
     # the recipe as applied: the layers, ranks and cut points the techniques chose from the model written out
@@ -165,6 +168,15 @@ def evaluate_recipe(
     metrics["speedup"] = 1.0 / timed.ratio
     metrics["accuracy_delta"] = metrics["accuracy"] - base["accuracy"]
     return metrics
+
+
+CALIBRATION_SAMPLES = 256  # training samples that calibrate static int8's activation ranges (ONNX Runtime's examples take a few hundred)
+
+
+def calibration_samples(data) -> torch.Tensor:
+    """The first ``CALIBRATION_SAMPLES`` training samples: the same for the trial's fine-tuning and for any later export."""
+    count = min(len(data.train), CALIBRATION_SAMPLES)
+    return torch.stack([torch.as_tensor(data.train[index][0], dtype=torch.float32) for index in range(count)])
 
 
 def validation_inputs(dataset) -> np.ndarray:

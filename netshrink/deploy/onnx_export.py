@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from netshrink.techniques import EarlyExitNet, TensorEncoding
+from netshrink.techniques.activations import set_enabled as set_activation_quant
 from netshrink.techniques.artifact import LoadedArtifact
 from netshrink.techniques.encoding import INTEGER_BITS, channel_scales, quantize_codes
 
@@ -98,10 +99,55 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     return os.path.getsize(path)
 
 
-def export_artifact(loaded: LoadedArtifact, example_inputs: torch.Tensor, path: str | os.PathLike) -> int:
+def export_artifact(loaded: LoadedArtifact, example_inputs: torch.Tensor, path: str | os.PathLike, calibration: torch.Tensor | None = None) -> int:
     """The one path from a compressed artifact to ONNX, which a trial and ``netshrink export`` both take: the model
-    rebuilt from the artifact, exported with the artifact's own storage plan. Returns the file's size in bytes."""
+    rebuilt from the artifact, exported with the artifact's own storage plan, or as static int8 (QDQ) when its
+    recipe quantizes activations, calibrated on ``calibration`` (the task's calibration samples, as the trial
+    fine-tuned with). Returns the file's size in bytes."""
+    if int8_activations(loaded.pipeline):
+        if calibration is None:
+            raise ValueError("a static int8 model (quantization.activations int8) exports with its calibration samples; none were given")
+        return export_static_int8(loaded.model, example_inputs, path, calibration)
     return export_onnx(loaded.model, example_inputs, path, loaded.encodings)
+
+
+def int8_activations(pipeline) -> bool:
+    return any(step.kind == "quantization" and step.activations == "int8" for step in pipeline.active_steps())
+
+
+def export_static_int8(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, calibration: torch.Tensor) -> int:
+    """Static int8 through ONNX Runtime's own quantization tooling: the float graph (activation fake quantization
+    off), ``quant_pre_process``, then ``quantize_static`` in QDQ format with per-channel int8 weights and uint8
+    activations, min-max calibrated on ``calibration``. The weights are already on their per-channel int8 grid
+    (max|w| / 127), which ONNX Runtime's symmetric per-channel quantization reproduces code for code."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    samples = calibration.detach().cpu().numpy().astype(np.float32)
+
+    class Samples(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"input": samples[index : index + 1]} for index in range(len(samples))])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    set_activation_quant(model, False)
+    try:
+        with tempfile.TemporaryDirectory() as folder, _output_to_nowhere():
+            float_path, prepared = Path(folder) / "float.onnx", Path(folder) / "prepared.onnx"
+            export_onnx(model, example_inputs, float_path, {})
+            quant_pre_process(os.fspath(float_path), os.fspath(prepared))
+            quantize_static(
+                os.fspath(prepared), os.fspath(path), Samples(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            )
+    finally:
+        set_activation_quant(model, True)
+    graph_model = onnx.load(os.fspath(path))
+    record_deployment(graph_model)
+    onnx.save(graph_model, os.fspath(path))
+    return os.path.getsize(path)
 
 
 @contextmanager

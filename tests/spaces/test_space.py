@@ -147,6 +147,21 @@ def test_a_conditional_knob_is_asked_only_when_its_condition_holds():
     assert seen == {"weight", "channel"}
 
 
+def test_int8_activations_are_asked_only_for_uniform_int8_weights():
+    space = SearchSpace.model_validate({"quantization": {"enabled": True, "activations": ["float", "int8"], "bits": [8, 4]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        step = space.sample(trial).steps[0]
+        asked = "quantization/activations" in trial.params
+        assert asked == (step.allocation == "uniform" and step.bits == 8)
+        assert step.activations == "float" or asked
+        seen.add(step.activations)
+        study.tell(trial, 0.0)
+    assert seen == {"float", "int8"}
+
+
 def test_a_technique_excluded_by_an_enabled_one_is_off_and_not_asked():
     space = SearchSpace.model_validate({"quantization": {"bits": [8, 4]}, "clustering": {}})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
