@@ -36,6 +36,11 @@ SEARCHES = {
         space:
           early_exit: {enabled: true, after: "pool1+pool2", threshold: 0.8}
         """,
+    "static": """
+        search: {trials: 1, max_concurrent: 1, sampler: random, seed: 1}
+        space:
+          quantization: {enabled: true, bits: 8, activations: int8}
+        """,
 }
 # A user's own model factory: the export must import it from the experiment file's folder.
 TINYNET = """
@@ -70,7 +75,7 @@ def netshrink(*args, cwd):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """Two searches in one folder (they share the cached baseline): one plain, one with early exits."""
+    """Three searches in one folder (they share the cached baseline): plain, with early exits, static int8."""
     folder = tmp_path_factory.mktemp("export")
     (folder / "tinynet.py").write_text(TINYNET)
     for name, rest in SEARCHES.items():
@@ -102,6 +107,13 @@ def exits_export(workdir):
     result = netshrink("export", "-e", "exits", "--pick", "accuracy", "--out", "exits-out", "--register", "digits-exits", cwd=workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     return workdir / "exits-out", result.stdout
+
+
+@pytest.fixture(scope="module")
+def static_export(workdir):
+    result = netshrink("export", "-e", "static", "--pick", "accuracy", "--out", "static-out", cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir / "static-out", result.stdout
 
 
 def exported_run_id(stdout: str) -> str:
@@ -265,3 +277,17 @@ def test_a_full_out_folder_and_a_model_that_no_longer_imports_are_refused_withou
     assert moved.returncode == 2 and "Traceback" not in moved.stderr
     assert "cannot rebuild the model" in moved.stderr and "No module named 'tinynet'" in moved.stderr
     assert os.listdir(tmp_path) == []  # nothing left behind, not even a partial folder
+
+
+def test_a_static_int8_trial_exports_the_qdq_model_it_measured(static_export, client, tmp_path):
+    """Export recalibrates on the same samples as the trial: the file outside netshrink gives the logged ONNX accuracy."""
+    import onnx
+
+    folder, stdout = static_export
+    run = trials(client, "static")[exported_run_id(stdout)]
+    assert json.loads((folder / "recipe.json").read_text())["steps"][0]["activations"] == "int8"
+    assert "QuantizeLinear" in {node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node}
+    measured = run_onnx_alone(folder, tmp_path)
+    assert measured["accuracy"] == pytest.approx(run.data.metrics["onnx_accuracy"], abs=1e-9)
+    assert abs(measured["accuracy"] - run.data.metrics["accuracy"]) <= 0.005
+    assert "session.disable_quant_qdq" not in (folder / "MODEL_CARD.md").read_text()
