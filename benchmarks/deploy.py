@@ -162,7 +162,7 @@ def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
     if point is None:
         print(f"  {name}: no front point within 1 point of the baseline", flush=True)
     else:
-        label = f"front: {point.name} ({point.summary[:60]})"
+        label = f"front: {point.name}, {point.summary}"
         rows.append(measure_row(label, exported / ONNX_FILE, (exported / ARTIFACT_FILE).stat().st_size, reference, data, experiment, fp32_bytes))
     print(f"\n{name}: ONNX Runtime's optimized graph of the static int8 model: {', '.join(optimized_ops(static_onnx))}", flush=True)
     return rows
