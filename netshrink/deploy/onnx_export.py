@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -180,36 +180,67 @@ def export_module(module: nn.Module, example_inputs: torch.Tensor, output_names:
     graph_model = onnx.load_from_string(buffer.getvalue())
     reduced = {name: enc for name, enc in encodings.items() if enc.bits in (16, *INTEGER_BITS)}
     if reduced:
-        store_reduced_precision(graph_model, reduced)
+        store_reduced_precision(graph_model, reduced, transposed_weights(module, graph_model, reduced))
     return graph_model
 
 
-def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, TensorEncoding]) -> None:
+def transposed_weights(module: nn.Module, graph_model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
+    """Initializers that hold a 2-D weight transposed, under a name the exporter made up -> the weight's name.
+
+    A Linear applied to a 3-D tensor (a transformer's tokens) exports as ``MatMul`` with the weight
+    transposed at export time into an initializer such as ``onnx::MatMul_123``; matched here by value."""
+    present = {initializer.name for initializer in graph_model.graph.initializer}
+    wanted: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    for name in names:
+        if name in present:
+            continue
+        try:
+            weight = module.get_parameter(name).detach().cpu().numpy()
+        except AttributeError:
+            continue
+        if weight.ndim == 2:
+            wanted.setdefault(weight.T.shape, []).append((name, weight.T))
+    found = {}
+    for initializer in graph_model.graph.initializer:
+        for name, value in wanted.get(tuple(initializer.dims), []):
+            if np.array_equal(numpy_helper.to_array(initializer), value):
+                found[initializer.name] = name
+    return found
+
+
+def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, TensorEncoding], transposed: dict[str, str] | None = None) -> None:
+    """Weights the plan stores at reduced precision become codes feeding ``DequantizeLinear`` (per output channel:
+    axis 0, or 1 for a weight the exporter transposed, named in ``transposed``) or float16 feeding ``Cast``."""
     graph = graph_model.graph
+    transposed = transposed or {}
     nodes = []
     for initializer in list(graph.initializer):
-        encoding = encodings.get(initializer.name)
+        name = initializer.name
+        encoding = encodings.get(transposed.get(name, name))
         if encoding is None:
             continue
-        weight = torch.from_numpy(numpy_helper.to_array(initializer).copy())
-        name = initializer.name
+        stored = torch.from_numpy(numpy_helper.to_array(initializer).copy())
+        flipped = name in transposed
+        weight = stored.T if flipped else stored  # (output channels, ...) as the layer holds it
         graph.initializer.remove(initializer)
         if encoding.bits in INTEGER_BITS:
             scale = channel_scales(weight, encoding.bits, encoding.sparse)
+            codes = quantize_codes(weight, scale, encoding.bits, encoding.sparse).numpy()
             graph.initializer.extend(
                 [
-                    numpy_helper.from_array(quantize_codes(weight, scale, encoding.bits, encoding.sparse).numpy(), f"{name}_int8"),
+                    numpy_helper.from_array(np.ascontiguousarray(codes.T if flipped else codes), f"{name}_int8"),
                     numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}_scale"),
                     numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
                 ]
             )
             nodes.append(
                 helper.make_node(
-                    "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"], [name], axis=0, name=f"{name}_dequantize"
+                    "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"], [name], axis=1 if flipped else 0,
+                    name=f"{name}_dequantize",
                 )
             )
         else:
-            graph.initializer.append(numpy_helper.from_array(weight.numpy().astype(np.float16), f"{name}_fp16"))
+            graph.initializer.append(numpy_helper.from_array(stored.numpy().astype(np.float16), f"{name}_fp16"))
             nodes.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=onnx.TensorProto.FLOAT, name=f"{name}_cast"))
     for node in reversed(nodes):
         graph.node.insert(0, node)
@@ -222,8 +253,8 @@ CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-4
 
 
 def exports_faithfully(model: nn.Module, encodings: dict[str, TensorEncoding], example_inputs: torch.Tensor) -> None:
-    """Export ``model`` as a trial does (with its storage plan) and check that ONNX Runtime computes what torch computes,
-    within ``CHECK_RTOL``/``CHECK_ATOL``, on a random sample at batch 1 (where an early-exit model's exit logic is the
+    """Export ``model`` as a trial does (with its storage plan) and check that ONNX Runtime, in the session options the
+    file records for its deployment, computes what torch computes, within ``CHECK_RTOL``/``CHECK_ATOL``, on a random sample at batch 1 (where an early-exit model's exit logic is the
     same in both); ``ValueError`` if not."""
     import onnxruntime as ort
 
@@ -231,7 +262,10 @@ def exports_faithfully(model: nn.Module, encodings: dict[str, TensorEncoding], e
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "check.onnx"
         export_onnx(model, example_inputs, path, encodings)
-        session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()  # as deployed: under the defaults, ONNX Runtime fuses a weight-only int8
+        for key, value in deployment_config(path).items():  # MatMul with dynamic activation quantization (approximate)
+            options.add_session_config_entry(key, value)
+        session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         computed = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
     with torch.no_grad():
         expected = model.eval()(inputs).numpy()

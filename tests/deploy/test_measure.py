@@ -44,6 +44,25 @@ def test_sixteen_bit_weights_are_float16_initializers(tmp_path):
     assert initializers["conv2.weight_fp16"].dtype == np.float16
 
 
+@pytest.mark.parametrize("bits, dtype", [(8, np.int8), (16, np.float16)])
+def test_a_transformers_linears_are_stored_at_their_width_though_the_exporter_transposes_them(tmp_path, bits, dtype):
+    """A Linear on 3-D tokens exports as MatMul on a transposed, renamed copy of its weight: still stored reduced."""
+    from netshrink.tasks.models import vit
+
+    model = vit(num_classes=10, in_channels=1, image_size=8).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    compressed = compress(model, Pipeline(steps=[QuantizationConfig(bits=bits)]), x)
+    path, fp32 = tmp_path / "q.onnx", tmp_path / "fp32.onnx"
+    export_onnx(compressed.model, x, path, compressed.encodings)
+    export_onnx(model, x, fp32, {})
+    graph = onnx.load(path).graph
+    stored = [numpy_helper.to_array(init) for init in graph.initializer]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(array.dtype == dtype and array.ndim == 2 for array in stored) == len(linears)  # every Linear, MatMul or Gemm
+    assert max(array.size for array in stored if array.dtype == np.float32) < 64 * 64  # no float weight matrix left
+    assert path.stat().st_size < (0.4 if bits == 8 else 0.6) * fp32.stat().st_size
+
+
 @pytest.mark.parametrize(
     "pipeline",
     [
