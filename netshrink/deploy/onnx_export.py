@@ -163,7 +163,12 @@ def attention_fast_path_off() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def export_module(module: nn.Module, example_inputs: torch.Tensor, output_names: list[str], encodings: dict[str, TensorEncoding]) -> onnx.ModelProto:
+def export_module(
+    module: nn.Module, example_inputs: torch.Tensor, output_names: list[str], encodings: dict[str, TensorEncoding], find_transposed: bool = True
+) -> onnx.ModelProto:
+    """``find_transposed``: also store the weights the exporter transposed into renamed initializers at their width.
+    Off for the stages of an early-exit model: inside an ``If`` branch, ONNX Runtime's default QDQ rewrite of
+    such a weight (``TransposeDQWeightsForMatMulNBits``) looks for it in the main graph and fails to load."""
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), attention_fast_path_off():
         warnings.simplefilter("ignore")
@@ -180,7 +185,7 @@ def export_module(module: nn.Module, example_inputs: torch.Tensor, output_names:
     graph_model = onnx.load_from_string(buffer.getvalue())
     reduced = {name: enc for name, enc in encodings.items() if enc.bits in (16, *INTEGER_BITS)}
     if reduced:
-        store_reduced_precision(graph_model, reduced, transposed_weights(module, graph_model, reduced))
+        store_reduced_precision(graph_model, reduced, transposed_weights(module, graph_model, reduced) if find_transposed else {})
     return graph_model
 
 
@@ -390,7 +395,7 @@ def early_exit_graph(model: EarlyExitNet, example_inputs: torch.Tensor, encoding
             head = model.heads[index] if index < last else None
             outputs = ["features", "logits"] if head is not None else ["logits"]
             # eval: a wrapper starts in training mode, and the exporter traced dropout inside the segment as active
-            exported = export_module(_Stage(segment, head).eval(), features, outputs, _stage_encodings(encodings, index))
+            exported = export_module(_Stage(segment, head).eval(), features, outputs, _stage_encodings(encodings, index), find_transposed=False)
             stages.append(onnx.compose.add_prefix(exported, f"s{index}/"))
             if head is not None:
                 features = segment(features)

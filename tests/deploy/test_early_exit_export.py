@@ -57,3 +57,17 @@ def test_leaving_early_is_measured_faster_than_running_to_the_end(tmp_path):
         export_onnx(compressed.model, X[:1], path, compressed.encodings)
         ratios[threshold] = measure_relative_latency(path, reference, X[:16].numpy(), MeasureSettings(warmup=20)).ratio
     assert ratios[0.01] < 0.6 < 0.9 < ratios[0.99999]
+
+
+@pytest.mark.parametrize("config", [None, {}], ids=["as deployed", "onnx runtime defaults"])
+def test_a_quantized_transformer_with_exits_loads_in_onnx_runtime_under_any_options(config, tmp_path):
+    """Inside an exit's ``If`` branch a transposed MatMul weight stays float: ONNX Runtime's default QDQ rewrite of a
+    DequantizeLinear feeding it looks for the weight in the main graph and refuses to load the model."""
+    from netshrink.tasks.models import vit
+
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    compressed = compress(vit(image_size=8), Pipeline(steps=[EarlyExitConfig(after="blocks.1"), QuantizationConfig(bits=8)]), x[:1])
+    path = tmp_path / "exits.onnx"
+    export_onnx(compressed.model, x[:1], path, compressed.encodings)
+    session = ort_session(path, config=config)
+    assert session.run(["logits"], {"input": x[:1].numpy()})[0].shape == (1, 10)
