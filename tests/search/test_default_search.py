@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from netshrink.techniques import Pipeline
@@ -12,6 +13,7 @@ from netshrink.techniques import Pipeline
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # 3.5 minutes: run with -m slow; CI's default run stays under 20 minutes
 def test_default_digits_search_finishes_with_a_front(tmp_path):
     shutil.copytree(ROOT / "spaces", tmp_path / "spaces")
     result = subprocess.run(
