@@ -147,6 +147,7 @@ def test_front_command_reads_the_front_back_from_mlflow(finished_search):
     assert missing.returncode == 2 and "no MLflow experiment named 'nope'" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow  # 45 s; test_faults' NaN trial covers a failing trial in the default run
 def test_failed_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
     shutil.copy(Path(__file__).parent / "userland" / "fragile.py", tmp_path / "fragile.py")
     (tmp_path / "exp.yaml").write_text(
@@ -176,6 +177,7 @@ def test_failed_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
 
 
+@pytest.mark.slow  # 50 s of latency measurement
 def test_the_same_model_measured_in_concurrent_trials_agrees_within_ten_percent(tmp_path):
     """Every trial compresses the baseline the same way; two run at a time, training next to measuring."""
     (tmp_path / "exp.yaml").write_text(

@@ -182,7 +182,9 @@ def kill_session(session: int) -> None:
                 pass
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+@pytest.mark.parametrize(
+    "sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL], ids=["ctrl-c", "sigkill"]
+)  # ctrl-c (65 s) runs with -m slow; the default run keeps the harder case, a killed search
 def test_resume_continues_an_interrupted_search_without_rerunning_or_losing_trials(tmp_path, sig):
     (tmp_path / "exp.yaml").write_text(textwrap.dedent(RESUMED))
     first = interrupt_after(tmp_path, finished=2, sig=sig)
