@@ -261,16 +261,15 @@ def exports_faithfully(model: nn.Module, encodings: dict[str, TensorEncoding], e
     """Export ``model`` as a trial does (with its storage plan) and check that ONNX Runtime, in the session options the
     file records for its deployment, computes what torch computes, within ``CHECK_RTOL``/``CHECK_ATOL``, on a random sample at batch 1 (where an early-exit model's exit logic is the
     same in both); ``ValueError`` if not."""
-    import onnxruntime as ort
+    from .measure import ort_session  # measure imports this module
 
     inputs = torch.randn(example_inputs.shape, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "check.onnx"
         export_onnx(model, example_inputs, path, encodings)
-        options = ort.SessionOptions()  # as deployed: under the defaults, ONNX Runtime fuses a weight-only int8
-        for key, value in deployment_config(path).items():  # MatMul with dynamic activation quantization (approximate)
-            options.add_session_config_entry(key, value)
-        session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        # as deployed: under the defaults, ONNX Runtime fuses a weight-only int8 MatMul with dynamic activation
+        # quantization (approximate)
+        session = ort_session(path)
         computed = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
     with torch.no_grad():
         expected = model.eval()(inputs).numpy()
