@@ -20,14 +20,17 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer
-from .encoding import TensorEncoding
+from .base import (
+    PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer, round_bias_to_half,
+)
+from .encoding import TensorEncoding, to_half_grid
 from .sensitivity import allocated_widths
 
 LLOYD_ITERATIONS = 20  # 1-D k-means from a linear start settles within a few dozen iterations on layer weights
 
 
 class ClusteringConfig(TechniqueConfig):
+    VERSION: ClassVar[int] = 2  # 2: centroids and the clustered layers' biases on the float16 grid
     kind: Literal["clustering"] = "clustering"
     allocation: Literal["uniform", "sensitivity"] = Field(
         "uniform", description="uniform: every layer gets `clusters`; sensitivity: per-layer counts (256..4) averaging `average_bits` of index"
@@ -85,7 +88,8 @@ def _nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 class SharedWeights(nn.Module):
-    """Parametrization: the weight is ``centroids[index]``, zero where ``keep`` is False (pruned)."""
+    """Parametrization: the weight is ``centroids[index]``, zero where ``keep`` is False (pruned), with the centroids
+    on the float16 grid as the artifact stores them (gradients pass that rounding straight through)."""
 
     def __init__(self, centroids: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None) -> None:
         super().__init__()
@@ -94,7 +98,8 @@ class SharedWeights(nn.Module):
         self.register_buffer("keep", keep)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        shared = self.centroids[self.index].to(weight.dtype)
+        centroids = self.centroids + (to_half_grid(self.centroids) - self.centroids).detach()
+        shared = centroids[self.index].to(weight.dtype)
         return shared if self.keep is None else torch.where(self.keep, shared, torch.zeros_like(shared))
 
 
@@ -137,4 +142,5 @@ class Clustering(Technique):
             encoding = ctx.encodings.get(name, TensorEncoding())
             shared = cluster_weight(getattr(layers[name], attribute_of(name)), clusters, encoding.sparse)
             parametrize.register_parametrization(layers[name], attribute_of(name), shared)
+            round_bias_to_half(layers[name], name)
             ctx.encodings[name] = TensorEncoding.model_validate({**encoding.model_dump(), "clusters": clusters, "huffman": config.huffman})

@@ -3,10 +3,11 @@
 During fine-tuning the forward pass sees the quantized weights while gradients
 flow to full-precision shadows (STE); after fine-tuning the weights are exactly
 representable, and the artifact stores them as float16, or as integer codes
-with one float32 scale per output channel: 8/4/2 bits on the symmetric grid
+with one scale per output channel (on the float16 grid, stored at 2 bytes): 8/4/2 bits on the symmetric grid
 [-(2^(b-1)-1), 2^(b-1)-1] (zero maps to zero, so sparsity survives; 2 bits is
 ternary), 1 bit as sign(w) * mean|w| (binary weights, XNOR-Net). Sub-byte codes
-are stored packed. ``bits: 32`` is the identity.
+are stored packed. The biases of the quantized layers train and are stored on
+the float16 grid too. ``bits: 32`` is the identity.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer
+from .base import (
+    PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer, round_bias_to_half,
+)
 from . import activations
 from .sensitivity import allocated_widths
 from .encoding import INTEGER_BITS, Bits, TensorEncoding, channel_scales, dequantize, quantize_codes
 
 
 class QuantizationConfig(TechniqueConfig):
+    VERSION: ClassVar[int] = 2  # 2: scales and the compressed layers' biases on the float16 grid
     kind: Literal["quantization"] = "quantization"
     allocation: Literal["uniform", "sensitivity"] = Field(
         "uniform", description="uniform: every layer at `bits`; sensitivity: per-layer widths (8/4/2/1) averaging `average_bits`"
@@ -111,6 +115,7 @@ class Quantization(Technique):
                 continue
             encoding = ctx.encodings.get(name, TensorEncoding()).model_copy(update={"bits": bits})
             parametrize.register_parametrization(layers[name], attribute_of(name), FakeQuantize(bits, encoding.sparse))
+            round_bias_to_half(layers[name], name)
             ctx.encodings[name] = encoding
         if config.activations == "int8":
             activations.attach(model, activation_layers(model))

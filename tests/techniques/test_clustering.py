@@ -60,7 +60,7 @@ def test_centroids_train_and_weights_stay_on_them():
     compressed = compress(model, Pipeline(steps=[ClusteringConfig(clusters=4)]), torch.zeros(1, 30), fine_tune=fine_tune)
     assert not torch.equal(seen["before"], seen["after"])
     weight = compressed.model.weight.detach()
-    assert set(weight.unique().tolist()) <= set(seen["after"].tolist())
+    assert set(weight.unique().tolist()) <= set(seen["after"].half().float().tolist())  # stored on the float16 grid
 
 
 def test_centroid_gradient_is_the_sum_of_its_weights_gradients():
