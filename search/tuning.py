@@ -8,9 +8,11 @@ sampler for each pipeline. Refinement replays chosen front points with longer fi
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
+import optuna
 from rich.console import Console
 
 from netshrink.config import Experiment
@@ -41,17 +43,45 @@ class SpaceSampler:
         return {"recipe": pipeline.recipe(), "optuna_trial": trial.number}
 
 
+class PicklableLocks:
+    """Mixin for an Optuna sampler: its thread locks are left out of its pickled state and made anew when unpickled.
+
+    Ray Tune pickles the searcher, and with it the sampler, when a search starts (its experiment state, which
+    ``--resume`` reads). Optuna 5.1's genetic samplers (NSGA-II) hold a ``threading.Lock``, which cannot be
+    pickled: the search failed before its first trial.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        locks = [name for name, value in state.items() if isinstance(value, LOCK_TYPE)]
+        for name in locks:
+            del state[name]
+        return {**state, "_netshrink_locks": locks}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        locks = state.pop("_netshrink_locks", [])
+        self.__dict__.update(state)
+        for name in locks:
+            setattr(self, name, threading.Lock())
+
+
+LOCK_TYPE = type(threading.Lock())
+
+
+class NSGAIISampler(PicklableLocks, optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, picklable (``PicklableLocks``)."""
+
+
 def make_sampler(experiment: Experiment, seed_offset: int = 0):
     """The experiment's sampler. NSGA-II and TPE read each trial's constraint values (``searcher.annotate``).
 
     ``seed_offset``: a resumed search's sampler must not replay the random draws its first run made.
     """
-    import optuna
-
     settings = experiment.search
     seed = settings.seed + seed_offset
     if settings.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=settings.population_size, seed=seed)
+        return NSGAIISampler(population_size=settings.population_size, seed=seed)
     if settings.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     return optuna.samplers.RandomSampler(seed=seed)
@@ -76,7 +106,6 @@ def run_trials(
     Returns how many repeated pipelines were answered from earlier trials instead of run again.
     A failed trial is run again up to ``search.max_failures`` times (see ``run_trial``).
     """
-    import optuna
     from ray import tune
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -71,3 +71,25 @@ def test_a_trial_stopped_early_is_told_complete_infeasible_and_marked():
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert trial.user_attrs[STOPPED_ATTR] == 0.25 and trial.constraints == pytest.approx({"min_accuracy": 0.6})
     assert config["recipe"] in search._finished  # a repeat of it is answered from it, not trained again
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "random"])
+def test_every_sampler_survives_the_pickling_ray_tune_does_and_samples_on(sampler):
+    """Tune pickles the searcher with its sampler when a search starts; Optuna 5.1's NSGA-II holds a thread lock."""
+    import pickle
+
+    from ray import cloudpickle
+
+    from netshrink.config import load_experiment
+    from netshrink.search.tuning import make_sampler
+    from pathlib import Path
+
+    experiment = load_experiment(Path(__file__).resolve().parents[2] / "spaces" / "digits.yaml")
+    experiment = experiment.model_copy(update={"search": experiment.search.model_copy(update={"sampler": sampler})})
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        search = searcher({"quantization": {"bits": [16, 8, 4, 2, 1]}, "pruning": {"ratio": {"low": 0.2, "high": 0.9}}}, sampler=make_sampler(experiment))
+        restored = pickle.loads(dumps(search))
+        for index in range(10):  # past NSGA-II's first generation (8), so that its breeding runs too
+            config = restored.suggest(f"t{index}")
+            assert isinstance(config, dict)
+            restored.on_trial_complete(f"t{index}", {"accuracy": 0.9, "size_bytes": 1000.0 + index, "latency_ms": 0.1})
