@@ -64,10 +64,12 @@ class RefineSettings(Strict):
 
     epochs: int = Field(0, ge=0, le=10_000, description="fine-tuning epochs of a refined point; 0: no refinement")
     lr: float | None = Field(None, gt=0, le=1, description="its learning rate; default: finetune.lr")
-    points: Literal["all", "above_min_accuracy", "knee"] = Field(
-        "knee", description="which front points: all, those at min_accuracy or above, or the `count` nearest the knee"
+    points: Literal["all", "above_min_accuracy", "knee", "potential"] = Field(
+        "potential",
+        description="which points: all of the front, the front at min_accuracy or above, the `count` front points nearest the knee, "
+        "or the `count` trials at min_accuracy or above with the most hypervolume to gain if refinement brought them to the baseline's accuracy",
     )
-    count: int = Field(4, ge=1, description="points: knee: how many, from the knee outwards")
+    count: int = Field(4, ge=1, description="points: knee or potential: how many")
 
 
 class SearchSettings(Strict):

@@ -19,7 +19,9 @@ from netshrink.config import Experiment
 from netshrink.spaces import SearchSpace
 from netshrink.spaces.start import start_params
 
+from .constraints import Constraints
 from .front import TrialPoint, knee_order, pareto_front
+from .hypervolume import most_to_gain
 from .progress import progress_printer
 from .report import collect_points
 from .resume import Progress
@@ -146,14 +148,22 @@ def run_trials(
     return searcher.repeats_skipped
 
 
-def points_to_refine(trials: list[TrialPoint], experiment: Experiment) -> list[TrialPoint]:
-    """The trials ``refine.points`` asks for: the whole front, the front at ``min_accuracy`` or above, or the
-    ``refine.count`` points nearest its knee (see ``front.knee_order``)."""
+def points_to_refine(trials: list[TrialPoint], experiment: Experiment, baseline: dict[str, float], constraints: Constraints | None) -> list[TrialPoint]:
+    """The trials ``refine.points`` asks for: the whole front, the front that meets the search's ``constraints``
+    (``min_accuracy`` and the others), the ``refine.count`` points of that front nearest its knee
+    (``front.knee_order``), or the ``refine.count`` trials that meet the constraints with the most hypervolume to
+    gain from longer fine-tuning (``hypervolume.most_to_gain``)."""
     refine = experiment.refine
     if refine.points == "all":
         return pareto_front(trials, experiment.objectives, experiment.directions())
-    front = pareto_front(trials, experiment.objectives, experiment.directions(), experiment.min_accuracy)
-    return front if refine.points == "above_min_accuracy" else knee_order(front, experiment.objectives)[: refine.count]
+    front = pareto_front(trials, experiment.objectives, experiment.directions(), constraints)
+    if refine.points == "above_min_accuracy":
+        return front
+    if refine.points == "knee":
+        return knee_order(front, experiment.objectives)[: refine.count]
+    feasible = [point for point in trials if constraints is None or constraints.feasible(point.metrics())]
+    floor = constraints.min_accuracy if constraints is not None else None
+    return most_to_gain(feasible, front, experiment.objectives, baseline, refine.count, floor)
 
 
 def refine_front(
@@ -172,7 +182,8 @@ def refine_front(
 
     points, _ = collect_points(tracker, experiment_id, setup.parent_run_id)
     done = {point.refined_from for point in points if point.refined_from}
-    chosen = [point for point in points_to_refine([p for p in points if p.refined_from is None], experiment) if point.run_id not in done]
+    trials = [p for p in points if p.refined_from is None]
+    chosen = [point for point in points_to_refine(trials, experiment, setup.baseline_metrics, setup.constraints) if point.run_id not in done]
     if not chosen:
         return
     refine = experiment.refine

@@ -90,3 +90,39 @@ def test_history_stays_flat_for_dominated_points():
     first = front_hypervolume([good], ALL, BASELINE)
     assert hypervolume_history([good, worse, good], ALL, BASELINE) == pytest.approx([first, first, first])
     assert hypervolume_history([worse, good], ALL, BASELINE)[1] == pytest.approx(first)
+
+
+def _point(name, accuracy, size, latency):
+    return TrialPoint(name, name, accuracy, size, latency, "{}", name)
+
+
+BASE = {"accuracy": 0.97, "size_bytes": 1000.0, "latency_ms": 1.0}
+OBJECTIVES = ["accuracy", "size_bytes", "latency_ms"]
+
+
+def test_refinement_picks_what_would_add_most_if_brought_to_the_baseline_accuracy():
+    from netshrink.search.hypervolume import most_to_gain
+
+    accurate_but_slow = _point("slow", 0.975, 30.0, 1.0)  # on the front, but above the baseline already: nothing to gain
+    fast = _point("fast", 0.93, 15.0, 0.25)  # 4 points down after a few epochs, and the fastest
+    fast_twin = _point("twin", 0.94, 16.0, 0.26)  # nearly the same model: once "fast" is counted, it adds nothing
+    smallest = _point("small", 0.95, 10.0, 0.5)  # slower than "fast" but smaller: another part of the front
+    trials = [accurate_but_slow, fast, fast_twin, smallest]
+    chosen = most_to_gain(trials, trials, OBJECTIVES, BASE, count=3, min_accuracy=0.92)
+    assert [p.name for p in chosen] == ["fast", "small"]  # at most count: the rest would add nothing
+    assert [p.name for p in most_to_gain(trials, trials, OBJECTIVES, BASE, count=1, min_accuracy=0.92)] == ["fast"]
+
+
+def test_refine_potential_takes_only_trials_that_meet_the_constraints(tmp_path):
+    from netshrink.config import Experiment
+    from netshrink.search.constraints import Constraints
+    from netshrink.search.tuning import points_to_refine
+
+    experiment = Experiment.model_validate({"name": "e", "refine": {"epochs": 1, "points": "potential", "count": 2}, "space": {"pruning": {}}})
+    hopeless = _point("hopeless", 0.5, 1.0, 0.01)  # tiny and fast, but far under min_accuracy
+    fine = _point("fine", 0.95, 30.0, 0.5)
+    fast = _point("fast", 0.93, 50.0, 0.3)
+    chosen = points_to_refine([hopeless, fine, fast], experiment, BASE, Constraints(min_accuracy=0.92))
+    assert [p.name for p in chosen] == ["fast", "fine"]
+    knee = experiment.model_copy(update={"refine": experiment.refine.model_copy(update={"points": "knee"})})
+    assert "hopeless" not in [p.name for p in points_to_refine([hopeless, fine, fast], knee, BASE, Constraints(min_accuracy=0.92))]
