@@ -45,6 +45,9 @@ class SpaceSampler:
         return {"recipe": pipeline.recipe(), "optuna_trial": trial.number}
 
 
+LOCK_TYPE = type(threading.Lock())
+
+
 class PicklableLocks:
     """Mixin for an Optuna sampler: its thread locks are left out of its pickled state and made anew when unpickled.
 
@@ -66,9 +69,6 @@ class PicklableLocks:
         self.__dict__.update(state)
         for name in locks:
             setattr(self, name, threading.Lock())
-
-
-LOCK_TYPE = type(threading.Lock())
 
 
 class NSGAIISampler(PicklableLocks, optuna.samplers.NSGAIISampler):

@@ -14,7 +14,6 @@ from typing import Any, Callable, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-
 from torch.nn.utils import parametrize
 
 from .encoding import TensorEncoding, to_half_grid
