@@ -152,7 +152,7 @@ def channel_scales(weight: torch.Tensor, bits: int, sparse: bool = False) -> tor
     - 1 bit: mean|w| over the channel, the L2-optimal scale of sign(w) (XNOR-Net, Rastegari et al.
       2016); when the tensor is stored sparse the mean runs over the nonzeros only, since zeros stay zero.
 
-    A zero channel gets scale 1. Rounding a scale to float16 moves the grid by at most 2^-12 of its step, and
+    A zero channel gets scale 1. Rounding a scale to float16 changes the step by at most 2^-11 of itself, and
     the codes are taken on the rounded grid, so the weights are exactly what the artifact stores. Weights already
     on such a grid give their scale back exactly (quantizing twice changes nothing).
     """
