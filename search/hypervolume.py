@@ -123,22 +123,24 @@ def most_to_gain(
     def volume(points: Sequence[TrialPoint]) -> float:
         return front_hypervolume(points, objectives, baseline, min_accuracy)
 
+    def gains(left: list[TrialPoint], over: list[TrialPoint], covered: float) -> list[tuple[float, float, int]]:
+        return [(volume([*over, raised(point)]) - covered, point.accuracy, index) for index, point in enumerate(left)]
+
     chosen: list[TrialPoint] = []
     lifted = list(front)
     measured = volume(front)
     for _ in range(count):
         left = [point for point in candidates if point not in chosen]
-        covered = volume(lifted)
-        gains = [(volume([*lifted, raised(point)]) - covered, point.accuracy, index) for index, point in enumerate(left)]
-        if not gains:
+        if not left:
             break
-        if max(gains)[0] <= 0:
+        best = max(gains(left, lifted, volume(lifted)))
+        if best[0] <= 0:
             # under the picks, nothing adds: refinement may fall short of the baseline, so hedge with the trials
             # that would add most to the front as measured (the picks' near twins among them)
-            gains = [(volume([*front, raised(point)]) - measured, point.accuracy, index) for index, point in enumerate(left)]
-            if max(gains)[0] <= 0:
+            best = max(gains(left, list(front), measured))
+            if best[0] <= 0:
                 break  # nothing would add anything even at the baseline's accuracy: refining buys nothing
-        _, _, index = max(gains)
+        index = best[2]
         chosen.append(left[index])
         lifted.append(raised(left[index]))
     return chosen

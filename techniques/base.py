@@ -246,11 +246,16 @@ def attribute_of(name: str) -> str:
     return name.rpartition(".")[2]
 
 
+def on_half_grid(value: torch.Tensor) -> torch.Tensor:
+    """``value`` on the float16 grid (``to_half_grid``) in the forward pass, with gradients passed straight through."""
+    return value + (to_half_grid(value) - value).detach()
+
+
 class HalfGrid(nn.Module):
-    """Parametrization: the tensor on the float16 grid in the forward pass (``to_half_grid``), gradients straight through."""
+    """Parametrization: the tensor on the float16 grid (``on_half_grid``)."""
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return value + (to_half_grid(value) - value).detach()
+        return on_half_grid(value)
 
 
 def round_bias_to_half(layer: nn.Module, weight_name: str) -> None:

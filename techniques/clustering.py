@@ -21,9 +21,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .base import (
-    PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer, round_bias_to_half,
+    PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, on_half_grid, per_layer,
+    round_bias_to_half,
 )
-from .encoding import TensorEncoding, to_half_grid
+from .encoding import TensorEncoding
 from .sensitivity import allocated_widths
 
 LLOYD_ITERATIONS = 20  # 1-D k-means from a linear start settles within a few dozen iterations on layer weights
@@ -98,8 +99,7 @@ class SharedWeights(nn.Module):
         self.register_buffer("keep", keep)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        centroids = self.centroids + (to_half_grid(self.centroids) - self.centroids).detach()
-        shared = centroids[self.index].to(weight.dtype)
+        shared = on_half_grid(self.centroids)[self.index].to(weight.dtype)
         return shared if self.keep is None else torch.where(self.keep, shared, torch.zeros_like(shared))
 
 
