@@ -10,7 +10,7 @@ that the baseline is trained once:
    256 shared values in the convolutions and 32 in the fully connected layers,
    Huffman coding; 3 pruning steps and 10 epochs of retraining);
 2. the default search (``spaces/digits.yaml``: every technique, 32 trials, NSGA-II,
-   refinement of the 4 points nearest the knee for 15 epochs), once per seed.
+   refinement of the 4 trials with most to gain (`refine.points: potential`) for 15 epochs), once per seed.
 
 Each through the real CLI (``netshrink search``), with MLflow in SQLite, then read back
 from MLflow. For each it prints artifact bytes, size ratio, validation and test accuracy

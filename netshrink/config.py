@@ -70,6 +70,11 @@ class RefineSettings(Strict):
         "or the `count` trials at min_accuracy or above with the most hypervolume to gain if refinement brought them to the baseline's accuracy",
     )
     count: int = Field(4, ge=1, description="points: knee or potential: how many")
+    reach: float = Field(
+        0.05, ge=0, le=1,
+        description="points: potential: trials up to this far under min_accuracy (0.05 = 5 points) are candidates too, since a few "
+        "epochs of fine-tuning under-rank aggressive compression; every other constraint still holds",
+    )
 
 
 class SearchSettings(Strict):

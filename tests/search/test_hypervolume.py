@@ -129,3 +129,22 @@ def test_refine_potential_takes_only_trials_that_meet_the_constraints(tmp_path):
     assert [p.name for p in chosen] == ["fast", "fine"]
     knee = experiment.model_copy(update={"refine": experiment.refine.model_copy(update={"points": "knee"})})
     assert "hopeless" not in [p.name for p in points_to_refine([hopeless, fine, fast], knee, BASE, Constraints(min_accuracy=0.92))]
+
+
+def test_refine_potential_reaches_under_min_accuracy_but_keeps_every_other_constraint():
+    from netshrink.config import Experiment
+    from netshrink.search.constraints import Constraints
+    from netshrink.search.tuning import points_to_refine
+
+    experiment = Experiment.model_validate({"name": "e", "refine": {"epochs": 1, "points": "potential", "count": 3}, "space": {"pruning": {}}})
+    assert experiment.refine.reach == 0.05
+    fine = _point("fine", 0.95, 30.0, 0.5)
+    close = _point("close", 0.89, 20.0, 0.2)  # 3 points under min_accuracy after a few epochs, and the fastest
+    far = _point("far", 0.86, 20.0, 0.1)  # 6 points under: out of reach
+    too_big = _point("too_big", 0.93, 600.0, 0.15)  # meets min_accuracy, breaks max_size_bytes: no reach helps
+    constraints = Constraints(min_accuracy=0.92, max_size_bytes=500.0)
+    chosen = [p.name for p in points_to_refine([fine, close, far, too_big], experiment, BASE, constraints)]
+    assert chosen[0] == "close" and "fine" in chosen
+    assert "far" not in chosen and "too_big" not in chosen
+    strict = experiment.model_copy(update={"refine": experiment.refine.model_copy(update={"reach": 0.0})})
+    assert [p.name for p in points_to_refine([fine, close, far, too_big], strict, BASE, constraints)] == ["fine"]
