@@ -4,19 +4,22 @@ start's combinations, and the fine-tuning curves that calibrate early stopping.
 On the built-in task (LeNet-5 on scikit-learn's digits, ``spaces/digits.yaml``'s task and
 fine-tuning), every pipeline is run the way a trial runs it (``evaluate_recipe``: compress,
 fine-tune, write the artifact, reload it, export to ONNX, measure) but without Ray or MLflow,
-once per seed (the fine-tuning seed), on one cached baseline. Three parts:
+once per seed (the fine-tuning seed), on one cached baseline. Four parts:
 
 1. **ranges**: each technique alone over the values its default range spans;
    **combinations**: combinations considered for the informed start;
 2. **start**: the informed start's points (``spaces/start.py``);
-3. **curves**: pipelines drawn at random from the default space (Optuna's RandomSampler),
+3. **refine**: pipelines that a trial's few epochs leave low (and two they do not), fine-tuned as a
+   trial does, then for ``refine.epochs`` at ``finetune.lr`` and at ``refine.lr``: what refinement
+   brings back, which is why ``refine.reach`` and ``refine.lr`` are set as they are;
+4. **curves**: pipelines drawn at random from the default space (Optuna's RandomSampler),
    fine-tuned with no early stopping, their validation accuracy taken at every checkpoint.
    For each share of fine-tuning it prints the largest rise of validation accuracy from a
    checkpoint there to the end (``netshrink/deploy/stopping.py``'s ``RECOVERY``), and what the stop
    rule in force would have done: trials stopped, and trials stopped that would have ended
    at or above ``min_accuracy`` (wrong stops; the rule is meant to make none).
 
-For parts 1 and 2 it prints, per pipeline, the mean over seeds of the validation and test
+For parts 1 to 3 it prints, per pipeline, the mean over seeds of the validation and test
 accuracy change from the baseline (points), the size ratio and the speed-up, with the
 spread (min to max) of the validation change. Accuracy: validation is the split that
 selects a search's front, test is held out. It asserts nothing.
@@ -68,6 +71,18 @@ COMBINATIONS: list[tuple[str, dict]] = [
     ("weight global 0.95 x2 + sensitivity avg 2", {"pruning": {"granularity": "weight", "ratio": 0.95, "scope": "global", "steps": 2}, "quantization": {"allocation": "sensitivity", "average_bits": 2.0}}),
     ("distill + weight global 0.95 x2 + 2 bits", {"distillation": {"temperature": 4.0, "alpha": 0.5}, "pruning": {"granularity": "weight", "ratio": 0.95, "scope": "global", "steps": 2}, "quantization": {"bits": 2}}),
     ("separable last + weight global 0.9 x2 + 2 bits", {"separable": {"which": "last"}, "pruning": {"granularity": "weight", "ratio": 0.9, "scope": "global", "steps": 2}, "quantization": {"bits": 2}}),
+]
+
+
+# Part 3: refinement. Pipelines that a trial's few epochs leave low, and two that they do not, fine-tuned as a trial
+# does, then for refine.epochs at finetune.lr and at refine.lr (spaces/digits.yaml)
+REFINE: list[tuple[str, dict]] = [
+    (f"distill + channel {r} + 4 bits", {"distillation": {"temperature": 4.0, "alpha": 0.5}, "pruning": {"granularity": "channel", "ratio": r, "importance": "l2"}, "quantization": {"bits": 4}})
+    for r in (0.75, 0.85)
+] + [
+    ("channel 0.65 + 4 bits", {"pruning": {"granularity": "channel", "ratio": 0.65, "importance": "l2"}, "quantization": {"bits": 4}}),
+    ("weight global 0.95 x2 + sensitivity avg 2", {"pruning": {"granularity": "weight", "ratio": 0.95, "scope": "global", "steps": 2}, "quantization": {"allocation": "sensitivity", "average_bits": 2.0}}),
+    ("weight global 0.95 x2 + 2 bits", {"pruning": {"granularity": "weight", "ratio": 0.95, "scope": "global", "steps": 2}, "quantization": {"bits": 2}}),
 ]
 
 
@@ -132,6 +147,18 @@ def table(title: str, rows: list[tuple[str, dict]], setups: dict, out: list) -> 
         )
 
 
+def refine_tables(experiment, setups: dict, rows: list[tuple[str, dict]], out: list) -> None:
+    """``rows`` fine-tuned as a trial does, then as refinement does at ``finetune.lr`` and at ``refine.lr``."""
+    from dataclasses import replace
+
+    finetune, refine = experiment.finetune, experiment.refine
+    variants = {(finetune.epochs, finetune.lr): "as a trial", (refine.epochs, finetune.lr): "refined at finetune.lr"}
+    variants.setdefault((refine.epochs, refine.lr or finetune.lr), "refined at refine.lr")
+    for (epochs, lr), what in variants.items():
+        tuned = {seed: replace(setup, finetune=setup.finetune.model_copy(update={"epochs": epochs, "lr": lr})) for seed, setup in setups.items()}
+        table(f"Refine: {what}, {epochs} epochs at lr {lr:g}", rows, tuned, out)
+
+
 def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
     import optuna
 
@@ -187,7 +214,8 @@ def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["ranges", "combinations", "start", "curves"], choices=["ranges", "combinations", "start", "curves"])
+    every = ["ranges", "combinations", "start", "refine", "curves"]
+    parser.add_argument("--parts", nargs="+", default=every, choices=every)
     parser.add_argument("--match", help="only the ranges and combinations whose label contains this")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds for ranges and start")
     parser.add_argument("--draws", type=int, default=60, help="random pipelines for the curves")
@@ -220,6 +248,8 @@ def main() -> None:
 
         rows = [(start_label(index, point), point) for index, point in enumerate(INFORMED_START)]
         table("Start: the informed start's points", rows, setups, out)
+    if "refine" in args.parts:
+        refine_tables(experiment, setups, chosen(REFINE), out)
     if "curves" in args.parts:
         curves(experiment, setups[args.seeds[0]], args.draws, seed=args.seeds[0], out=out)
     (workdir / "evidence.json").write_text(json.dumps(out, indent=1))
