@@ -67,7 +67,8 @@ class RefineSettings(Strict):
     points: Literal["all", "above_min_accuracy", "knee", "potential"] = Field(
         "potential",
         description="which points: all of the front, the front at min_accuracy or above, the `count` front points nearest the knee, "
-        "or the `count` trials at min_accuracy or above with the most hypervolume to gain if refinement brought them to the baseline's accuracy",
+        "or the `count` trials at min_accuracy or above (or within `reach` of it) with the most hypervolume to gain if refinement brought "
+        "them to the baseline's accuracy",
     )
     count: int = Field(4, ge=1, description="points: knee or potential: how many")
     reach: float = Field(
