@@ -4,7 +4,7 @@ start's combinations, and the fine-tuning curves that calibrate early stopping.
 On the built-in task (LeNet-5 on scikit-learn's digits, ``spaces/digits.yaml``'s task and
 fine-tuning), every pipeline is run the way a trial runs it (``evaluate_recipe``: compress,
 fine-tune, write the artifact, reload it, export to ONNX, measure) but without Ray or MLflow,
-once per seed (the fine-tuning seed), on one cached baseline. Four parts:
+once per seed (the fine-tuning seed), on one cached baseline. Five parts:
 
 1. **ranges**: each technique alone over the values its default range spans;
    **combinations**: combinations considered for the informed start;
@@ -17,7 +17,14 @@ once per seed (the fine-tuning seed), on one cached baseline. Four parts:
    For each share of fine-tuning it prints the largest rise of validation accuracy from a
    checkpoint there to the end (``netshrink/deploy/stopping.py``'s ``RECOVERY``), and what the stop
    rule in force would have done: trials stopped, and trials stopped that would have ended
-   at or above ``min_accuracy`` (wrong stops; the rule is meant to make none).
+   at or above ``min_accuracy`` (wrong stops; the rule is meant to make none);
+5. **floor**: how fast this network can get on ONNX Runtime at all. Distillation + channel pruning + 4 bits
+   (the fastest family any search has found, the informed start's point 11) at ratios up to 0.97, where one conv1 channel, two conv2
+   channels and fifteen fc1 units are left, and a one-node ``Identity`` graph (ONNX Runtime's own cost
+   per call), each timed against the baseline as a trial times it (``measure_relative_latency``). Next
+   to each: the useful hypervolume (``benchmarks/search_quality.py``) that one point with its size and
+   latency would have *if it kept the baseline's accuracy*, ``(1 - 1 / size ratio) x (1 - latency ratio / 1.2)``:
+   the most that any front reaching that speed could score.
 
 For parts 1 to 3 it prints, per pipeline, the mean over seeds of the validation and test
 accuracy change from the baseline (points), the size ratio and the speed-up, with the
@@ -26,6 +33,7 @@ selects a search's front, test is held out. It asserts nothing.
 
     .venv/bin/python benchmarks/evidence.py                       # every part, seeds 0 1 2, 60 random draws
     .venv/bin/python benchmarks/evidence.py --parts curves --draws 100 --seeds 0
+    .venv/bin/python benchmarks/evidence.py --parts floor --seeds 0
 """
 
 from __future__ import annotations
@@ -74,16 +82,24 @@ COMBINATIONS: list[tuple[str, dict]] = [
 ]
 
 
+def fast_family(ratio: float) -> tuple[str, dict]:
+    """Distillation + channel pruning at ``ratio`` + 4 bits: the fastest family found (the informed start's point 11 at 0.75)."""
+    return f"distill + channel {ratio} + 4 bits", {
+        "distillation": {"temperature": 4.0, "alpha": 0.5}, "pruning": {"granularity": "channel", "ratio": ratio, "importance": "l2"}, "quantization": {"bits": 4},
+    }
+
+
 # Part 3: refinement. Pipelines that a trial's few epochs leave low, and two that they do not, fine-tuned as a trial
 # does, then for refine.epochs at finetune.lr and at refine.lr (spaces/digits.yaml)
-REFINE: list[tuple[str, dict]] = [
-    (f"distill + channel {r} + 4 bits", {"distillation": {"temperature": 4.0, "alpha": 0.5}, "pruning": {"granularity": "channel", "ratio": r, "importance": "l2"}, "quantization": {"bits": 4}})
-    for r in (0.75, 0.85)
-] + [
+REFINE: list[tuple[str, dict]] = [fast_family(r) for r in (0.75, 0.85)] + [
     ("channel 0.65 + 4 bits", {"pruning": {"granularity": "channel", "ratio": 0.65, "importance": "l2"}, "quantization": {"bits": 4}}),
     ("weight global 0.95 x2 + sensitivity avg 2", {"pruning": {"granularity": "weight", "ratio": 0.95, "scope": "global", "steps": 2}, "quantization": {"allocation": "sensitivity", "average_bits": 2.0}}),
     ("weight global 0.95 x2 + 2 bits", {"pruning": {"granularity": "weight", "ratio": 0.95, "scope": "global", "steps": 2}, "quantization": {"bits": 2}}),
 ]
+
+# Part 5: the latency floor. The fastest family any search found, narrowed down to a channel or two per layer
+FLOOR: list[tuple[str, dict]] = [fast_family(r) for r in (0.75, 0.85, 0.9, 0.95, 0.97)]
+USEFUL_LATENCY = 1.2  # the useful box's latency edge, in baseline latencies (benchmarks/search_quality.py)
 
 
 def pipeline_of(point: dict):
@@ -159,6 +175,54 @@ def refine_tables(experiment, setups: dict, rows: list[tuple[str, dict]], out: l
         table(f"Refine: {what}, {epochs} epochs at lr {lr:g}", rows, tuned, out)
 
 
+def floor(experiment, setups: dict, workdir: Path, out: list) -> None:
+    """Part 5: the fastest this network runs on ONNX Runtime, and the useful hypervolume that caps."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from netshrink.deploy.measure import measure_relative_latency
+    from netshrink.search.baseline import prepare_baseline
+    from netshrink.tasks import load_data
+
+    def ceiling(size_ratio: float, latency_ratio: float) -> float:
+        return (1 - 1 / size_ratio) * max(0.0, 1 - latency_ratio / USEFUL_LATENCY)
+
+    print("\nFloor: the fastest this network gets on ONNX Runtime (batch 1, as a trial measures), and the useful hypervolume")
+    print("of one point that fast if it kept the baseline's accuracy (the most any front reaching that speed could score)")
+    print(f"  {'pipeline':<44} {'val chg (pt)':>13} {'x smaller':>10} {'latency (x baseline)':>21} {'[min, max]':>15} {'HV ceiling':>11}")
+    base = next(iter(setups.values())).baseline_metrics
+    for label, point in FLOOR:
+        results = []
+        for seed, setup in setups.items():
+            metrics, _ = evaluate(setup, pipeline_of(point))
+            results.append(metrics)
+            out.append({"part": "floor", "label": label, "seed": seed, "metrics": metrics})
+        latency = [1 / m["speedup"] for m in results]
+        size = statistics.fmean(m["size_ratio"] for m in results)
+        print(
+            f"  {label:<44} {statistics.fmean(100 * (m['accuracy'] - base['accuracy']) for m in results):>+13.2f} {size:>9.1f}x "
+            f"{statistics.fmean(latency):>21.3f} {f'[{min(latency):.3f}, {max(latency):.3f}]':>15} {ceiling(size, statistics.fmean(latency)):>11.3f}",
+            flush=True,
+        )
+    sample = np.asarray(load_data(experiment.task.dataset, experiment.task.dataset_args).val[0][0], dtype=np.float32)[None]
+    identity = workdir / "identity.onnx"
+    shape = list(sample.shape)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])], "identity",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), identity)
+    baseline = prepare_baseline(experiment, workdir / ".netshrink" / "baselines", str(ROOT / "spaces"), log=lambda *_: None)
+    timed = measure_relative_latency(identity, baseline.artifact.parent / "baseline.onnx", sample, experiment.measure)
+    print(
+        f"  {'one Identity node (no model at all)':<44} {'':>13} {'':>10} {timed.ratio:>21.3f} {'':>15} {ceiling(float('inf'), timed.ratio):>11.3f}"
+        f"   ({timed.candidate.ms * 1000:.1f} us a call; the baseline {timed.reference.ms * 1000:.1f} us)",
+        flush=True,
+    )
+    out.append({"part": "floor", "label": "identity", "latency_ratio": timed.ratio, "ms": timed.candidate.ms, "baseline_ms": timed.reference.ms})
+
+
 def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
     import optuna
 
@@ -214,7 +278,7 @@ def curves(experiment, setup, draws: int, seed: int, out: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    every = ["ranges", "combinations", "start", "refine", "curves"]
+    every = ["ranges", "combinations", "start", "refine", "curves", "floor"]
     parser.add_argument("--parts", nargs="+", default=every, choices=every)
     parser.add_argument("--match", help="only the ranges and combinations whose label contains this")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds for ranges and start")
@@ -252,6 +316,8 @@ def main() -> None:
         refine_tables(experiment, setups, chosen(REFINE), out)
     if "curves" in args.parts:
         curves(experiment, setups[args.seeds[0]], args.draws, seed=args.seeds[0], out=out)
+    if "floor" in args.parts:
+        floor(experiment, setups, workdir, out)
     (workdir / "evidence.json").write_text(json.dumps(out, indent=1))
     print(f"\n{time.time() - started:.0f} s; every measurement in {workdir / 'evidence.json'}")
 
