@@ -29,9 +29,9 @@ set to the heads left (the recipe records them, so loading sets them again).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
-
+import math
 import warnings
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch_pruning as tp
@@ -189,8 +189,50 @@ def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionCont
         out_channel_groups={},  # Torch-Pruning's defaults are dicts shared between pruners, which it fills in
         in_channel_groups={},
     )
-    for step in range(config.steps):
+    if config.scope == "global" and not (pruner.out_channel_groups or pruner.in_channel_groups):
+        prune_channels_globally(pruner, model, config, ctx, listed)
+        return
+    for step in range(config.steps):  # grouped convolutions under global scope: Torch-Pruning's own ranking
         pruner.step()
+        _between_steps(model, step, config.steps, ctx)
+
+
+def prune_channels_globally(pruner: tp.pruner.BasePruner, model: nn.Module, config: PruningConfig, ctx: CompressionContext, listed: dict[nn.Module, float]) -> None:
+    """One threshold over every layer's normalised channel importances (Torch-Pruning's global ranking), with each
+    layer keeping at least ``floor`` of its channels, and at least one.
+
+    Torch-Pruning's own global step leaves a layer whole where the threshold takes all of its channels, and its
+    ``max_pruning_ratio`` holds only between steps: at 0.9 in one step LeNet-5's conv2 kept all 50 channels
+    while fc1 lost 89% of its neurons; at 0.97 conv1 and conv2 both stayed whole. Here Torch-Pruning groups the
+    coupled layers, scores and removes the channels; the threshold and the cap are netshrink's. Each step
+    reaches ``ratio x (step + 1) / steps`` of the channels, Torch-Pruning's linear schedule (as with ``scope: layer``);
+    layers in ``layer_ratios`` follow their own ratio on the same schedule.
+    """
+    initial: dict[nn.Module, int] = {}
+    for step in range(config.steps):
+        share = (step + 1) / config.steps
+        ranked, removals = [], {}
+        for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+            importance = pruner.estimate_importance(group)
+            if importance is None:
+                continue
+            layer, handler = group[0].dep.target.module, group[0].dep.handler
+            initial.setdefault(layer, len(importance))
+            if layer in listed:
+                removals[layer] = (handler, importance, len(importance) - int(initial[layer] * (1 - listed[layer] * share)))
+            else:
+                ranked.append((layer, handler, importance))
+        scores = torch.cat([importance for _, _, importance in ranked]) if ranked else torch.zeros(0)
+        drop = len(scores) - int(sum(initial[layer] for layer, _, _ in ranked) * (1 - config.ratio * share))
+        if drop > 0:
+            threshold = scores.kthvalue(drop).values
+            for layer, handler, importance in ranked:
+                least = max(1, math.ceil(config.floor * initial[layer]))
+                removals[layer] = (handler, importance, min(int((importance <= threshold).sum()), len(importance) - least))
+        for layer, (handler, importance, count) in removals.items():
+            group = pruner.DG.get_pruning_group(layer, handler, torch.argsort(importance)[:count].tolist()) if count > 0 else None
+            if group is not None and pruner.DG.check_pruning_group(group):
+                group.prune()
         _between_steps(model, step, config.steps, ctx)
 
 

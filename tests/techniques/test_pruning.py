@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from netshrink.techniques.artifact import read_parts
@@ -32,6 +34,24 @@ def test_channel_pruning_past_the_last_channel_keeps_one_rather_than_skipping_th
     pruned = compress(LeNet5(), Pipeline(steps=[listed]), torch.zeros(1, 1, 28, 28)).model
     assert (pruned.conv1.out_channels, pruned.conv2.out_channels) == (1, 25)
     assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 0.97])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_global_channel_pruning_ranks_over_all_layers_and_every_layer_keeps_its_floor(ratio, steps):
+    """Torch-Pruning's own global step left a layer whole where the threshold took all of it (at 0.9, conv2 kept
+    its 50 channels while fc1 lost 89%). Every layer now loses what the threshold takes, down to its floor."""
+    config = PruningConfig(granularity="channel", ratio=ratio, scope="global", steps=steps)
+    pruned = compress(LeNet5(), Pipeline(steps=[config]), torch.zeros(1, 1, 28, 28)).model
+    kept = {"conv1": pruned.conv1.out_channels, "conv2": pruned.conv2.out_channels, "fc1": pruned.fc1.out_features}
+    full = {"conv1": 20, "conv2": 50, "fc1": 500}
+    assert all(max(1, math.ceil(config.floor * full[name])) <= kept[name] < full[name] for name in full), kept
+    target = int(sum(full.values()) * (1 - ratio))  # the channels the global threshold keeps, before any floor
+    floors = sum(max(1, math.ceil(config.floor * n)) for n in full.values())
+    assert target - 2 <= sum(kept.values()) <= max(target, floors) + 2
+    assert pruned.fc2.out_features == 10 and pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    listed = compress(LeNet5(), Pipeline(steps=[config.model_copy(update={"layer_ratios": {"conv1": 0.5}})]), torch.zeros(1, 1, 28, 28)).model
+    assert listed.conv1.out_channels == 10  # a listed layer follows its own ratio, outside the ranking
 
 
 def test_channel_pruning_keeps_residual_and_batchnorm_consistent():
