@@ -206,7 +206,7 @@ def prune_channels_globally(pruner: tp.pruner.BasePruner, model: nn.Module, conf
     while fc1 lost 89% of its neurons; at 0.97 conv1 and conv2 both stayed whole. Here Torch-Pruning groups the
     coupled layers, scores and removes the channels; the threshold and the cap are netshrink's. Each step
     reaches ``ratio x (step + 1) / steps`` of the channels, Torch-Pruning's linear schedule (as with ``scope: layer``);
-    layers in ``layer_ratios`` follow their own ratio on the same schedule.
+    layers in ``layer_ratios`` follow their own ratio on the same schedule, keeping at least one channel.
     """
     initial: dict[nn.Module, int] = {}
     for step in range(config.steps):
@@ -219,7 +219,7 @@ def prune_channels_globally(pruner: tp.pruner.BasePruner, model: nn.Module, conf
             layer, handler = group[0].dep.target.module, group[0].dep.handler
             initial.setdefault(layer, len(importance))
             if layer in listed:
-                removals[layer] = (handler, importance, len(importance) - int(initial[layer] * (1 - listed[layer] * share)))
+                removals[layer] = (handler, importance, min(len(importance) - int(initial[layer] * (1 - listed[layer] * share)), len(importance) - 1))
             else:
                 ranked.append((layer, handler, importance))
         scores = torch.cat([importance for _, _, importance in ranked]) if ranked else torch.zeros(0)

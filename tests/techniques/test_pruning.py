@@ -50,8 +50,9 @@ def test_global_channel_pruning_ranks_over_all_layers_and_every_layer_keeps_its_
     floors = sum(max(1, math.ceil(config.floor * n)) for n in full.values())
     assert target - 2 <= sum(kept.values()) <= max(target, floors) + 2
     assert pruned.fc2.out_features == 10 and pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    listed = compress(LeNet5(), Pipeline(steps=[config.model_copy(update={"layer_ratios": {"conv1": 0.5}})]), torch.zeros(1, 1, 28, 28)).model
-    assert listed.conv1.out_channels == 10  # a listed layer follows its own ratio, outside the ranking
+    for listed_ratio, conv1 in ((0.5, 10), (0.99, 1)):  # a listed layer follows its own ratio, outside the ranking
+        listed = compress(LeNet5(), Pipeline(steps=[config.model_copy(update={"layer_ratios": {"conv1": listed_ratio}})]), torch.zeros(1, 1, 28, 28)).model
+        assert listed.conv1.out_channels == conv1
 
 
 def test_channel_pruning_keeps_residual_and_batchnorm_consistent():
