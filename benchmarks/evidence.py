@@ -19,8 +19,8 @@ once per seed (the fine-tuning seed), on one cached baseline. Five parts:
    rule in force would have done: trials stopped, and trials stopped that would have ended
    at or above ``min_accuracy`` (wrong stops; the rule is meant to make none);
 5. **floor**: how fast this network can get on ONNX Runtime at all. Distillation + channel pruning + 4 bits
-   (the fastest family any search has found, the informed start's point 11) at ratios up to 0.97, where one conv1 channel, two conv2
-   channels and fifteen fc1 units are left, and a one-node ``Identity`` graph (ONNX Runtime's own cost
+   (the fastest family any search has found, the informed start's point 11) at ratios up to 0.97, where one conv1
+   channel, one conv2 channel and fifteen fc1 units are left, and a one-node ``Identity`` graph (ONNX Runtime's own cost
    per call), each timed against the baseline as a trial times it (``measure_relative_latency``). Next
    to each: the useful hypervolume (``benchmarks/search_quality.py``) that one point with its size and
    latency would have *if it kept the baseline's accuracy*, ``(1 - 1 / size ratio) x (1 - latency ratio / 1.2)``:
@@ -115,23 +115,27 @@ def start_label(index: int, point: dict) -> str:
     return f"{index + 1}. {' + '.join(parts)}"[:44]
 
 
-def make_setup(workdir: Path, seed: int, early_stopping: bool):
-    """A ``TrialSetup`` on the default experiment's cached baseline (trained on first use)."""
+def default_experiment(workdir: Path):
+    """The default experiment and its cached baseline (trained on first use; its latency measured once here)."""
     from netshrink.config import load_experiment
     from netshrink.search.baseline import prepare_baseline
+
+    experiment = load_experiment(ROOT / "spaces" / "digits.yaml")
+    return experiment, prepare_baseline(experiment, workdir / ".netshrink" / "baselines", str(ROOT / "spaces"), log=lambda *_: None)
+
+
+def make_setup(experiment, baseline, seed: int, early_stopping: bool):
+    """A ``TrialSetup`` on the default experiment's baseline."""
     from netshrink.search.constraints import Constraints
     from netshrink.deploy.stopping import StopRule
     from netshrink.deploy.evaluate import RecipeSetup
 
-    experiment = load_experiment(ROOT / "spaces" / "digits.yaml")
-    baseline = prepare_baseline(experiment, workdir / ".netshrink" / "baselines", str(ROOT / "spaces"), log=lambda *_: None)
     constraints = Constraints.for_search(None, None, None, baseline.metrics)
-    setup = RecipeSetup(
+    return RecipeSetup(
         task=experiment.task, finetune=experiment.finetune, measure=experiment.measure, seed=seed, cpus=1, search_path=str(ROOT / "spaces"),
         baseline_weights=baseline.artifact.read_bytes(), baseline_metrics=baseline.metrics, sensitivity=baseline.sensitivity,
         stop_rule=StopRule(constraints.min_accuracy) if early_stopping else None,
     )
-    return experiment, setup
 
 
 def evaluate(setup, pipeline) -> tuple[dict, list]:
@@ -175,14 +179,13 @@ def refine_tables(experiment, setups: dict, rows: list[tuple[str, dict]], out: l
         table(f"Refine: {what}, {epochs} epochs at lr {lr:g}", rows, tuned, out)
 
 
-def floor(experiment, setups: dict, workdir: Path, out: list) -> None:
+def floor(experiment, setups: dict, baseline_onnx: Path, workdir: Path, out: list) -> None:
     """Part 5: the fastest this network runs on ONNX Runtime, and the useful hypervolume that caps."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper
 
     from netshrink.deploy.measure import measure_relative_latency
-    from netshrink.search.baseline import prepare_baseline
     from netshrink.tasks import load_data
 
     def ceiling(size_ratio: float, latency_ratio: float) -> float:
@@ -213,8 +216,7 @@ def floor(experiment, setups: dict, workdir: Path, out: list) -> None:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), identity)
-    baseline = prepare_baseline(experiment, workdir / ".netshrink" / "baselines", str(ROOT / "spaces"), log=lambda *_: None)
-    timed = measure_relative_latency(identity, baseline.artifact.parent / "baseline.onnx", sample, experiment.measure)
+    timed = measure_relative_latency(identity, baseline_onnx, sample, experiment.measure)
     print(
         f"  {'one Identity node (no model at all)':<44} {'':>13} {'':>10} {timed.ratio:>21.3f} {'':>15} {ceiling(float('inf'), timed.ratio):>11.3f}"
         f"   ({timed.candidate.ms * 1000:.1f} us a call; the baseline {timed.reference.ms * 1000:.1f} us)",
@@ -292,9 +294,8 @@ def main() -> None:
     import netshrink
 
     print(f"Machine: {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, {platform.platform()}; netshrink {netshrink.__version__}")
-    setups = {}
-    for seed in args.seeds:
-        experiment, setups[seed] = make_setup(workdir, seed, early_stopping=False)
+    experiment, baseline = default_experiment(workdir)
+    setups = {seed: make_setup(experiment, baseline, seed, early_stopping=False) for seed in args.seeds}
     base = setups[args.seeds[0]].baseline_metrics
     print(
         f"Baseline: validation {base['accuracy']:.2%}, test {base['test_accuracy']:.2%}, {base['size_bytes']:,.0f} bytes; "
@@ -317,7 +318,7 @@ def main() -> None:
     if "curves" in args.parts:
         curves(experiment, setups[args.seeds[0]], args.draws, seed=args.seeds[0], out=out)
     if "floor" in args.parts:
-        floor(experiment, setups, workdir, out)
+        floor(experiment, setups, baseline.artifact.parent / "baseline.onnx", workdir, out)
     (workdir / "evidence.json").write_text(json.dumps(out, indent=1))
     print(f"\n{time.time() - started:.0f} s; every measurement in {workdir / 'evidence.json'}")
 

@@ -192,7 +192,7 @@ def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionCont
     if config.scope == "global" and not (pruner.out_channel_groups or pruner.in_channel_groups):
         prune_channels_globally(pruner, model, config, ctx, listed)
         return
-    for step in range(config.steps):  # grouped convolutions under global scope: Torch-Pruning's own ranking
+    for step in range(config.steps):  # scope: layer, or grouped convolutions under global scope (Torch-Pruning's own ranking)
         pruner.step()
         _between_steps(model, step, config.steps, ctx)
 
