@@ -100,8 +100,8 @@ def measure_row(label: str, onnx_path: Path, artifact_bytes: int, reference: Pat
         "onnx": os.path.getsize(onnx_path),
         "latency": single.ratio,
         "throughput": 1.0 / batched.ratio,  # samples/s over the fp32 file's, same batches
-        "val": onnx_evaluate(onnx_path, data.val).accuracy,
-        "test": onnx_evaluate(onnx_path, data.test).accuracy,
+        "val": onnx_evaluate(onnx_path, data.val).value,
+        "test": onnx_evaluate(onnx_path, data.test).value,
     }
 
 
@@ -122,7 +122,7 @@ def optimized_ops(onnx_path: Path) -> list[str]:
 
 
 def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
-    from netshrink.config import load_experiment
+    from netshrink.validation import load_experiment
     from netshrink.deploy.evaluate import ARTIFACT_FILE, ONNX_FILE, RecipeSetup, evaluate_recipe
     from netshrink.search.baseline import prepare_baseline
     from netshrink.tasks import load_data
@@ -169,7 +169,7 @@ def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
 
 
 def print_table(name: str, rows: list[dict], experiment_file: Path) -> None:
-    from netshrink.config import load_experiment
+    from netshrink.validation import load_experiment
 
     measure = load_experiment(experiment_file).measure
     print(f"\n### {name}: ratios against the fp32 ONNX file; batch 1 latency, batch {measure.batch_size} throughput; "

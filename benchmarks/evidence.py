@@ -117,7 +117,7 @@ def start_label(index: int, point: dict) -> str:
 
 def default_experiment(workdir: Path):
     """The default experiment and its cached baseline (trained on first use; its latency measured once here)."""
-    from netshrink.config import load_experiment
+    from netshrink.validation import load_experiment
     from netshrink.search.baseline import prepare_baseline
 
     experiment = load_experiment(ROOT / "spaces" / "digits.yaml")

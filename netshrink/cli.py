@@ -44,7 +44,7 @@ def search(
     measures validation accuracy, the compressed file's size and ONNX Runtime
     latency. All of it goes to MLflow: a parent run per search, a child per trial.
     """
-    from netshrink.config import load_experiment
+    from netshrink.validation import load_experiment
 
     experiment = load_experiment(config)
     from netshrink.search.runner import Overrides, run_search
@@ -65,13 +65,13 @@ def validate(config: Path = typer.Argument(..., help="Experiment YAML file.")) -
     exports the untrained model to ONNX once to check that ONNX Runtime computes
     what torch does. A few seconds for the built-in task.
     """
-    from netshrink.config import load_experiment
+    from netshrink.validation import load_experiment
 
     experiment = load_experiment(config)
     names = experiment.space.searched_names()
     console.print(f"{config}: valid. Searched knobs ({len(names)}): {', '.join(names) or 'none'}")
     if "early_exit" in experiment.space.techniques():
-        from netshrink.config import task_exit_points
+        from netshrink.validation import task_exit_points
 
         points = task_exit_points(experiment, str(config.resolve().parent))
         console.print(f"Cut points for early_exit.after, in forward order: {', '.join(points)}")

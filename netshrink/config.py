@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from netshrink.errors import UserError, describe_validation_error
 from netshrink.spaces import SearchSpace
@@ -17,40 +17,114 @@ from netshrink.yaml_file import DuplicateKeyError, read_yaml
 OBJECTIVES: dict[str, Literal["max", "min"]] = {"accuracy": "max", "size_bytes": "min", "latency_ms": "min", "throughput": "max"}
 
 
+def metric_name_of_any(name: str) -> str | None:
+    """``name`` if it can be a metric's name at all (a built-in one), for objectives checked without a valid task section."""
+    from netshrink.metrics import BUILTIN_METRICS
+
+    return name if name in BUILTIN_METRICS else None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TrainSettings(Strict):
-    """How the baseline is trained (and cached: the same settings never train twice)."""
+class Optimisation(Strict):
+    """How a model is trained: the settings real models need to be fine-tuned without damage. The defaults are
+    netshrink's recipe before these settings existed (Adam at a constant rate), so the built-in task's figures hold."""
 
-    epochs: int = Field(30, ge=1, le=10_000)
-    lr: float = Field(1e-3, gt=0, le=1)
-    batch_size: int = Field(64, ge=1)
-    seed: int = 0
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="torch.optim.Adam, AdamW or SGD")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="the optimizer's weight decay (decoupled for adamw)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd: momentum (Nesterov off)")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over the run: constant, or cosine decay to 0 after the warm-up")
+    warmup_epochs: float = Field(0.0, ge=0, le=10_000, description="linear warm-up from 0 to lr over this many epochs (fractions allowed)")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this value; default: no clipping")
+    num_workers: int = Field(0, ge=0, le=256, description="data-loader worker processes (0: load in the training process)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16 or fp16: mixed precision (autocast, with gradient scaling for fp16) on CUDA; on the CPU netshrink trains in fp32 only"
+    )
 
 
-class FinetuneSettings(Strict):
+class TrainSettings(Optimisation):
+    """How the baseline is trained (and cached: the same settings never train twice). ``epochs: 0``: the model as
+    the factory (and ``task.weights``) gives it is the baseline, measured as it is."""
+
+    epochs: int = Field(30, ge=0, le=10_000, description="training epochs of the baseline; 0: no training, the model as given is the baseline")
+    lr: float = Field(1e-3, gt=0, le=1, description="learning rate")
+    batch_size: int = Field(64, ge=1, description="training batch size")
+    seed: int = Field(0, description="seed of the initialisation and the shuffling")
+
+
+class FinetuneSettings(Optimisation):
     """How each trial fine-tunes its compressed model."""
 
-    epochs: int = Field(3, ge=0, le=10_000)
-    lr: float = Field(5e-4, gt=0, le=1)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(3, ge=0, le=10_000, description="fine-tuning epochs of a trial")
+    lr: float = Field(5e-4, gt=0, le=1, description="learning rate")
+    batch_size: int = Field(64, ge=1, description="training batch size")
+
+
+REFERENCE = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
 
 
 class TaskConfig(Strict):
-    dataset: str = Field("digits", description="built-in name (digits) or 'package.module:factory'")
-    dataset_args: dict[str, Any] = Field(default_factory=dict)
-    model: str = Field("lenet5", description="built-in name (lenet5) or 'package.module:factory'")
-    model_args: dict[str, Any] = Field(default_factory=dict)
-    train: TrainSettings = Field(default_factory=TrainSettings)
+    dataset: str = Field("digits", description="built-in name (digits) or 'package.module:factory' returning TaskData or (train, val, test) datasets")
+    dataset_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the dataset factory")
+    model: str = Field("lenet5", description="built-in name (lenet5, vit) or 'package.module:factory' returning a torch.nn.Module")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model factory")
+    weights: str | None = Field(
+        None,
+        description="a state dict loaded into the factory's model: .pt/.pth (torch.save) or .safetensors; a relative path is taken "
+        "from the experiment file's folder. With train.epochs: 0 the baseline is exactly this model",
+    )
+    label_key: str | None = Field(None, description="for dataset items that are dicts: the key of the target; default: 'labels', else 'label'")
+    collate: str | None = Field(None, description="'package.module:fn' passed as collate_fn to every DataLoader; default: torch's")
+    loss: str = Field("cross_entropy", description="training loss: cross_entropy, or 'package.module:fn(outputs, target) -> scalar tensor' (outputs: the logits)")
+    metric: str = Field(
+        "accuracy",
+        description="what the search maximises, on a whole split: accuracy (top-1), top5, f1_macro, or 'package.module:fn(outputs, targets) -> float', "
+        "higher is better; its name is what every table, plot and MLflow run shows",
+    )
+    allow_weak_baseline: bool = Field(
+        False, description="search even when the baseline's validation metric is within 2 points of always answering the most frequent class"
+    )
+    train: TrainSettings = Field(default_factory=TrainSettings, description="how the baseline is trained")
 
     @field_validator("dataset", "model")
     @classmethod
     def _reference_shape(cls, value: str) -> str:
-        if ":" in value and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+        if ":" in value and not re.fullmatch(REFERENCE, value):
             raise ValueError(f"must be a built-in name or 'package.module:factory', got {value!r}")
         return value
+
+    @field_validator("collate")
+    @classmethod
+    def _function_reference(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(REFERENCE, value):
+            raise ValueError(f"must be 'package.module:function', got {value!r}")
+        return value
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, value: str) -> str:
+        if value != "cross_entropy" and not re.fullmatch(REFERENCE, value):
+            raise ValueError(f"must be cross_entropy or 'package.module:function', got {value!r}")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        from netshrink.metrics import BUILTIN_METRICS
+
+        if value not in BUILTIN_METRICS and not re.fullmatch(REFERENCE, value):
+            raise ValueError(f"must be one of {', '.join(BUILTIN_METRICS)} or 'package.module:function', got {value!r}")
+        if ":" in value and value.rpartition(":")[2] in (*OBJECTIVES, *BUILTIN_METRICS):
+            raise ValueError(f"{value!r}: the function's name is what the metric is shown as, and {value.rpartition(':')[2]!r} is taken")
+        return value
+
+    @property
+    def metric_name(self) -> str:
+        from netshrink.metrics import metric_name
+
+        return metric_name(self.metric)
 
 
 class RefineSettings(Strict):
@@ -115,12 +189,18 @@ class Experiment(Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     refine: RefineSettings = Field(default_factory=RefineSettings)
-    objectives: list[str] = Field(
-        default_factory=lambda: ["accuracy", "size_bytes", "latency_ms"],
-        description="what the search optimises (accuracy, size_bytes, latency_ms; throughput: samples/s at measure.batch_size)",
+    objectives: list[str] | None = Field(
+        None,
+        description="what the search optimises: the task's metric (by its name, e.g. accuracy or f1_macro), size_bytes, latency_ms, "
+        "throughput (samples/s at measure.batch_size); default: [metric, size_bytes, latency_ms]",
+    )
+    min_metric: float | None = Field(None, description="validation metric a model must reach to count (a constraint, absolute); default: none")
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="largest drop of the validation metric below the baseline's a model may have to count (0.05: 5 points); "
+        "default: 0.05 when min_metric is not given"
     )
     min_accuracy: float | None = Field(
-        None, gt=0, le=1, description="validation accuracy a model must reach to count (a constraint); default: the baseline's minus 5 points"
+        None, gt=0, le=1, description="deprecated: min_metric for a task whose metric is accuracy (the same rule)"
     )
     max_size_bytes: float | None = Field(None, gt=0, description="largest artifact a model may have to count (a constraint); default: none")
     max_latency_ms: float | None = Field(None, gt=0, description="largest latency a model may have to count (a constraint); default: none")
@@ -137,28 +217,78 @@ class Experiment(Strict):
             raise ValueError("must start with a letter or digit and use only letters, digits, space, '_', '-', '.'")
         return value
 
-    @field_validator("objectives")
-    @classmethod
-    def _objectives(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in OBJECTIVES]
-        if unknown:
-            raise ValueError(f"unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
-        if len(set(value)) != len(value) or not value:
-            raise ValueError("list each objective once, at least one")
-        return value
-
     @model_validator(mode="after")
     def _space_not_empty(self) -> "Experiment":
         if not self.space.techniques():
             raise ValueError("space: lists no technique; add at least one (e.g. pruning:)")
         return self
 
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None:
+            return None
+        task = info.data.get("task")
+        metric = task.metric_name if isinstance(task, TaskConfig) else None  # None: the task section has problems of its own
+        known = [metric or "accuracy", *(name for name in OBJECTIVES if name != "accuracy")]
+        unknown = [name for name in value if name not in known and (metric is not None or name != metric_name_of_any(name))]
+        if unknown:
+            hint = f" (this task's metric is {metric!r}: name it instead)" if metric and "accuracy" in unknown else ""
+            raise ValueError(f"unknown objective(s) {unknown}{hint}; choose from {known}")
+        if len(set(value)) != len(value) or not value:
+            raise ValueError("list each objective once, at least one")
+        return value
+
+    @model_validator(mode="after")
+    def _default_objectives(self) -> "Experiment":
+        if self.objectives is None:
+            object.__setattr__(self, "objectives", [self.task.metric_name, "size_bytes", "latency_ms"])
+        return self
+
+    @model_validator(mode="after")
+    def _metric_floor(self) -> "Experiment":
+        if self.min_accuracy is None:
+            return self
+        if self.task.metric_name != "accuracy":
+            raise ValueError(f"min_accuracy: this task's metric is {self.task.metric_name!r}, not accuracy; use min_metric")
+        if self.min_metric is not None:
+            raise ValueError("min_accuracy: deprecated name of min_metric; give min_metric only")
+        object.__setattr__(self, "min_metric", self.min_accuracy)
+        return self
+
+    @model_validator(mode="after")
+    def _precision(self) -> "Experiment":
+        for section, settings in (("task.train", self.task.train), ("finetune", self.finetune)):
+            if settings.precision != "fp32" and self.resources.gpu <= 0:
+                raise ValueError(
+                    f"{section}.precision: {settings.precision} is mixed precision on CUDA, and resources.gpu is 0 (trials train on the CPU, "
+                    "where netshrink trains in fp32 only); set resources.gpu or precision: fp32"
+                )
+        return self
+
     def directions(self) -> list[str]:
-        return [OBJECTIVES[name] for name in self.objectives]
+        return [self.direction(name) for name in self.objectives]
+
+    def direction(self, objective: str) -> str:
+        return "max" if objective == self.task.metric_name else OBJECTIVES[objective]
+
+    @property
+    def metric(self) -> str:
+        """The name of the task's metric (``accuracy`` by default)."""
+        return self.task.metric_name
+
+    def notes(self) -> list[str]:
+        """Deprecations the file uses, for the CLI to print."""
+        if self.min_accuracy is not None:
+            return ["min_accuracy is deprecated: write min_metric (the same rule, for any task.metric)"]
+        return []
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment file; every problem is reported at once as a ``UserError``."""
+    """Read and validate an experiment file's keys and rules; every problem is reported at once as a ``UserError``.
+
+    This runs no user code: ``netshrink.validation.load_experiment`` also builds the task.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"experiment file {str(path)!r} not found")
@@ -171,116 +301,6 @@ def load_experiment(path: str | Path) -> Experiment:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: must be a YAML mapping with at least 'name' and 'space'")
     try:
-        experiment = Experiment.model_validate(raw)
+        return Experiment.model_validate(raw)
     except ValidationError as error:
         raise UserError(describe_validation_error(error), title=f"{path}: invalid experiment file") from None
-    check_task(experiment, search_path=str(path.resolve().parent))
-    return experiment
-
-
-def check_task(experiment: Experiment, search_path: str) -> None:
-    """Import ``module:factory`` references and build the task once: data, model, one forward pass, one ONNX export.
-
-    Cheap next to a search (seconds), and it turns a typo, a model that does not fit
-    the data or one that ONNX cannot carry into a clear message before Ray starts
-    and before the baseline trains.
-    """
-    import torch
-
-    from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, build_model, example_inputs, load_data, resolve_factory
-
-    task = experiment.task
-    problems = []
-    for field, builtins in (("dataset", BUILTIN_DATASETS), ("model", BUILTIN_MODELS)):
-        try:
-            resolve_factory(getattr(task, field), builtins, search_path)
-        except ValueError as error:
-            problems.append(f"task.{field}: {error}")
-    if problems:
-        raise UserError(problems, title="invalid experiment file")
-    try:
-        data = load_data(task.dataset, task.dataset_args, search_path)
-    except Exception as error:  # user code or user arguments
-        raise UserError(f"task.dataset_args: building dataset {task.dataset!r} failed: {type(error).__name__}: {error}") from None
-    try:
-        model = build_model(task.model, task.model_args, data, search_path)
-        with torch.no_grad():
-            model.eval()(example_inputs(data, batch=2))
-    except Exception as error:
-        raise UserError(
-            f"task.model: model {task.model!r} does not run on {task.dataset!r} inputs of shape "
-            f"{tuple(data.input_shape)}: {type(error).__name__}: {error}"
-        ) from None
-    from netshrink.deploy.onnx_export import check_exportable
-
-    try:
-        check_exportable(model, example_inputs(data))
-    except ValueError as error:
-        raise UserError(f"task.model: model {task.model!r}: {error}") from None
-    check_exit_points(experiment, model)
-    check_layer_names(experiment, model)
-    check_space_on_model(experiment, model, example_inputs(data))
-
-
-def check_space_on_model(experiment: Experiment, model, example) -> None:
-    """Every technique the space may switch on can act on this model, and pipelines of the space run and export
-    (``spaces.probe``): a pipeline that would break the model's shapes fails here, in seconds, not in a trial."""
-    from netshrink.spaces.probe import probe
-
-    problems = probe(experiment.space, model, example)
-    if problems:
-        raise UserError(problems, title=f"the space does not fit model {experiment.task.model!r}")
-
-
-def check_layer_names(experiment: Experiment, model) -> None:
-    """Every layer a per-layer map names (``pruning.layer_ratios``, ``quantization.layer_bits``, ...) is one the technique acts on."""
-    from netshrink.spaces.knobs import Fixed
-    from netshrink.techniques import REGISTRY
-    from netshrink.techniques.base import compressible_weights, is_per_layer_field, module_of
-
-    layers = [module_of(name) for name in compressible_weights(model)]
-    problems = []
-    for kind, space in experiment.space.techniques().items():
-        for field, knob in space.knobs().items():
-            if is_per_layer_field(REGISTRY[kind].config_type, field) and isinstance(knob, Fixed) and knob.value:
-                unknown = [name for name in knob.value if name not in layers]
-                if unknown:
-                    problems.append(
-                        f"space.{kind}.{field}: {', '.join(map(repr, unknown))} is not a layer of model {experiment.task.model!r} "
-                        f"that {kind} acts on; its layers: {', '.join(layers)}"
-                    )
-    if problems:
-        raise UserError(problems, title="invalid experiment file")
-
-
-def check_exit_points(experiment: Experiment, model) -> None:
-    """Every placement the space may give early exits names a cut point of this model."""
-    from netshrink.spaces.knobs import Choice, Fixed
-    from netshrink.techniques import EarlyExitConfig, exit_points
-
-    space = experiment.space.techniques().get("early_exit")
-    if space is None or space.enabled is False:
-        return
-    try:
-        available = exit_points(model)
-    except ValueError as error:
-        raise UserError(f"space.early_exit: model {experiment.task.model!r}: {error}") from None
-    knob = space.after
-    placements = [knob.value] if isinstance(knob, Fixed) else list(knob.options) if isinstance(knob, Choice) else []
-    for placement in placements:
-        names = EarlyExitConfig(after=placement).after
-        unknown = [name for name in names if name not in available]
-        if unknown:
-            raise UserError(
-                f"space.early_exit.after: {'+'.join(unknown)!r} is not a cut point of model {experiment.task.model!r}; "
-                f"its cut points, in forward order: {', '.join(available)}"
-            )
-
-
-def task_exit_points(experiment: Experiment, search_path: str) -> list[str]:
-    """The names ``space.early_exit.after`` may use for this experiment's model."""
-    from netshrink.tasks import build_model, load_data
-    from netshrink.techniques import exit_points
-
-    task = experiment.task
-    return exit_points(build_model(task.model, task.model_args, load_data(task.dataset, task.dataset_args, search_path), search_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,17 @@ import torch
 
 import netshrink
 from netshrink.config import Experiment, TaskConfig
-from netshrink.stats import interval_metrics
-from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, TaskData, build_model, dataset_digest, example_inputs, factory_sources, load_data
+from netshrink.deploy.evaluate import epoch_line, split_scores
+from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, dataset_digest, factory_sources, file_sha256
+from netshrink.tasks.task import Task, load_task
 from netshrink.node_lock import compute_slot
 from netshrink.techniques import Pipeline, load_artifact, save_artifact
 from netshrink.techniques.sensitivity import measure_sensitivity
-from netshrink.training import accuracy, train
+from netshrink.training import TrainRecipe, train
 
 from netshrink.deploy.measure import measure_latency, measure_latency_ms, throughput
 from netshrink.deploy.onnx_export import export_onnx
+from netshrink.devices import trial_device
 
 BASELINE_FILE = "baseline.safetensors"
 FINGERPRINT_FILE = "fingerprint.json"  # what the cache key hashes, kept next to the baseline to say why one retrains
@@ -36,20 +39,23 @@ class Baseline:
     trained_now: bool
 
 
-def baseline_fingerprint(task: TaskConfig, data: TaskData, search_path: str) -> dict[str, Any]:
+def baseline_fingerprint(task: Task) -> dict[str, Any]:
     """Everything that determines the trained baseline; its hash is the cache key.
 
-    The task section (dataset, model, their arguments, training settings); the
-    source of the dataset and model factories (see ``factory_sources``); the
-    contents of the three splits (``dataset_digest``); and the torch and
-    netshrink versions, since the same code and data train differently under
-    another version. Change any of them and the baseline trains again.
+    The task section (dataset, model, their arguments, loss, metric, training settings); the
+    SHA-256 of ``task.weights``; the source of the dataset and model factories (see
+    ``factory_sources``); the contents of the three splits (``dataset_digest``); and the torch and
+    netshrink versions, since the same code and data train differently under another version.
+    Change any of them and the baseline trains again.
     """
+    config, search_path = task.config, task.search_path
+    weights = task.weights_file()
     return {
-        "task": task.model_dump(mode="json"),
-        "dataset_source": factory_sources(task.dataset, BUILTIN_DATASETS, search_path),
-        "model_source": factory_sources(task.model, BUILTIN_MODELS, search_path),
-        "data": {split: dataset_digest(getattr(data, split)) for split in ("train", "val", "test")},
+        "task": config.model_dump(mode="json"),
+        "weights": file_sha256(weights) if weights else None,
+        "dataset_source": factory_sources(config.dataset, BUILTIN_DATASETS, search_path),
+        "model_source": factory_sources(config.model, BUILTIN_MODELS, search_path),
+        "data": {split: dataset_digest(getattr(task.data, split)) for split in ("train", "val", "test")},
         "torch": torch.__version__,
         "netshrink": netshrink.__version__,
     }
@@ -75,22 +81,32 @@ def what_changed(cache_dir: Path, fingerprint: dict[str, Any]) -> list[str]:
 def prepare_baseline(experiment: Experiment, cache_dir: Path, search_path: str, log=print) -> Baseline:
     """Train the baseline unless a model with this exact fingerprint (``baseline_fingerprint``) is cached.
 
+    With ``task.train.epochs: 0`` the baseline is the factory's model with ``task.weights`` loaded, as it is.
     Latency is re-measured every time because it belongs to the machine, not to the model.
     """
-    task = experiment.task
-    data = load_data(task.dataset, task.dataset_args, search_path)
-    model = build_model(task.model, task.model_args, data, search_path)
-    fingerprint = baseline_fingerprint(task, data, search_path)
+    settings = experiment.task.train
+    task = load_task(experiment.task, search_path, num_workers=settings.num_workers)
+    config = task.config
+    fingerprint = baseline_fingerprint(task)
     folder = cache_dir / baseline_key(fingerprint)
     artifact = folder / BASELINE_FILE
     trained_now = not artifact.is_file()
+    model = task.build_model()
     if trained_now:
         changed = what_changed(cache_dir, fingerprint)
         why = f" (a cached baseline of this task section exists, but its {', '.join(changed)} changed)" if changed else ""
-        log(f"Training the baseline {task.model} on {task.dataset} for {task.train.epochs} epochs{why} (cached in {folder}) ...")
-        torch.manual_seed(task.train.seed)
-        model = build_model(task.model, task.model_args, data, search_path)
-        train(model, data.train, epochs=task.train.epochs, lr=task.train.lr, batch_size=task.train.batch_size, seed=task.train.seed)
+        torch.manual_seed(settings.seed)
+        model = task.build_model(weights=True)
+        if settings.epochs > 0:
+            log(f"Training the baseline {config.model} on {config.dataset} for {settings.epochs} epochs{why} (cached in {folder}) ...")
+            recipe = TrainRecipe.of(settings)
+            train(
+                model, task.data.train, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
+                device=trial_device(experiment.resources.gpu), loss_fn=task.loss, batches=task.batches, settings=recipe.settings,
+                on_epoch=epoch_line("baseline", task.metric.name, print_fn=log),
+            )
+        else:
+            log(f"Baseline: {config.model} with {config.weights or 'its factory weights'}, not trained (task.train.epochs: 0){why}; cached in {folder}")
         folder.mkdir(parents=True, exist_ok=True)
         partial = artifact.with_suffix(".partial")
         save_artifact(partial, model, {}, Pipeline().recipe())
@@ -99,16 +115,28 @@ def prepare_baseline(experiment: Experiment, cache_dir: Path, search_path: str, 
     else:
         log(f"Using the cached baseline {artifact}")
     model = load_artifact(artifact, model).model
-    metrics = measure_baseline(model, data, artifact, folder, experiment)
+    log("Measuring the baseline (metric on validation and test, ONNX export, latency) ...")
+    metrics = measure_baseline(model, task, artifact, folder, experiment)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return Baseline(artifact=artifact, sensitivity=cached_sensitivity(model, data, folder), metrics=metrics, trained_now=trained_now)
+    sensitivity = cached_sensitivity(model, task, folder, log) if uses_sensitivity(experiment) else {}
+    return Baseline(artifact=artifact, sensitivity=sensitivity, metrics=metrics, trained_now=trained_now)
+
+
+def uses_sensitivity(experiment: Experiment) -> bool:
+    """Whether the space may draw ``allocation: sensitivity`` (quantization or clustering): only then is the
+    per-layer sensitivity worth its passes (13 minutes on a ResNet-18 of 600 samples)."""
+    for kind in ("quantization", "clustering"):
+        space = experiment.space.techniques().get(kind)
+        if space is not None and space.enabled is not False and '"sensitivity"' in space.model_dump_json():
+            return True
+    return False
 
 
 SENSITIVITY_FILE = "sensitivity.json"
 SENSITIVITY_SAMPLES = 1024  # training samples the loss is taken on (all of the built-in task's 1,078 but a few)
 
 
-def cached_sensitivity(model: torch.nn.Module, data: TaskData, folder: Path) -> dict:
+def cached_sensitivity(model: torch.nn.Module, task: Task, folder: Path, log=print) -> dict:
     """The baseline's per-layer sensitivity, measured once (a few seconds for LeNet-5) and kept next to it.
 
     On the training split: the validation split selects the front and the test split
@@ -117,34 +145,62 @@ def cached_sensitivity(model: torch.nn.Module, data: TaskData, folder: Path) -> 
     path = folder / SENSITIVITY_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    count = len(data.train)
+    train_split = task.data.train
+    count = len(train_split)
     indices = sorted({round(i * (count - 1) / max(SENSITIVITY_SAMPLES - 1, 1)) for i in range(min(count, SENSITIVITY_SAMPLES))})
-    samples = [data.train[index] for index in indices]
-    inputs = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in samples])
-    labels = torch.tensor([int(y) for _, y in samples])
+    batches = [task.batches.collated(train_split, indices[start : start + 256]) for start in range(0, len(indices), 256)]
+    log(f"Measuring per-layer sensitivity on {len(indices)} training samples (for allocation: sensitivity) ...")
+    started = time.perf_counter()
+
+    def progress(done: int, total: int, layer: str) -> None:
+        seconds = time.perf_counter() - started
+        if seconds >= 5 or done == total:
+            log(f"  sensitivity: layer {done}/{total} ({layer}), {seconds:.0f} s, about {seconds / done * (total - done):.0f} s to go")
+
     with compute_slot():
-        scores = measure_sensitivity(model, inputs, labels)
+        scores = measure_sensitivity(model, batches, task.loss, progress)
     path.write_text(json.dumps(scores, indent=2))
     return json.loads(path.read_text())  # widths as JSON keys (strings), as a cached file gives them
 
 
-def measure_baseline(model: torch.nn.Module, data: TaskData, artifact: Path, folder: Path, experiment: Experiment) -> dict[str, float]:
+def measure_baseline(model: torch.nn.Module, task: Task, artifact: Path, folder: Path, experiment: Experiment) -> dict[str, float]:
     onnx_path = folder / "baseline.onnx"
-    onnx_bytes = export_onnx(model, example_inputs(data), onnx_path, {})
+    onnx_bytes = export_onnx(model, task.example(), onnx_path, {}, task.dynamic_axes())
     settings = experiment.measure
-    scores = {"accuracy": accuracy(model, data.val), "test_accuracy": accuracy(model, data.test)}
+    scores = split_scores(task, model)
+    data = task.data
     if "throughput" in experiment.objectives:  # samples per second in batches of measure.batch_size
-        batched = measure_latency(onnx_path, data.input_shape, settings, batch=settings.batch_size)
-        scores["throughput"] = throughput(batched.ms, settings.batch_size)
+        batch = settings.batch_size
+        batched = measure_latency(onnx_path, task.batches.feeds(data.val, batch, limit=batch), settings, batch=batch)
+        scores["throughput"] = throughput(batched.ms, batch)
+    majority = majority_score(model, task)
+    if majority is not None:
+        scores[f"majority_{task.metric.name}"] = majority
     return {
         **scores,
-        **interval_metrics("accuracy", scores["accuracy"], len(data.val)),
-        **interval_metrics("test_accuracy", scores["test_accuracy"], len(data.test)),
         "size_bytes": float(artifact.stat().st_size),
-        "latency_ms": measure_latency_ms(onnx_path, data.input_shape, settings),
+        "latency_ms": measure_latency_ms(onnx_path, task.batches.feeds(data.val, 1, limit=1), settings),
         "onnx_bytes": float(onnx_bytes),
         "parameters": float(sum(p.numel() for p in model.parameters())),
-        # the split sizes, for the accuracies' confidence intervals
+        # the split sizes, for the metric's confidence intervals
         "val_samples": float(len(data.val)),
         "test_samples": float(len(data.test)),
     }
+
+
+def majority_score(model: torch.nn.Module, task: Task) -> float | None:
+    """The metric on the validation split of always answering the training split's most frequent class: what a model
+    that learned nothing scores. None where the targets are not class labels."""
+    from netshrink.tasks.batches import targets_tensor
+    from netshrink.training import predict
+
+    targets = targets_tensor([target for _, target in task.batches.batches(task.data.train, 512)])
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dim() != 1 or not len(targets):
+        return None
+    predictions = predict(model, task.data.val, batches=task.batches)
+    most = int(torch.bincount(targets).argmax())
+    if most >= predictions.logits.shape[-1]:
+        return None
+    constant = torch.zeros_like(predictions.logits)
+    constant[:, most] = 1.0
+    return task.metric(constant, predictions.targets)

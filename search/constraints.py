@@ -24,19 +24,34 @@ DEFAULT_DROP = 0.05  # min_accuracy defaults to the baseline's validation accura
 
 @dataclass(frozen=True)
 class Constraints:
-    min_accuracy: float
+    min_accuracy: float  # the floor of the task's metric (``metric``; accuracy by default), on the validation split
     max_size_bytes: float | None = None
     max_latency_ms: float | None = None
+    metric: str = "accuracy"
 
     @classmethod
-    def for_search(cls, min_accuracy: float | None, max_size_bytes: float | None, max_latency_ms: float | None, baseline: dict[str, float]) -> "Constraints":
-        """The experiment's limits, with ``min_accuracy`` defaulting to the baseline's accuracy minus ``DEFAULT_DROP``."""
-        floor = min_accuracy if min_accuracy is not None else max(baseline["accuracy"] - DEFAULT_DROP, 0.0)
-        return cls(min_accuracy=floor, max_size_bytes=max_size_bytes, max_latency_ms=max_latency_ms)
+    def for_search(
+        cls, min_metric: float | None, max_size_bytes: float | None, max_latency_ms: float | None, baseline: dict[str, float],
+        metric: str = "accuracy", max_metric_drop: float | None = None,
+    ) -> "Constraints":
+        """The experiment's limits. The metric's floor is the higher of ``min_metric`` and the baseline's minus
+        ``max_metric_drop``; with neither given, the baseline's minus ``DEFAULT_DROP``."""
+        floors = []
+        if min_metric is not None:
+            floors.append(min_metric)
+        if max_metric_drop is not None or min_metric is None:
+            floors.append(baseline[metric] - (DEFAULT_DROP if max_metric_drop is None else max_metric_drop))
+        floor = max(floors)
+        return cls(min_accuracy=max(floor, 0.0) if metric in ("accuracy", "top5", "f1_macro") else floor,
+                   max_size_bytes=max_size_bytes, max_latency_ms=max_latency_ms, metric=metric)
+
+    @property
+    def floor_name(self) -> str:
+        return f"min_{self.metric}"
 
     def violations(self, metrics: dict[str, float]) -> dict[str, float]:
         """Per constraint, a value that is positive where ``metrics`` break it (see the module docstring)."""
-        values = {"min_accuracy": self.min_accuracy - metrics["accuracy"]}
+        values = {self.floor_name: self.min_accuracy - metrics[self.metric]}
         if self.max_size_bytes is not None:
             values["max_size_bytes"] = metrics["size_bytes"] / self.max_size_bytes - 1.0
         if self.max_latency_ms is not None:
@@ -49,7 +64,8 @@ class Constraints:
     def to_tags(self) -> dict[str, str]:
         """The parent run's record of the constraints (read back by ``from_tags``)."""
         return {
-            "min_accuracy": repr(self.min_accuracy),
+            "metric": self.metric,
+            self.floor_name: repr(self.min_accuracy),
             "max_size_bytes": "" if self.max_size_bytes is None else repr(self.max_size_bytes),
             "max_latency_ms": "" if self.max_latency_ms is None else repr(self.max_latency_ms),
         }
@@ -57,16 +73,18 @@ class Constraints:
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> "Constraints | None":
         """The constraints a search ran under, from its parent run; None for a search that recorded none."""
-        if not tags.get("min_accuracy"):
+        metric = tags.get("metric", "accuracy")
+        if not tags.get(f"min_{metric}"):
             return None
         optional = {name: float(tags[name]) if tags.get(name) else None for name in ("max_size_bytes", "max_latency_ms")}
-        return cls(min_accuracy=float(tags["min_accuracy"]), **optional)
+        return cls(min_accuracy=float(tags[f"min_{metric}"]), metric=metric, **optional)
 
     def describe(self) -> str:
-        parts = [f"validation accuracy >= {self.min_accuracy:.2%}"]
+        from .front import format_metric
+
+        parts = [f"validation {self.metric} >= {format_metric(self.metric, self.min_accuracy)}"]
         if self.max_size_bytes is not None:
             parts.append(f"size <= {self.max_size_bytes:,.0f} bytes")
         if self.max_latency_ms is not None:
             parts.append(f"latency <= {self.max_latency_ms:g} ms")
         return ", ".join(parts)
-

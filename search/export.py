@@ -108,12 +108,13 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
     parent_id = run.data.tags[PARENT_TAG]
     if search_run and search_run != parent_id:
         raise UserError(f"--search: trial {run_id} belongs to search {parent_id}, not {search_run}")
-    point = next((p for p in collect_points(tracker, experiment_id, parent_id)[0] if p.run_id == run_id), None)
+    search = tracker.search_record(parent_id)
+    point = next((p for p in collect_points(tracker, experiment_id, parent_id, search.metric)[0] if p.run_id == run_id), None)
     if point is None:
         raise UserError(f"--pick: trial {run_id} did not finish (status {run.info.status}); only finished trials can be exported")
     if min_accuracy is not None and point.accuracy < min_accuracy:
         raise UserError(f"--min-accuracy {min_accuracy}: trial {run_id} has accuracy {point.accuracy:.4f}, below it")
-    return Chosen(point=point, pick="by its MLflow run id", search=tracker.search_record(parent_id))
+    return Chosen(point=point, pick="by its MLflow run id", search=search)
 
 
 def task_of_search(tracker: Tracker, search: SearchRecord, config: Path | None = None, trust_logged_code: bool = False) -> tuple[TaskConfig, str]:
@@ -220,10 +221,9 @@ def write_files(
     tracker: Tracker, experiment: str, chosen: Chosen, folder: Path, config: Path | None = None, trust_logged_code: bool = False
 ) -> tuple[dict[str, int], float]:
     """Artifact and recipe as the trial logged them; the ONNX model rebuilt from the artifact; the card."""
-    from netshrink.tasks import build_model, example_inputs, load_data
     from netshrink.deploy.measure import onnx_evaluate
-    from netshrink.deploy.evaluate import calibration_samples
     from netshrink.deploy.onnx_export import deployment_config, export_artifact
+    from netshrink.tasks.task import load_task
     from netshrink.techniques import EarlyExitNet, load_artifact
 
     run_id = chosen.point.run_id
@@ -232,10 +232,10 @@ def write_files(
             tracker.client.download_artifacts(run_id, name, os.fspath(folder))
         except Exception as error:  # the artifact store may be remote, or the file gone
             raise UserError(f"trial {run_id}: cannot download its {name} ({type(error).__name__}: {error})") from None
-    task, search_path = task_of_search(tracker, chosen.search, config, trust_logged_code)
+    task_config, search_path = task_of_search(tracker, chosen.search, config, trust_logged_code)
     try:
-        data = load_data(task.dataset, task.dataset_args, search_path)
-        fresh = build_model(task.model, task.model_args, data, search_path)
+        task = load_task(task_config, search_path)
+        fresh = task.build_model()
     except Exception as error:  # user code, or a module that no longer imports from where it was
         raise UserError(
             f"task: cannot rebuild the model of search {chosen.search_run_id} ({type(error).__name__}: {error}); "
@@ -244,12 +244,16 @@ def write_files(
     try:
         loaded = load_artifact(folder / ARTIFACT_FILE, fresh)
     except (RuntimeError, ValueError, KeyError) as error:
-        raise UserError(f"task.model: {task.model!r} as it is now does not fit trial {run_id}'s artifact: {error}") from None
+        raise UserError(f"task.model: {task_config.model!r} as it is now does not fit trial {run_id}'s artifact: {error}") from None
     model = loaded.model
-    export_artifact(loaded, example_inputs(data), folder / ONNX_FILE, calibration_samples(data))  # the path the trial took to the ONNX it measured
-    onnx_accuracy = onnx_evaluate(folder / ONNX_FILE, data.val).accuracy
+    example = task.example()
+    # the path the trial took to the ONNX it measured
+    export_artifact(loaded, example, folder / ONNX_FILE, task.calibration(), task.dynamic_axes())
+    onnx_accuracy = onnx_evaluate(folder / ONNX_FILE, task.data.val, task.batches, task.metric).value
     files = {name: os.path.getsize(folder / name) for name in (ONNX_FILE, ARTIFACT_FILE, RECIPE_FILE)}
     exits = isinstance(model, EarlyExitNet)
+    from netshrink.techniques.inputs import input_names, tensors
+
     facts = CardFacts(
         experiment=experiment,
         search_run_id=chosen.search_run_id,
@@ -258,9 +262,10 @@ def write_files(
         baseline=chosen.baseline,
         onnx_accuracy=onnx_accuracy,
         files=files,
-        task=task,
+        task=task_config,
         search_path=search_path,
-        input_shape=tuple(data.input_shape),
+        inputs=tuple((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)) for name, tensor in zip(input_names(example), tensors(example))),
+        metric=task.metric.name,
         exit_cuts=tuple(model.cut_names) if exits else (),
         exit_threshold=model.threshold if exits else None,
         session_config=deployment_config(folder / ONNX_FILE),

@@ -24,31 +24,54 @@ class TrialPoint:
     summary: str  # the pipeline in one line
     extra: dict[str, float] = field(default_factory=dict)
     refined_from: str | None = None  # a refined run: the run id of the trial it fine-tuned longer
+    metric_name: str = "accuracy"  # the task's metric, whose validation figure ``accuracy`` holds
 
     def value(self, objective: str) -> float:
-        return getattr(self, objective) if objective in ("accuracy", "size_bytes", "latency_ms") else self.extra[objective]
+        if objective == self.metric_name:
+            return self.accuracy
+        return getattr(self, objective) if objective in ("size_bytes", "latency_ms") else self.extra[objective]
 
     def metrics(self) -> dict[str, float]:
         """Every logged figure of the trial, the objectives included."""
-        return {"accuracy": self.accuracy, "size_bytes": self.size_bytes, "latency_ms": self.latency_ms, **self.extra}
+        return {self.metric_name: self.accuracy, "size_bytes": self.size_bytes, "latency_ms": self.latency_ms, **self.extra}
+
+
+PROPORTIONS = ("accuracy", "top5")  # metrics that are shares of samples: shown in %, with Wilson intervals
+
+
+def base_metric(name: str) -> str:
+    """``f1_macro`` of ``test_f1_macro``, ``onnx_f1_macro``, ``baseline_f1_macro``."""
+    for prefix in ("baseline_", "test_", "onnx_"):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def format_metric(name: str, value: float, digits: int = 2) -> str:
+    """A metric's value as tables show it: a share of samples in %, any other metric as a number."""
+    return f"{value:.{digits}%}" if base_metric(name) in PROPORTIONS else f"{value:.{digits + 2}f}"
+
+
+def interval_kind(name: str) -> str:
+    return "Wilson intervals" if base_metric(name) in PROPORTIONS else "seeded percentile bootstrap intervals"
 
 
 def with_interval(metrics: dict[str, float], name: str) -> str:
-    """``97.50% [95.3%, 98.7%]``: an accuracy and its logged 95% interval (``-`` where the run has no such figure)."""
+    """``97.50% [95.3%, 98.7%]``: a metric and its logged 95% interval (``-`` where the run has no such figure)."""
     value = metrics.get(name)
     if value is None:
         return "-"
     low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
-    return f"{value:.2%}" + (f" [{low:.1%}, {high:.1%}]" if low is not None and high is not None else "")
+    bracket = f" [{format_metric(name, low, 1)}, {format_metric(name, high, 1)}]" if low is not None and high is not None else ""
+    return format_metric(name, value) + bracket
 
 
-def accuracy_note(baseline: dict[str, float] | None) -> str:
-    """Which accuracy is which, and which to quote."""
+def accuracy_note(baseline: dict[str, float] | None, metric: str = "accuracy") -> str:
+    """Which figure is which, and which to quote."""
     val = f" ({baseline['val_samples']:.0f} samples)" if baseline and "val_samples" in baseline else ""
     test = f" ({baseline['test_samples']:.0f} samples)" if baseline and "test_samples" in baseline else ""
     return (
-        f"accuracy: the validation split{val} selected this front, so its best figures are optimistic; the test split{test} "
-        "played no part in the search: quote it. Brackets: 95% Wilson intervals"
+        f"{metric}: the validation split{val} selected this front, so its best figures are optimistic; the test split{test} "
+        f"played no part in the search: quote it. Brackets: 95% {interval_kind(metric)}"
     )
 
 
@@ -70,7 +93,7 @@ def pareto_front(points: list[TrialPoint], objectives: list[str], directions: li
     eligible = [p for p in points if constraints is None or constraints.feasible(p.metrics())]
     values = [[p.value(o) for o in objectives] for p in eligible]
     front = [p for i, p in enumerate(eligible) if not any(dominates(values[j], values[i], directions) for j in range(len(eligible)) if j != i)]
-    return sorted(front, key=lambda p: (-p.accuracy, p.size_bytes, p.latency_ms))
+    return sorted(front, key=lambda p: (-p.accuracy, p.size_bytes, p.latency_ms))  # ``accuracy``: the task's metric
 
 
 def knee_order(front: list[TrialPoint], objectives: list[str]) -> list[TrialPoint]:
@@ -84,6 +107,7 @@ def knee_order(front: list[TrialPoint], objectives: list[str]) -> list[TrialPoin
     """
     from netshrink.config import OBJECTIVES
 
+    directions = {**OBJECTIVES, **{p.metric_name: "max" for p in front}}
     spans = {name: (min(p.value(name) for p in front), max(p.value(name) for p in front)) for name in objectives}
 
     def badness(point: TrialPoint, name: str) -> float:
@@ -91,7 +115,7 @@ def knee_order(front: list[TrialPoint], objectives: list[str]) -> list[TrialPoin
         if high == low:
             return 0.0
         scaled = (point.value(name) - low) / (high - low)
-        return 1.0 - scaled if OBJECTIVES[name] == "max" else scaled
+        return 1.0 - scaled if directions[name] == "max" else scaled
 
     return sorted(front, key=lambda p: (math.hypot(*(badness(p, name) for name in objectives)), -p.accuracy))
 
@@ -111,8 +135,9 @@ def _size(num_bytes: float) -> str:
 def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, title: str) -> Table:
     table = Table(title=title, title_justify="left")
     batched = bool(baseline) and "throughput" in baseline  # the search measured throughput: show it
+    metric = next((point.metric_name for point in front), "accuracy")
     columns = [
-        ("trial", "left"), ("val. accuracy [95% CI]", "right"), ("test accuracy [95% CI]", "right"), ("size", "right"),
+        ("trial", "left"), (f"val. {metric} [95% CI]", "right"), (f"test {metric} [95% CI]", "right"), ("size", "right"),
         ("x smaller", "right"), ("latency ms", "right"), ("x faster", "right"),
     ]
     if batched:
@@ -123,7 +148,7 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
     if baseline:
         throughput = [f"{baseline['throughput']:,.0f}"] if batched else []
         table.add_row(
-            "baseline", with_interval(baseline, "accuracy"), with_interval(baseline, "test_accuracy"), _size(baseline["size_bytes"]), "1.0",
+            "baseline", with_interval(baseline, metric), with_interval(baseline, f"test_{metric}"), _size(baseline["size_bytes"]), "1.0",
             f"{baseline['latency_ms']:.4f}", "1.0", *throughput, "uncompressed", style="dim",
         )
     for point in front:
@@ -132,7 +157,7 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
         metrics = point.metrics()
         throughput = [f"{metrics['throughput']:,.0f}" if "throughput" in metrics else "-"] if batched else []
         table.add_row(
-            point.name, with_interval(metrics, "accuracy"), with_interval(metrics, "test_accuracy"), _size(point.size_bytes), smaller,
+            point.name, with_interval(metrics, metric), with_interval(metrics, f"test_{metric}"), _size(point.size_bytes), smaller,
             f"{point.latency_ms:.4f}", faster, *throughput, point.summary,
         )
     return table
@@ -141,26 +166,30 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
 def print_front(front: list[TrialPoint], baseline: dict[str, float] | None, title: str, console: Console | None = None) -> None:
     console = console or Console()
     if not front:
-        console.print("[yellow]No finished trial is on the front (none finished, or none reached min_accuracy).[/yellow]")
+        console.print("[yellow]No finished trial is on the front (none finished, or none reached the metric's floor).[/yellow]")
         return
     console.print(front_table(front, baseline, title))
     console.print(
         "size: bytes of the compressed artifact file; latency: batch-1 ONNX Runtime CPU time, each trial timed "
-        f"in alternation with the baseline (ratio x baseline figure); {accuracy_note(baseline)}"
+        f"in alternation with the baseline (ratio x baseline figure); {accuracy_note(baseline, next((p.metric_name for p in front), 'accuracy'))}"
     )
 
 
 def front_json(front: list[TrialPoint], baseline: dict[str, float] | None) -> str:
+    """The front as JSON: each point's figures under the metric's own name (``f1_macro``, ``test_f1_macro``)."""
     rows = []
     for point in front:
+        name = point.metric_name
         row = asdict(point)
+        del row["accuracy"], row["metric_name"]
+        row = {"run_id": row.pop("run_id"), "name": row.pop("name"), "metric": name, name: point.accuracy, **row}
         row["recipe"] = json.loads(point.recipe)
         metrics = point.metrics()
-        row["selection_split"] = "validation"  # the split the front was chosen on: `accuracy`; `test_accuracy` is held out
-        for name in ("accuracy", "test_accuracy"):
-            if f"{name}_ci_low" in metrics:
-                row[f"{name}_ci95"] = [metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]]
-        row["test_accuracy"] = metrics.get("test_accuracy")
+        row["selection_split"] = "validation"  # the split the front was chosen on: the metric; test_<metric> is held out
+        for key in (name, f"test_{name}"):
+            if f"{key}_ci_low" in metrics:
+                row[f"{key}_ci95"] = [metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"]]
+        row[f"test_{name}"] = metrics.get(f"test_{name}")
         if baseline:
             row["size_ratio"] = baseline["size_bytes"] / point.size_bytes
             row["speedup"] = baseline["latency_ms"] / point.latency_ms

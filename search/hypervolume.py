@@ -69,7 +69,7 @@ def losses(point: TrialPoint, objectives: Sequence[str], baseline: dict[str, flo
     """``point`` on the normalised axes of the module docstring (reference point: 1 on each)."""
     spread = 1.0 - (min_accuracy or 0.0)
     scaled = {
-        "accuracy": (1.0 - point.accuracy) / spread if spread > 0 else 1.0,  # min_accuracy 1: an empty box
+        point.metric_name: (1.0 - point.accuracy) / spread if spread > 0 else 1.0,  # min_accuracy 1: an empty box
         "size_bytes": point.size_bytes / (BOX_OVER_BASELINE * baseline["size_bytes"]),
         "latency_ms": point.latency_ms / (BOX_OVER_BASELINE * baseline["latency_ms"]),
     }
@@ -115,7 +115,7 @@ def most_to_gain(
     epochs) to -0.3, and channel pruning 0.65 + 4 bits from -1.4 to +0.0 (``benchmarks/evidence.py``'s kind of
     measurement; README, "Refinement"); the fastest, smallest trials are what refinement pays for most.
     """
-    ceiling = baseline["accuracy"]
+    ceiling = baseline[next((point.metric_name for point in candidates), "accuracy")]
 
     def raised(point: TrialPoint) -> TrialPoint:
         return replace(point, accuracy=max(point.accuracy, ceiling))

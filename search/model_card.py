@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from netshrink.config import TaskConfig
 
-from .front import TrialPoint, with_interval
+from .front import TrialPoint, format_metric, interval_kind, with_interval
 from netshrink.deploy.onnx_export import EXIT_OUTPUT
 
 FILE_ROLES = {
@@ -34,7 +34,8 @@ class CardFacts:
     files: dict[str, int]  # file name -> bytes on disk
     task: TaskConfig
     search_path: str  # the folder ``module:factory`` references import from
-    input_shape: tuple[int, ...]  # one sample
+    inputs: tuple[tuple[str, str, tuple[int, ...]], ...]  # the ONNX model's inputs: (name, dtype, shape of one real sample)
+    metric: str = "accuracy"  # the task's metric, by its name
     exit_cuts: tuple[str, ...] = ()  # early exits: the layer each exit follows, in forward order
     exit_threshold: float | None = None
     session_config: dict[str, str] = field(default_factory=dict)  # the ONNX Runtime session config model.onnx is deployed (and was timed) with
@@ -54,17 +55,18 @@ def _ratio(baseline: float, value: float, better: str, worse: str) -> str:
 def metrics_table(facts: CardFacts) -> str:
     point, base = facts.point, facts.baseline
     metrics = point.metrics()
-    test = metrics.get("test_accuracy")
+    name = facts.metric
+    test = metrics.get(f"test_{name}")
     rows = [
         "| | baseline | this model | change |",
         "|---|---:|---:|---:|",
-        f"| accuracy, validation split (selected this model) | {with_interval(base, 'accuracy')} | {with_interval(metrics, 'accuracy')} "
-        f"| {100 * (point.accuracy - base['accuracy']):+.2f} points |",
+        f"| {name}, validation split (selected this model) | {with_interval(base, name)} | {with_interval(metrics, name)} "
+        f"| {100 * (point.accuracy - base[name]):+.2f} points |",
     ]
-    if test is not None and "test_accuracy" in base:
+    if test is not None and f"test_{name}" in base:
         rows.append(
-            f"| accuracy, test split (held out: quote this) | {with_interval(base, 'test_accuracy')} | {with_interval(metrics, 'test_accuracy')} "
-            f"| {100 * (test - base['test_accuracy']):+.2f} points |"
+            f"| {name}, test split (held out: quote this) | {with_interval(base, f'test_{name}')} | {with_interval(metrics, f'test_{name}')} "
+            f"| {100 * (test - base[f'test_{name}']):+.2f} points |"
         )
     rows += [
         f"| size (compressed artifact file) | {base['size_bytes']:,.0f} B | {point.size_bytes:,.0f} B | {_ratio(base['size_bytes'], point.size_bytes, 'smaller', 'larger')} |",
@@ -89,11 +91,15 @@ def exit_labels(facts: CardFacts) -> list[str]:
 
 
 def onnx_snippet(facts: CardFacts) -> str:
-    shape = ", ".join(str(size) for size in (1, *facts.input_shape))
+    arrays = "".join(
+        f"{name} = np.zeros(({', '.join(str(size) for size in shape)}), dtype=np.{dtype})  # batch x ..., as the task's dataset yields it\n"
+        for name, dtype, shape in ((_identifier(name), dtype, shape) for name, dtype, shape in facts.inputs)
+    )
+    feeds = ", ".join(f'"{name}": {_identifier(name)}' for name, _, _ in facts.inputs)
     run = (
-        f'logits, exit_index = session.run(["logits", "{EXIT_OUTPUT}"], {{"input": x}})\nprint(logits.argmax(axis=1), int(exit_index))'
+        f'logits, exit_index = session.run(["logits", "{EXIT_OUTPUT}"], {{{feeds}}})\nprint(logits.argmax(axis=1), int(exit_index))'
         if facts.exit_cuts
-        else 'logits = session.run(["logits"], {"input": x})[0]\nprint(logits.argmax(axis=1))'
+        else f'logits = session.run(["logits"], {{{feeds}}})[0]\nprint(logits.argmax(axis=1))'
     )
     options = "".join(f'options.add_session_config_entry("{key}", "{value}")\n' for key, value in facts.session_config.items())
     return (
@@ -104,10 +110,16 @@ def onnx_snippet(facts: CardFacts) -> str:
         f"{options}"
         "options.intra_op_num_threads = 1\n"
         'session = ort.InferenceSession("model.onnx", options, providers=["CPUExecutionProvider"])\n'
-        f"x = np.zeros(({shape}), dtype=np.float32)  # a batch of inputs, preprocessed as the task's dataset yields them\n"
+        f"{arrays}"
         f"{run}\n"
         "```"
     )
+
+
+def _identifier(name: str) -> str:
+    """An input name as a Python variable (``input_ids`` stays, ``pixel-values`` becomes ``pixel_values``)."""
+    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return cleaned if cleaned and not cleaned[0].isdigit() else f"x_{cleaned}"
 
 
 def torch_snippet(facts: CardFacts) -> str:
@@ -136,12 +148,12 @@ def render_card(facts: CardFacts) -> str:
         "",
         metrics_table(facts),
         "",
-        "Measured by the search on the artifact the trial wrote. Accuracy brackets are 95% Wilson intervals. The search "
+        f"Measured by the search on the artifact the trial wrote. Brackets are 95% intervals ({interval_kind(facts.metric)}). The search "
         "picked its front on the validation split, so that figure is the best of many tries and optimistic; the test split "
         "played no part in the choice, which is why its figure is the one to quote. Size is the compressed artifact file's "
         "size; latency is batch-1 ONNX Runtime CPU time, timed in alternation with the baseline (ratio x the baseline's figure), "
         f"in the session options below ({session_options_in_words(facts.session_config)}). "
-        f"`model.onnx`, checked at export: accuracy {facts.onnx_accuracy:.2%} on the validation split, one sample per call.",
+        f"`model.onnx`, checked at export: {facts.metric} {format_metric(facts.metric, facts.onnx_accuracy)} on the validation split, one sample per call.",
     ]
     shares = [point.extra[f"exit_share_{index}"] for index in range(len(facts.exit_cuts) + 1) if f"exit_share_{index}" in point.extra]
     if facts.exit_cuts and shares:

@@ -24,7 +24,7 @@ from matplotlib.text import Text
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 
 
-from .front import TrialPoint, with_interval
+from .front import TrialPoint, format_metric, with_interval
 from .hypervolume import BOX_OVER_BASELINE, front_hypervolume, hypervolume_history
 from .report import LoadedFront
 from .tracking import Tracker
@@ -61,8 +61,8 @@ def write_plots(
     pareto, tooltips = pareto_figure(ordered, front, baseline, objectives, min_accuracy)
     pareto.savefig(folder / PARETO_PNG, dpi=DPI)
     (folder / PARETO_HTML).write_text(hoverable_html(pareto, tooltips, title="netshrink: Pareto front"), encoding="utf-8")
-    baseline_volume = front_hypervolume([_baseline_point(baseline)], objectives, baseline, min_accuracy)
-    hypervolume_figure(history, baseline_volume, objectives, min_accuracy).savefig(folder / HYPERVOLUME_PNG, dpi=DPI)
+    baseline_volume = front_hypervolume([_baseline_point(baseline, metric_of(points))], objectives, baseline, min_accuracy)
+    hypervolume_figure(history, baseline_volume, objectives, min_accuracy, metric_of(points)).savefig(folder / HYPERVOLUME_PNG, dpi=DPI)
     return history
 
 
@@ -98,8 +98,9 @@ BELOW_STYLE = {"s": 22, "marker": "v", "color": "#e0e0e0", "edgecolors": "#90909
 
 def accuracy_window(points: Sequence[TrialPoint], baseline: dict[str, float], min_accuracy: float | None) -> tuple[float, float]:
     """The accuracy axis: from just under ``min_accuracy`` (else the baseline minus 10 points) to just over the best."""
-    floor = (min_accuracy if min_accuracy is not None else baseline["accuracy"] - BELOW_BASELINE) - 0.01
-    top = max([baseline["accuracy"], *(point.accuracy for point in points)])
+    metric = metric_of(points)
+    floor = (min_accuracy if min_accuracy is not None else baseline[metric] - BELOW_BASELINE) - 0.01
+    top = max([baseline[metric], *(point.accuracy for point in points)])
     return floor, top + max(0.1 * (top - floor), 0.002)
 
 
@@ -144,13 +145,13 @@ def pareto_figure(
             if is_front and not under:
                 labels.setdefault(panel, []).append((point.name, x, point.accuracy))
         base_x = baseline["size_bytes"] / 1e3 if panel == "size" else baseline["latency_ms"]
-        artist = axes.scatter([base_x], [baseline["accuracy"]], **BASELINE_STYLE)
+        artist = axes.scatter([base_x], [baseline[metric_of(points)]], **BASELINE_STYLE)
         artist.set_gid(f"point-{panel}-baseline")
-        tooltips[f"point-{panel}-baseline"] = _tooltip(_baseline_point(baseline), baseline, False)
+        tooltips[f"point-{panel}-baseline"] = _tooltip(_baseline_point(baseline, metric_of(points)), baseline, False)
         legend["baseline (uncompressed)"] = artist
         axes.axhspan(floor - STRIP * (top - floor), floor, color="#f2f2f2", zorder=0)
         if min_accuracy is not None:
-            legend[f"min_accuracy {min_accuracy:.1%}"] = axes.axhline(min_accuracy, color="grey", linestyle="--", linewidth=1)
+            legend[f"min_{metric_of(points)} {format_metric(metric_of(points), min_accuracy, 1)}"] = axes.axhline(min_accuracy, color="grey", linestyle="--", linewidth=1)
         axes.set_xlabel(x_label)
         axes.grid(True, alpha=0.3)
         axes.set_ylim(floor - STRIP * (top - floor), top)
@@ -158,7 +159,7 @@ def pareto_figure(
             axes.set_xscale("log")
             axes.xaxis.set_major_formatter(LogFormatter())  # 40, 60, 100 rather than 4x10^1
             axes.xaxis.set_minor_formatter(LogFormatter())
-    by_size.set_ylabel("validation accuracy")
+    by_size.set_ylabel(f"validation {metric_of(points)}")
     by_size.yaxis.set_major_formatter(PercentFormatter(xmax=1))
     by_latency.legend(list(legend.values()), list(legend.keys()), loc="lower right", fontsize=8)  # the last panel's artists
     title = f"Pareto front over {', '.join(objectives)}: {len(front)} of {len(points)} finished trials"
@@ -167,7 +168,7 @@ def pareto_figure(
     figure.suptitle(title, fontsize=10)
     for axes, panel, *_ in panels:  # once the layout is final
         base_x = baseline["size_bytes"] / 1e3 if panel == "size" else baseline["latency_ms"]
-        place_labels(figure, axes, labels.get(panel, []), markers=[(base_x, baseline["accuracy"])])
+        place_labels(figure, axes, labels.get(panel, []), markers=[(base_x, baseline[metric_of(points)])])
     return figure, tooltips
 
 
@@ -220,6 +221,7 @@ def hypervolume_figure(
     baseline_volume: float,
     objectives: Sequence[str],
     min_accuracy: float | None = None,
+    metric: str = "accuracy",
 ) -> Figure:
     """The front's hypervolume after each finished trial, with the trials that grew it marked."""
     figure = Figure(figsize=(8, 4.5), layout="constrained")
@@ -236,7 +238,7 @@ def hypervolume_figure(
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     corner = {
-        "accuracy": f"accuracy {min_accuracy or 0:.0%}",
+        metric: f"{metric} {min_accuracy or 0:.2g}",
         "size_bytes": f"{BOX_OVER_BASELINE:g}x baseline size",
         "latency_ms": f"{BOX_OVER_BASELINE:g}x baseline latency",
         "throughput": f"1/{BOX_OVER_BASELINE:g} of the baseline's throughput",
@@ -275,19 +277,24 @@ def _tooltip(point: TrialPoint, baseline: dict[str, float], on_front: bool) -> s
     lines = [
         point.name + (" (Pareto front)" if on_front else ""),
         point.summary,
-        f"validation accuracy {with_interval(point.metrics(), 'accuracy')} (selected the front)",
-        f"test accuracy {with_interval(point.metrics(), 'test_accuracy')} (held out: quote this)",
+        f"validation {point.metric_name} {with_interval(point.metrics(), point.metric_name)} (selected the front)",
+        f"test {point.metric_name} {with_interval(point.metrics(), 'test_' + point.metric_name)} (held out: quote this)",
         f"size {point.size_bytes / 1e3:.1f} KB ({baseline['size_bytes'] / point.size_bytes:.1f}x smaller)",
         f"latency {point.latency_ms:.4f} ms ({baseline['latency_ms'] / point.latency_ms:.2f}x faster)",
     ]
     return "\n".join(line for line in lines if line)
 
 
-def _baseline_point(baseline: dict[str, float]) -> TrialPoint:
+def _baseline_point(baseline: dict[str, float], metric: str = "accuracy") -> TrialPoint:
     return TrialPoint(
-        run_id="", name="baseline", accuracy=baseline["accuracy"], size_bytes=baseline["size_bytes"], latency_ms=baseline["latency_ms"], recipe="{}", summary="uncompressed",
-        extra={key: value for key, value in baseline.items() if key not in {"accuracy", "size_bytes", "latency_ms"}},
+        run_id="", name="baseline", accuracy=baseline[metric], size_bytes=baseline["size_bytes"], latency_ms=baseline["latency_ms"], recipe="{}", summary="uncompressed",
+        extra={key: value for key, value in baseline.items() if key not in {metric, "size_bytes", "latency_ms"}}, metric_name=metric,
     )
+
+
+def metric_of(points: Sequence[TrialPoint]) -> str:
+    """The task's metric, as the points carry it (``accuracy`` for none)."""
+    return next((point.metric_name for point in points), "accuracy")
 
 
 def _natural_key(name: str) -> list[str | int]:

@@ -25,25 +25,26 @@ class LoadedFront:
         return self.search.baseline
 
 
-def collect_points(tracker: Tracker, experiment_id: str, parent_run_id: str | None = None) -> tuple[list[TrialPoint], int]:
-    """Finished trials of one search (or of all searches) as points, and the count of failed ones."""
+def collect_points(tracker: Tracker, experiment_id: str, parent_run_id: str | None = None, metric: str = "accuracy") -> tuple[list[TrialPoint], int]:
+    """Finished trials of one search (or of all searches) as points, and the count of failed ones; ``metric``: the task's."""
     points, failed = [], 0
     for run in tracker.trial_runs(experiment_id, parent_run_id):
         metrics = run.data.metrics
-        if run.info.status != "FINISHED" or not {"accuracy", "size_bytes", "latency_ms"} <= metrics.keys():
+        if run.info.status != "FINISHED" or not {metric, "size_bytes", "latency_ms"} <= metrics.keys():
             failed += run.info.status == "FAILED"
             continue
         points.append(
             TrialPoint(
                 run_id=run.info.run_id,
                 name=run.info.run_name,
-                accuracy=metrics["accuracy"],
+                accuracy=metrics[metric],
                 size_bytes=metrics["size_bytes"],
                 latency_ms=metrics["latency_ms"],
                 recipe=run.data.tags.get(RECIPE_TAG, "{}"),
                 summary=run.data.tags.get(SUMMARY_TAG, ""),
-                extra={k: v for k, v in metrics.items() if k not in {"accuracy", "size_bytes", "latency_ms"}},
+                extra={k: v for k, v in metrics.items() if k not in {metric, "size_bytes", "latency_ms"}},
                 refined_from=run.data.tags.get(REFINED_FROM_TAG),
+                metric_name=metric,
             )
         )
     return points, failed
@@ -63,7 +64,7 @@ def load_front(experiment_name: str, tracking_uri: str | None = None, search_run
         record = tracker.latest_search(experiment_id)
         if record is None:
             raise UserError(f"--experiment: {experiment_name!r} has no search runs yet")
-    points, _failed = collect_points(tracker, experiment_id, record.run_id)
+    points, _failed = collect_points(tracker, experiment_id, record.run_id, record.metric)
     if not points:
         raise UserError(f"search {record.run_id} of {experiment_name!r} has no finished trials")
     front = pareto_front(points, record.objectives, record.directions, record.constraints)

@@ -57,6 +57,23 @@ class SearchResult:
     seconds: float
 
 
+WEAK_MARGIN = 0.02  # a baseline within 2 points of answering the most frequent class learned nothing worth compressing
+
+
+def check_baseline_learned(experiment: Experiment, baseline: dict[str, float]) -> None:
+    """``UserError`` when the baseline's validation metric is within ``WEAK_MARGIN`` of always answering the most
+    frequent class (unless ``task.allow_weak_baseline``): compressing a model that learned nothing is a mistake."""
+    metric = experiment.metric
+    majority = baseline.get(f"majority_{metric}")
+    if majority is None or experiment.task.allow_weak_baseline or baseline[metric] > majority + WEAK_MARGIN:
+        return
+    raise UserError(
+        f"task: the baseline's validation {metric} is {baseline[metric]:.4f}, within {100 * WEAK_MARGIN:g} points of the {majority:.4f} that "
+        "always answering the most frequent class scores: it learned nothing worth compressing. Train it longer (task.train.epochs), check "
+        "task.weights, or set task.allow_weak_baseline: true to search anyway"
+    )
+
+
 def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
     """Next to the MLflow store when that is a local SQLite file, else in the state folder."""
     if tracking_uri.startswith("sqlite:///"):
@@ -76,6 +93,9 @@ def run_search(
 
     console = console or Console()
     started = time.time()
+    metric = experiment.metric
+    for note in experiment.notes():
+        console.print(f"[yellow]note: {note}[/yellow]")
     state_dir = Path.cwd() / STATE_DIR
     state_dir.mkdir(exist_ok=True)
     search_path = str(config_path.resolve().parent)
@@ -99,7 +119,10 @@ def run_search(
         baseline = prepare_baseline(experiment, state_dir / "baselines", search_path, log=console.print)
         storage_url = optuna_storage_url(tracking_uri, state_dir)
         if interrupted is None:
-            constraints = Constraints.for_search(experiment.min_accuracy, experiment.max_size_bytes, experiment.max_latency_ms, baseline.metrics)
+            check_baseline_learned(experiment, baseline.metrics)
+            constraints = Constraints.for_search(
+                experiment.min_metric, experiment.max_size_bytes, experiment.max_latency_ms, baseline.metrics, experiment.metric, experiment.max_metric_drop
+            )
             record = tracker.start_search(
                 experiment_id, experiment.name, time.strftime("search-%Y%m%d-%H%M%S"), objectives=experiment.objectives, constraints=constraints,
                 baseline=baseline.metrics, storage_url=storage_url, config_path=config_path, trials=trials,
@@ -108,17 +131,22 @@ def run_search(
             progress = Progress()
         else:
             record = interrupted  # the baseline figures and constraints the trials before the interruption were judged by
-            constraints = record.constraints or Constraints.for_search(experiment.min_accuracy, experiment.max_size_bytes, experiment.max_latency_ms, record.baseline)
+            constraints = record.constraints or Constraints.for_search(
+                experiment.min_metric, experiment.max_size_bytes, experiment.max_latency_ms, record.baseline, experiment.metric, experiment.max_metric_drop
+            )
             progress = reopen_search(tracker, experiment_id, record, experiment.objectives, constraints)
         b, parent, study_name, storage_url = record.baseline, record.run_id, record.study_name, record.storage_url
         console.print(
-            f"Baseline: validation accuracy {with_interval(b, 'accuracy')}, test accuracy {with_interval(b, 'test_accuracy')}, "
+            f"Baseline: validation {metric} {with_interval(b, metric)}, test {metric} {with_interval(b, f'test_{metric}')}, "
             f"{b['size_bytes'] / 1e6:.3f} MB, {b['latency_ms']:.4f} ms ({int(b['parameters']):,} parameters)"
         )
         verb = "continued" if interrupted else "started"
         console.print(f"MLflow: experiment {experiment.name!r}, search run {parent} {verb} at {tracking_uri}")
         console.print(f"Optuna: study {study_name!r} in {storage_url}")
-        default_floor = "" if experiment.min_accuracy is not None else f" (min_accuracy defaults to the baseline's minus {100 * DEFAULT_DROP:g} points)"
+        default_floor = (
+            "" if experiment.min_metric is not None or experiment.max_metric_drop is not None
+            else f" (the floor defaults to the baseline's {metric} minus {100 * DEFAULT_DROP:g} points: max_metric_drop)"
+        )
         console.print(f"Constraints: {constraints.describe()}{default_floor}")
 
         setup = TrialSetup(
@@ -136,7 +164,7 @@ def run_search(
             gpus=experiment.resources.gpu,
             sensitivity=baseline.sensitivity,
             constraints=constraints,
-            stop_rule=StopRule(constraints.min_accuracy) if experiment.search.early_stopping else None,
+            stop_rule=StopRule(constraints.min_accuracy, metric=metric) if experiment.search.early_stopping else None,
             measure_throughput="throughput" in experiment.objectives,
         )
         remaining = trials - progress.ended

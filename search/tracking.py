@@ -38,7 +38,6 @@ FEASIBLE_TAG = "feasible"  # "true" or "false": whether the trial meets the sear
 STOPPED_TAG = "stopped_early"  # "true" on a trial that early stopping ended (its run is KILLED)
 STOPPED_AT_TAG = "stopped_at_fraction"  # the share of its fine-tuning such a trial had done
 STOP_REASON_TAG = "stop_reason"  # why it was stopped, in words
-FINETUNE_METRIC = "finetune_accuracy"  # validation accuracy during fine-tuning, at step = 100 x epochs done
 REFINED_FROM_TAG = "refined_from"  # a refined run: the run id of the trial whose recipe it fine-tuned longer
 
 
@@ -85,12 +84,13 @@ class SearchRecord:
     config_sha256: str | None  # of the experiment file as the search read it (logged as the artifact experiment.yaml)
     trials: int | None  # the trial budget
     status: str = "RUNNING"
+    metric: str = "accuracy"  # the task's metric, by its name: the key of its figures in every run
 
     @property
     def directions(self) -> list[str]:
         from netshrink.config import OBJECTIVES
 
-        return [OBJECTIVES[name] for name in self.objectives]
+        return ["max" if name == self.metric else OBJECTIVES[name] for name in self.objectives]
 
 
 _STORAGE, _STUDY, _OBJECTIVES, _CONFIG_FILE = "optuna.storage", "optuna.study_name", "objectives", "config_file"
@@ -185,6 +185,7 @@ class Tracker:
             config_sha256=tags.get(CONFIG_HASH_TAG),
             trials=int(params["trials"]) if "trials" in params else None,
             status=run.info.status,
+            metric=tags.get("metric", "accuracy"),
         )
 
     def start_trial(self, experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:

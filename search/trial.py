@@ -21,7 +21,7 @@ from netshrink.techniques import Pipeline
 
 from .constraints import Constraints
 from .tracking import (
-    DEVICE_TAG, ERROR_TAG, FEASIBLE_TAG, FINETUNE_METRIC, NODE_TAG, NOTES_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG,
+    DEVICE_TAG, ERROR_TAG, FEASIBLE_TAG, NODE_TAG, NOTES_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG,
     STOP_REASON_TAG, STOPPED_AT_TAG, STOPPED_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, Tracker, flatten,
 )
 
@@ -90,7 +90,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         trial_dir = tune.get_context().get_trial_dir()
         workdir = Path(trial_dir) if trial_dir else Path(tempfile.mkdtemp(prefix="netshrink-trial-"))
         workdir.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_recipe(setup, pipeline, workdir, device, report=partial(log_checkpoint, tracker, run_id))
+        metrics = evaluate_recipe(setup, pipeline, workdir, device, report=partial(log_checkpoint, tracker, run_id, setup.task.metric_name))
         tracker.log_file(run_id, workdir / ARTIFACT_FILE)
         tracker.log_file(run_id, workdir / RECIPE_FILE)  # replaces the sampled recipe logged above
         metrics["seconds_trial"] = time.perf_counter() - started  # all of this function but the last metric upload
@@ -114,11 +114,11 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     tune.report({**metrics, "mlflow_run_id": run_id})
 
 
-def log_checkpoint(tracker: Tracker, run_id: str, point: Checkpoint) -> None:
-    """Validation accuracy during fine-tuning, as an MLflow metric history (step: 100 x epochs done)."""
-    tracker.client.log_metric(run_id, FINETUNE_METRIC, point.accuracy, step=round(100 * point.epochs))
+def log_checkpoint(tracker: Tracker, run_id: str, metric: str, point: Checkpoint) -> None:
+    """The validation metric during fine-tuning, as an MLflow metric history ``finetune_<metric>`` (step: 100 x epochs done)."""
+    tracker.client.log_metric(run_id, f"finetune_{metric}", point.accuracy, step=round(100 * point.epochs))
 
 
 def stop_reason(metrics: dict[str, float], setup: TrialSetup) -> str:
-    checkpoint = Checkpoint(fraction=metrics["stopped_at_fraction"], epochs=0.0, accuracy=metrics["stopped_accuracy"])
+    checkpoint = Checkpoint(fraction=metrics["stopped_at_fraction"], epochs=0.0, accuracy=metrics[f"stopped_{setup.task.metric_name}"])
     return (setup.stop_rule.reason(checkpoint) if setup.stop_rule else None) or "stopped early"

@@ -141,7 +141,7 @@ def run_trials(
             storage_path=str((state_dir / "ray").resolve()),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
-            callbacks=[progress_printer(progress.ended + trials, setup.baseline_metrics, done=progress.ended)],
+            callbacks=[progress_printer(progress.ended + trials, setup.baseline_metrics, done=progress.ended, metric=experiment.metric)],
         ),
     )
     tuner.fit()
@@ -167,7 +167,7 @@ def points_to_refine(trials: list[TrialPoint], experiment: Experiment, baseline:
     if refine.points == "knee":
         return knee_order(front, experiment.objectives)[: refine.count]
     within_reach = [
-        point for point in trials if constraints is None or constraints.feasible({**point.metrics(), "accuracy": point.accuracy + refine.reach})
+        point for point in trials if constraints is None or constraints.feasible({**point.metrics(), experiment.metric: point.accuracy + refine.reach})
     ]
     floor = constraints.min_accuracy if constraints is not None else None
     return most_to_gain(within_reach, front, experiment.objectives, baseline, refine.count, floor)
@@ -187,7 +187,7 @@ def refine_front(
 
     from ray import tune
 
-    points, _ = collect_points(tracker, experiment_id, setup.parent_run_id)
+    points, _ = collect_points(tracker, experiment_id, setup.parent_run_id, experiment.metric)
     done = {point.refined_from for point in points if point.refined_from}
     trials = [p for p in points if p.refined_from is None]
     chosen = [point for point in points_to_refine(trials, experiment, setup.baseline_metrics, setup.constraints) if point.run_id not in done]
@@ -209,6 +209,6 @@ def refine_front(
             storage_path=str((state_dir / "ray").resolve()),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
-            callbacks=[progress_printer(len(chosen), setup.baseline_metrics, label="refined ")],
+            callbacks=[progress_printer(len(chosen), setup.baseline_metrics, label="refined ", metric=experiment.metric)],
         ),
     ).fit()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .inputs import Inputs, batch_size, call, take
+
 LEVELS = 255  # uint8
 
 
@@ -57,7 +59,7 @@ def quantized_layers(model: nn.Module) -> dict[str, ActivationQuant]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, inputs: torch.Tensor, batch: int = 64) -> None:
+def calibrate(model: nn.Module, inputs: Inputs, batch: int = 64) -> None:
     """Set every ``ActivationQuant``'s range to the min and max of its layer's input over ``inputs``."""
     quants = quantized_layers(model)
     seen: dict[str, tuple[float, float]] = {}
@@ -76,8 +78,8 @@ def calibrate(model: nn.Module, inputs: torch.Tensor, batch: int = 64) -> None:
     training = model.training
     model.eval()
     try:
-        for start in range(0, len(inputs), batch):
-            model(inputs[start : start + batch])
+        for start in range(0, batch_size(inputs), batch):
+            call(model, take(inputs, start, start + batch))
     finally:
         for handle in handles:
             handle.remove()

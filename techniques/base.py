@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .encoding import TensorEncoding, to_half_grid
+from .inputs import ExitLogits, Inputs, call, logits_of
 
 
 class Stage(IntEnum):
@@ -100,7 +101,7 @@ class TechniqueConfig(BaseModel):
         return False
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, inputs) -> loss
+LossFn = Callable[[Any, Any, Inputs], torch.Tensor]  # (logits, targets, model inputs) -> loss
 FineTune = Callable[[nn.Module, "LossFn | None"], None]  # (model, loss or None for cross-entropy)
 
 
@@ -112,15 +113,16 @@ class CompressionContext:
     it. Handlers update it; the artifact writer and the size accounting read it.
     """
 
-    example_inputs: torch.Tensor
+    example_inputs: Inputs  # real samples of the task, in the structure and dtypes the model takes (``inputs``)
     encodings: dict[str, TensorEncoding]
     protected_modules: frozenset[str] = frozenset()
     fine_tune: FineTune | None = None
     seed: int = 0
     teacher: nn.Module | None = None  # the caller's model, untouched: distillation's teacher
-    loss_fn: LossFn | None = None  # set by a technique that changes the training objective
+    loss_fn: LossFn | None = None  # set by a technique that changes the training objective; None: ``task_loss``
+    task_loss: LossFn | None = None  # the task's own loss (the user's ``task.loss``); None: cross-entropy
     sensitivity: dict | None = None  # the baseline's per-layer sensitivity (``sensitivity.measure_sensitivity``)
-    calibration_inputs: torch.Tensor | None = None  # training samples that calibrate activation ranges (static int8)
+    calibration_inputs: Inputs | None = None  # training samples that calibrate activation ranges (static int8)
     notes: list[str] = field(default_factory=list)  # what a technique left out and why (a layer it cannot treat), for the log
 
 
@@ -197,28 +199,28 @@ class Technique:
         return None
 
 
-def all_outputs(model: nn.Module, inputs: torch.Tensor) -> Any:
-    """Every output ``model`` has: each exit's logits for a model with exits (its ``all_outputs``), else its one output.
+def all_outputs(model: nn.Module, inputs: Inputs) -> Any:
+    """Every output ``model`` has: each exit's logits for a model with exits (its ``all_outputs``), else its logits.
 
     Graph tracers (Torch-Pruning) need them all, or the exit heads would be left out
     of the dependency graph and keep stale input sizes when channels are removed.
     """
     outputs = getattr(model, "all_outputs", None)
-    return outputs(inputs) if callable(outputs) else model(inputs)
+    return outputs(inputs) if callable(outputs) else logits_of(call(model, inputs))
 
 
 def summed_over_exits(loss_fn: LossFn) -> LossFn:
     """``loss_fn`` summed over every exit when the model returns several logits (early exits, in training mode)."""
 
-    def loss(outputs, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        if isinstance(outputs, (tuple, list)):
+    def loss(outputs, labels, inputs: Inputs) -> torch.Tensor:
+        if isinstance(outputs, ExitLogits):
             return sum(loss_fn(logits, labels, inputs) for logits in outputs)
         return loss_fn(outputs, labels, inputs)
 
     return loss
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _inputs: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _inputs: Inputs) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, labels)
 
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import CompressionContext, LossFn, Stage, Technique, TechniqueConfig
+from .base import CompressionContext, LossFn, Stage, Technique, TechniqueConfig, cross_entropy
+from .inputs import Inputs, forward_logits
 
 
 class DistillationConfig(TechniqueConfig):
@@ -32,22 +33,23 @@ def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor, temperature: float, alpha: float
 ) -> torch.Tensor:
+    """Hinton et al.'s loss: ``alpha`` T^2 KL(soft targets || student) + (1 - alpha) x the task's own loss (``hard_loss``)."""
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1), soften(teacher_logits, temperature), reduction="batchmean"
     )
-    return alpha * temperature**2 * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+    return alpha * temperature**2 * soft + (1.0 - alpha) * hard_loss
 
 
-def teacher_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossFn:
-    """A training loss (logits, labels, inputs) -> loss that asks ``teacher`` for soft targets."""
+def teacher_loss(teacher: nn.Module, temperature: float, alpha: float, task_loss: LossFn = cross_entropy) -> LossFn:
+    """A training loss (logits, targets, inputs) -> loss that asks ``teacher`` for soft targets; the hard part is ``task_loss``."""
 
-    def loss(student_logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        teacher.to(inputs.device)
+    def loss(student_logits: torch.Tensor, targets, inputs: Inputs) -> torch.Tensor:
+        teacher.to(student_logits.device)
         with torch.no_grad():
-            teacher_logits = teacher(inputs)
-        return distillation_loss(student_logits, teacher_logits, labels, temperature, alpha)
+            teacher_logits = forward_logits(teacher, inputs)
+        return distillation_loss(student_logits, teacher_logits, task_loss(student_logits, targets, inputs), temperature, alpha)
 
     return loss
 
@@ -68,4 +70,4 @@ class Distillation(Technique):
         teacher = copy.deepcopy(ctx.teacher).eval()  # the caller's model keeps its own mode and device
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
-        ctx.loss_fn = teacher_loss(teacher, config.temperature, config.alpha)
+        ctx.loss_fn = teacher_loss(teacher, config.temperature, config.alpha, ctx.task_loss or cross_entropy)

@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from .attention import is_attention, normalises_last_axis
 from .base import APPLIED, CompressionContext, Stage, Technique, TechniqueConfig
+from .inputs import ExitLogits
 
 HEAD_POSITIONS = 4  # pooled positions per spatial axis of an exit head's input
 
@@ -108,7 +109,7 @@ class EarlyExitNet(nn.Module):
         self.cut_names = cut_names
         self.threshold = threshold
 
-    def all_outputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def all_outputs(self, inputs: torch.Tensor) -> ExitLogits:
         """Every exit's logits, the final exit's last."""
         outputs = []
         features = inputs
@@ -116,7 +117,7 @@ class EarlyExitNet(nn.Module):
             features = segment(features)
             outputs.append(head(features))
         outputs.append(self.segments[-1](features))
-        return tuple(outputs)
+        return ExitLogits(outputs)
 
     def exit_forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the index of the exit each sample left at (``len(heads)`` = the final one)."""
@@ -323,6 +324,8 @@ class EarlyExit(Technique):
         return config.model_copy(update={"after": tuple(available[cut][0] for cut in resolve_cuts(available, config.after))})
 
     def apply(self, model: nn.Module, config: EarlyExitConfig, ctx: CompressionContext) -> nn.Module:
+        if not isinstance(ctx.example_inputs, torch.Tensor):
+            raise ValueError("early exits cut a model that takes one input tensor; this one takes several (a tuple or dict of inputs)")
         exits = build_exits(model, config)
         with torch.no_grad():
             classes = model.eval()(ctx.example_inputs).shape[1]

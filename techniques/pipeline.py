@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import ORDER, CompressionContext, FineTune, TechniqueConfig, cross_entropy, is_applied_field, summed_over_exits
+from .base import ORDER, CompressionContext, FineTune, LossFn, TechniqueConfig, cross_entropy, is_applied_field, summed_over_exits
 from .encoding import TensorEncoding
+from .inputs import Inputs, call
 from .registry import REGISTRY, conflicts, knob_applies
 
 Step = Annotated[
@@ -122,7 +123,7 @@ class Compressed:
     notes: list[str] = field(default_factory=list)  # layers a technique left out, and why
 
 
-def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> frozenset[str]:
+def output_layers(model: nn.Module, example_inputs: Inputs) -> frozenset[str]:
     """Names of the layers that produce the model's outputs (their output size is the class count)."""
     order: list[str] = []
     hooks = [
@@ -132,7 +133,7 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> frozenset[s
     ]
     try:
         with torch.no_grad():
-            model.eval()(example_inputs)
+            call(model.eval(), example_inputs)
     finally:
         for hook in hooks:
             hook.remove()
@@ -142,12 +143,13 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> frozenset[s
 def compress(
     model: nn.Module,
     pipeline: Pipeline,
-    example_inputs: torch.Tensor,
+    example_inputs: Inputs,
     *,
     fine_tune: FineTune | None = None,
     seed: int = 0,
     sensitivity: dict | None = None,
-    calibration_inputs: torch.Tensor | None = None,
+    calibration_inputs: Inputs | None = None,
+    loss_fn: LossFn | None = None,
 ) -> Compressed:
     """Apply ``pipeline`` to a copy of ``model``, fine-tune, and bake the result.
 
@@ -155,15 +157,17 @@ def compress(
     are exactly the values the artifact stores (masks and fake quantization are
     folded in), so evaluating it evaluates the artifact. ``sensitivity`` (the
     baseline's per-layer scores) is what ``allocation: sensitivity`` allocates widths from; ``calibration_inputs``
-    (training samples) calibrate the activation ranges of static int8 (``quantization.activations``).
+    (training samples) calibrate the activation ranges of static int8 (``quantization.activations``); ``loss_fn`` is the
+    task's training loss (logits, targets, inputs) -> loss, cross-entropy by default.
     """
     torch.manual_seed(seed)
+    task_loss = loss_fn or cross_entropy
     teacher = model
     model = copy.deepcopy(model)
     tune = None
     if fine_tune is not None:
         # with early exits the model trains on the sum of every exit's loss (BranchyNet)
-        tune = lambda model, loss_fn: fine_tune(model, summed_over_exits(loss_fn or cross_entropy))  # noqa: E731
+        tune = lambda model, loss: fine_tune(model, summed_over_exits(loss or task_loss))  # noqa: E731
     ctx = CompressionContext(
         example_inputs=example_inputs,
         encodings={},
@@ -173,6 +177,7 @@ def compress(
         teacher=teacher,
         sensitivity=sensitivity,
         calibration_inputs=calibration_inputs,
+        task_loss=task_loss,
     )
     applied: dict[int, TechniqueConfig] = {}
     for index, step in enumerate(pipeline.steps):

@@ -24,32 +24,43 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import attribute_of, compressible_weights, module_of
+from .base import LossFn, attribute_of, compressible_weights, cross_entropy, module_of
+from .inputs import Inputs, batch_size, forward_logits
 
 QUANTIZATION_WIDTHS = (8, 4, 2, 1)  # the integer widths quantization stores
 CLUSTER_COUNTS = (256, 64, 32, 16, 8, 4)  # 8, 6, 5, 4, 3 and 2 bits of index
 Sensitivity = dict[str, dict[str, dict[int, float]]]  # "quantization" | "clustering" -> layer -> width -> loss rise
 
 
+Batches = list[tuple[Inputs, object]]  # (model inputs, targets) per batch
+
+
 @torch.no_grad()
-def _loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> float:
+def _loss(model: nn.Module, batches: Batches, loss_fn: LossFn) -> float:
+    """Mean of ``loss_fn`` over ``batches``, weighted by batch size."""
     model.eval()
-    total = 0.0
-    for start in range(0, len(inputs), batch):
-        total += float(F.cross_entropy(model(inputs[start : start + batch]), labels[start : start + batch], reduction="sum"))
-    return total / max(len(inputs), 1)
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        size = batch_size(inputs)
+        total += float(loss_fn(forward_logits(model, inputs), targets, inputs)) * size
+        count += size
+    return total / max(count, 1)
 
 
 @torch.no_grad()
-def measure_sensitivity(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> Sensitivity:
-    """Per layer (module name) and width, the training-loss rise when that layer alone is stored at that width."""
+def measure_sensitivity(
+    model: nn.Module, batches: Batches, loss_fn: LossFn = cross_entropy, progress: Callable[[int, int, str], None] | None = None
+) -> Sensitivity:
+    """Per layer (module name) and width, the training-loss rise when that layer alone is stored at that width.
+
+    One pass over ``batches`` per layer and width (10 per layer): on a large model the longest step
+    before a search, so ``progress(done, total, layer)`` hears of each layer finished."""
     from .clustering import cluster_weight
     from .quantization import fake_quantize
 
-    reference = _loss(model, inputs, labels)
+    reference = _loss(model, batches, loss_fn)
     stored: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
         "quantization": lambda weight, bits: fake_quantize(weight, bits),
         "clustering": lambda weight, clusters: cluster_weight(weight, clusters, sparse=False)(weight),
@@ -57,15 +68,18 @@ def measure_sensitivity(model: nn.Module, inputs: torch.Tensor, labels: torch.Te
     widths = {"quantization": QUANTIZATION_WIDTHS, "clustering": CLUSTER_COUNTS}
     scores: Sensitivity = {kind: {} for kind in stored}
     probe = copy.deepcopy(model)
-    for name, module in compressible_weights(probe).items():
+    layers = compressible_weights(probe)
+    for done, (name, module) in enumerate(layers.items(), start=1):
         weight = getattr(module, attribute_of(name))
         original = weight.detach().clone()
         for kind, transform in stored.items():
             layer = scores[kind].setdefault(module_of(name), {})
             for width in widths[kind]:
                 weight.copy_(transform(original, width))
-                layer[width] = _loss(probe, inputs, labels) - reference
+                layer[width] = _loss(probe, batches, loss_fn) - reference
         weight.copy_(original)
+        if progress is not None:
+            progress(done, len(layers), module_of(name))
     return scores
 
 

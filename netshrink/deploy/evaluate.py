@@ -17,11 +17,10 @@ import torch
 from netshrink.config import FinetuneSettings, MeasureSettings, TaskConfig
 from netshrink.devices import trial_device
 from netshrink.node_lock import compute_slot
-from netshrink.stats import interval_metrics
-from netshrink.tasks import build_model, example_inputs, load_data
+from netshrink.metrics import interval_metrics
+from netshrink.tasks.task import Task, load_task
 from netshrink.techniques import EarlyExitNet, Pipeline, compress, load_artifact, save_artifact
-from netshrink.techniques.base import cross_entropy
-from netshrink.training import accuracy, train
+from netshrink.training import TrainRecipe, predict, train
 
 from .measure import measure_relative_latency, onnx_evaluate, throughput
 from .onnx_export import deployment_config, export_artifact, export_onnx
@@ -64,20 +63,19 @@ def evaluate_recipe(
     is measured as it stands, with ``stopped_early`` and the checkpoint in the metrics.
     """
     torch.set_num_threads(max(1, int(setup.cpus)))
-    task = setup.task
-    data = load_data(task.dataset, task.dataset_args, setup.search_path)
-    fresh = partial(build_model, task.model, task.model_args, data, setup.search_path)
+    task = load_task(setup.task, setup.search_path, num_workers=setup.finetune.num_workers)
+    data, metric = task.data, task.metric
     baseline_file = workdir / "baseline.safetensors"
     baseline_file.write_bytes(setup.baseline_weights)
     try:
-        baseline = load_artifact(baseline_file, fresh()).model
+        baseline = load_artifact(baseline_file, task.build_model()).model
     finally:
         baseline_file.unlink()  # a copy per trial would add up to megabytes per trial
-    example = example_inputs(data)
+    example = task.example()
     device = device or trial_device(setup.gpus)
     settings = setup.finetune
     monitor = FineTuneMonitor(
-        rounds=pipeline.fine_tune_rounds(), epochs=settings.epochs, evaluate=lambda model: accuracy(model, data.val, device=device),
+        rounds=pipeline.fine_tune_rounds(), epochs=settings.epochs, evaluate=lambda model: score(task, model, data.val, device),
         rule=setup.stop_rule, report=report,
     )
 
@@ -86,14 +84,17 @@ def evaluate_recipe(
             return  # stopped: the rest of the fine-tuning is not worth its time
         train(
             model, data.train, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=setup.seed, device=device,
-            loss_fn=loss_fn or cross_entropy, checkpoint=monitor, checkpoints_at=monitor.checkpoints_at,
+            loss_fn=loss_fn, checkpoint=monitor, checkpoints_at=monitor.checkpoints_at, batches=task.batches,
+            settings=TrainRecipe.of(settings).settings, on_epoch=epoch_line(f"fine-tuning round {monitor.round + 1}", metric.name, monitor),
         )
         monitor.round_done()
 
     started = time.perf_counter()
-    calibration = calibration_samples(data)
+    calibration = task.calibration()
+    axes = task.dynamic_axes()
     compressed = compress(
-        baseline, pipeline, example, fine_tune=fine_tune, seed=setup.seed, sensitivity=setup.sensitivity, calibration_inputs=calibration
+        baseline, pipeline, example, fine_tune=fine_tune, seed=setup.seed, sensitivity=setup.sensitivity, calibration_inputs=calibration,
+        loss_fn=task.loss,
     )
     seconds_training = time.perf_counter() - started  # the techniques and their fine-tuning
 
@@ -101,45 +102,41 @@ def evaluate_recipe(
     reference = workdir / "baseline.onnx"
     with compute_slot():  # heavy enough to disturb a neighbour's latency measurement (not nested: no slot inside)
         size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, compressed.pipeline.recipe())
-        loaded = load_artifact(artifact, fresh())
-        onnx_bytes = export_artifact(loaded, example, workdir / ONNX_FILE, calibration)  # as `netshrink export` will write it
-        export_onnx(baseline, example, reference, {})
+        loaded = load_artifact(artifact, task.build_model())
+        onnx_bytes = export_artifact(loaded, example, workdir / ONNX_FILE, calibration, axes)  # as `netshrink export` will write it
+        export_onnx(baseline, example, reference, {}, axes)
     restored = loaded.model
     # the recipe as applied: the layers, ranks and cut points the techniques chose from the model written out
     (workdir / RECIPE_FILE).write_text(json.dumps(compressed.pipeline.model_dump(mode="json"), indent=2))
     if compressed.notes:
         (workdir / NOTES_FILE).write_text("\n".join(compressed.notes))
     started = time.perf_counter()
-    inputs = validation_inputs(data.val)
+    feeds = task.batches.feeds(data.val)
     extra: dict[str, float] = {}
     try:
         # timed on the validation inputs: a model with early exits is timed over all of them, with its exit logic;
         # in the session options the exported file records for its deployment
-        timed = measure_relative_latency(workdir / ONNX_FILE, reference, inputs, setup.measure)
+        timed = measure_relative_latency(workdir / ONNX_FILE, reference, feeds, setup.measure)
         if deployment_config(workdir / ONNX_FILE):  # weight-only integer: what dequantizing on every call would cost
-            per_call = measure_relative_latency(workdir / ONNX_FILE, reference, inputs, setup.measure, config={})
+            per_call = measure_relative_latency(workdir / ONNX_FILE, reference, feeds, setup.measure, config={})
             extra["latency_dequant_per_call_ms"] = per_call.ratio * setup.baseline_metrics["latency_ms"]
         if setup.measure_throughput:
-            batched = measure_relative_latency(workdir / ONNX_FILE, reference, inputs, setup.measure, batch=setup.measure.batch_size)
+            batch = setup.measure.batch_size
+            batched = measure_relative_latency(workdir / ONNX_FILE, reference, task.batches.feeds(data.val, batch, limit=batch), setup.measure, batch=batch)
             extra["throughput"] = setup.baseline_metrics["throughput"] / batched.ratio
-            extra["throughput_raw"] = throughput(batched.candidate.ms, setup.measure.batch_size)
+            extra["throughput_raw"] = throughput(batched.candidate.ms, batch)
     finally:
         reference.unlink()
     seconds_latency = time.perf_counter() - started
     started = time.perf_counter()
-    exported = onnx_evaluate(workdir / ONNX_FILE, data.val)  # the exported model, checked on the same split
-    scores = {
-        "accuracy": accuracy(restored, data.val),  # with early exits: each sample answered by the exit it leaves at
-        "test_accuracy": accuracy(restored, data.test),
-        "onnx_accuracy": exported.accuracy,
-    }
+    exported = onnx_evaluate(workdir / ONNX_FILE, data.val, task.batches, metric)  # the exported model, checked on the same split
+    # with early exits: each sample answered by the exit it leaves at
+    scores = split_scores(task, restored)
+    scores[f"onnx_{metric.name}"] = exported.value
     seconds_evaluation = time.perf_counter() - started
     base = setup.baseline_metrics
     metrics = {
         **scores,
-        # 95% Wilson intervals: on a few hundred samples, an accuracy is an estimate (netshrink.stats)
-        **interval_metrics("accuracy", scores["accuracy"], len(data.val)),
-        **interval_metrics("test_accuracy", scores["test_accuracy"], len(data.test)),
         "size_bytes": float(size_bytes),
         # drift-corrected: the ratio to the baseline, timed in alternation, times the baseline's latency
         "latency_ms": timed.ratio * base["latency_ms"],
@@ -160,24 +157,47 @@ def evaluate_recipe(
         for index in range(len(restored.heads) + 1):
             metrics[f"exit_share_{index}"] = exported.exit_counts.get(index, 0) / total
     if monitor.stopped is not None:
-        metrics.update({STOPPED: 1.0, "stopped_at_fraction": monitor.stopped.fraction, "stopped_accuracy": monitor.stopped.accuracy})
+        metrics.update({STOPPED: 1.0, "stopped_at_fraction": monitor.stopped.fraction, f"stopped_{metric.name}": monitor.stopped.accuracy})
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise FloatingPointError(f"non-finite metrics: {bad}")
     metrics["size_ratio"] = base["size_bytes"] / metrics["size_bytes"]
     metrics["speedup"] = 1.0 / timed.ratio
-    metrics["accuracy_delta"] = metrics["accuracy"] - base["accuracy"]
+    metrics[f"{metric.name}_delta"] = metrics[metric.name] - base[metric.name]
     return metrics
 
 
-CALIBRATION_SAMPLES = 256  # training samples that calibrate static int8's activation ranges (ONNX Runtime's examples take a few hundred)
+def score(task: Task, model: torch.nn.Module, dataset, device: torch.device | str = "cpu") -> float:
+    """The task's metric of ``model`` on ``dataset``."""
+    predictions = predict(model, dataset, device=device, batches=task.batches)
+    return task.metric(predictions.logits, predictions.targets)
 
 
-def calibration_samples(data) -> torch.Tensor:
-    """The first ``CALIBRATION_SAMPLES`` training samples: the same for the trial's fine-tuning and for any later export."""
-    count = min(len(data.train), CALIBRATION_SAMPLES)
-    return torch.stack([torch.as_tensor(data.train[index][0], dtype=torch.float32) for index in range(count)])
+def split_scores(task: Task, model: torch.nn.Module) -> dict[str, float]:
+    """The metric on the validation and test splits, each with its 95% interval (``netshrink.metrics``):
+    ``{m}``, ``test_{m}``, ``{m}_ci_low``, ... for the metric's name ``m``."""
+    name, scores = task.metric.name, {}
+    for prefix, dataset in ((name, task.data.val), (f"test_{name}", task.data.test)):
+        predictions = predict(model, dataset, batches=task.batches)
+        scores[prefix] = task.metric(predictions.logits, predictions.targets)
+        scores.update(interval_metrics(task.metric, prefix, predictions.logits, predictions.targets, scores[prefix]))
+    return scores
 
 
-def validation_inputs(dataset) -> np.ndarray:
-    return np.stack([np.asarray(dataset[index][0], dtype=np.float32) for index in range(len(dataset))])
+def epoch_line(what: str, metric_name: str, monitor: FineTuneMonitor | None = None, print_fn: Callable[[str], None] | None = None):
+    """``on_epoch`` for ``train``: a progress line per epoch, with the loss, the last validation metric and an ETA,
+    when an epoch takes ``PROGRESS_SECONDS`` or more (a trial of the built-in task stays quiet: its epochs take a second)."""
+
+    def report(done: int, total: int, loss: float, seconds: float) -> None:
+        if seconds / done < PROGRESS_SECONDS:
+            return
+        last = monitor.last_value() if monitor is not None else None
+        value = f", validation {metric_name} {last:.4f}" if last is not None else ""
+        eta = seconds / done * (total - done)
+        line = f"{what}: epoch {done}/{total}, loss {loss:.4f}{value}, {seconds:.0f} s, about {eta:.0f} s to go"
+        print_fn(line) if print_fn is not None else print(line, flush=True)
+
+    return report
+
+
+PROGRESS_SECONDS = 5.0

@@ -20,7 +20,10 @@ import numpy as np
 import torch
 
 from netshrink.config import MeasureSettings
+from netshrink.metrics import Metric, builtin_metric
 from netshrink.node_lock import compute_slot, quiet_machine
+from netshrink.tasks.batches import BatchFormat, targets_tensor
+from netshrink.techniques.inputs import numpy_feed
 
 from .onnx_export import EXIT_OUTPUT, deployment_config
 
@@ -77,23 +80,15 @@ ROUNDS = 40
 # per block (the mean is what a user sees), in fewer rounds since each block is a full pass.
 DYNAMIC_ROUNDS = 10
 
-Inputs = np.ndarray | tuple[int, ...]  # samples (N, *input_shape), or an input shape: one random sample
-
-
-def _samples(inputs: Inputs) -> np.ndarray:
-    if isinstance(inputs, tuple):
-        return np.random.default_rng(0).standard_normal((1, *inputs)).astype(np.float32)
-    return np.ascontiguousarray(inputs, dtype=np.float32)
+Feeds = list[dict[str, np.ndarray]]  # ONNX Runtime feeds, one call each (``BatchFormat.feeds``): real samples
 
 
 def has_exits(session) -> bool:
     return any(output.name == EXIT_OUTPUT for output in session.get_outputs())
 
 
-def _block(session, samples: np.ndarray, runs: int, batch: int = 1) -> list[float]:
-    """``runs`` calls of ``batch`` samples, cycling through ``samples``; the wall time of each."""
-    name = session.get_inputs()[0].name
-    feeds = [{name: samples[index : index + batch]} for index in range(0, len(samples) - batch + 1, batch)]
+def _block(session, feeds: Feeds, runs: int) -> list[float]:
+    """``runs`` calls, cycling through ``feeds``; the wall time of each."""
     timings = []
     for run in range(runs):
         feed = feeds[run % len(feeds)]
@@ -113,18 +108,18 @@ def _summary(blocks: list[list[float]], statistic=statistics.median) -> Latency:
     )
 
 
-def measure_latency(onnx_path: str | os.PathLike, inputs: Inputs, settings: MeasureSettings = MeasureSettings(), batch: int = 1) -> Latency:
-    """Time ``settings.repeats`` runs in 10 blocks, after warm-up, while the machine is quiet (``batch`` samples a call).
+def measure_latency(onnx_path: str | os.PathLike, feeds: Feeds, settings: MeasureSettings = MeasureSettings(), batch: int = 1) -> Latency:
+    """Time ``settings.repeats`` runs in 10 blocks on the first feed, after warm-up, while the machine is quiet.
 
-    ``ms`` is the median of the block with the lowest median: short bursts of
-    noise spoil some blocks, rarely all.
+    ``batch``: samples per call of ``feeds`` (the runs are ``repeats / batch`` calls). ``ms`` is the
+    median of the block with the lowest median: short bursts of noise spoil some blocks, rarely all.
     """
     session = ort_session(onnx_path, settings.threads)
-    samples = np.resize(_samples(inputs)[:batch], (batch, *_samples(inputs).shape[1:]))
+    feeds = feeds[:1]
     per_block = max(1, settings.repeats // (BLOCKS * batch) + (batch > 1))
     with quiet_machine():
-        _block(session, samples, max(settings.warmup // batch, 1), batch)
-        blocks = [_block(session, samples, per_block, batch) for _ in range(BLOCKS)]
+        _block(session, feeds, max(settings.warmup // batch, 1))
+        blocks = [_block(session, feeds, per_block) for _ in range(BLOCKS)]
     return _summary(blocks)
 
 
@@ -136,7 +131,7 @@ def throughput(latency_ms: float, batch: int) -> float:
 def measure_relative_latency(
     onnx_path: str | os.PathLike,
     reference_path: str | os.PathLike,
-    inputs: Inputs,
+    feeds: Feeds,
     settings: MeasureSettings = MeasureSettings(),
     config: dict[str, str] | None = None,
     batch: int = 1,
@@ -145,39 +140,36 @@ def measure_relative_latency(
 
     Each round's ratio compares two blocks taken back to back, under the same
     conditions, in alternating order. A static model runs 40 rounds of
-    ``repeats / 40`` calls on the first sample (its time does not depend on the
+    ``repeats / 40`` calls on the first feed (its time does not depend on the
     input), compared by block medians. A model with early exits runs 10 rounds
-    of one pass over all ``inputs`` each (the validation set), compared by block
+    of one pass over all ``feeds`` each (the validation set), compared by block
     means: its figure is the mean over the data with the real exit logic.
 
     Both sessions use the options their files record for deployment, unless ``config`` gives the
     candidate's (the per-call dequantization figure of a weight-only integer model). With ``batch`` > 1
-    every call takes ``batch`` samples (throughput), in ``repeats / batch`` calls over 40 rounds.
+    the feeds hold ``batch`` samples a call (throughput), timed in ``repeats / batch`` calls over 40 rounds.
     """
     candidate = ort_session(onnx_path, settings.threads, config)
     reference = ort_session(reference_path, settings.threads)
-    samples = _samples(inputs)
     if batch > 1:
-        samples = np.resize(samples, (batch, *samples.shape[1:])) if len(samples) < batch else samples[:batch]
-        rounds, per_block, statistic = ROUNDS, max(1, settings.repeats // (ROUNDS * batch) + 1), statistics.median
+        feeds, rounds, per_block, statistic = feeds[:1], ROUNDS, max(1, settings.repeats // (ROUNDS * batch) + 1), statistics.median
     elif has_exits(candidate):
-        rounds, per_block, statistic = DYNAMIC_ROUNDS, len(samples), statistics.fmean
+        rounds, per_block, statistic = DYNAMIC_ROUNDS, len(feeds), statistics.fmean
     else:
-        rounds, per_block, statistic = ROUNDS, max(1, settings.repeats // ROUNDS), statistics.median
-        samples = samples[:1]
+        feeds, rounds, per_block, statistic = feeds[:1], ROUNDS, max(1, settings.repeats // ROUNDS), statistics.median
     candidate_blocks, reference_blocks = [], []
     with quiet_machine():
-        _block(candidate, samples, max(settings.warmup // batch, 1), batch)
-        _block(reference, samples, max(settings.warmup // batch, 1), batch)
+        _block(candidate, feeds, max(settings.warmup // batch, 1))
+        _block(reference, feeds, max(settings.warmup // batch, 1))
         for round_index in range(rounds):
             # ABBA order: whichever model runs second in a round finds the other's data in cache;
             # alternating the order cancels that (and any linear drift) out of the ratio.
             if round_index % 2 == 0:
-                candidate_blocks.append(_block(candidate, samples, per_block, batch))
-                reference_blocks.append(_block(reference, samples, per_block, batch))
+                candidate_blocks.append(_block(candidate, feeds, per_block))
+                reference_blocks.append(_block(reference, feeds, per_block))
             else:
-                reference_blocks.append(_block(reference, samples, per_block, batch))
-                candidate_blocks.append(_block(candidate, samples, per_block, batch))
+                reference_blocks.append(_block(reference, feeds, per_block))
+                candidate_blocks.append(_block(candidate, feeds, per_block))
     ratios = [statistic(c) / statistic(r) for c, r in zip(candidate_blocks, reference_blocks)]
     return RelativeLatency(
         ratio=statistics.median(ratios),
@@ -186,34 +178,35 @@ def measure_relative_latency(
     )
 
 
-def measure_latency_ms(onnx_path: str | os.PathLike, inputs: Inputs, settings: MeasureSettings = MeasureSettings()) -> float:
-    return measure_latency(onnx_path, inputs, settings).ms
+def measure_latency_ms(onnx_path: str | os.PathLike, feeds: Feeds, settings: MeasureSettings = MeasureSettings()) -> float:
+    return measure_latency(onnx_path, feeds, settings).ms
 
 
 @dataclass(frozen=True)
 class OnnxEvaluation:
-    accuracy: float
+    value: float  # the task's metric of the ONNX model's answers
     exit_counts: dict[int, int]  # exit index -> samples it answered (early-exit models only; the last index is the full network)
 
 
-def onnx_evaluate(onnx_path: str | os.PathLike, dataset) -> OnnxEvaluation:
-    """Top-1 accuracy of the ONNX model on ``dataset``, one sample per call as a deployed model sees them.
+def onnx_evaluate(onnx_path: str | os.PathLike, dataset, batches: BatchFormat | None = None, metric: Metric | None = None) -> OnnxEvaluation:
+    """The task's metric (default: top-1 accuracy) of the ONNX model on ``dataset``, one sample per call as a deployed
+    model sees them, with ONNX Runtime and numpy alone.
 
     Checks that the export computes what torch computed; for a model with early
     exits it also counts which exit answered each sample.
     """
+    batches = batches or BatchFormat()
     session = ort_session(onnx_path, threads=1)
-    name = session.get_inputs()[0].name
     exits = has_exits(session)
     counts: dict[int, int] = {}
-    correct = count = 0
-    for inputs, labels in torch.utils.data.DataLoader(dataset, batch_size=256):
-        batch = inputs.numpy().astype(np.float32)
+    logits, targets = [], []
+    for index in range(len(dataset)):
+        inputs, target = batches.collated(dataset, [index])
         with compute_slot():
-            for index in range(len(batch)):
-                outputs = session.run(None, {name: batch[index : index + 1]})
-                correct += int(outputs[0].argmax(axis=1)[0] == int(labels[index]))
-                if exits:
-                    counts[int(outputs[1])] = counts.get(int(outputs[1]), 0) + 1
-        count += len(labels)
-    return OnnxEvaluation(accuracy=correct / max(count, 1), exit_counts=counts)
+            outputs = session.run(None, numpy_feed(inputs))
+        logits.append(torch.from_numpy(np.asarray(outputs[0], dtype=np.float32)))
+        targets.append(target)
+        if exits:
+            counts[int(outputs[1])] = counts.get(int(outputs[1]), 0) + 1
+    value = (metric or builtin_metric("accuracy"))(torch.cat(logits), targets_tensor(targets))
+    return OnnxEvaluation(value=value, exit_counts=counts)

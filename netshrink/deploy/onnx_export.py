@@ -30,6 +30,10 @@ from netshrink.techniques import EarlyExitNet, TensorEncoding
 from netshrink.techniques.activations import set_enabled as set_activation_quant
 from netshrink.techniques.artifact import LoadedArtifact
 from netshrink.techniques.encoding import INTEGER_BITS, channel_scales, quantize_codes
+from netshrink.techniques.inputs import Inputs, batch_size, describe, forward_logits, input_names, map_tensors, numpy_feed, take, tensors, to_device
+
+DynamicAxes = dict[str, list[int]]  # input name -> axes beyond the batch whose length varies (``Task.dynamic_axes``)
+
 
 OPSET = 17
 EXIT_OUTPUT = "exit"  # index of the exit that answered (early-exit models only); the last index is the full network
@@ -79,9 +83,14 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return found
 
 
-def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, encodings: dict[str, TensorEncoding]) -> int:
+def export_onnx(
+    model: nn.Module, example_inputs: Inputs, path: str | os.PathLike, encodings: dict[str, TensorEncoding], dynamic_axes: DynamicAxes | None = None
+) -> int:
     """Export ``model`` to a self-contained ONNX file with a dynamic batch axis; returns its size in bytes.
 
+    Inputs are named after the model's (``inputs.input_names``: a dict's keys, ``input_0``, ... for a
+    tuple, ``input`` for one tensor), in their dtypes (token ids stay integer); ``dynamic_axes`` names
+    the axes beyond the batch that vary in length (``Task.dynamic_axes``). The output is ``logits``.
     Weights the plan stores at 8, 4, 2 or 1 bits become int8 code initializers
     feeding ``DequantizeLinear`` (per output channel; sub-byte codes are not packed
     here, the artifact is what stores them packed); 16-bit weights become float16
@@ -89,17 +98,34 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     CPU kernels are dense, which is why unstructured pruning saves bytes but not time.
     """
     model = model.eval().cpu()
-    example_inputs = example_inputs.cpu()
+    example_inputs = to_device(example_inputs, "cpu")
     if isinstance(model, EarlyExitNet):
         graph_model = early_exit_graph(model, example_inputs, encodings)
     else:
-        graph_model = export_module(model, example_inputs, ["logits"], encodings)
+        graph_model = export_module(model, example_inputs, ["logits"], encodings, dynamic_axes=dynamic_axes)
     record_deployment(graph_model)
     onnx.save(graph_model, os.fspath(path))
     return os.path.getsize(path)
 
 
-def export_artifact(loaded: LoadedArtifact, example_inputs: torch.Tensor, path: str | os.PathLike, calibration: torch.Tensor | None = None) -> int:
+class _LogitsOf(nn.Module):
+    """A model of any input and output structure as the exporter takes it: positional tensors in, logits out."""
+
+    def __init__(self, model: nn.Module, structure: Inputs) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = list(structure) if isinstance(structure, dict) else None
+        self.single = isinstance(structure, torch.Tensor)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if self.keys is not None:
+            return forward_logits(self.model, dict(zip(self.keys, tensors)))
+        return forward_logits(self.model, tensors[0] if self.single else tuple(tensors))
+
+
+def export_artifact(
+    loaded: LoadedArtifact, example_inputs: Inputs, path: str | os.PathLike, calibration: Inputs | None = None, dynamic_axes: DynamicAxes | None = None
+) -> int:
     """The one path from a compressed artifact to ONNX, which a trial and ``netshrink export`` both take: the model
     rebuilt from the artifact, exported with the artifact's own storage plan, or as static int8 (QDQ) when its
     recipe quantizes activations, calibrated on ``calibration`` (the task's calibration samples, as the trial
@@ -107,15 +133,17 @@ def export_artifact(loaded: LoadedArtifact, example_inputs: torch.Tensor, path: 
     if int8_activations(loaded.pipeline):
         if calibration is None:
             raise ValueError("a static int8 model (quantization.activations int8) exports with its calibration samples; none were given")
-        return export_static_int8(loaded.model, example_inputs, path, calibration)
-    return export_onnx(loaded.model, example_inputs, path, loaded.encodings)
+        return export_static_int8(loaded.model, example_inputs, path, calibration, dynamic_axes)
+    return export_onnx(loaded.model, example_inputs, path, loaded.encodings, dynamic_axes)
 
 
 def int8_activations(pipeline) -> bool:
     return any(step.kind == "quantization" and step.activations == "int8" for step in pipeline.active_steps())
 
 
-def export_static_int8(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, calibration: torch.Tensor) -> int:
+def export_static_int8(
+    model: nn.Module, example_inputs: Inputs, path: str | os.PathLike, calibration: Inputs, dynamic_axes: DynamicAxes | None = None
+) -> int:
     """Static int8 through ONNX Runtime's own quantization tooling: the float graph (activation fake quantization
     off), ``quant_pre_process``, then ``quantize_static`` in QDQ format with per-channel int8 weights and uint8
     activations, min-max calibrated on ``calibration``. The weights are already on their per-channel int8 grid
@@ -123,11 +151,11 @@ def export_static_int8(model: nn.Module, example_inputs: torch.Tensor, path: str
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    samples = calibration.detach().cpu().numpy().astype(np.float32)
+    feeds = [numpy_feed(take(calibration, index, index + 1)) for index in range(batch_size(calibration))]
 
     class Samples(CalibrationDataReader):
         def __init__(self) -> None:
-            self.feeds = iter([{"input": samples[index : index + 1]} for index in range(len(samples))])
+            self.feeds = iter(feeds)
 
         def get_next(self):
             return next(self.feeds, None)
@@ -136,7 +164,7 @@ def export_static_int8(model: nn.Module, example_inputs: torch.Tensor, path: str
     try:
         with tempfile.TemporaryDirectory() as folder, _output_to_nowhere():
             float_path, prepared = Path(folder) / "float.onnx", Path(folder) / "prepared.onnx"
-            export_onnx(model, example_inputs, float_path, {})
+            export_onnx(model, example_inputs, float_path, {}, dynamic_axes)
             quant_pre_process(os.fspath(float_path), os.fspath(prepared))
             quantize_static(
                 os.fspath(prepared), os.fspath(path), Samples(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -164,23 +192,33 @@ def attention_fast_path_off() -> Iterator[None]:
 
 
 def export_module(
-    module: nn.Module, example_inputs: torch.Tensor, output_names: list[str], encodings: dict[str, TensorEncoding], find_transposed: bool = True
+    module: nn.Module, example_inputs: Inputs, output_names: list[str], encodings: dict[str, TensorEncoding], find_transposed: bool = True,
+    dynamic_axes: DynamicAxes | None = None,
 ) -> onnx.ModelProto:
     """``find_transposed``: also store the weights the exporter transposed into renamed initializers at their width.
     Off for the stages of an early-exit model: inside an ``If`` branch, ONNX Runtime's default QDQ rewrite of
     such a weight (``TransposeDQWeightsForMatMulNBits``) looks for it in the main graph and fails to load."""
+    names = input_names(example_inputs)
+    with torch.no_grad(), attention_fast_path_off():
+        plain = isinstance(example_inputs, torch.Tensor) and isinstance(module(example_inputs), (torch.Tensor, tuple))
+    if not plain:  # several inputs, or a dict or ModelOutput out: exported through a wrapper, its weights under "model."
+        module = _LogitsOf(module, example_inputs)
+        encodings = {f"model.{name}": encoding for name, encoding in encodings.items()}
+    axes = {name: {0: "batch"} for name in [*names, *output_names]}
+    for name, varying in (dynamic_axes or {}).items():
+        axes.setdefault(name, {0: "batch"}).update({axis: "sequence" if axis == 1 else f"{name}_axis{axis}" for axis in varying})
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), attention_fast_path_off():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            (example_inputs,),
+            tuple(tensors(example_inputs)),
             buffer,
             dynamo=False,
             opset_version=OPSET,
-            input_names=["input"],
+            input_names=names,
             output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in ["input", *output_names]},
+            dynamic_axes=axes,
         )
     graph_model = onnx.load_from_string(buffer.getvalue())
     reduced = {name: enc for name, enc in encodings.items() if enc.bits in (16, *INTEGER_BITS)}
@@ -257,35 +295,34 @@ def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, T
 CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-4
 
 
-def exports_faithfully(model: nn.Module, encodings: dict[str, TensorEncoding], example_inputs: torch.Tensor) -> None:
+def exports_faithfully(model: nn.Module, encodings: dict[str, TensorEncoding], example_inputs: Inputs) -> None:
     """Export ``model`` as a trial does (with its storage plan) and check that ONNX Runtime, in the session options the
-    file records for its deployment, computes what torch computes, within ``CHECK_RTOL``/``CHECK_ATOL``, on a random sample at batch 1 (where an early-exit model's exit logic is the
-    same in both); ``ValueError`` if not."""
+    file records for its deployment, computes what torch computes, within ``CHECK_RTOL``/``CHECK_ATOL``, on the real sample
+    ``example_inputs`` at batch 1 (where an early-exit model's exit logic is the same in both); ``ValueError`` if not."""
     from .measure import ort_session  # measure imports this module
 
-    inputs = torch.randn(example_inputs.shape, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "check.onnx"
         export_onnx(model, example_inputs, path, encodings)
         # as deployed: under the defaults, ONNX Runtime fuses a weight-only int8 MatMul with dynamic activation
         # quantization (approximate)
         session = ort_session(path)
-        computed = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
-    with torch.no_grad():
-        expected = model.eval()(inputs).numpy()
+        computed = session.run(None, numpy_feed(example_inputs))[0]
+    with torch.no_grad(), attention_fast_path_off():
+        expected = forward_logits(model.eval(), example_inputs).numpy()
     if computed.shape != expected.shape or not np.allclose(computed, expected, rtol=CHECK_RTOL, atol=CHECK_ATOL):
         difference = float(np.abs(computed - expected).max()) if computed.shape == expected.shape else float("inf")
         raise ValueError(f"its ONNX export computes other outputs than torch (largest difference {difference:.3g}; allowed: rtol {CHECK_RTOL}, atol {CHECK_ATOL})")
 
 
-def check_exportable(model: nn.Module, example_inputs: torch.Tensor) -> None:
+def check_exportable(model: nn.Module, example_inputs: Inputs, check_inputs: Inputs, dynamic_axes: DynamicAxes | None = None) -> None:
     """Export ``model`` once, run it in ONNX Runtime and compare with torch; ``ValueError`` saying what broke and what to do.
 
     Every trial measures and ships its model through ONNX, so a model that cannot be
     exported, or whose export computes something else, must fail here, in seconds,
-    not after its baseline has trained. The comparison runs a batch of two random
-    samples: the export traces a batch of one, so a branch taken on the example's
-    values or a batch size frozen into a reshape shows as a difference.
+    not after its baseline has trained. The comparison runs ``check_inputs``, a batch of
+    two real samples other than the traced one: the export traces a batch of one, so a branch
+    taken on the example's values or a batch size frozen into a reshape shows as a difference.
     """
     import onnxruntime as ort
 
@@ -294,31 +331,44 @@ def check_exportable(model: nn.Module, example_inputs: torch.Tensor) -> None:
         path = Path(folder) / "check.onnx"
         try:
             with _output_to_nowhere():  # the exporter prints the whole graph on failure
-                export_onnx(model, example_inputs, path, {})
+                export_onnx(model, example_inputs, path, {}, dynamic_axes)
         except Exception as error:
             raise ValueError(describe_export_failure(error)) from None
-        inputs = torch.randn((2, *example_inputs.shape[1:]), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad(), attention_fast_path_off():
-            expected = model(inputs)
-        expected = (expected[0] if isinstance(expected, (tuple, list)) else expected).numpy()
         try:
             options = ort.SessionOptions()
             options.log_severity_level = 3
             session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-            computed = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
         except Exception as error:  # ORT raises its own exception types
-            raise ValueError(
-                f"the model exports to ONNX, but ONNX Runtime cannot run it on a batch of 2: {_first_line(error)}. "
-                "A reshape or view to a fixed batch size is the usual cause: use x.flatten(1) or x.reshape(x.shape[0], ...)"
-            ) from None
+            raise ValueError(f"the model exports to ONNX, but ONNX Runtime cannot load it: {_first_line(error)}") from None
+        # real samples, and the same with every floating-point input drawn at random, and negated: a branch on the values shows
+        for inputs in (check_inputs, _random_floats(check_inputs), _random_floats(check_inputs, sign=-1.0)):
+            with torch.no_grad(), attention_fast_path_off():
+                expected = forward_logits(model, inputs)
+            expected = (expected[0] if isinstance(expected, (tuple, list)) else expected).numpy()
+            try:
+                computed = session.run(None, numpy_feed(inputs))[0]
+            except Exception as error:
+                raise ValueError(
+                    f"the model exports to ONNX, but ONNX Runtime cannot run it on a batch of 2 ({describe(inputs)}): {_first_line(error)}. "
+                    "A reshape or view to a fixed batch size (or sequence length) is the usual cause: use x.flatten(1) or x.reshape(x.shape[0], ...)"
+                ) from None
+            if computed.shape != expected.shape or not np.allclose(computed, expected, rtol=CHECK_RTOL, atol=CHECK_ATOL):
+                break
     if computed.shape != expected.shape or not np.allclose(computed, expected, rtol=CHECK_RTOL, atol=CHECK_ATOL):
         difference = float(np.abs(computed - expected).max()) if computed.shape == expected.shape else float("inf")
         raise ValueError(
             f"the model exported to ONNX computes other outputs than in torch (shape {computed.shape} vs {expected.shape}, "
-            f"largest difference {difference:.3g}; allowed: rtol {CHECK_RTOL}, atol {CHECK_ATOL}) on random inputs. "
+            f"largest difference {difference:.3g}; allowed: rtol {CHECK_RTOL}, atol {CHECK_ATOL}) on validation samples. "
             "The exporter traces one example: Python control flow on tensor values (an 'if' on x.sum(), a loop over x.shape "
             "read as a number) is frozen to the example's branch. Write such steps with tensor operations (torch.where) instead"
         )
+
+
+def _random_floats(inputs: Inputs, sign: float = 1.0) -> Inputs:
+    """``inputs`` with every floating-point tensor replaced by ``sign`` x standard normal draws (seeded); integer inputs
+    (token ids, masks) kept as they are."""
+    generator = torch.Generator().manual_seed(0)
+    return map_tensors(inputs, lambda t: (sign * torch.randn(t.shape, generator=generator)).to(t.dtype) if t.is_floating_point() else t)
 
 
 def describe_export_failure(error: Exception) -> str:

@@ -61,9 +61,10 @@ class Checkpoint:
 class StopRule:
     """Stop a trial that cannot end at or above ``min_accuracy``, judged by the largest recovery seen."""
 
-    min_accuracy: float
+    min_accuracy: float  # the floor of the task's metric
     recovery: tuple[tuple[float, float], ...] = RECOVERY
     margin: float = MARGIN
+    metric: str = "accuracy"
 
     def largest_rise(self, fraction: float) -> float:
         shares = [share for share, _ in self.recovery]
@@ -77,8 +78,8 @@ class StopRule:
         if reach >= self.min_accuracy:
             return None
         return (
-            f"validation accuracy {point.accuracy:.1%} after {point.fraction:.0%} of fine-tuning: even the largest recovery "
-            f"seen from there (+{self.largest_rise(point.fraction):.0%}, +{self.margin:.0%} margin) stays under min_accuracy {self.min_accuracy:.1%}"
+            f"validation {self.metric} {point.accuracy:.1%} after {point.fraction:.0%} of fine-tuning: even the largest recovery "
+            f"seen from there (+{self.largest_rise(point.fraction):.0%}, +{self.margin:.0%} margin) stays under min_{self.metric} {self.min_accuracy:.1%}"
         )
 
 
@@ -130,3 +131,12 @@ class FineTuneMonitor:
 
     def round_done(self) -> None:
         self._round += 1
+
+    @property
+    def round(self) -> int:
+        """Fine-tuning rounds finished so far."""
+        return self._round
+
+    def last_value(self) -> float | None:
+        """The validation metric at the latest checkpoint (None before the first)."""
+        return self.curve[-1].accuracy if self.curve else None

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .batches import BatchFormat, map_tensors
 from .datasets import TaskData, dataset_digest, digits
 from .models import lenet5, vit
 
@@ -68,17 +69,30 @@ def is_standard_module(module_name: str) -> bool:
     return top in sys.stdlib_module_names or top in sys.builtin_module_names
 
 
-def load_data(reference: str, args: dict[str, Any], search_path: str | None = None) -> TaskData:
-    """Build the splits. A user factory returns a ``TaskData`` or a ``(train, val, test)`` tuple of datasets."""
+def load_data(reference: str, args: dict[str, Any], search_path: str | None = None, batches: BatchFormat | None = None) -> TaskData:
+    """Build the splits. A user factory returns a ``TaskData`` or a ``(train, val, test)`` tuple of datasets, whose
+    items ``batches`` reads (default: ``(inputs, target)`` pairs)."""
     produced = resolve_factory(reference, BUILTIN_DATASETS, search_path)(**args)
     if isinstance(produced, TaskData):
         return produced
     if not (isinstance(produced, (tuple, list)) and len(produced) == 3 and all(isinstance(d, Dataset) for d in produced)):
         raise ValueError(f"dataset factory {reference!r} must return TaskData or (train, val, test) torch datasets")
     train, val, test = produced
-    sample, _ = train[0]
-    labels = [int(train[i][1]) for i in range(len(train))]
-    return TaskData(train=train, val=val, test=test, num_classes=max(labels) + 1, input_shape=tuple(sample.shape))
+    batches = batches or BatchFormat.resolve(train)
+    inputs = batches.example(train)
+    shapes = map_tensors(inputs, lambda tensor: tuple(tensor.shape[1:]))
+    return TaskData(train=train, val=val, test=test, num_classes=class_count(train, batches), input_shape=shapes)  # type: ignore[arg-type]
+
+
+def class_count(dataset: Dataset, batches: BatchFormat) -> int | None:
+    """1 + the largest integer class label of ``dataset`` (one pass over it), or None where targets are not class labels."""
+    largest = -1
+    for _, target in batches.batches(dataset, 512):
+        if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point or target.dim() != 1:
+            return None
+        if len(target):
+            largest = max(largest, int(target.max()))
+    return largest + 1 if largest >= 0 else None
 
 
 def build_model(reference: str, args: dict[str, Any], data: TaskData, search_path: str | None = None) -> nn.Module:
@@ -91,7 +105,7 @@ def build_model(reference: str, args: dict[str, Any], data: TaskData, search_pat
         defaults = {
             key: value
             for key, value in {"num_classes": data.num_classes, "input_shape": data.input_shape}.items()
-            if key in accepted
+            if key in accepted and value is not None
         }
     model = factory(**{**defaults, **args})
     if not isinstance(model, nn.Module):
@@ -99,10 +113,59 @@ def build_model(reference: str, args: dict[str, Any], data: TaskData, search_pat
     return model
 
 
-def example_inputs(data: TaskData, batch: int = 1) -> torch.Tensor:
-    return torch.zeros((batch, *data.input_shape))
+def weights_path(weights: str, search_path: str | None) -> Path:
+    """``task.weights`` as a path: a relative one is taken from the experiment file's folder."""
+    path = Path(weights).expanduser()
+    return path if path.is_absolute() or search_path is None else Path(search_path) / path
 
 
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a ``torch.save`` file (``.pt``/``.pth``, loaded with ``weights_only``)."""
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors' own error types
+            raise ValueError(f"{path}: not a readable .safetensors file ({type(error).__name__}: {error})") from None
+    if path.suffix not in (".pt", ".pth", ".bin"):
+        raise ValueError(f"{path}: give a .pt/.pth file written by torch.save(model.state_dict(), ...) or a .safetensors file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: torch.load cannot read it as a state dict ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # a training checkpoint
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict (save model.state_dict())")
+    return state
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load the state dict at ``path`` into ``model``; ``ValueError`` naming the first missing or unexpected key, or
+    the first layer whose shape differs, with both shapes."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    if missing:
+        raise ValueError(f"{path} does not fit the model: key {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise ValueError(f"{path} does not fit the model: key {unexpected[0]!r} is unexpected ({len(unexpected)} unexpected in all)")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"{path} does not fit the model: {key!r} has shape {tuple(value.shape)} in the file and {tuple(own[key].shape)} in the model")
+    model.load_state_dict(state)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def factory_sources(reference: str, builtins: dict[str, Callable[..., Any]], search_path: str | None = None) -> dict[str, str]:
@@ -130,4 +193,4 @@ def factory_sources(reference: str, builtins: dict[str, Callable[..., Any]], sea
     return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sorted(files.items()) if path.is_file()}
 
 
-__all__ = ["TaskData", "build_model", "dataset_digest", "example_inputs", "factory_sources", "load_data", "resolve_factory"]
+__all__ = ["BatchFormat", "TaskData", "build_model", "dataset_digest", "factory_sources", "load_data", "load_weights", "resolve_factory"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +20,8 @@ class TaskData:
     train: Dataset
     val: Dataset
     test: Dataset
-    num_classes: int
-    input_shape: tuple[int, ...]  # one sample, without the batch dimension
+    num_classes: int | None  # 1 + the largest class label; None where targets are not class labels
+    input_shape: Any  # one sample's input shape, without the batch dimension (a tuple or dict of them for several inputs)
 
 
 def digits(image_size: int = 28, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2) -> TaskData:
@@ -82,12 +84,24 @@ def dataset_digest(dataset: Dataset) -> str:
         np.random.seed(0)
         try:
             for index in indices:
-                for part in dataset[index]:
-                    _update(digest, part)
+                _update_item(digest, dataset[index])
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
     return digest.hexdigest()
+
+
+def _update_item(digest, item) -> None:
+    """Hash an item of any usual structure: a dict by its keys and values, a tuple or list element by element."""
+    if isinstance(item, Mapping):
+        for key in sorted(item, key=str):
+            digest.update(str(key).encode())
+            _update_item(digest, item[key])
+    elif isinstance(item, (tuple, list)):
+        for part in item:
+            _update_item(digest, part)
+    else:
+        _update(digest, item)
 
 
 def _update(digest, value) -> None:

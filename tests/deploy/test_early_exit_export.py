@@ -42,7 +42,7 @@ def test_onnx_runs_the_same_exit_logic_sample_by_sample(bits, tmp_path):
         np.testing.assert_allclose(logits[0], torch_logits[index].detach().numpy(), rtol=1e-4, atol=1e-4)
     dataset = torch.utils.data.TensorDataset(X, torch_logits.argmax(1))
     evaluation = onnx_evaluate(tmp_path / "m.onnx", dataset)
-    assert evaluation.accuracy == 1.0
+    assert evaluation.value == 1.0
     assert evaluation.exit_counts == {e: int((torch_exits == e).sum()) for e in torch_exits.unique().tolist()}
 
 
@@ -55,7 +55,7 @@ def test_leaving_early_is_measured_faster_than_running_to_the_end(tmp_path):
         compressed = early(after="pool1", threshold=threshold)
         path = tmp_path / f"{threshold}.onnx"
         export_onnx(compressed.model, X[:1], path, compressed.encodings)
-        ratios[threshold] = measure_relative_latency(path, reference, X[:16].numpy(), MeasureSettings(warmup=20)).ratio
+        ratios[threshold] = measure_relative_latency(path, reference, [{"input": X[i : i + 1].numpy()} for i in range(16)], MeasureSettings(warmup=20)).ratio
     assert ratios[0.01] < 0.6 < 0.9 < ratios[0.99999]
 
 

@@ -19,6 +19,8 @@ from netshrink.techniques import Pipeline, PruningConfig, QuantizationConfig, co
 
 X = torch.zeros(1, 1, 28, 28)
 
+ONE_SAMPLE = [{"input": np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)}]  # one call's feed
+
 
 def exported(tmp_path, pipeline, name="m.onnx"):
     compressed = compress(LeNet5().eval(), pipeline, X)
@@ -80,7 +82,7 @@ def test_onnx_runtime_computes_what_torch_computes(tmp_path, pipeline):
     got = ort_session(path).run(None, {"input": batch.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     dataset = torch.utils.data.TensorDataset(batch, torch.arange(8) % 10)
-    assert onnx_evaluate(path, dataset).accuracy == float((expected.argmax(1) == (torch.arange(8) % 10).numpy()).mean())
+    assert onnx_evaluate(path, dataset).value == float((expected.argmax(1) == (torch.arange(8) % 10).numpy()).mean())
 
 
 def _train_until_stopped(ready, stop):
@@ -100,7 +102,7 @@ def test_a_training_neighbour_does_not_disturb_the_measurement(tmp_path):
     _, path = exported(tmp_path, Pipeline())
     _, reference = exported(tmp_path, Pipeline(), "reference.onnx")
     settings = MeasureSettings()
-    alone = [measure_relative_latency(path, reference, (1, 28, 28), settings).ratio for _ in range(3)]
+    alone = [measure_relative_latency(path, reference, ONE_SAMPLE, settings).ratio for _ in range(3)]
     context = multiprocessing.get_context("spawn")
     ready, stop = context.Event(), context.Event()
     neighbour = context.Process(target=_train_until_stopped, args=(ready, stop))
@@ -108,7 +110,7 @@ def test_a_training_neighbour_does_not_disturb_the_measurement(tmp_path):
     try:
         assert ready.wait(timeout=120)
         time.sleep(1.0)  # let it reach steady training
-        beside = [measure_relative_latency(path, reference, (1, 28, 28), settings).ratio for _ in range(3)]
+        beside = [measure_relative_latency(path, reference, ONE_SAMPLE, settings).ratio for _ in range(3)]
     finally:
         stop.set()
         neighbour.join(timeout=60)
@@ -179,7 +181,7 @@ def _neighbour_steps_and_measurements(tmp_path, monkeypatch, lock_enabled):
     try:
         _await_steps(neighbour, steps_taken, 1)
         for _ in range(3):
-            measure_latency(path, (1, 28, 28), MeasureSettings(warmup=20, repeats=400))
+            measure_latency(path, ONE_SAMPLE, MeasureSettings(warmup=20, repeats=400))
             _await_steps(neighbour, steps_taken, steps_taken.value + 2)
         stop.set()
         spans = spans_back.get(timeout=120)  # read before joining: a child with data in a full pipe cannot exit
@@ -213,7 +215,7 @@ def test_channel_pruning_is_measurably_faster_and_weight_pruning_is_not(tmp_path
         "weight": Pipeline(steps=[PruningConfig(granularity="weight", ratio=0.75)]),
     }.items():
         _, path = exported(tmp_path, pipeline, f"{name}.onnx")
-        ratio[name] = measure_relative_latency(path, dense, (1, 28, 28)).ratio
+        ratio[name] = measure_relative_latency(path, dense, ONE_SAMPLE).ratio
     assert ratio["channel"] < 0.7, ratio
     assert 0.9 < ratio["weight"] < 1.1, ratio
 
@@ -225,8 +227,8 @@ def test_a_weight_only_int8_model_is_deployed_and_timed_with_its_weights_folded_
     _, dense = exported(tmp_path, Pipeline(), "dense.onnx")
     assert deployment_config(path) == {"session.disable_quant_qdq": "1"} and deployment_config(dense) == {}
     assert ort_session(path).get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
-    folded = measure_relative_latency(path, dense, (1, 28, 28), MeasureSettings()).ratio
-    per_call = measure_relative_latency(path, dense, (1, 28, 28), MeasureSettings(), config={}).ratio
+    folded = measure_relative_latency(path, dense, ONE_SAMPLE, MeasureSettings()).ratio
+    per_call = measure_relative_latency(path, dense, ONE_SAMPLE, MeasureSettings(), config={}).ratio
     assert folded < per_call
     assert 0.9 < folded < 1.1, folded
 
@@ -238,22 +240,22 @@ def test_measurements_run_on_the_threads_asked_for(tmp_path, threads):
     _, dense = exported(tmp_path, Pipeline(), "dense.onnx")
     settings = MeasureSettings(threads=threads, warmup=5, repeats=400)
     assert ort_session(path, threads).get_session_options().intra_op_num_threads == threads
-    assert measure_relative_latency(path, dense, (1, 28, 28), settings).ratio < 1.0  # channel pruning is faster at any thread count
+    assert measure_relative_latency(path, dense, ONE_SAMPLE, settings).ratio < 1.0  # channel pruning is faster at any thread count
 
 
 def test_throughput_is_timed_in_batches_in_the_same_alternation(tmp_path):
     _, path = exported(tmp_path, Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.75)]))
     _, dense = exported(tmp_path, Pipeline(), "dense.onnx")
     settings = MeasureSettings(warmup=32, repeats=640, batch_size=32)
-    batched = measure_relative_latency(path, dense, np.random.default_rng(0).standard_normal((50, 1, 28, 28)), settings, batch=32)
-    single = measure_latency(dense, (1, 28, 28), MeasureSettings(warmup=5, repeats=200))
+    batched = measure_relative_latency(path, dense, [{"input": np.random.default_rng(0).standard_normal((32, 1, 28, 28)).astype(np.float32)}], settings, batch=32)
+    single = measure_latency(dense, ONE_SAMPLE, MeasureSettings(warmup=5, repeats=200))
     assert batched.ratio < 0.8  # a narrower model serves batches faster too
     assert throughput(batched.reference.ms, 32) > throughput(single.ms, 1)  # batching amortises the per-call cost
 
 
 def test_absolute_latency_reports_its_runs_and_spread(tmp_path):
     _, path = exported(tmp_path, Pipeline())
-    latency = measure_latency(path, (1, 28, 28), MeasureSettings(warmup=5, repeats=200))
+    latency = measure_latency(path, ONE_SAMPLE, MeasureSettings(warmup=5, repeats=200))
     assert latency.runs == 200
     assert 0 < latency.ms <= latency.median_all_ms <= latency.p90_ms
 

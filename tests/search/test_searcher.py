@@ -80,7 +80,7 @@ def test_every_sampler_survives_the_pickling_ray_tune_does_and_samples_on(sample
 
     from ray import cloudpickle
 
-    from netshrink.config import load_experiment
+    from netshrink.validation import load_experiment
     from netshrink.search.tuning import make_sampler
     from pathlib import Path
 

@@ -23,7 +23,7 @@ def test_two_hundred_random_draws_all_build_a_working_model(model_type, side):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "minimize"])
     model = model_type().eval()
     x = torch.randn(2, 1, side, side)
-    scores = measure_sensitivity(model, torch.randn(16, 1, side, side), torch.randint(0, 10, (16,)))  # as a search passes them
+    scores = measure_sensitivity(model, [(torch.randn(16, 1, side, side), torch.randint(0, 10, (16,)))])  # as a search passes them
     kinds_seen = set()
     for _ in range(200):
         trial = study.ask()

@@ -2,7 +2,7 @@
 
 import optuna
 
-from netshrink.config import load_experiment
+from netshrink.validation import load_experiment
 from netshrink.spaces import SearchSpace
 from netshrink.spaces.start import INFORMED_START, start_params
 from netshrink.techniques import REGISTRY

@@ -60,7 +60,7 @@ def compress_scored(model, pipeline, example, **kwargs):
     """``compress`` with the model's per-layer sensitivity, as a search passes it (for ``allocation: sensitivity``)."""
     generator = torch.Generator().manual_seed(4)
     inputs = torch.randn(32, *example.shape[1:], generator=generator)
-    return compress(model, pipeline, example, sensitivity=measure_sensitivity(model, inputs, torch.randint(0, 10, (32,), generator=generator)), **kwargs)
+    return compress(model, pipeline, example, sensitivity=measure_sensitivity(model, [(inputs, torch.randint(0, 10, (32,), generator=generator))]), **kwargs)
 
 
 @pytest.mark.parametrize("model_name", sorted(EDGE_MODELS))

@@ -23,7 +23,7 @@ def test_lenet5_sensitivity_rises_as_the_width_falls_and_the_allocation_lands_in
     inputs = torch.randn(128, 1, 28, 28, generator=generator)
     with torch.no_grad():
         labels = model(inputs).argmax(dim=1)  # the model's own answers: any change of weights raises the loss
-    scores = measure_sensitivity(model, inputs, labels)
+    scores = measure_sensitivity(model, [(inputs, labels)])
     assert set(scores["quantization"]) == {"conv1", "conv2", "fc1", "fc2"}
     for layer in scores["quantization"].values():
         assert layer[1] > layer[8] and layer[2] > layer[8]
@@ -49,7 +49,7 @@ def test_layers_an_architecture_technique_made_take_the_scores_of_the_layer_they
     assert score_of("heads.0.linear", measured)[4] == float("inf")  # an exit head keeps the widest width
     model = LeNet5().eval()
     inputs = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    scores = measure_sensitivity(model, inputs, torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2)))
+    scores = measure_sensitivity(model, [(inputs, torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2)))])
     pipeline = Pipeline(steps=[SeparableConfig(which="all"), ClusteringConfig(allocation="sensitivity", average_bits=3.0)])
     applied = compress(model, pipeline, inputs[:1], sensitivity=scores).pipeline.steps[1]
     assert {"conv2.0", "conv2.1", "fc1"} <= set(applied.layer_clusters)
