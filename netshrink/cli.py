@@ -37,11 +37,11 @@ def search(
         "finished trials are kept, interrupted ones run again, until the budget is done. The experiment file must be unchanged.",
     ),
 ) -> None:
-    """Run a compression search and print the Pareto front of accuracy, size and latency.
+    """Run a compression search and print the Pareto front of the task's metric, size and latency.
 
     The baseline model is trained once per task and cached in .netshrink/. Every
     trial samples a pipeline, applies it to the baseline, fine-tunes, and
-    measures validation accuracy, the compressed file's size and ONNX Runtime
+    measures the validation metric (accuracy by default), the compressed file's size and ONNX Runtime
     latency. All of it goes to MLflow: a parent run per search, a child per trial.
     """
     from netshrink.validation import load_experiment
@@ -82,7 +82,7 @@ def front(
     experiment: str = typer.Option(..., "--experiment", "-e", help="MLflow experiment name (the 'name' in the experiment file)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI. Default: sqlite mlflow.db here."),
     search_run: Optional[str] = typer.Option(None, "--search", help="Parent run id of one search. Default: the latest search."),
-    as_json: bool = typer.Option(False, "--json", help="Print the front as JSON (run_id, accuracy, size_bytes, latency_ms, recipe, ...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the front as JSON (run_id, the metric under its name, size_bytes, latency_ms, recipe, ...)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the front into this folder (created): pareto.png, pareto.html (hover for details), hypervolume.png."),
 ) -> None:
     """Print the Pareto front of a finished (or running) search, read back from MLflow."""
@@ -110,12 +110,13 @@ def export(
         ...,
         "--pick",
         metavar="accuracy|smallest|fastest|knee|RUN_ID",
-        help="Which trial: 'accuracy' (most accurate), 'smallest', 'fastest' or 'knee' (balanced, see above) on the Pareto front; "
+        help="Which trial: 'accuracy' (the best on the task's metric), 'smallest', 'fastest' or 'knee' (balanced, see above) on the Pareto front; "
         "or the MLflow run id of any finished trial of the experiment, on the front or not.",
     ),
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Folder to write; created. An existing folder must be empty: export never overwrites files."),
     min_accuracy: Optional[float] = typer.Option(
-        None, "--min-accuracy", metavar="X", help="Only trials with validation accuracy >= X are candidates; X is a fraction in [0, 1] (0.95 for 95%)."
+        None, "--min-metric", "--min-accuracy", metavar="X",
+        help="Only trials whose validation metric is >= X are candidates; for accuracy a fraction in [0, 1] (0.95 for 95%). --min-accuracy: the old name",
     ),
     register: Optional[str] = typer.Option(
         None, "--register", metavar="NAME", help="Also register the ONNX model as a new version of this MLflow registered model, linked to the trial run, its metrics as tags."
@@ -160,6 +161,7 @@ def export(
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file would bury the summary
     from netshrink.search.export import export_model
+    from netshrink.search.front import format_metric
 
     result = export_model(
         experiment, pick, out, min_accuracy=min_accuracy, register=register, tracking_uri=tracking_uri, search_run=search_run,
@@ -168,7 +170,8 @@ def export(
     point = result.chosen.point
     console.print(f"Exported {point.name} (run {point.run_id}), picked {result.chosen.pick}: {point.summary}")
     console.print(
-        f"accuracy {point.accuracy:.2%} (model.onnx on the validation split: {result.onnx_accuracy:.2%}), "
+        f"{point.metric_name} {format_metric(point.metric_name, point.accuracy)} "
+        f"(model.onnx on the validation split: {format_metric(point.metric_name, result.onnx_accuracy)}), "
         f"{point.size_bytes / 1e3:.1f} KB, {point.latency_ms:.4f} ms"
     )
     for name, size in result.files.items():

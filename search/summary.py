@@ -26,7 +26,7 @@ def summarise(tracker: Tracker, experiment_id: str, record: SearchRecord, constr
     """Take the front over the search's finished runs (trials and refined runs), tag every run ``pareto``, log the
     counts, ``front.json`` and the plots to the parent run, and mark it finished."""
     parent = record.run_id
-    points, failed = collect_points(tracker, experiment_id, parent)
+    points, failed = collect_points(tracker, experiment_id, parent, record.metric)
     front = pareto_front(points, record.objectives, record.directions, constraints)
     on_front = {p.run_id for p in front}
     for point in points:

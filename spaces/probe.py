@@ -26,6 +26,7 @@ from torch import nn
 
 from netshrink.techniques import REGISTRY, Pipeline, Stage, compress
 from netshrink.techniques.base import compressible_weights, module_of
+from netshrink.techniques.inputs import Inputs, call, concat
 from netshrink.techniques.sensitivity import CLUSTER_COUNTS, QUANTIZATION_WIDTHS
 
 from .knobs import Choice, Fixed
@@ -103,7 +104,7 @@ def _drawn(space, draws: int, seed: int) -> list[Pipeline]:
     return pipelines
 
 
-def probe(space, model: nn.Module, example_inputs: torch.Tensor, draws: int = RANDOM_DRAWS, seed: int = 0) -> list[str]:
+def probe(space, model: nn.Module, example_inputs: Inputs, draws: int = RANDOM_DRAWS, seed: int = 0) -> list[str]:
     """Problems of ``space`` on ``model``, in words (empty when every probed pipeline runs and exports)."""
     problems = inapplicable(space, model)
     if problems:
@@ -112,7 +113,7 @@ def probe(space, model: nn.Module, example_inputs: torch.Tensor, draws: int = RA
 
     scores = flat_sensitivity(model)
     seen, exported = set(), set()
-    batch = torch.cat([example_inputs, example_inputs])
+    batch = concat([example_inputs, example_inputs])
     for pipeline in _alone(space) + _drawn(space, draws, seed):
         recipe = pipeline.recipe()
         if recipe in seen or not pipeline.active_steps():
@@ -121,7 +122,7 @@ def probe(space, model: nn.Module, example_inputs: torch.Tensor, draws: int = RA
         try:
             compressed = compress(copy.deepcopy(model), pipeline, example_inputs, sensitivity=scores)
             with torch.no_grad():
-                compressed.model.eval()(batch)
+                call(compressed.model.eval(), batch)
             structural = frozenset(step.kind for step in pipeline.active_steps() if changes_structure(step))
             if structural and structural not in exported:  # one export per combination of structural techniques
                 exported.add(structural)

@@ -69,16 +69,18 @@ def is_standard_module(module_name: str) -> bool:
     return top in sys.stdlib_module_names or top in sys.builtin_module_names
 
 
-def load_data(reference: str, args: dict[str, Any], search_path: str | None = None, batches: BatchFormat | None = None) -> TaskData:
+def load_data(
+    reference: str, args: dict[str, Any], search_path: str | None = None, batch_format: Callable[[Dataset], BatchFormat] = BatchFormat.resolve
+) -> TaskData:
     """Build the splits. A user factory returns a ``TaskData`` or a ``(train, val, test)`` tuple of datasets, whose
-    items ``batches`` reads (default: ``(inputs, target)`` pairs)."""
+    items ``batch_format(train)`` reads (default: the format its first item shows)."""
     produced = resolve_factory(reference, BUILTIN_DATASETS, search_path)(**args)
     if isinstance(produced, TaskData):
         return produced
     if not (isinstance(produced, (tuple, list)) and len(produced) == 3 and all(isinstance(d, Dataset) for d in produced)):
         raise ValueError(f"dataset factory {reference!r} must return TaskData or (train, val, test) torch datasets")
     train, val, test = produced
-    batches = batches or BatchFormat.resolve(train)
+    batches = batch_format(train)
     inputs = batches.example(train)
     shapes = map_tensors(inputs, lambda tensor: tuple(tensor.shape[1:]))
     return TaskData(train=train, val=val, test=test, num_classes=class_count(train, batches), input_shape=shapes)  # type: ignore[arg-type]
