@@ -131,3 +131,50 @@ class SplitHeads(nn.Module):
         q, k, v = (layer(tokens).reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for layer in (self.q, self.k, self.v))
         mixed = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
         return self.head(self.out(mixed).mean(dim=1))
+
+
+class DictTokens(nn.Module):
+    """A token-id model fed a dict (``input_ids``, ``attention_mask``) that returns a dict with ``logits``, as
+    Hugging Face models do: embedding, a convolution over the sequence, a masked mean and a classifier."""
+
+    def __init__(self, vocab: int = 20) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 16)
+        self.conv = nn.Conv1d(16, 24, 3, padding=1)
+        self.fc1 = nn.Linear(24, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = torch.relu(self.conv(self.embed(input_ids).transpose(1, 2))).transpose(1, 2)
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return {"logits": self.fc2(torch.relu(self.fc1(pooled)))}
+
+
+class TwoInputs(nn.Module):
+    """An image and a feature vector in, as ``model(image, features)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.side = nn.Linear(12, 16)
+        self.fc1 = nn.Linear(8 + 16, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, image, features):
+        x = torch.relu(self.bn(self.conv(image))).mean(dim=(2, 3))
+        return self.fc2(torch.relu(self.fc1(torch.cat([x, torch.relu(self.side(features))], dim=1))))
+
+
+def structured_batch(name: str, batch: int, seed: int = 0):
+    """Model inputs of ``STRUCTURED_MODELS[name]`` for ``batch`` samples: real structures and dtypes (token ids stay integer)."""
+    generator = torch.Generator().manual_seed(seed)
+    if name == "dict_tokens":
+        mask = torch.ones(batch, 8, dtype=torch.long)
+        mask[:, 6:] = 0
+        return {"input_ids": torch.randint(0, 20, (batch, 8), generator=generator), "attention_mask": mask}
+    return (torch.randn(batch, 1, 12, 12, generator=generator), torch.randn(batch, 12, generator=generator))
+
+
+STRUCTURED_MODELS = {"dict_tokens": DictTokens, "two_inputs": TwoInputs}

@@ -16,7 +16,7 @@ from netshrink.techniques.base import is_applied_field
 from netshrink.techniques import REGISTRY, Pipeline, TensorEncoding, compress, load_artifact, save_artifact
 from netshrink.techniques.artifact import encode_state
 from netshrink.techniques.sensitivity import measure_sensitivity
-from tests.models import EDGE_MODELS
+from tests.models import EDGE_MODELS, STRUCTURED_MODELS, structured_batch
 
 
 def contract_configs():
@@ -168,3 +168,51 @@ def test_the_exported_onnx_model_computes_what_torch_computes(config, model_name
     model = EDGE_MODELS[model_name]().eval()
     compressed = compress_scored(model, Pipeline(steps=[config]), images[:1], fine_tune=fine_tune)
     exports_faithfully(compressed.model, compressed.encodings, images[:1])
+
+
+def fine_tune_structured(name):
+    """``fine_tune`` for a model of several inputs: a few optimizer steps on batches of its structure."""
+
+    def tune(model, loss_fn=None):
+        from netshrink.techniques.inputs import forward_logits
+
+        torch.manual_seed(0)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        for step in range(3):
+            inputs = structured_batch(name, 8, seed=step)
+            loss = (loss_fn or cross_entropy)(forward_logits(model, inputs), torch.randint(0, 10, (8,)), inputs)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return tune
+
+
+@pytest.mark.parametrize("model_name", sorted(STRUCTURED_MODELS))
+@pytest.mark.parametrize("config", CONFIGS)
+def test_models_of_several_inputs_take_every_technique_or_refuse_it_by_name(config, model_name, tmp_path):
+    """A dict-input model (token ids and a mask, a dict out) and a two-input model, through every technique and every
+    choice of its default space: the forward still runs, the caller's model is untouched, the artifact reloads to the
+    same model and the ONNX export computes what torch computes. A technique that cannot act on such a model
+    (early exits cut a model of one input) says so by name."""
+    from netshrink.deploy.onnx_export import exports_faithfully
+    from netshrink.techniques.inputs import forward_logits
+
+    model = STRUCTURED_MODELS[model_name]().eval()
+    before = copy.deepcopy(model.state_dict())
+    example, batch = structured_batch(model_name, 1), structured_batch(model_name, 4, seed=9)
+    if REGISTRY[config.kind].inapplicable(model) is not None:  # validation refuses it in the space, naming the reason
+        assert config.kind == "separable" and model_name == "dict_tokens"  # no k x k convolution to substitute
+        return
+    if config.kind == "early_exit":
+        with pytest.raises(ValueError, match="exactly one input"):
+            compress(model, Pipeline(steps=[config]), example, fine_tune=fine_tune_structured(model_name))
+        return
+    scores = measure_sensitivity(model, [(batch, torch.randint(0, 10, (4,)))])
+    compressed = compress(model, Pipeline(steps=[config]), example, fine_tune=fine_tune_structured(model_name), sensitivity=scores)
+    assert forward_logits(compressed.model, batch).shape == (4, 10)
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
+    save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
+    restored = load_artifact(tmp_path / "m.safetensors", STRUCTURED_MODELS[model_name]()).model
+    torch.testing.assert_close(forward_logits(restored, batch), forward_logits(compressed.model, batch), rtol=1e-4, atol=1e-5)
+    exports_faithfully(compressed.model, compressed.encodings, example)
