@@ -85,14 +85,14 @@ def front_point(folder: Path, experiment):
 
 
 def measure_row(label: str, onnx_path: Path, artifact_bytes: int, reference: Path, data, experiment, fp32_bytes: int, config=None) -> dict:
-    import numpy as np
-
     from netshrink.deploy.measure import measure_relative_latency, onnx_evaluate
+    from netshrink.tasks.batches import BatchFormat
 
-    inputs = np.stack([np.asarray(data.val[i][0], dtype=np.float32) for i in range(len(data.val))])
     settings = experiment.measure
-    single = measure_relative_latency(onnx_path, reference, inputs, settings, config=config)  # as a trial times it
-    batched = measure_relative_latency(onnx_path, reference, inputs, settings, config=config, batch=settings.batch_size)
+    feeds = BatchFormat().feeds(data.val)
+    single = measure_relative_latency(onnx_path, reference, feeds, settings, config=config)  # as a trial times it
+    batch = settings.batch_size
+    batched = measure_relative_latency(onnx_path, reference, BatchFormat().feeds(data.val, batch, limit=batch), settings, config=config, batch=batch)
     return {
         "model": label,
         "artifact": artifact_bytes,

@@ -216,7 +216,7 @@ def floor(experiment, setups: dict, baseline_onnx: Path, workdir: Path, out: lis
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), identity)
-    timed = measure_relative_latency(identity, baseline_onnx, sample, experiment.measure)
+    timed = measure_relative_latency(identity, baseline_onnx, [{"input": sample}], experiment.measure)
     print(
         f"  {'one Identity node (no model at all)':<44} {'':>13} {'':>10} {timed.ratio:>21.3f} {'':>15} {ceiling(float('inf'), timed.ratio):>11.3f}"
         f"   ({timed.candidate.ms * 1000:.1f} us a call; the baseline {timed.reference.ms * 1000:.1f} us)",

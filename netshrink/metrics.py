@@ -29,13 +29,13 @@ MetricFn = Callable[[torch.Tensor, Any], float]
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return float((logits.argmax(dim=-1) == targets).float().mean()) if len(targets) else 0.0
+    return int((logits.argmax(dim=-1) == targets).sum()) / len(targets) if len(targets) else 0.0  # exact, as correct / count
 
 
 def top5(logits: torch.Tensor, targets: torch.Tensor) -> float:
     k = min(5, logits.shape[-1])
     hits = (logits.topk(k, dim=-1).indices == targets.reshape(-1, 1)).any(dim=-1)
-    return float(hits.float().mean()) if len(targets) else 0.0
+    return int(hits.sum()) / len(targets) if len(targets) else 0.0
 
 
 def f1_macro(logits: torch.Tensor, targets: torch.Tensor) -> float:

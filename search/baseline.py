@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 import netshrink
-from netshrink.config import Experiment, TaskConfig
+from netshrink.config import Experiment
 from netshrink.deploy.evaluate import epoch_line, split_scores
 from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, dataset_digest, factory_sources, file_sha256
 from netshrink.tasks.task import Task, load_task

@@ -286,12 +286,12 @@ def register_model(tracking_uri: str, name: str, chosen: Chosen, folder: Path) -
     import onnx
 
     point = chosen.point
-    name = point.metric_name
+    metric = point.metric_name
     tags = {
-        name: point.accuracy,
+        metric: point.accuracy,
         "size_bytes": int(point.size_bytes),
         "latency_ms": point.latency_ms,
-        **{key: point.extra[key] for key in (f"test_{name}", f"onnx_{name}", "size_ratio", "speedup") if key in point.extra},
+        **{key: point.extra[key] for key in (f"test_{metric}", f"onnx_{metric}", "size_ratio", "speedup") if key in point.extra},
         "recipe_summary": point.summary,
         "netshrink.search_run_id": chosen.search_run_id,
     }

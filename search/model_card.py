@@ -148,7 +148,7 @@ def render_card(facts: CardFacts) -> str:
         "",
         metrics_table(facts),
         "",
-        f"Measured by the search on the artifact the trial wrote. Brackets are 95% intervals ({interval_kind(facts.metric)}). The search "
+        f"Measured by the search on the artifact the trial wrote. Brackets are 95% {interval_kind(facts.metric)}. The search "
         "picked its front on the validation split, so that figure is the best of many tries and optimistic; the test split "
         "played no part in the choice, which is why its figure is the one to quote. Size is the compressed artifact file's "
         "size; latency is batch-1 ONNX Runtime CPU time, timed in alternation with the baseline (ratio x the baseline's figure), "

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+PACE_EVERY = 8  # trials between two lines of the search's pace
+SLOW_TRIAL = 10.0  # seconds: trials this slow get a pace line each
 
 
 def progress_printer(total: int, baseline: dict[str, float], done: int = 0, label: str = "", metric: str = "accuracy"):
@@ -15,6 +19,25 @@ def progress_printer(total: int, baseline: dict[str, float], done: int = 0, labe
     class ProgressPrinter(Callback):
         def __init__(self) -> None:
             self.done = done
+            self.started: float | None = None
+            self.ended_here = 0
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if self.started is None:
+                self.started = time.time()
+
+        def pace(self) -> None:
+            """After every ``PACE_EVERY`` trials, or every trial once they take ``SLOW_TRIAL`` s or more: the mean wall
+            time a trial takes here (concurrent trials overlap) and when the budget should end at that pace."""
+            self.ended_here += 1
+            if self.started is None:
+                return
+            seconds = (time.time() - self.started) / self.ended_here
+            left = total - self.done
+            if left <= 0 or (self.ended_here % PACE_EVERY and seconds < SLOW_TRIAL):
+                return
+            finish = time.strftime("%H:%M", time.localtime(time.time() + seconds * left))
+            print(f"  {seconds:.1f} s a {label}trial on average; {left} left, done at about {finish}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
@@ -31,10 +54,12 @@ def progress_printer(total: int, baseline: dict[str, float], done: int = 0, labe
                 f"({baseline['latency_ms'] / r['latency_ms']:.2f}x)  {_describe(trial.config.get('recipe') or trial.config.get('point', {}).get('recipe'))}",
                 flush=True,
             )
+            self.pace()
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
             print(f"[{label}{self.done}/{total}] trial failed: {_first_error_line(trial)}", flush=True)
+            self.pace()
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             print(f"trial {trial.trial_id} failed ({_first_error_line(trial)}), running it again", flush=True)

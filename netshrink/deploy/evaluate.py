@@ -7,11 +7,9 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from netshrink.config import FinetuneSettings, MeasureSettings, TaskConfig

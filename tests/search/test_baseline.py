@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from netshrink.config import Experiment
+from netshrink.tasks.task import load_task
 from netshrink.search.baseline import FINGERPRINT_FILE, baseline_fingerprint, baseline_key, prepare_baseline
 from netshrink.tasks import load_data
 from netshrink.techniques import Pipeline, PruningConfig, compress, load_artifact, save_artifact
@@ -34,10 +35,8 @@ def test_baseline_is_trained_once_per_task_and_reused(tmp_path):
 
 
 def test_the_key_covers_the_task_section_the_versions_and_nothing_else():
-    data = load_data("digits", {"image_size": 16})
-    a = baseline_fingerprint(experiment({"dataset_args": {"image_size": 16}}).task, data, ".")
-    b = baseline_fingerprint(experiment({"dataset_args": {"image_size": 16}}, name="other").task, data, ".")
-    c = baseline_fingerprint(experiment({"dataset_args": {"image_size": 16}, "train": {"epochs": 2}}).task, data, ".")
+    task = lambda **changes: load_task(experiment({"dataset_args": {"image_size": 16}, **changes}).task, ".")  # noqa: E731
+    a, b, c = baseline_fingerprint(task()), baseline_fingerprint(task()), baseline_fingerprint(task(train={"epochs": 2}))
     assert baseline_key(a) == baseline_key(b) != baseline_key(c)
     assert a["torch"] == torch.__version__ and a["netshrink"]
     assert set(a["model_source"]) == {"netshrink.tasks.models"} and set(a["dataset_source"]) == {"netshrink.tasks.datasets"}
@@ -89,7 +88,7 @@ def test_edited_model_code_trains_a_new_baseline_and_says_why(tmp_path):
     write_module(tmp_path, module, USER_MODEL.format(hidden=30))  # fc1 50 -> 30 units; the task section is the same
     second = prepare_baseline(user, tmp_path / "cache", str(tmp_path), log=logs.append)
     assert second.trained_now and second.artifact != first.artifact
-    assert "model_source changed" in logs[-1]
+    assert "model_source changed" in logs[-2]  # logs[-1]: measuring it
     assert second.metrics["parameters"] < first.metrics["parameters"]
 
 
@@ -110,7 +109,7 @@ def test_changed_data_with_the_same_arguments_trains_a_new_baseline(tmp_path):
     np.save(tmp_path / f"images_{tag}.npy", images)
     second = prepare_baseline(user, tmp_path / "cache", str(tmp_path), log=logs.append)
     assert second.trained_now and second.artifact != first.artifact
-    assert "data changed" in logs[-1]
+    assert "data changed" in logs[-2]  # logs[-1]: measuring it
 
 
 def test_an_artifact_whose_shapes_the_model_no_longer_has_is_refused_naming_the_layer(tmp_path):
@@ -124,3 +123,19 @@ def test_an_artifact_whose_shapes_the_model_no_longer_has_is_refused_naming_the_
     pruned = compress(mlp(50), Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5)]), torch.zeros(1, 1, 8, 8))
     save_artifact(tmp_path / "pruned.safetensors", pruned.model, pruned.encodings, pruned.pipeline.recipe())
     assert load_artifact(tmp_path / "pruned.safetensors", mlp(50)).model[1].weight.shape[0] < 50
+
+
+def test_the_key_covers_the_weights_file_and_epochs_0_measures_the_model_as_given(tmp_path):
+    from netshrink.tasks import build_model, load_data
+    from netshrink.training import accuracy
+
+    data = load_data("digits", {"image_size": 16})
+    torch.manual_seed(5)
+    model = build_model("lenet5", {}, data)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    given = experiment({"dataset_args": {"image_size": 16}, "weights": "w.pt", "train": {"epochs": 0}, "allow_weak_baseline": True})
+    key = baseline_key(baseline_fingerprint(load_task(given.task, str(tmp_path))))
+    baseline = prepare_baseline(given, tmp_path / "cache", str(tmp_path), log=lambda line: None)
+    assert baseline.metrics["accuracy"] == accuracy(model, data.val)  # not trained: the weights as given
+    torch.save({k: v + 1 for k, v in model.state_dict().items()}, tmp_path / "w.pt")
+    assert baseline_key(baseline_fingerprint(load_task(given.task, str(tmp_path)))) != key

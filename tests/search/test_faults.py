@@ -56,7 +56,7 @@ def test_a_nan_trial_is_failed_in_tune_optuna_and_mlflow_and_the_search_goes_on(
         textwrap.dedent(
             """
             name: nan
-            task: {model: "nan_when_pruned:make", dataset_args: {image_size: 8}, train: {epochs: 1}}
+            task: {model: "nan_when_pruned:make", dataset_args: {image_size: 8}, train: {epochs: 1}, allow_weak_baseline: true}
             finetune: {epochs: 1}
             search: {trials: 4, max_concurrent: 2, sampler: random, seed: 1, max_failures: 1}
             measure: {warmup: 1, repeats: 10}

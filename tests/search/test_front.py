@@ -77,7 +77,7 @@ def test_every_accuracy_shown_carries_its_split_and_its_95_percent_interval(tmp_
 
     facts = CardFacts(
         experiment="e", search_run_id="s", point=trial, pick="as the knee", baseline=baseline, onnx_accuracy=0.9722,
-        files={"model.onnx": 10}, task=TaskConfig(), search_path=str(tmp_path), input_shape=(1, 28, 28),
+        files={"model.onnx": 10}, task=TaskConfig(), search_path=str(tmp_path), inputs=(("input", "float32", (1, 1, 28, 28)),),
     )
     card = render_card(facts)
     assert f"| accuracy, test split (held out: quote this) | 96.67% [" in card and shown in card
