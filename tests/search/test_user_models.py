@@ -52,8 +52,7 @@ def search_and_export(workdir: Path, name: str) -> tuple[dict, dict, Path]:
     parent = next(run for run in runs if run.data.tags.get("netshrink.role") == "search")
     trials = [run for run in runs if run.data.tags.get("netshrink.role") == "trial"]
     assert trials and all(run.info.status == "FINISHED" for run in trials)
-    recipe = json.loads((workdir / "out" / "recipe.json").read_text())
-    trial = next(run for run in trials if json.loads(run.data.tags["netshrink.recipe"]) == recipe or run.info.run_id in exported.stdout)
+    trial = next(run for run in trials if f"(run {run.info.run_id})" in exported.stdout)
     baseline = {key.removeprefix("baseline_"): value for key, value in parent.data.metrics.items() if key.startswith("baseline_")}
     return baseline, trial.data.metrics, workdir / "out"
 
