@@ -177,6 +177,8 @@ def export(
     for name, size in result.files.items():
         console.print(f"  {result.folder / name}  {size:,} bytes")
     console.print(f"  {result.folder / 'MODEL_CARD.md'}")
+    console.print(f"Run {result.folder / 'model.onnx'} with numpy and onnxruntime alone (from {result.folder}):")
+    console.print(result.snippet.removeprefix("```python\n").removesuffix("\n```"), markup=False, highlight=False)
     if result.registered_version:
         console.print(f"Registered in MLflow as model {register!r}, version {result.registered_version}")
 

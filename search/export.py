@@ -23,7 +23,7 @@ from netshrink.errors import UserError, describe_validation_error
 from netshrink.yaml_file import DuplicateKeyError, read_yaml
 
 from .front import TrialPoint, knee_point
-from .model_card import CardFacts, render_card
+from .model_card import CardFacts, onnx_snippet, render_card
 from .report import collect_points, load_front
 from .tracking import CONFIG_ARTIFACT, PARENT_TAG, RECIPE_FILE, ROLE_TAG, SearchRecord, Tracker, default_tracking_uri, is_local, text_sha256
 from .trial import ARTIFACT_FILE, ONNX_FILE
@@ -63,6 +63,7 @@ class Export:
     files: dict[str, int]  # file name -> bytes on disk
     onnx_accuracy: float
     registered_version: str | None
+    snippet: str = ""  # how to run model.onnx with onnxruntime alone: its inputs by name and dtype (as the card shows it)
 
 
 def pick_from_front(front: list[TrialPoint], pick: str, objectives: list[str]) -> TrialPoint:
@@ -206,7 +207,7 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        files, onnx_accuracy = write_files(tracker, experiment, chosen, staging, config, trust_logged_code)
+        files, onnx_accuracy, snippet = write_files(tracker, experiment, chosen, staging, config, trust_logged_code)
         if out.is_dir():
             out.rmdir()  # empty, checked above
         staging.rename(out)
@@ -214,13 +215,14 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     version = register_model(tracker.uri, register, chosen, out) if register else None
-    return Export(folder=out, chosen=chosen, files=files, onnx_accuracy=onnx_accuracy, registered_version=version)
+    return Export(folder=out, chosen=chosen, files=files, onnx_accuracy=onnx_accuracy, registered_version=version, snippet=snippet)
 
 
 def write_files(
     tracker: Tracker, experiment: str, chosen: Chosen, folder: Path, config: Path | None = None, trust_logged_code: bool = False
-) -> tuple[dict[str, int], float]:
-    """Artifact and recipe as the trial logged them; the ONNX model rebuilt from the artifact; the card."""
+) -> tuple[dict[str, int], float, str]:
+    """Artifact and recipe as the trial logged them; the ONNX model rebuilt from the artifact; the card. Returns the files'
+    sizes, the ONNX model's metric on the validation split and the card's snippet that runs it."""
     from netshrink.deploy.measure import onnx_evaluate
     from netshrink.deploy.onnx_export import deployment_config, export_artifact
     from netshrink.tasks.task import load_task
@@ -271,7 +273,7 @@ def write_files(
         session_config=deployment_config(folder / ONNX_FILE),
     )
     (folder / CARD_FILE).write_text(render_card(facts))
-    return files, onnx_accuracy
+    return files, onnx_accuracy, onnx_snippet(facts)
 
 
 def register_model(tracking_uri: str, name: str, chosen: Chosen, folder: Path) -> str:
