@@ -24,7 +24,7 @@ from matplotlib.text import Text
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 
 
-from .front import TrialPoint, format_metric, with_interval
+from .front import PROPORTIONS, TrialPoint, base_metric, format_metric, with_interval
 from .hypervolume import BOX_OVER_BASELINE, front_hypervolume, hypervolume_history
 from .report import LoadedFront
 from .tracking import Tracker
@@ -122,6 +122,7 @@ def pareto_figure(
     by_size, by_latency = figure.subplots(1, 2, sharey=True)
     on_front = {point.run_id for point in front}
     tooltips: dict[str, str] = {}
+    metric = metric_of(points)
     floor, top = accuracy_window(points, baseline, min_accuracy)
     strip_center = floor - STRIP * (top - floor) / 2
     below = [point for point in points if point.accuracy < floor]
@@ -135,7 +136,7 @@ def pareto_figure(
         for index, point in enumerate(points):
             is_front = point.run_id in on_front
             under = point.accuracy < floor
-            label = "Pareto front" if is_front else f"{len(below)} under {floor:.1%} (in the grey strip)" if under else "other finished trials"
+            label = "Pareto front" if is_front else f"{len(below)} under {format_metric(metric, floor, 1)} (in the grey strip)" if under else "other finished trials"
             x = x_of(point)
             style = FRONT_STYLE if is_front else BELOW_STYLE if under else TRIAL_STYLE
             artist = axes.scatter([x], [strip_center if under else point.accuracy], **style)
@@ -145,13 +146,13 @@ def pareto_figure(
             if is_front and not under:
                 labels.setdefault(panel, []).append((point.name, x, point.accuracy))
         base_x = baseline["size_bytes"] / 1e3 if panel == "size" else baseline["latency_ms"]
-        artist = axes.scatter([base_x], [baseline[metric_of(points)]], **BASELINE_STYLE)
+        artist = axes.scatter([base_x], [baseline[metric]], **BASELINE_STYLE)
         artist.set_gid(f"point-{panel}-baseline")
-        tooltips[f"point-{panel}-baseline"] = _tooltip(_baseline_point(baseline, metric_of(points)), baseline, False)
+        tooltips[f"point-{panel}-baseline"] = _tooltip(_baseline_point(baseline, metric), baseline, False)
         legend["baseline (uncompressed)"] = artist
         axes.axhspan(floor - STRIP * (top - floor), floor, color="#f2f2f2", zorder=0)
         if min_accuracy is not None:
-            legend[f"min_{metric_of(points)} {format_metric(metric_of(points), min_accuracy, 1)}"] = axes.axhline(min_accuracy, color="grey", linestyle="--", linewidth=1)
+            legend[f"min_{metric} {format_metric(metric, min_accuracy, 1)}"] = axes.axhline(min_accuracy, color="grey", linestyle="--", linewidth=1)
         axes.set_xlabel(x_label)
         axes.grid(True, alpha=0.3)
         axes.set_ylim(floor - STRIP * (top - floor), top)
@@ -159,8 +160,9 @@ def pareto_figure(
             axes.set_xscale("log")
             axes.xaxis.set_major_formatter(LogFormatter())  # 40, 60, 100 rather than 4x10^1
             axes.xaxis.set_minor_formatter(LogFormatter())
-    by_size.set_ylabel(f"validation {metric_of(points)}")
-    by_size.yaxis.set_major_formatter(PercentFormatter(xmax=1))
+    by_size.set_ylabel(f"validation {metric}")
+    if base_metric(metric) in PROPORTIONS:  # a share of samples reads in %; another metric as the number it is
+        by_size.yaxis.set_major_formatter(PercentFormatter(xmax=1))
     by_latency.legend(list(legend.values()), list(legend.keys()), loc="lower right", fontsize=8)  # the last panel's artists
     title = f"Pareto front over {', '.join(objectives)}: {len(front)} of {len(points)} finished trials"
     if len(objectives) > 2:
@@ -168,7 +170,7 @@ def pareto_figure(
     figure.suptitle(title, fontsize=10)
     for axes, panel, *_ in panels:  # once the layout is final
         base_x = baseline["size_bytes"] / 1e3 if panel == "size" else baseline["latency_ms"]
-        place_labels(figure, axes, labels.get(panel, []), markers=[(base_x, baseline[metric_of(points)])])
+        place_labels(figure, axes, labels.get(panel, []), markers=[(base_x, baseline[metric])])
     return figure, tooltips
 
 
