@@ -154,7 +154,7 @@ def test_failed_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
         textwrap.dedent(
             """
             name: fragile
-            task: {model: "fragile:make", dataset_args: {image_size: 8}, train: {epochs: 1}}
+            task: {model: "fragile:make", dataset_args: {image_size: 8}, train: {epochs: 1}, allow_weak_baseline: true}
             finetune: {epochs: 1}
             search: {trials: 2, max_concurrent: 2, sampler: random}
             measure: {warmup: 1, repeats: 10}
