@@ -68,7 +68,13 @@ def check_task(experiment: Experiment, search_path: str) -> None:
     data = task.data
     if len(data.val) < 3:  # type: ignore[arg-type]
         raise UserError(problems + ["task.dataset: the validation split needs at least 3 samples"], title="invalid experiment file")
-    example, (check_inputs, check_targets) = task.example(), task.batches.collated(data.val, [1, 2])
+    try:
+        example, (check_inputs, check_targets) = task.example(), task.batches.collated(data.val, [1, 2])
+    except (RuntimeError, TypeError, ValueError) as error:  # torch's default collate on samples of different shapes
+        field = "task.collate" if config.collate else "task.dataset"
+        hint = "" if config.collate else "; samples of different lengths need a collate function that pads them (task.collate)"
+        raise UserError(problems + [f"{field}: two validation samples cannot be batched: {type(error).__name__}: {str(error)[:300]}{hint}"],
+                        title="invalid experiment file") from None
     logits = None
     try:
         with torch.no_grad():

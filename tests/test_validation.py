@@ -106,3 +106,8 @@ def test_a_baseline_that_learned_nothing_stops_the_search_naming_both_figures(tm
     assert result.returncode == 2, result.stdout + result.stderr
     assert "always answering the most frequent class scores" in result.stderr and "task.allow_weak_baseline" in result.stderr
     assert "Traceback" not in result.stderr and "[1/1]" not in result.stdout
+
+
+def test_samples_of_different_lengths_without_a_collate_say_what_to_give(tmp_path):
+    text = problems(experiment(tmp_path, "name: x\ntask: {dataset: 'user_tasks:sentences', model: 'user_tasks:text_classifier'}\n"))
+    assert "task.dataset:" in text and "stack expects each tensor to be equal size" in text and "(task.collate)" in text

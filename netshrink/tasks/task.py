@@ -85,7 +85,10 @@ def load_task(config: TaskConfig, search_path: str | None, num_workers: int = 0)
         raise
     except Exception as error:  # user code or user arguments
         field = "task.dataset_args" if config.dataset_args else "task.dataset"  # name the arguments only where the user gave some
-        raise TaskError(field, f"building dataset {config.dataset!r} failed: {type(error).__name__}: {error}") from None
+        hint = ""
+        if isinstance(error, RuntimeError) and "equal size" in str(error) and not config.collate:  # torch's default collate
+            field, hint = "task.dataset", "; samples of different lengths need a collate function that pads them (task.collate)"
+        raise TaskError(field, f"building dataset {config.dataset!r} failed: {type(error).__name__}: {error}{hint}") from None
     batches = _format_factory(config, collate, num_workers)(data.train)
     return Task(
         config=config, data=data, batches=batches, loss=resolve_loss(config.loss, search_path), metric=resolve_metric(config.metric, search_path),
