@@ -76,23 +76,6 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-@dataclass(frozen=True)
-class TrainRecipe:
-    """One training run's settings: the experiment's ``Optimisation`` plus epochs, rate and batch size."""
-
-    epochs: int
-    lr: float
-    batch_size: int
-    settings: Optimisation = Optimisation()
-
-    @classmethod
-    def of(cls, settings: Any) -> "TrainRecipe":
-        """From ``task.train`` or ``finetune`` (both carry epochs, lr and batch_size next to the ``Optimisation`` fields)."""
-        return cls(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, settings=Optimisation(**{
-            name: getattr(settings, name) for name in Optimisation.model_fields
-        }))
-
-
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -106,7 +89,7 @@ def train(
     checkpoint: Checkpoint | None = None,
     checkpoints_at: Callable[[int], list[float]] | None = None,
     batches: BatchFormat = DEFAULT_FORMAT,
-    settings: Optimisation = Optimisation(),
+    settings: Optimisation = Optimisation(),  # ``task.train`` or ``finetune`` (both are ``Optimisation`` settings)
     on_epoch: EpochReport | None = None,
 ) -> list[float]:
     """``settings.optimizer`` on ``dataset`` for ``epochs`` on ``device``; returns the mean loss of each epoch (of those run).

@@ -19,7 +19,7 @@ from netshrink.tasks.task import Task, load_task
 from netshrink.node_lock import compute_slot
 from netshrink.techniques import Pipeline, load_artifact, save_artifact
 from netshrink.techniques.sensitivity import measure_sensitivity
-from netshrink.training import TrainRecipe, train
+from netshrink.training import train
 
 from netshrink.deploy.measure import measure_latency, measure_latency_ms, throughput
 from netshrink.deploy.onnx_export import export_onnx
@@ -99,10 +99,9 @@ def prepare_baseline(experiment: Experiment, cache_dir: Path, search_path: str, 
         model = task.build_model(weights=True)
         if settings.epochs > 0:
             log(f"Training the baseline {config.model} on {config.dataset} for {settings.epochs} epochs{why} (cached in {folder}) ...")
-            recipe = TrainRecipe.of(settings)
             train(
                 model, task.data.train, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
-                device=trial_device(experiment.resources.gpu), loss_fn=task.loss, batches=task.batches, settings=recipe.settings,
+                device=trial_device(experiment.resources.gpu), loss_fn=task.loss, batches=task.batches, settings=settings,
                 on_epoch=epoch_line("baseline", task.metric.name, print_fn=log),
             )
         else:

@@ -18,7 +18,7 @@ from netshrink.node_lock import compute_slot
 from netshrink.metrics import interval_metrics
 from netshrink.tasks.task import Task, load_task
 from netshrink.techniques import EarlyExitNet, Pipeline, compress, load_artifact, save_artifact
-from netshrink.training import TrainRecipe, predict, train
+from netshrink.training import predict, train
 
 from .measure import measure_relative_latency, onnx_evaluate, throughput
 from .onnx_export import deployment_config, export_artifact, export_onnx
@@ -83,7 +83,7 @@ def evaluate_recipe(
         train(
             model, data.train, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=setup.seed, device=device,
             loss_fn=loss_fn, checkpoint=monitor, checkpoints_at=monitor.checkpoints_at, batches=task.batches,
-            settings=TrainRecipe.of(settings).settings, on_epoch=epoch_line(f"fine-tuning round {monitor.round + 1}", metric.name, monitor),
+            settings=settings, on_epoch=epoch_line(f"fine-tuning round {monitor.round + 1}", metric.name, monitor),
         )
         monitor.round_done()
 
