@@ -68,6 +68,8 @@ def validate(config: Path = typer.Argument(..., help="Experiment YAML file.")) -
     from netshrink.validation import load_experiment
 
     experiment = load_experiment(config)
+    for note in experiment.notes():
+        console.print(f"[yellow]note: {note}[/yellow]")
     names = experiment.space.searched_names()
     console.print(f"{config}: valid. Searched knobs ({len(names)}): {', '.join(names) or 'none'}")
     if "early_exit" in experiment.space.techniques():
