@@ -55,6 +55,11 @@ def interval_kind(name: str) -> str:
     return "Wilson intervals" if base_metric(name) in PROPORTIONS else "seeded percentile bootstrap intervals"
 
 
+def metric_of(points: Sequence[TrialPoint]) -> str:
+    """The task's metric, as the points carry it (``accuracy`` for none)."""
+    return next((point.metric_name for point in points), "accuracy")
+
+
 def with_interval(metrics: dict[str, float], name: str) -> str:
     """``97.50% [95.3%, 98.7%]``: a metric and its logged 95% interval (``-`` where the run has no such figure)."""
     value = metrics.get(name)
@@ -135,7 +140,7 @@ def _size(num_bytes: float) -> str:
 def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, title: str) -> Table:
     table = Table(title=title, title_justify="left")
     batched = bool(baseline) and "throughput" in baseline  # the search measured throughput: show it
-    metric = next((point.metric_name for point in front), "accuracy")
+    metric = metric_of(front)
     columns = [
         ("trial", "left"), (f"val. {metric} [95% CI]", "right"), (f"test {metric} [95% CI]", "right"), ("size", "right"),
         ("x smaller", "right"), ("latency ms", "right"), ("x faster", "right"),
@@ -171,7 +176,7 @@ def print_front(front: list[TrialPoint], baseline: dict[str, float] | None, titl
     console.print(front_table(front, baseline, title))
     console.print(
         "size: bytes of the compressed artifact file; latency: batch-1 ONNX Runtime CPU time, each trial timed "
-        f"in alternation with the baseline (ratio x baseline figure); {accuracy_note(baseline, next((p.metric_name for p in front), 'accuracy'))}"
+        f"in alternation with the baseline (ratio x baseline figure); {accuracy_note(baseline, metric_of(front))}"
     )
 
 

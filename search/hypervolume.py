@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
-from .front import TrialPoint, dominates
+from .front import TrialPoint, dominates, metric_of
 
 Vector = tuple[float, ...]
 BOX_OVER_BASELINE = 2.0  # the reference point's size and latency, in multiples of the baseline's
@@ -115,7 +115,7 @@ def most_to_gain(
     epochs) to -0.3, and channel pruning 0.65 + 4 bits from -1.4 to +0.0 (``benchmarks/evidence.py``'s kind of
     measurement; README, "Refinement"); the fastest, smallest trials are what refinement pays for most.
     """
-    ceiling = baseline[next((point.metric_name for point in candidates), "accuracy")]
+    ceiling = baseline[metric_of(candidates)]
 
     def raised(point: TrialPoint) -> TrialPoint:
         return replace(point, accuracy=max(point.accuracy, ceiling))

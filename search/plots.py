@@ -24,7 +24,7 @@ from matplotlib.text import Text
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 
 
-from .front import PROPORTIONS, TrialPoint, base_metric, format_metric, with_interval
+from .front import PROPORTIONS, TrialPoint, base_metric, format_metric, metric_of, with_interval
 from .hypervolume import BOX_OVER_BASELINE, front_hypervolume, hypervolume_history
 from .report import LoadedFront
 from .tracking import Tracker
@@ -293,10 +293,6 @@ def _baseline_point(baseline: dict[str, float], metric: str = "accuracy") -> Tri
         extra={key: value for key, value in baseline.items() if key not in {metric, "size_bytes", "latency_ms"}}, metric_name=metric,
     )
 
-
-def metric_of(points: Sequence[TrialPoint]) -> str:
-    """The task's metric, as the points carry it (``accuracy`` for none)."""
-    return next((point.metric_name for point in points), "accuracy")
 
 
 def _natural_key(name: str) -> list[str | int]:
