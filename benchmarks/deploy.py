@@ -138,7 +138,7 @@ def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
     fp32_bytes = baseline.artifact.stat().st_size
     setup = RecipeSetup(
         task=experiment.task, finetune=experiment.finetune, measure=experiment.measure, seed=experiment.search.seed, cpus=1,
-        search_path=search_path, baseline_weights=baseline.artifact.read_bytes(), baseline_metrics=baseline.metrics,
+        search_path=search_path, baseline_weights=baseline.weights, baseline_metrics=baseline.metrics,
         sensitivity=baseline.sensitivity,
     )
     rows = [measure_row("fp32", reference, fp32_bytes, reference, data, experiment, fp32_bytes)]

@@ -133,7 +133,7 @@ def make_setup(experiment, baseline, seed: int, early_stopping: bool):
     constraints = Constraints.for_search(None, None, None, baseline.metrics)
     return RecipeSetup(
         task=experiment.task, finetune=experiment.finetune, measure=experiment.measure, seed=seed, cpus=1, search_path=str(ROOT / "spaces"),
-        baseline_weights=baseline.artifact.read_bytes(), baseline_metrics=baseline.metrics, sensitivity=baseline.sensitivity,
+        baseline_weights=baseline.weights, baseline_metrics=baseline.metrics, sensitivity=baseline.sensitivity,
         stop_rule=StopRule(constraints.min_accuracy) if early_stopping else None,
     )
 

@@ -30,11 +30,20 @@ def search(
     concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Trials run at once; overrides search.max_concurrent."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join, e.g. 'auto' or 'ray://head:10001'. Default: start a local Ray."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI; overrides tracking_uri. Default: sqlite mlflow.db here."),
-    resume: bool = typer.Option(
-        False,
+    resume: Optional[str] = typer.Option(
+        None,
         "--resume",
-        help="Continue the latest interrupted search of this experiment (Ctrl-C, a killed driver) in the same MLflow run and Optuna study: "
-        "finished trials are kept, interrupted ones run again, until the budget is done. The experiment file must be unchanged.",
+        metavar="[RUN_ID]",
+        help="Continue an interrupted search of this experiment (Ctrl-C, a killed driver, a lost server) in the same MLflow run and Optuna "
+        "study: finished trials are kept, interrupted ones run again first, until the budget is done. Without RUN_ID the latest "
+        "unfinished search; with it, that search (its parent run id). The experiment file must be unchanged.",
+    ),
+    abandon: Optional[str] = typer.Option(
+        None,
+        "--abandon",
+        metavar="RUN_ID",
+        help="Mark the unfinished search RUN_ID as ended (KILLED) instead of running one, so that --resume passes it by. "
+        "Its finished trials stay in MLflow for front and export.",
     ),
 ) -> None:
     """Run a compression search and print the Pareto front of the task's metric, size and latency.
@@ -50,6 +59,11 @@ def search(
     from netshrink.search.runner import Overrides, run_search
 
     overrides = Overrides(trials=trials, concurrency=concurrency, address=address, tracking_uri=tracking_uri)
+    if abandon is not None:
+        from netshrink.search.runner import abandon_search
+
+        abandon_search(experiment, config, abandon, overrides, console=console)
+        return
     result = run_search(experiment, config, overrides, console=console, resume=resume)
     if not result.points:
         raise typer.Exit(code=1)  # every trial failed: nothing to show, and scripts should notice
@@ -65,9 +79,11 @@ def validate(config: Path = typer.Argument(..., help="Experiment YAML file.")) -
     exports the untrained model to ONNX once to check that ONNX Runtime computes
     what torch does. A few seconds for the built-in task.
     """
+    from functools import partial
+
     from netshrink.validation import load_experiment
 
-    experiment = load_experiment(config)
+    experiment = load_experiment(config, log=partial(console.print, markup=False))
     for note in experiment.notes():
         console.print(f"[yellow]note: {note}[/yellow]")
     names = experiment.space.searched_names()
@@ -139,12 +155,24 @@ def export(
         help="Rebuild the task from the experiment file logged on the tracking server, running the code it names. "
         "Only for a server whose writers you trust.",
     ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Write the model even when model.onnx scores other than the trial logged on the validation split (beyond 0.005); "
+        "the card then says so. Without it, export refuses such a model.",
+    ),
 ) -> None:
     """Write one trial of a search as files that ship: model.onnx, compressed.safetensors, recipe.json, MODEL_CARD.md.
 
     model.onnx runs with numpy and onnxruntime alone; compressed.safetensors is
     the artifact the trial logged (its size is the reported size); the model
-    card gives the metrics next to the baseline's and how to load the model.
+    card gives the metrics next to the baseline's, the files' SHA-256 and how
+    to load the model.
+
+    Nothing wrong ships: the downloaded artifact must have the SHA-256 the trial
+    logged, and model.onnx must score on the validation split what the trial
+    logged for it; else export writes nothing and exits with code 2 (--force
+    writes it anyway, and the card says so).
 
     The knee: each objective of the search is min-max normalised over the
     front (0 = the best value on the front, 1 = the worst); the knee is the
@@ -167,9 +195,11 @@ def export(
 
     result = export_model(
         experiment, pick, out, min_accuracy=min_accuracy, register=register, tracking_uri=tracking_uri, search_run=search_run,
-        config=config, trust_logged_code=trust_logged_code,
+        config=config, trust_logged_code=trust_logged_code, force=force,
     )
     point = result.chosen.point
+    if result.forced:
+        errors.print(f"[yellow]warning (--force): {result.forced}[/yellow]", highlight=False)
     console.print(f"Exported {point.name} (run {point.run_id}), picked {result.chosen.pick}: {point.summary}")
     console.print(
         f"{point.metric_name} {format_metric(point.metric_name, point.accuracy)} "
@@ -185,14 +215,33 @@ def export(
         console.print(f"Registered in MLflow as model {register!r}, version {result.registered_version}")
 
 
+def optional_resume_value(argv: list[str]) -> list[str]:
+    """``--resume`` with no run id after it (the next word is an option, the experiment file, or nothing) becomes
+    ``--resume=latest``: click options take a value or none, not either."""
+    out = list(argv)
+    for index, word in enumerate(out):
+        following = out[index + 1] if index + 1 < len(out) else None
+        names_a_run = following is not None and not following.startswith("-") and not following.endswith((".yaml", ".yml")) and not Path(following).is_file()
+        if word == "--resume" and not names_a_run:
+            out[index] = "--resume=latest"
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=optional_resume_value(sys.argv[1:]), prog_name="netshrink")
     except UserError as error:
         errors.print(f"[bold red]error:[/bold red] {error.render()}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        errors.print("interrupted")
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Typer turns a Ctrl-C inside a command into a silent exit 130 (sys.exit from an Exit raised from the
+        # KeyboardInterrupt): the interrupt is still in the exception chain, naming where it stopped (validation's phases).
+        interrupt = stop
+        while interrupt is not None and not isinstance(interrupt, KeyboardInterrupt):
+            interrupt = interrupt.__cause__ or interrupt.__context__
+        if interrupt is None:
+            raise
+        errors.print(f"interrupted ({interrupt})" if str(interrupt) else "interrupted", markup=False, highlight=False)
         sys.exit(130)
 
 

@@ -173,6 +173,16 @@ class Resources(Strict):
     gpu: float = Field(0.0, ge=0)
 
 
+class TrackingSettings(Strict):
+    """How long a search waits for an MLflow tracking server that stops answering."""
+
+    timeout_s: float = Field(
+        180.0, gt=0, le=86400,
+        description="seconds a tracking server may stay unreachable: calls are retried (the progress says so) until then, and then "
+        "the search stops, its finished trials kept, with the command that resumes it",
+    )
+
+
 class MeasureSettings(Strict):
     """Latency: ``repeats`` batch-1 runs on ONNX Runtime CPU after ``warmup`` runs; throughput: batches of
     ``batch_size``. A trial's model is timed in alternation with the baseline, in the ONNX Runtime session
@@ -208,6 +218,7 @@ class Experiment(Strict):
     resources: Resources = Field(default_factory=Resources)
     measure: MeasureSettings = Field(default_factory=MeasureSettings)
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite mlflow.db in the working directory")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     space: SearchSpace = Field(description="techniques to search and the ranges of their knobs")  # type: ignore[valid-type]
 
     @field_validator("name")

@@ -123,3 +123,19 @@ def quiet_machine() -> Iterator[None]:
     gate, work_file = lock_files()
     with _flock(gate, fcntl.LOCK_EX), _flock(work_file, fcntl.LOCK_EX):
         yield
+
+
+@contextmanager
+def exclusive_file(path: Path, waiting: str, log=print) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if need be) for the block, across processes and machines
+    that share the file system's locks. If another process holds it, ``log(waiting)`` once, then wait for it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -9,6 +9,10 @@ task; every problem found is named with its field and the rule.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,29 +21,99 @@ from netshrink.config import Experiment
 from netshrink.config import load_experiment as read_experiment
 from netshrink.errors import UserError
 
+Log = Callable[..., None]  # called as log(text) and log(text, end=""), as print and rich's Console.print are
+STILL_RUNNING_FIRST_S = 10.0  # a phase of the built-in task takes about a second; past 10 s the user hears of it
+STILL_RUNNING_EVERY_S = 30.0
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment file, then build its task once (``check_task``)."""
+
+def load_experiment(path: str | Path, log: Log | None = None) -> Experiment:
+    """Read and validate an experiment file, then build its task once (``check_task``); ``log``, where given,
+    hears what runs (``Progress``)."""
     experiment = read_experiment(path)
-    check_task(experiment, search_path=str(Path(path).resolve().parent))
+    if log is not None:
+        log(f"Checking {path} by building its task once:")
+    check_task(experiment, search_path=str(Path(path).resolve().parent), log=log)
     return experiment
 
 
-def check_task(experiment: Experiment, search_path: str) -> None:
+class Progress:
+    """Says what validation runs as each phase starts, and its time when it ends, on one line per phase.
+
+    Validation runs the user's code, which can hang (a dataset download, a lock, a loop): a phase
+    still running after ``STILL_RUNNING_FIRST_S`` says so, and a Ctrl-C is re-raised as a
+    ``KeyboardInterrupt`` that names the phase and its time (the CLI prints it). With no ``log``
+    nothing is printed and no thread starts.
+    """
+
+    def __init__(self, log: Log | None) -> None:
+        self.log = log
+        self.line_open = False  # the current phase's line waits for its end
+
+    @contextmanager
+    def phase(self, name: str, detail: str = "", problems: list[str] | None = None) -> Iterator[None]:
+        """Run the body as the phase ``name`` ("building the model"); it failed where it raised or added to ``problems``."""
+        start, found = time.monotonic(), len(problems or [])
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._say_still_running, args=(name, start, stop), daemon=True)
+        try:
+            try:  # a Ctrl-C right after the phase's line is printed is this phase's too
+                if self.log is not None:
+                    self.log(f"  {name}{f' ({detail})' if detail else ''} ...", end="")
+                    self.line_open = True
+                    watcher.start()
+                yield
+            finally:
+                stop.set()  # a thread still starting sees it at once
+                if watcher.is_alive():
+                    watcher.join()  # the notice thread never outlives its phase
+        except KeyboardInterrupt as error:
+            self._end(name, "")
+            raise KeyboardInterrupt(f"while {name}, after {time.monotonic() - start:.1f} s") from error
+        except Exception:
+            self._end(name, f"failed after {time.monotonic() - start:.1f} s")
+            raise
+        failed = len(problems or []) > found
+        self._end(name, f"{'failed after' if failed else 'done in'} {time.monotonic() - start:.1f} s")
+
+    def _say_still_running(self, name: str, start: float, stop: threading.Event) -> None:
+        wait = STILL_RUNNING_FIRST_S
+        while not stop.wait(wait):
+            self._break_line()
+            self.log(f"  still {name} after {time.monotonic() - start:.0f} s ...")
+            wait = STILL_RUNNING_EVERY_S
+
+    def _break_line(self) -> None:
+        if self.line_open:
+            self.log("")
+            self.line_open = False
+
+    def _end(self, name: str, outcome: str) -> None:
+        if self.log is None:
+            return
+        if self.line_open:
+            self.log(f" {outcome}" if outcome else "")
+        elif outcome:
+            self.log(f"  {name}: {outcome}")
+        self.line_open = False
+
+
+def check_task(experiment: Experiment, search_path: str, log: Log | None = None) -> None:
     """Build the task once: data, model (with ``task.weights``), one batch through the model, the loss and the metric,
     one ONNX export, the space probed on the model. ``UserError`` listing every problem found, each naming its field.
 
     Cheap next to a search (seconds), and it turns a typo, a model that does not fit
     the data or one that ONNX cannot carry into a clear message before Ray starts
-    and before the baseline trains.
+    and before the baseline trains. ``log`` hears each phase as it starts and ends (``Progress``).
     """
     from netshrink.tasks.task import TaskError, load_task
     from netshrink.techniques.inputs import call, describe, logits_of
 
     config = experiment.task
+    progress = Progress(log)
     problems: list[str] = []
     try:
-        task = load_task(config, search_path)
+        with progress.phase("building the dataset", config.dataset):
+            task = load_task(config, search_path)
     except TaskError as error:
         raise UserError([str(error)], title="invalid experiment file") from None
     for section, settings in (("task.train", config.train), ("finetune", experiment.finetune)):
@@ -50,57 +124,62 @@ def check_task(experiment: Experiment, search_path: str) -> None:
             )
     from netshrink.tasks import BUILTIN_MODELS, resolve_factory
 
-    try:
-        resolve_factory(config.model, BUILTIN_MODELS, search_path)
-    except ValueError as error:
-        raise UserError(problems + [f"task.model: {error}"], title="invalid experiment file") from None
-    try:
-        model = task.build_model()
-    except Exception as error:
-        raise UserError(problems + [f"task.model: building model {config.model!r} failed: {type(error).__name__}: {error}"], title="invalid experiment file") from None
-    if config.weights:
+    with progress.phase("building the model", config.model + (f", weights {config.weights}" if config.weights else ""), problems):
         try:
-            from netshrink.tasks import load_weights
-
-            load_weights(model, task.weights_file())
+            resolve_factory(config.model, BUILTIN_MODELS, search_path)
         except ValueError as error:
-            problems.append(f"task.weights: {error}")
+            raise UserError(problems + [f"task.model: {error}"], title="invalid experiment file") from None
+        try:
+            model = task.build_model()
+        except Exception as error:
+            raise UserError(problems + [f"task.model: building model {config.model!r} failed: {type(error).__name__}: {error}"], title="invalid experiment file") from None
+        if config.weights:
+            try:
+                from netshrink.tasks import load_weights
+
+                load_weights(model, task.weights_file())
+            except ValueError as error:
+                problems.append(f"task.weights: {error}")
     data = task.data
     if len(data.val) < 3:  # type: ignore[arg-type]
         raise UserError(problems + ["task.dataset: the validation split needs at least 3 samples"], title="invalid experiment file")
-    try:
-        example, (check_inputs, check_targets) = task.example(), task.batches.collated(data.val, [1, 2])
-    except (RuntimeError, TypeError, ValueError) as error:  # torch's default collate on samples of different shapes
-        field = "task.collate" if config.collate else "task.dataset"
-        hint = "" if config.collate else "; samples of different lengths need a collate function that pads them (task.collate)"
-        raise UserError(problems + [f"{field}: two validation samples cannot be batched: {type(error).__name__}: {str(error)[:300]}{hint}"],
-                        title="invalid experiment file") from None
     logits = None
-    try:
-        with torch.no_grad():
-            outputs = call(model.eval(), check_inputs)
-    except Exception as error:
-        problems.append(
-            f"task.model: model {config.model!r} does not run on a batch of {config.dataset!r} ({describe(check_inputs)}): {type(error).__name__}: {error}"
-        )
-    else:
+    with progress.phase("running one batch through the model, the loss and the metric", problems=problems):
         try:
-            logits = logits_of(outputs)
-        except TypeError as error:
-            problems.append(f"task.model: {error}")
+            example, (check_inputs, check_targets) = task.example(), task.batches.collated(data.val, [1, 2])
+        except (RuntimeError, TypeError, ValueError) as error:  # torch's default collate on samples of different shapes
+            field = "task.collate" if config.collate else "task.dataset"
+            hint = "" if config.collate else "; samples of different lengths need a collate function that pads them (task.collate)"
+            raise UserError(problems + [f"{field}: two validation samples cannot be batched: {type(error).__name__}: {str(error)[:300]}{hint}"],
+                            title="invalid experiment file") from None
+        try:
+            with torch.no_grad():
+                outputs = call(model.eval(), check_inputs)
+        except Exception as error:
+            problems.append(
+                f"task.model: model {config.model!r} does not run on a batch of {config.dataset!r} ({describe(check_inputs)}): {type(error).__name__}: {error}"
+            )
+        else:
+            try:
+                logits = logits_of(outputs)
+            except TypeError as error:
+                problems.append(f"task.model: {error}")
+        if logits is not None:
+            problems += check_loss_and_metric(task, model, check_inputs, check_targets)
     if logits is not None:
-        problems += check_loss_and_metric(task, model, check_inputs, check_targets)
         from netshrink.deploy.onnx_export import check_exportable
 
-        try:
-            check_exportable(model, example, check_inputs, task.dynamic_axes())
-        except ValueError as error:
-            problems.append(f"task.model: model {config.model!r}: {error}")
+        with progress.phase("exporting to ONNX and comparing ONNX Runtime with torch", problems=problems):
+            try:
+                check_exportable(model, example, check_inputs, task.dynamic_axes())
+            except ValueError as error:
+                problems.append(f"task.model: model {config.model!r}: {error}")
     if problems:
         raise UserError(problems, title="invalid experiment file")
-    check_exit_points(experiment, model)
-    check_layer_names(experiment, model)
-    check_space_on_model(experiment, model, example)
+    with progress.phase("probing the space on the model"):
+        check_exit_points(experiment, model)
+        check_layer_names(experiment, model)
+        check_space_on_model(experiment, model, example)
 
 
 def check_loss_and_metric(task, model, inputs, targets) -> list[str]:

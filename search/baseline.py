@@ -14,9 +14,11 @@ import torch
 import netshrink
 from netshrink.config import Experiment
 from netshrink.deploy.evaluate import epoch_line, split_scores
-from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, dataset_digest, factory_sources, file_sha256
+from netshrink.errors import UserError
+from netshrink.integrity import bytes_sha256, file_sha256, recorded_checksum, write_checksum
+from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, dataset_digest, factory_sources
 from netshrink.tasks.task import Task, load_task
-from netshrink.node_lock import compute_slot
+from netshrink.node_lock import compute_slot, exclusive_file
 from netshrink.techniques import Pipeline, load_artifact, save_artifact
 from netshrink.techniques.sensitivity import measure_sensitivity
 from netshrink.training import train
@@ -26,6 +28,7 @@ from netshrink.deploy.onnx_export import export_onnx
 from netshrink.devices import trial_device
 
 BASELINE_FILE = "baseline.safetensors"
+METRICS_FILE = "metrics.json"
 FINGERPRINT_FILE = "fingerprint.json"  # what the cache key hashes, kept next to the baseline to say why one retrains
 
 
@@ -34,6 +37,7 @@ class Baseline:
     """The trained, uncompressed model's weights (as stored on disk) and its measured metrics."""
 
     artifact: Path
+    weights: bytes  # the artifact's bytes, as read once its SHA-256 was checked
     sensitivity: dict  # per-layer loss rise at each width (``techniques.sensitivity``), for allocation: sensitivity
     metrics: dict[str, float]  # accuracy, test_accuracy (and their 95% intervals), size_bytes, latency_ms, onnx_bytes, parameters, val_samples, test_samples
     trained_now: bool
@@ -86,15 +90,29 @@ def prepare_baseline(experiment: Experiment, cache_dir: Path, search_path: str, 
     """
     settings = experiment.task.train
     task = load_task(experiment.task, search_path, num_workers=settings.num_workers)
-    config = task.config
     fingerprint = baseline_fingerprint(task)
     folder = cache_dir / baseline_key(fingerprint)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # one search at a time trains, measures and writes a baseline; a second one started meanwhile waits, then uses it
+    waiting = f"Waiting for another search, which is preparing this baseline ({folder}) ..."
+    with exclusive_file(cache_dir / f"{folder.name}.lock", waiting, log):
+        return _prepare(experiment, task, fingerprint, folder, log)
+
+
+def _prepare(experiment: Experiment, task: Task, fingerprint: dict[str, Any], folder: Path, log) -> Baseline:
+    settings, config, cache_dir = experiment.task.train, task.config, folder.parent
     artifact = folder / BASELINE_FILE
-    trained_now = not artifact.is_file()
+    damaged = cache_damage(artifact)
+    trained_now = damaged is not None
     model = task.build_model()
     if trained_now:
-        changed = what_changed(cache_dir, fingerprint)
-        why = f" (a cached baseline of this task section exists, but its {', '.join(changed)} changed)" if changed else ""
+        if damaged:
+            why = f" (the cached {artifact} {damaged})"
+        else:
+            changed = what_changed(cache_dir, fingerprint)
+            why = f" (a cached baseline of this task section exists, but its {', '.join(changed)} changed)" if changed else ""
+        for derived in (folder / SENSITIVITY_FILE, folder / METRICS_FILE):  # measured on the old file
+            derived.unlink(missing_ok=True)
         torch.manual_seed(settings.seed)
         model = task.build_model(weights=True)
         if settings.epochs > 0:
@@ -111,14 +129,36 @@ def prepare_baseline(experiment: Experiment, cache_dir: Path, search_path: str, 
         save_artifact(partial, model, {}, Pipeline().recipe())
         (folder / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
         partial.replace(artifact)  # atomic: a crash mid-write never leaves a half baseline behind
+        write_checksum(artifact)  # a crash before this line leaves a file with no checksum: trained again
     else:
         log(f"Using the cached baseline {artifact}")
+    weights = artifact.read_bytes()
+    if bytes_sha256(weights) != recorded_checksum(artifact):  # changed between the check and the read
+        raise UserError(f"{artifact}: the cached baseline changed while it was being read; delete {folder} and run the search again")
     model = load_artifact(artifact, model).model
     log("Measuring the baseline (metric on validation and test, ONNX export, latency) ...")
     metrics = measure_baseline(model, task, artifact, folder, experiment)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     sensitivity = cached_sensitivity(model, task, folder, log) if uses_sensitivity(experiment) else {}
-    return Baseline(artifact=artifact, sensitivity=sensitivity, metrics=metrics, trained_now=trained_now)
+    return Baseline(artifact=artifact, weights=weights, sensitivity=sensitivity, metrics=metrics, trained_now=trained_now)
+
+
+def cache_damage(artifact: Path) -> str | None:
+    """``""`` when there is no cached baseline, why it cannot be used when it is damaged (in words), None when it is sound.
+
+    Sound means the file's SHA-256 is the one recorded next to it (``baseline.safetensors.sha256``) when it was
+    written: a file whose bytes were zeroed, truncated or unreadable is trained again, never used.
+    """
+    if not artifact.is_file():
+        return ""
+    expected = recorded_checksum(artifact)
+    if expected is None:
+        return "has no recorded SHA-256 (written by an older netshrink, or cut short), so it cannot be trusted"
+    try:
+        actual = file_sha256(artifact)
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    return None if actual == expected else f"is damaged: its SHA-256 is {actual[:12]}..., not the {expected[:12]}... recorded when it was written"
 
 
 def uses_sensitivity(experiment: Experiment) -> bool:

@@ -20,15 +20,20 @@ from pydantic import ValidationError
 
 from netshrink.config import TaskConfig
 from netshrink.errors import UserError, describe_validation_error
+from netshrink.integrity import damage, file_sha256
 from netshrink.yaml_file import DuplicateKeyError, read_yaml
 
 from .front import TrialPoint, knee_point
 from .model_card import CardFacts, onnx_snippet, render_card
 from .report import collect_points, load_front
-from .tracking import CONFIG_ARTIFACT, PARENT_TAG, RECIPE_FILE, ROLE_TAG, SearchRecord, Tracker, default_tracking_uri, is_local, text_sha256
+from .tracking import ARTIFACT_SHA_TAG, CONFIG_ARTIFACT, PARENT_TAG, RECIPE_FILE, ROLE_TAG, SearchRecord, Tracker, default_tracking_uri, is_local, text_sha256
 from .trial import ARTIFACT_FILE, ONNX_FILE
 
 CARD_FILE = "MODEL_CARD.md"
+# How far model.onnx's metric on the validation split may be from the figure the trial logged for its own model.onnx.
+# Both come from the same artifact through the same export and the same ONNX Runtime, so they agree to the sample;
+# the margin is for a kernel that rounds differently on another machine. Beyond it the file is not what was measured.
+FAITHFUL_TOLERANCE = 0.005
 PICKS = {  # --pick value -> how the card and the CLI say the trial was picked
     "accuracy": "as the most accurate trial on the front",
     "smallest": "as the smallest trial on the front",
@@ -63,6 +68,7 @@ class Export:
     files: dict[str, int]  # file name -> bytes on disk
     onnx_accuracy: float
     registered_version: str | None
+    forced: str = ""  # with --force: why export would have refused, in words
     snippet: str = ""  # how to run model.onnx with onnxruntime alone: its inputs by name and dtype (as the card shows it)
 
 
@@ -189,6 +195,7 @@ def export_model(
     search_run: str | None = None,
     config: Path | None = None,
     trust_logged_code: bool = False,
+    force: bool = False,
 ) -> Export:
     """Choose a trial, write its files into ``out`` (all or nothing), and optionally register the ONNX model.
 
@@ -197,6 +204,10 @@ def export_model(
     latest search) restricted to accuracy >= ``min_accuracy``; or the MLflow run
     id of any finished trial of the experiment. ``config`` and
     ``trust_logged_code``: where the task's code comes from (``task_of_search``).
+
+    The downloaded artifact must have the SHA-256 the trial logged, and model.onnx must score on the
+    validation split what the trial logged for it, within ``FAITHFUL_TOLERANCE``: else ``UserError``
+    and nothing is written, or with ``force`` the files are written and the card says what differs.
     """
     out = Path(out)
     check_out_folder(out)
@@ -207,7 +218,7 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        files, onnx_accuracy, snippet = write_files(tracker, experiment, chosen, staging, config, trust_logged_code)
+        files, onnx_accuracy, snippet, forced = write_files(tracker, experiment, chosen, staging, config, trust_logged_code, force)
         if out.is_dir():
             out.rmdir()  # empty, checked above
         staging.rename(out)
@@ -215,14 +226,16 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     version = register_model(tracker.uri, register, chosen, out) if register else None
-    return Export(folder=out, chosen=chosen, files=files, onnx_accuracy=onnx_accuracy, registered_version=version, snippet=snippet)
+    return Export(folder=out, chosen=chosen, files=files, onnx_accuracy=onnx_accuracy, registered_version=version, snippet=snippet, forced=forced)
 
 
 def write_files(
-    tracker: Tracker, experiment: str, chosen: Chosen, folder: Path, config: Path | None = None, trust_logged_code: bool = False
-) -> tuple[dict[str, int], float, str]:
-    """Artifact and recipe as the trial logged them; the ONNX model rebuilt from the artifact; the card. Returns the files'
-    sizes, the ONNX model's metric on the validation split and the card's snippet that runs it."""
+    tracker: Tracker, experiment: str, chosen: Chosen, folder: Path, config: Path | None = None, trust_logged_code: bool = False,
+    force: bool = False,
+) -> tuple[dict[str, int], float, str, str]:
+    """Artifact and recipe as the trial logged them (the artifact checked against its logged SHA-256); the ONNX model
+    rebuilt from the artifact and checked against the logged metric; the card. Returns the files' sizes, the ONNX model's
+    metric on the validation split, the card's snippet that runs it and, with ``force``, what the check found."""
     from netshrink.deploy.measure import onnx_evaluate
     from netshrink.deploy.onnx_export import deployment_config, export_artifact
     from netshrink.tasks.task import load_task
@@ -234,6 +247,13 @@ def write_files(
             tracker.client.download_artifacts(run_id, name, os.fspath(folder))
         except Exception as error:  # the artifact store may be remote, or the file gone
             raise UserError(f"trial {run_id}: cannot download its {name} ({type(error).__name__}: {error})") from None
+    run = tracker.client.get_run(run_id)
+    stored = f"{run.info.artifact_uri.rstrip('/')}/{ARTIFACT_FILE}"  # where the file lies, for the messages
+    redo = "Export another trial (--pick), or run the search again to measure a sound one"
+    if ARTIFACT_SHA_TAG in run.data.tags:  # searches of netshrink 0.x before integrity checks logged none
+        problem = damage(folder / ARTIFACT_FILE, run.data.tags[ARTIFACT_SHA_TAG])
+        if problem:
+            raise UserError(f"trial {run_id}'s artifact {stored}: {problem}; nothing was written. {redo}")
     task_config, search_path = task_of_search(tracker, chosen.search, config, trust_logged_code)
     try:
         task = load_task(task_config, search_path)
@@ -247,11 +267,16 @@ def write_files(
         loaded = load_artifact(folder / ARTIFACT_FILE, fresh)
     except (RuntimeError, ValueError, KeyError) as error:
         raise UserError(f"task.model: {task_config.model!r} as it is now does not fit trial {run_id}'s artifact: {error}") from None
+    except Exception as error:  # safetensors' own error for a file it cannot parse
+        raise UserError(f"trial {run_id}'s artifact {stored} cannot be read ({type(error).__name__}: {error}). {redo}") from None
     model = loaded.model
     example = task.example()
     # the path the trial took to the ONNX it measured
     export_artifact(loaded, example, folder / ONNX_FILE, task.calibration(), task.dynamic_axes())
     onnx_accuracy = onnx_evaluate(folder / ONNX_FILE, task.data.val, task.batches, task.metric).value
+    forced = unfaithful(chosen.point, onnx_accuracy)
+    if forced and not force:
+        raise UserError(f"trial {run_id}: {forced}; nothing was written. {redo}, or pass --force to write it anyway (the card then says so)")
     files = {name: os.path.getsize(folder / name) for name in (ONNX_FILE, ARTIFACT_FILE, RECIPE_FILE)}
     exits = isinstance(model, EarlyExitNet)
     from netshrink.techniques.inputs import input_names, tensors
@@ -271,9 +296,28 @@ def write_files(
         exit_cuts=tuple(model.cut_names) if exits else (),
         exit_threshold=model.threshold if exits else None,
         session_config=deployment_config(folder / ONNX_FILE),
+        sha256={name: file_sha256(folder / name) for name in files},
+        forced=forced,
     )
     (folder / CARD_FILE).write_text(render_card(facts))
-    return files, onnx_accuracy, onnx_snippet(facts)
+    return files, onnx_accuracy, onnx_snippet(facts), forced
+
+
+def unfaithful(point: TrialPoint, onnx_value: float) -> str:
+    """Why model.onnx is not the model the trial measured, in words, when its metric on the validation split (``onnx_value``)
+    is further than ``FAITHFUL_TOLERANCE`` (relative, for metrics beyond 1) from the one the trial logged for its own
+    model.onnx (``onnx_<metric>``; its torch figure for a search that logged none); "" when it is within."""
+    from .front import format_metric
+
+    name = point.metric_name
+    key = f"onnx_{name}" if f"onnx_{name}" in point.extra else name
+    logged = point.extra.get(key, point.accuracy)
+    if abs(onnx_value - logged) <= FAITHFUL_TOLERANCE * max(1.0, abs(logged)):
+        return ""
+    return (
+        f"model.onnx scores {name} {format_metric(name, onnx_value)} on the validation split, but the trial logged "
+        f"{format_metric(name, logged)} ({key}): more than {FAITHFUL_TOLERANCE:g} apart, so it is not the model the search measured"
+    )
 
 
 def register_model(tracking_uri: str, name: str, chosen: Chosen, folder: Path) -> str:

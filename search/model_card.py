@@ -39,6 +39,8 @@ class CardFacts:
     exit_cuts: tuple[str, ...] = ()  # early exits: the layer each exit follows, in forward order
     exit_threshold: float | None = None
     session_config: dict[str, str] = field(default_factory=dict)  # the ONNX Runtime session config model.onnx is deployed (and was timed) with
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> its SHA-256, as export wrote it
+    forced: str = ""  # written with --force: why export would have refused it
 
 
 def session_options_in_words(config: dict[str, str]) -> str:
@@ -155,6 +157,8 @@ def render_card(facts: CardFacts) -> str:
         f"in the session options below ({session_options_in_words(facts.session_config)}). "
         f"`model.onnx`, checked at export: {facts.metric} {format_metric(facts.metric, facts.onnx_accuracy)} on the validation split, one sample per call.",
     ]
+    if facts.forced:
+        lines += ["", f"**Warning: exported with `--force`.** {facts.forced[0].upper()}{facts.forced[1:]}. Trust the figure export measured, not the table."]
     shares = [point.extra[f"exit_share_{index}"] for index in range(len(facts.exit_cuts) + 1) if f"exit_share_{index}" in point.extra]
     if facts.exit_cuts and shares:
         where = ", ".join(f"{label} {share:.1%}" for label, share in zip(exit_labels(facts), shares))
@@ -173,9 +177,11 @@ def render_card(facts: CardFacts) -> str:
         "",
         "## Files",
         "",
-        "| file | bytes | what it is |",
-        "|---|---:|---|",
-        *[f"| `{name}` | {size:,} | {FILE_ROLES[name]} |" for name, size in facts.files.items()],
+        "| file | bytes | SHA-256 | what it is |",
+        "|---|---:|---|---|",
+        *[f"| `{name}` | {size:,} | `{facts.sha256.get(name, '')}` | {FILE_ROLES[name]} |" for name, size in facts.files.items()],
+        "",
+        "Check that the files are the ones exported: `sha256sum model.onnx compressed.safetensors recipe.json` prints the hashes above.",
         "",
         "The reported size is the artifact's. `model.onnx` keeps 8/4/2/1-bit weights as int8 codes and 16-bit ones as "
         "float16, but weights zeroed by unstructured pruning or shared by clustering are plain dense float32 there "

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from netshrink.config import Experiment
-from netshrink.errors import UserError
+from netshrink.errors import UserError, disk_full
+from netshrink.node_lock import exclusive_file
 
-from .tracking import Tracker
+from .tracking import DEFAULT_TIMEOUT_S, Tracker
 
 
-def connect_tracking(tracking_uri: str, experiment_name: str) -> tuple[Tracker, str]:
-    """Reach the MLflow store now: a wrong URI or a server that is down should not cost a baseline training."""
+def connect_tracking(
+    tracking_uri: str, experiment_name: str, timeout_s: float = DEFAULT_TIMEOUT_S, log=print, lock: Path | None = None
+) -> tuple[Tracker, str]:
+    """Reach the MLflow store now: a wrong URI or a server that is down should not cost a baseline training.
+
+    A local SQLite store is created (on first use) under the file lock ``lock``, so two searches started
+    at once in one folder do not both run its schema migrations; one whose first creation was cut short
+    (a full disk, a kill) is reported with what to do (``half_created``).
+    """
     if tracking_uri.startswith(("http://", "https://")):
         import urllib.request
 
@@ -27,10 +36,48 @@ def connect_tracking(tracking_uri: str, experiment_name: str) -> tuple[Tracker, 
         if not folder.is_dir():
             raise UserError(f"--tracking-uri / tracking_uri: folder {folder} of the SQLite store does not exist")
     try:
-        tracker = Tracker(tracking_uri)
-        return tracker, tracker.experiment_id(experiment_name)
+        with exclusive_file(lock, "Waiting for another search, which is creating the MLflow store ...", log) if lock else nullcontext():
+            tracker = Tracker(tracking_uri, timeout_s=timeout_s, log=log)
+            return tracker, tracker.experiment_id(experiment_name)
+    except UserError:
+        raise
     except Exception as error:  # MLflow raises many types for a bad URI
+        if disk_full(error):
+            raise
+        problem = half_created(tracking_uri, error)
+        if problem:
+            raise UserError(problem) from None
         raise UserError(f"--tracking-uri / tracking_uri: cannot use MLflow store {tracking_uri!r}: {type(error).__name__}: {error}") from None
+
+
+SCHEMA_ERRORS = ("already exists", "duplicate column", "out-of-date database schema", "no such table", "no such column")
+
+
+def half_created(tracking_uri: str, error: BaseException) -> str | None:
+    """What to do about a SQLite MLflow store whose schema is incomplete, if ``error`` says it is; None otherwise."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    text = str(error)
+    if not any(phrase in text for phrase in SCHEMA_ERRORS):
+        return None
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    import sqlite3
+
+    try:
+        with sqlite3.connect(path) as connection:
+            runs = connection.execute("select count(*) from runs").fetchone()[0]
+        held = f"it holds {runs} run(s)"
+    except sqlite3.Error:
+        runs, held = 0, "it holds no runs"
+    first = text.strip().splitlines()[0][:160]
+    advice = (
+        f"if none of them matters (a store this broken often holds none), delete it and run again: rm {path}"
+        if runs else f"delete it and run again: rm {path}"
+    )
+    return (
+        f"MLflow store {path} is half-created ({first}): its first creation was cut short, by a full disk or a killed "
+        f"process, and MLflow cannot finish it. {held[0].upper()}{held[1:]}; {advice}"
+    )
 
 
 def start_ray(address: str | None, search_path: str, experiment: Experiment) -> None:

@@ -5,14 +5,77 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from netshrink.errors import DISK_FULL_TEXT, SearchStopped
+
 PACE_EVERY = 8  # trials between two lines of the search's pace
 SLOW_TRIAL = 10.0  # seconds: trials this slow get a pace line each
 
 
-def progress_printer(total: int, baseline: dict[str, float], done: int = 0, label: str = "", metric: str = "accuracy"):
+WATCH_EVERY = 10.0  # seconds between two checks that the tracking server answers
+
+
+def fatal(trial) -> SearchStopped | None:
+    """The error that stops the whole search, if the trial failed with one: a full disk (every next trial would fail
+    the same way) or a tracking server gone for ``tracking.timeout_s``. Such a trial is not run again."""
+    text = _error_text(trial)
+    if "TrackingUnavailable" in text:
+        return SearchStopped(_message_of(text, "TrackingUnavailable"), cause="tracking")
+    full = "DiskFull" in text or any(phrase in text.lower() for phrase in DISK_FULL_TEXT)
+    if full:
+        return SearchStopped(_message_of(text, "DiskFull") if "DiskFull" in text else f"the disk is full ({_first_error_line(trial)})", cause="disk")
+    return None
+
+
+def _message_of(text: str, kind: str) -> str:
+    line = next((line for line in reversed(text.splitlines()) if f"{kind}:" in line), kind)
+    return line.split(f"{kind}:", 1)[1].strip() or kind
+
+
+class ServerWatch:
+    """Checks every ``WATCH_EVERY`` s, from the driver, that the tracking server answers (``/health``); while it does
+    not, says so once per check ("tracking server ... unreachable, retrying (attempt 2/19)"), and after ``timeout_s``
+    raises ``SearchStopped``: the trials' own calls wait as long, so the search neither hangs nor goes on blind."""
+
+    def __init__(self, uri: str, timeout_s: float) -> None:
+        self.uri, self.timeout_s = uri, timeout_s
+        self.last = 0.0
+        self.down_since: float | None = None
+        self.attempt = 0
+
+    def check(self) -> None:
+        import urllib.request
+
+        now = time.monotonic()
+        if now - self.last < WATCH_EVERY:
+            return
+        self.last = now
+        try:
+            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5) as response:
+                response.read()
+        except OSError:
+            self.attempt += 1
+            self.down_since = self.down_since or now
+            attempts = int(self.timeout_s // WATCH_EVERY) + 1
+            if now - self.down_since >= self.timeout_s:
+                raise SearchStopped(
+                    f"the MLflow tracking server {self.uri} did not answer for {self.timeout_s:g} s (tracking.timeout_s)", cause="tracking"
+                ) from None
+            print(f"tracking server {self.uri} unreachable, retrying (attempt {self.attempt + 1}/{attempts})", flush=True)
+            return
+        if self.down_since is not None:
+            print(f"tracking server {self.uri} answers again", flush=True)
+        self.down_since, self.attempt = None, 0
+
+
+def progress_printer(
+    total: int, baseline: dict[str, float], done: int = 0, label: str = "", metric: str = "accuracy",
+    tracking_uri: str = "", timeout_s: float = 180.0,
+):
     """Tune callback printing one line per finished, failed or retried trial (Tune pickles it: it holds no console).
 
-    ``done``: trials a resumed search had finished before, so the count goes on from there.
+    ``done``: trials a resumed search had finished before, so the count goes on from there. It also stops the
+    search (raises ``SearchStopped`` out of ``Tuner.fit``) on a trial error that every next trial would meet too
+    (``fatal``), and, with a tracking server, when the server stays away (``ServerWatch``).
     """
     from ray.tune import Callback
 
@@ -21,6 +84,11 @@ def progress_printer(total: int, baseline: dict[str, float], done: int = 0, labe
             self.done = done
             self.started: float | None = None
             self.ended_here = 0
+            self.watch = ServerWatch(tracking_uri, timeout_s) if tracking_uri.startswith(("http://", "https://")) else None
+
+        def on_step_end(self, iteration, trials, **info):
+            if self.watch is not None:
+                self.watch.check()
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if self.started is None:
@@ -57,11 +125,17 @@ def progress_printer(total: int, baseline: dict[str, float], done: int = 0, labe
             self.pace()
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            stop = fatal(trial)
+            if stop is not None:
+                raise stop
             self.done += 1
             print(f"[{label}{self.done}/{total}] trial failed: {_first_error_line(trial)}", flush=True)
             self.pace()
 
         def on_trial_recover(self, iteration, trials, trial, **info):
+            stop = fatal(trial)
+            if stop is not None:
+                raise stop  # before the retry: it would fail the same way
             print(f"trial {trial.trial_id} failed ({_first_error_line(trial)}), running it again", flush=True)
 
     return ProgressPrinter()
@@ -78,11 +152,16 @@ def _describe(recipe: str | None) -> str:
     return Pipeline.from_recipe(recipe).describe() if recipe else ""
 
 
-def _first_error_line(trial, limit: int = 200) -> str:
-    """The exception's message, cut short: Ray's message for a dead worker runs to 800 characters."""
+def _error_text(trial) -> str:
     try:
-        text = Path(trial.error_file).read_text().strip().splitlines()
+        return Path(trial.error_file).read_text()
     except (OSError, TypeError):
-        return "see the Ray trial folder"
-    line = text[-1] if text else "see the Ray trial folder"
+        return ""
+
+
+def _first_error_line(trial, limit: int = 200) -> str:
+    """The exception's message, cut short: Ray's message for a dead worker runs to 800 characters. SQLAlchemy's
+    closing "(Background on this error at: ...)" line says nothing; the line before it does."""
+    lines = [line for line in _error_text(trial).strip().splitlines() if line.strip() and not line.startswith("(Background on this error")]
+    line = lines[-1] if lines else "see the Ray trial folder"
     return line if len(line) <= limit else line[: limit - 3] + "..."

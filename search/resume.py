@@ -14,7 +14,16 @@ interruption left half done, and hands the rest of the budget to a new Tune run:
   metrics, not run again;
 - any other trial left RUNNING in Optuna is marked FAIL and its parameters are
   enqueued (the new trial names it in ``retry_of``), so the interrupted pipeline
-  runs again first; its child run is marked KILLED.
+  runs again first; its child run is marked KILLED;
+- trials still WAITING in the study's queue (the informed start's, enqueued when the
+  search began) go to the back of it, behind the reruns: Optuna hands out the oldest
+  waiting trial first, and a rerun queued behind them could find the budget spent.
+  Each is marked FAIL and enqueued again, naming it in ``requeued_of``.
+
+A search whose Optuna study is gone (``optuna.db`` deleted) cannot be resumed: the
+sampler's history and the budget's count live there. That is an error saying so,
+with the command that starts afresh and the one that marks the search ended
+(``--abandon``), before anything is created.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ from netshrink.errors import UserError
 
 from .constraints import Constraints
 from .searcher import REPEAT_OF, UNCOMPRESSED, Evaluated, annotate
-from .tracking import CONFIG_ARTIFACT, OPTUNA_TRIAL_TAG, RECIPE_TAG, STOPPED_TAG, SearchRecord, Tracker, text_sha256
+from .tracking import ABANDONED_TAG, CONFIG_ARTIFACT, OPTUNA_TRIAL_TAG, RECIPE_TAG, ROLE_TAG, STOPPED_TAG, SearchRecord, Tracker, text_sha256
 
 RETRY_OF = "retry_of"  # user attribute of an enqueued Optuna trial: the number of the interrupted trial it runs again
+REQUEUED_OF = "requeued_of"  # user attribute of a waiting trial moved behind the reruns: the number it had before
 
 
 @dataclass(frozen=True)
@@ -43,14 +53,23 @@ class Progress:
     study_trials: int = 0  # every trial in the study, repeats and failures included
 
 
-def find_interrupted_search(tracker: Tracker, experiment_id: str, experiment_name: str, config_path: Path) -> SearchRecord:
-    """The latest search of this experiment that did not finish; it must have run this same experiment file."""
-    record = tracker.latest_search(experiment_id, unfinished=True)
-    if record is None:
-        raise UserError(f"--resume: experiment {experiment_name!r} has no interrupted search in {tracker.uri}; start one without --resume")
+def find_interrupted_search(
+    tracker: Tracker, experiment_id: str, experiment_name: str, config_path: Path, run_id: str | None = None
+) -> SearchRecord:
+    """The search to resume: ``run_id``, or the latest search of this experiment that did not finish and was not
+    abandoned. It must have run this same experiment file, and its Optuna study must still exist."""
+    hint = f"start a new one with: netshrink search {config_path}"
+    if run_id is None:
+        record = tracker.latest_search(experiment_id, unfinished=True)
+        if record is None:
+            raise UserError(f"--resume: experiment {experiment_name!r} has no interrupted search in {tracker.uri}; {hint}")
+    else:
+        record = _named_search(tracker, experiment_id, experiment_name, run_id)
+        if record.status == "FINISHED":
+            raise UserError(f"--resume {run_id}: that search finished; there is nothing to resume. To search again, {hint}")
     logged = _logged_experiment_file(tracker, record.run_id)
     if logged is None or record.study_name is None or record.storage_url is None or record.trials is None:
-        raise UserError(f"--resume: search {record.run_id} of {experiment_name!r} stopped before its first trial; start it again without --resume")
+        raise UserError(f"--resume: search {record.run_id} of {experiment_name!r} stopped before its first trial; {hint}")
     # the task is rebuilt from the local file, never from the logged copy (a tracking server may be shared);
     # the two must be the same file
     if text_sha256(config_path.read_text()) != (record.config_sha256 or text_sha256(logged)):
@@ -58,7 +77,48 @@ def find_interrupted_search(tracker: Tracker, experiment_id: str, experiment_nam
             f"--resume: {config_path} has changed since search {record.run_id} started; a resumed search must run the same experiment "
             f"file (the search's copy is its MLflow artifact {CONFIG_ARTIFACT}). Restore the file, or start a new search without --resume"
         )
+    if not study_exists(record.storage_url, record.study_name):
+        raise UserError(
+            f"--resume: search {record.run_id}'s Optuna study {record.study_name!r} is gone from {record.storage_url} (was optuna.db "
+            f"deleted or moved?), so it cannot be resumed: its finished trials stay in MLflow. Mark it ended with: netshrink search "
+            f"{config_path} --abandon {record.run_id}; then {hint}"
+        )
     return record
+
+
+def _named_search(tracker: Tracker, experiment_id: str, experiment_name: str, run_id: str) -> SearchRecord:
+    try:
+        run = tracker.client.get_run(run_id)
+    except Exception:  # MLflow raises different types per store for a missing run
+        raise UserError(f"no MLflow run has the id {run_id!r} at {tracker.uri}") from None
+    if run.info.experiment_id != experiment_id or run.data.tags.get(ROLE_TAG) != "search":
+        raise UserError(f"run {run_id} is not a search of experiment {experiment_name!r}")
+    return tracker.search_record(run)
+
+
+def abandon_search(tracker: Tracker, experiment_id: str, experiment_name: str, run_id: str) -> SearchRecord:
+    """Mark a search that will not be resumed as ended: KILLED, tagged ``netshrink.abandoned``, its trials still RUNNING
+    KILLED too. ``--resume`` no longer picks it; its finished trials stay, and ``front`` and ``export`` still read them."""
+    record = _named_search(tracker, experiment_id, experiment_name, run_id)
+    if record.status == "FINISHED":
+        raise UserError(f"--abandon {run_id}: that search finished; only an unfinished one can be abandoned")
+    for run in tracker.trial_runs(experiment_id, run_id):
+        if run.info.status == "RUNNING":
+            tracker.interrupted(run.info.run_id)
+    tracker.log(run_id, tags={ABANDONED_TAG: "true"})
+    tracker.interrupted(run_id)
+    return record
+
+
+def study_exists(storage_url: str, study_name: str) -> bool:
+    """Whether the study is in its storage, without creating the storage: loading from a SQLite file that is not
+    there would create an empty one."""
+    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
+        return False
+    try:
+        return study_name in optuna.study.get_all_study_names(storage=storage_url)
+    except Exception:  # a damaged or foreign file: SQLAlchemy raises many types
+        return False
 
 
 def _logged_experiment_file(tracker: Tracker, run_id: str) -> str | None:
@@ -71,7 +131,8 @@ def _logged_experiment_file(tracker: Tracker, run_id: str) -> str | None:
 def reopen_search(tracker: Tracker, experiment_id: str, search: SearchRecord, objectives: list[str], constraints: Constraints) -> Progress:
     """Set the parent run RUNNING again and settle the trials the interruption cut short (see the module docstring)."""
     tracker.reopen(search.run_id)
-    study = optuna.load_study(study_name=search.study_name, storage=optuna.storages.RDBStorage(search.storage_url))
+    storage = optuna.storages.RDBStorage(search.storage_url)
+    study = optuna.load_study(study_name=search.study_name, storage=storage)
     children = tracker.trial_runs(experiment_id, search.run_id)
     finished = {  # measured trials, those early stopping ended included; not refined runs
         int(run.data.tags[OPTUNA_TRIAL_TAG]): run
@@ -81,16 +142,23 @@ def reopen_search(tracker: Tracker, experiment_id: str, search: SearchRecord, ob
         and OPTUNA_TRIAL_TAG in run.data.tags
     }
     cut_short = set()
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    state = optuna.trial.TrialState
+    for trial in study.get_trials(deepcopy=False, states=(state.RUNNING,)):
         run = finished.get(trial.number)
         if run is not None:
             metrics = run.data.metrics
             annotate(optuna.trial.Trial(study, trial._trial_id), metrics, constraints)  # as the searcher would have
             study.tell(trial.number, [metrics[name] for name in objectives])
         else:
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial.number, state=state.FAIL)
             study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
             cut_short.add(trial.number)
+    if cut_short:  # the reruns first: what waited in the queue before them goes behind them
+        for trial in study.get_trials(deepcopy=False, states=(state.WAITING,)):
+            if trial.user_attrs.get(RETRY_OF) in cut_short:
+                continue  # a rerun enqueued above
+            if storage.set_trial_state_values(trial._trial_id, state=state.FAIL):
+                study.enqueue_trial(trial.system_attrs.get("fixed_params", {}), user_attrs={**trial.user_attrs, REQUEUED_OF: trial.number})
     for run in children:
         status = run.info.status
         if status == "RUNNING" or (status not in ("FINISHED", "KILLED") and int(run.data.tags.get(OPTUNA_TRIAL_TAG, -1)) in cut_short):
@@ -106,8 +174,8 @@ def reopen_search(tracker: Tracker, experiment_id: str, search: SearchRecord, ob
 
 def ended_trials(trials: list[optuna.trial.FrozenTrial]) -> int:
     """Trials that used up budget: complete ones that were not answered without training (repeats, the
-    uncompressed baseline), failed ones that were not interrupted."""
-    retried = {trial.user_attrs[RETRY_OF] for trial in trials if RETRY_OF in trial.user_attrs}
+    uncompressed baseline), failed ones that were not interrupted or moved in the queue."""
+    retried = {trial.user_attrs[key] for trial in trials for key in (RETRY_OF, REQUEUED_OF) if key in trial.user_attrs}
     state = optuna.trial.TrialState
     return sum(
         (trial.state == state.COMPLETE and not {REPEAT_OF, UNCOMPRESSED} & trial.user_attrs.keys())

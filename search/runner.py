@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
+import optuna
 from pathlib import Path
 
 from rich.console import Console
 
 from netshrink.config import Experiment
 from netshrink.deploy.stopping import StopRule
-from netshrink.errors import UserError
-from netshrink.node_lock import lock_files
+from netshrink.errors import SearchStopped, UserError, disk_full
+from netshrink.node_lock import exclusive_file, lock_files
 
 from .baseline import prepare_baseline
 from .constraints import DEFAULT_DROP, Constraints
@@ -26,7 +28,7 @@ from .front import TrialPoint, with_interval
 from .preflight import connect_tracking, start_ray
 from .resume import Progress, find_interrupted_search, reopen_search
 from .summary import print_summary, summarise
-from .tracking import default_tracking_uri
+from .tracking import ABANDONED_TAG, default_tracking_uri
 from .trial import TrialSetup
 from .tuning import refine_front, run_trials
 
@@ -74,6 +76,15 @@ def check_baseline_learned(experiment: Experiment, baseline: dict[str, float]) -
     )
 
 
+def settle(action, console: Console) -> None:
+    """Run one bookkeeping write of a failure path (mark a run KILLED or FAILED); if it fails too, say so in one
+    line and go on: the error being reported is the one that matters, and this path must not crash."""
+    try:
+        action()
+    except Exception as error:
+        console.print(f"[yellow]note: could not record the search's state in MLflow ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''})[/yellow]")
+
+
 def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
     """Next to the MLflow store when that is a local SQLite file, else in the state folder."""
     if tracking_uri.startswith("sqlite:///"):
@@ -81,10 +92,25 @@ def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
     return f"sqlite:///{(state_dir / 'optuna.db').resolve()}"
 
 
+RESUME_LATEST = "latest"  # --resume with no run id
+
+
+def abandon_search(experiment: Experiment, config_path: Path, run_id: str, overrides: Overrides = Overrides(), console: Console | None = None) -> None:
+    """``netshrink search --abandon RUN_ID``: mark an unfinished search ended, so that ``--resume`` passes it by."""
+    from .resume import abandon_search as abandon
+
+    console = console or Console()
+    tracking_uri = overrides.tracking_uri or experiment.tracking_uri or default_tracking_uri(Path.cwd())
+    tracker, experiment_id = connect_tracking(tracking_uri, experiment.name)
+    abandon(tracker, experiment_id, experiment.name, run_id)
+    console.print(f"Search {run_id} of {experiment.name!r} is marked ended (KILLED, {ABANDONED_TAG}); --resume passes it by. Its finished trials stay in MLflow.")
+
+
 def run_search(
-    experiment: Experiment, config_path: Path, overrides: Overrides = Overrides(), console: Console | None = None, resume: bool = False
+    experiment: Experiment, config_path: Path, overrides: Overrides = Overrides(), console: Console | None = None, resume: bool | str | None = None
 ) -> SearchResult:
-    """Run one search end to end, or with ``resume`` finish the latest interrupted one (see ``resume.py``).
+    """Run one search end to end, or with ``resume`` finish an interrupted one (see ``resume.py``): ``True`` or
+    ``"latest"`` for the latest, else the parent run id of the search to finish.
 
     Problems with the tracking server, the Ray cluster or the search to resume are
     reported as ``UserError`` before the baseline is trained.
@@ -105,8 +131,11 @@ def run_search(
         lock_files()  # the measurement lock's private folder: a bad one should not fail every trial
     except PermissionError as error:
         raise UserError(str(error)) from None
-    tracker, experiment_id = connect_tracking(tracking_uri, experiment.name)
-    interrupted = find_interrupted_search(tracker, experiment_id, experiment.name, config_path) if resume else None
+    timeout_s = experiment.tracking.timeout_s
+    store_lock = state_dir / "store.lock"  # two searches started at once here create the stores one after the other
+    tracker, experiment_id = connect_tracking(tracking_uri, experiment.name, timeout_s, log=console.print, lock=store_lock)
+    named = None if resume in (None, False, True, RESUME_LATEST) else str(resume)
+    interrupted = find_interrupted_search(tracker, experiment_id, experiment.name, config_path, named) if resume else None
     if interrupted is not None and overrides.trials not in (None, interrupted.trials):
         raise UserError(f"--trials: search {interrupted.run_id} was started with {interrupted.trials} trials; a resumed search keeps its budget")
     trials = interrupted.trials if interrupted else overrides.trials or experiment.search.trials
@@ -115,10 +144,12 @@ def run_search(
     if owns_ray:
         start_ray(overrides.address, search_path, experiment)
     parent = None
+    storage_url = optuna_storage_url(tracking_uri, state_dir)
     try:
         baseline = prepare_baseline(experiment, state_dir / "baselines", search_path, log=console.print)
-        storage_url = optuna_storage_url(tracking_uri, state_dir)
         if interrupted is None:
+            with exclusive_file(store_lock, "Waiting for another search, which is creating the Optuna study storage ...", console.print):
+                optuna.storages.RDBStorage(storage_url)  # its tables, created once
             check_baseline_learned(experiment, baseline.metrics)
             constraints = Constraints.for_search(
                 experiment.min_metric, experiment.max_size_bytes, experiment.max_latency_ms, baseline.metrics, experiment.metric, experiment.max_metric_drop
@@ -156,9 +187,10 @@ def run_search(
             seed=experiment.search.seed,
             cpus=experiment.resources.cpu,
             search_path=search_path,
-            baseline_weights=baseline.artifact.read_bytes(),
+            baseline_weights=baseline.weights,
             baseline_metrics=b,
             tracking_uri=tracking_uri,
+            tracking_timeout_s=timeout_s,
             experiment_id=experiment_id,
             parent_run_id=parent,
             gpus=experiment.resources.gpu,
@@ -179,13 +211,26 @@ def run_search(
             refine_front(experiment, setup, tracker, experiment_id, run_name, concurrency, state_dir, console)
     except KeyboardInterrupt:
         if parent is not None:
-            tracker.interrupted(parent)
-            console.print(f"Interrupted. Continue this search with: netshrink search {config_path} --resume")
+            settle(lambda: tracker.interrupted(parent), console)
+            console.print(f"Interrupted. Continue this search with: netshrink search {config_path} --resume {parent}")
         raise
-    except BaseException:
-        if parent is not None:
-            tracker.finish(parent, failed=True)
-        raise
+    except BaseException as error:
+        full = disk_full(error)
+        if not isinstance(error, SearchStopped) and not full:
+            if parent is not None:
+                settle(lambda: tracker.finish(parent, failed=True), console)
+            raise
+        reason = str(error) if isinstance(error, SearchStopped) else f"{full} (the stores: {tracking_uri}, {storage_url}; the state folder: {state_dir})"
+        if parent is None:
+            raise SearchStopped(f"the search stopped before its first trial: {reason}") from None
+        gone = isinstance(error, SearchStopped) and error.cause == "tracking"
+        if not gone:  # a full disk: the store may still take one small write
+            settle(lambda: tracker.interrupted(parent), console)
+        then = "When the server answers again" if gone else "Free some space, then"
+        raise SearchStopped(
+            f"the search stopped: {reason}. Its finished trials are kept in MLflow; a trial cut short runs again first. "
+            f"{then} continue it with: netshrink search {config_path} --resume {parent}"
+        ) from None
     finally:
         if owns_ray:
             ray.shutdown()

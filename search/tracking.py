@@ -38,7 +38,10 @@ FEASIBLE_TAG = "feasible"  # "true" or "false": whether the trial meets the sear
 STOPPED_TAG = "stopped_early"  # "true" on a trial that early stopping ended (its run is KILLED)
 STOPPED_AT_TAG = "stopped_at_fraction"  # the share of its fine-tuning such a trial had done
 STOP_REASON_TAG = "stop_reason"  # why it was stopped, in words
-REFINED_FROM_TAG = "refined_from"  # a refined run: the run id of the trial whose recipe it fine-tuned longer
+ARTIFACT_SHA_TAG = "artifact_sha256"  # SHA-256 of the trial's compressed.safetensors as it wrote it: export checks the download
+ONNX_SHA_TAG = "onnx_sha256"  # SHA-256 of the model.onnx the trial measured (export writes its own, and checks its metric)
+REFINED_FROM_TAG = "refined_from"
+ABANDONED_TAG = "netshrink.abandoned"  # "true" on a search marked ended with --abandon: --resume passes it by  # a refined run: the run id of the trial whose recipe it fine-tuned longer
 
 
 def default_tracking_uri(workdir: Path | None = None) -> str:
@@ -96,12 +99,87 @@ class SearchRecord:
 _STORAGE, _STUDY, _OBJECTIVES, _CONFIG_FILE = "optuna.storage", "optuna.study_name", "objectives", "config_file"
 
 
-class Tracker:
-    """Thin, explicit wrapper over ``MlflowClient`` (no fluent global state; safe in Ray workers)."""
+DEFAULT_TIMEOUT_S = 180.0  # tracking.timeout_s
+REQUEST_TIMEOUT_S = "30"  # one HTTP request to the server; MLflow's default is 120 s, with 7 retries of its own on top
 
-    def __init__(self, uri: str) -> None:
+
+def retry_delays(timeout_s: float) -> list[float]:
+    """Seconds to wait before each retry of a call to an unreachable server: doubling from 2 s to at most 30 s, until
+    they add up to ``timeout_s``."""
+    delays: list[float] = []
+    while sum(delays) < timeout_s:
+        delays.append(min(2.0 * 2 ** len(delays), 30.0, timeout_s - sum(delays)))
+    return delays
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the server could not be reached (refused, timed out, dropped, answering 5xx), as MLflow's
+    REST client reports it; not an error the server returned on purpose (a missing run, a bad request)."""
+    import requests
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    text = str(error)
+    return "API request to" in text and any(
+        phrase in text for phrase in ("Max retries exceeded", "Connection refused", "timed out", "timeout", "Connection aborted", "Failed to establish")
+    )
+
+
+class RetryingClient:
+    """``MlflowClient`` whose calls to a tracking server that does not answer are retried for ``timeout_s`` at most
+    (``retry_delays``), each retry announced through ``log``; then ``TrackingUnavailable``. MLflow's own retries
+    (about 8 minutes per call, silent) are turned off for the process unless the user set them."""
+
+    def __init__(self, client: MlflowClient, uri: str, timeout_s: float, log) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT_S)
+        self._client, self._uri, self._timeout_s, self._log = client, uri, timeout_s, log
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            import time
+
+            from netshrink.errors import TrackingUnavailable
+
+            delays = retry_delays(self._timeout_s)
+            for attempt in range(len(delays) + 1):
+                try:
+                    return attribute(*args, **kwargs)
+                except Exception as error:
+                    if not unreachable(error):
+                        raise
+                    if attempt == len(delays):
+                        raise TrackingUnavailable(
+                            f"the MLflow tracking server {self._uri} did not answer for {self._timeout_s:g} s (tracking.timeout_s)"
+                        ) from None
+                    self._log(f"tracking server {self._uri} unreachable, retrying in {delays[attempt]:.0f} s (attempt {attempt + 2}/{len(delays) + 1})")
+                    time.sleep(delays[attempt])
+
+        return call
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+class Tracker:
+    """Thin, explicit wrapper over ``MlflowClient`` (no fluent global state; safe in Ray workers).
+
+    With a tracking server (``http(s)://``), a call the server does not answer is retried for ``timeout_s``
+    (``tracking.timeout_s``), each retry said through ``log``, then ``TrackingUnavailable`` (``RetryingClient``).
+    """
+
+    def __init__(self, uri: str, timeout_s: float = DEFAULT_TIMEOUT_S, log=_stderr) -> None:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        if uri.startswith(("http://", "https://")):
+            self.client = RetryingClient(self.client, uri, timeout_s, log)
 
     def experiment_id(self, name: str, create: bool = True) -> str | None:
         found = self.client.get_experiment_by_name(name)
@@ -253,7 +331,9 @@ class Tracker:
         return self.client.search_runs([experiment_id], filter_string=query, max_results=50_000)
 
     def latest_search(self, experiment_id: str, unfinished: bool = False) -> SearchRecord | None:
-        """The newest search; with ``unfinished``, the newest that did not finish (failed, killed or still marked running)."""
+        """The newest search; with ``unfinished``, the newest that did not finish (failed, killed or still marked running)
+        and was not abandoned (``netshrink search --abandon``)."""
         query = f"tags.{ROLE_TAG} = 'search'" + (" and attributes.status != 'FINISHED'" if unfinished else "")
-        runs = self.client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
+        runs = self.client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1000)
+        runs = [run for run in runs if not (unfinished and run.data.tags.get(ABANDONED_TAG) == "true")]
         return self.search_record(runs[0]) if runs else None

@@ -17,12 +17,14 @@ from typing import Any
 from netshrink.deploy.evaluate import ARTIFACT_FILE, NOTES_FILE, ONNX_FILE, STOPPED, RecipeSetup, evaluate_recipe
 from netshrink.deploy.stopping import Checkpoint
 from netshrink.devices import trial_device
+from netshrink.errors import DiskFull, TrackingUnavailable, disk_full
+from netshrink.integrity import file_sha256
 from netshrink.techniques import Pipeline
 
 from .constraints import Constraints
 from .tracking import (
-    DEVICE_TAG, ERROR_TAG, FEASIBLE_TAG, NODE_TAG, NOTES_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG,
-    STOP_REASON_TAG, STOPPED_AT_TAG, STOPPED_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, Tracker, flatten,
+    ARTIFACT_SHA_TAG, ONNX_SHA_TAG, DEVICE_TAG, ERROR_TAG, FEASIBLE_TAG, NODE_TAG, NOTES_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG,
+    STOP_REASON_TAG, STOPPED_AT_TAG, STOPPED_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, DEFAULT_TIMEOUT_S, Tracker, flatten,
 )
 
 __all__ = ["ARTIFACT_FILE", "ONNX_FILE", "REFINE_OF", "TrialSetup", "evaluate_recipe", "refine_trial", "run_trial"]
@@ -36,6 +38,7 @@ class TrialSetup(RecipeSetup):
 
     tracking_uri: str
     experiment_id: str
+    tracking_timeout_s: float = DEFAULT_TIMEOUT_S  # tracking.timeout_s
     parent_run_id: str
     constraints: Constraints | None = None  # what a shippable model reaches: tags the run ``feasible``
 
@@ -46,7 +49,22 @@ def refine_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """Ray Tune function trainable: one child MLflow run, one report with all objectives.
+    """Ray Tune function trainable: one child MLflow run, one report with all objectives (``_run_trial``).
+
+    A full disk, wherever it strikes, is raised as ``DiskFull``, one line naming it: the driver stops the
+    search on it (``progress.py``), since every next trial would fail the same way.
+    """
+    try:
+        _run_trial(config, setup)
+    except Exception as error:
+        full = disk_full(error)
+        if full:
+            raise DiskFull(full) from None
+        raise
+
+
+def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """One trial: its child MLflow run, the recipe evaluated, the metrics logged and reported.
 
     Tune runs a failed trial again (``search.max_failures``) under the same trial id: the
     retry carries on in the child run of the attempt before it instead of adding a second
@@ -64,7 +82,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     params = flatten({key: value for key, value in config.items() if key not in {"recipe", "optuna_trial", REFINE_OF, "run_name"}}, sep="/")
     if refined_from:
         params["refine/epochs"] = setup.finetune.epochs
-    tracker = Tracker(setup.tracking_uri)
+    tracker = Tracker(setup.tracking_uri, timeout_s=setup.tracking_timeout_s)
     tune_trial_id = tune.get_context().get_trial_id() or ""
     earlier = tracker.trial_attempt(setup.experiment_id, setup.parent_run_id, tune_trial_id) if tune_trial_id else None
     if earlier is not None and earlier.info.status == "FINISHED":
@@ -94,7 +112,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         tracker.log_file(run_id, workdir / ARTIFACT_FILE)
         tracker.log_file(run_id, workdir / RECIPE_FILE)  # replaces the sampled recipe logged above
         metrics["seconds_trial"] = time.perf_counter() - started  # all of this function but the last metric upload
-        tags = {}
+        tags = {ARTIFACT_SHA_TAG: file_sha256(workdir / ARTIFACT_FILE), ONNX_SHA_TAG: file_sha256(workdir / ONNX_FILE)}
         if setup.constraints is not None:
             tags[FEASIBLE_TAG] = str(setup.constraints.feasible(metrics) and STOPPED not in metrics).lower()
         if STOPPED in metrics:
@@ -104,8 +122,13 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             tags[NOTES_TAG] = notes[:5000]  # layers a technique left out, and why
         tracker.log(run_id, metrics=metrics, tags=tags)
     except BaseException as error:
-        tracker.log(run_id, tags={ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})
-        tracker.finish(run_id, failed=True)
+        full = disk_full(error)
+        if not isinstance(error, TrackingUnavailable):  # recording the failure must not hide it, nor wait for the server again
+            try:
+                tracker.log(run_id, tags={ERROR_TAG: (full or f"{type(error).__name__}: {error}")[:5000]})
+                tracker.finish(run_id, failed=True)
+            except Exception:
+                pass
         raise
     if STOPPED in metrics:
         tracker.stopped(run_id)

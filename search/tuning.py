@@ -141,7 +141,10 @@ def run_trials(
             storage_path=str((state_dir / "ray").resolve()),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
-            callbacks=[progress_printer(progress.ended + trials, setup.baseline_metrics, done=progress.ended, metric=experiment.metric)],
+            callbacks=[progress_printer(
+                progress.ended + trials, setup.baseline_metrics, done=progress.ended, metric=experiment.metric,
+                tracking_uri=setup.tracking_uri, timeout_s=setup.tracking_timeout_s,
+            )],
         ),
     )
     tuner.fit()
@@ -209,6 +212,9 @@ def refine_front(
             storage_path=str((state_dir / "ray").resolve()),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
-            callbacks=[progress_printer(len(chosen), setup.baseline_metrics, label="refined ", metric=experiment.metric)],
+            callbacks=[progress_printer(
+                len(chosen), setup.baseline_metrics, label="refined ", metric=experiment.metric,
+                tracking_uri=setup.tracking_uri, timeout_s=setup.tracking_timeout_s,
+            )],
         ),
     ).fit()

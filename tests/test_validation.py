@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from netshrink import validation
 from netshrink.errors import UserError
-from netshrink.validation import load_experiment
+from netshrink.validation import Progress, load_experiment
 
 USERLAND = Path(__file__).parent / "search" / "userland" / "user_tasks.py"
 
@@ -111,3 +118,59 @@ def test_a_baseline_that_learned_nothing_stops_the_search_naming_both_figures(tm
 def test_samples_of_different_lengths_without_a_collate_say_what_to_give(tmp_path):
     text = problems(experiment(tmp_path, "name: x\ntask: {dataset: 'user_tasks:sentences', model: 'user_tasks:text_classifier'}\n"))
     assert "task.dataset:" in text and "stack expects each tensor to be equal size" in text and "(task.collate)" in text
+
+
+def test_validate_prints_each_phase_as_it_starts_and_its_time_when_it_ends(tmp_path):
+    from typer.testing import CliRunner
+
+    from netshrink.cli import app
+
+    path = experiment(tmp_path, "name: x\ntask: {dataset_args: {image_size: 8}, model: 'user_tasks:small_cnn'}\n")
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    phases = re.findall(r"^  (.+) \.\.\. done in \d+\.\d s$", result.output, flags=re.MULTILINE)
+    assert phases == [
+        "building the dataset (digits)", "building the model (user_tasks:small_cnn)", "running one batch through the model, the loss and the metric",
+        "exporting to ONNX and comparing ONNX Runtime with torch", "probing the space on the model",
+    ], result.output
+    assert len(result.output.splitlines()) <= 8, result.output
+
+
+def test_a_phase_that_runs_long_says_so_while_it_runs_and_its_notices_stop_with_it(monkeypatch):
+    monkeypatch.setattr(validation, "STILL_RUNNING_FIRST_S", 0.1)
+    monkeypatch.setattr(validation, "STILL_RUNNING_EVERY_S", 0.1)
+    lines: list[str] = []
+    progress, before = Progress(lambda text, end="\n": lines.append(text + end)), threading.active_count()
+    with progress.phase("building the model", "slow:make"):
+        time.sleep(0.35)
+    assert threading.active_count() == before
+    text = "".join(lines)
+    assert text.startswith("  building the model (slow:make) ...\n  still building the model after 0 s ...\n"), text
+    assert re.search(r"\n  building the model: done in 0\.\d s\n$", text), text
+    with pytest.raises(KeyboardInterrupt, match=r"^while building the dataset, after 0\.\d s$"):
+        with Progress(None).phase("building the dataset"):
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_a_factory_that_hangs_says_where_it_was_and_exits_130(tmp_path):
+    (tmp_path / "hang.py").write_text("def make(**kw):\n    import time\n    time.sleep(600)\n")
+    path = experiment(tmp_path, "name: x\ntask: {dataset_args: {image_size: 8}, model: 'hang:make'}\n")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "netshrink.cli", "validate", str(path)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # Ctrl-C in a terminal: SIGINT to the process group, its default handler restored (a CI job's background process inherits it ignored)
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    seen, deadline = b"", time.monotonic() + 30
+    try:
+        while b"  building the model (hang:make) ..." not in seen:  # the phase line, before the factory returns (it never does)
+            assert driver.poll() is None and time.monotonic() < deadline, seen.decode() + driver.stderr.read().decode()
+            if select.select([driver.stdout], [], [], 0.5)[0]:
+                seen += os.read(driver.stdout.fileno(), 4096)
+        os.killpg(driver.pid, signal.SIGINT)
+        _, err = driver.communicate(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 130, err
+    assert re.fullmatch(r"interrupted \(while building the model, after \d+\.\d s\)\n", err.decode()), err.decode()

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from netshrink.integrity import file_sha256  # noqa: F401  (part of this module's interface)
+
 from .batches import BatchFormat, map_tensors
 from .datasets import TaskData, dataset_digest, digits
 from .models import lenet5, vit
@@ -161,13 +163,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
             raise ValueError(f"{path} does not fit the model: {key!r} has shape {tuple(value.shape)} in the file and {tuple(own[key].shape)} in the model")
     model.load_state_dict(state)
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def factory_sources(reference: str, builtins: dict[str, Callable[..., Any]], search_path: str | None = None) -> dict[str, str]:

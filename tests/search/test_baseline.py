@@ -8,6 +8,7 @@ import torch
 from netshrink.config import Experiment
 from netshrink.tasks.task import load_task
 from netshrink.search.baseline import FINGERPRINT_FILE, baseline_fingerprint, baseline_key, prepare_baseline
+from netshrink.integrity import file_sha256
 from netshrink.tasks import load_data
 from netshrink.techniques import Pipeline, PruningConfig, compress, load_artifact, save_artifact
 
@@ -139,3 +140,32 @@ def test_the_key_covers_the_weights_file_and_epochs_0_measures_the_model_as_give
     assert baseline.metrics["accuracy"] == accuracy(model, data.val)  # not trained: the weights as given
     torch.save({k: v + 1 for k, v in model.state_dict().items()}, tmp_path / "w.pt")
     assert baseline_key(baseline_fingerprint(load_task(given.task, str(tmp_path)))) != key
+
+
+def damaged(path, how: str) -> None:
+    """``zeroed``: the weights' bytes zeroed, the size and the safetensors header kept (the file still parses);
+    ``truncated``: cut in half (it does not)."""
+    data = path.read_bytes()
+    if how == "zeroed":
+        start = 8 + int.from_bytes(data[:8], "little")  # safetensors: header length, header, then the tensors' bytes
+        path.write_bytes(data[:start] + bytes(len(data) - start))
+    else:
+        path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("how", ["zeroed", "truncated"])
+def test_a_damaged_cached_baseline_is_trained_again_and_the_log_says_why(tmp_path, how):
+    task = experiment({"dataset_args": {"image_size": 16}})
+    first = prepare_baseline(task, tmp_path, str(tmp_path), log=lambda line: None)
+    sound = first.artifact.read_bytes()
+    assert (first.artifact.parent / "baseline.safetensors.sha256").read_text().split()[0] == file_sha256(first.artifact)
+    damaged(first.artifact, how)
+    logs = []
+    again = prepare_baseline(task, tmp_path, str(tmp_path), log=logs.append)
+    assert again.trained_now and "is damaged: its SHA-256 is" in logs[0] and str(first.artifact) in logs[0], logs
+    assert again.weights == again.artifact.read_bytes() == sound  # the same seed trains the same model again
+    assert again.metrics["accuracy"] == first.metrics["accuracy"]
+    # a file with no recorded checksum (cut short before it was written) is not trusted either
+    (first.artifact.parent / "baseline.safetensors.sha256").unlink()
+    logs.clear()
+    assert prepare_baseline(task, tmp_path, str(tmp_path), log=logs.append).trained_now and "no recorded SHA-256" in logs[0]

@@ -16,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from netshrink.errors import UserError
+from netshrink.integrity import file_sha256
 from netshrink.search.export import choose_trial, pick_from_front
 from netshrink.search.front import knee_point
 from netshrink.search.front import TrialPoint
@@ -158,8 +159,9 @@ def test_model_card_gives_real_file_sizes_metrics_and_a_snippet_that_runs_alone(
     run = trials(client, "plain")[exported_run_id(stdout)]
     card = (folder / "MODEL_CARD.md").read_text()
     assert sorted(os.listdir(folder)) == ["MODEL_CARD.md", "compressed.safetensors", "model.onnx", "recipe.json"]
-    for name in ("model.onnx", "compressed.safetensors", "recipe.json"):
-        assert f"| `{name}` | {os.path.getsize(folder / name):,} |" in card
+    for name in ("model.onnx", "compressed.safetensors", "recipe.json"):  # bytes and SHA-256 of the files as written
+        assert f"| `{name}` | {os.path.getsize(folder / name):,} | `{file_sha256(folder / name)}` |" in card
+    assert run.data.tags["artifact_sha256"] == file_sha256(folder / "compressed.safetensors")  # the trial recorded it
     assert f"{run.data.metrics['accuracy']:.2%}" in card and run.data.tags["recipe_summary"] in card
     assert "x smaller" in card and ("x faster" in card or "x slower" in card) and "baseline" in card
     assert "the knee of the front" in card and "load_artifact" in card and "'tinynet:make'" in card
@@ -291,3 +293,44 @@ def test_a_static_int8_trial_exports_the_qdq_model_it_measured(static_export, cl
     assert measured["accuracy"] == pytest.approx(run.data.metrics["onnx_accuracy"], abs=1e-9)
     assert abs(measured["accuracy"] - run.data.metrics["accuracy"]) <= 0.005
     assert "session.disable_quant_qdq" not in (folder / "MODEL_CARD.md").read_text()
+
+
+def stored_artifact(run) -> Path:
+    """The trial's compressed.safetensors in the local MLflow artifact store."""
+    from urllib.parse import urlparse
+
+    return Path(urlparse(run.info.artifact_uri).path) / "compressed.safetensors"
+
+
+@pytest.mark.parametrize("how", ["zeroed", "truncated"])
+def test_a_damaged_artifact_in_the_store_is_refused_naming_it_and_nothing_is_written(workdir, client, how):
+    from tests.search.test_baseline import damaged
+
+    run_id, run = next(iter(trials(client, "plain").items()))
+    path = stored_artifact(run)
+    sound = path.read_bytes()
+    try:
+        damaged(path, how)
+        result = netshrink("export", "-e", "plain", "--pick", run_id, "--out", f"damaged-{how}", cwd=workdir)
+    finally:
+        path.write_bytes(sound)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert str(path) in result.stderr and "SHA-256" in result.stderr and "--pick" in result.stderr, result.stderr
+    assert not (workdir / f"damaged-{how}").exists() and not list(workdir.glob(f".damaged-{how}.partial-*"))
+
+
+def test_a_model_onnx_scoring_other_than_logged_is_refused_and_force_writes_it_with_a_warning_on_the_card(workdir, client):
+    run_id, run = next(iter(trials(client, "plain").items()))
+    logged = run.data.metrics["onnx_accuracy"]
+    client.log_metric(run_id, "onnx_accuracy", logged - 0.3)  # the latest value is the run's figure: what export compares with
+    try:
+        refused = netshrink("export", "-e", "plain", "--pick", run_id, "--out", "unfaithful", cwd=workdir)
+        forced = netshrink("export", "-e", "plain", "--pick", run_id, "--out", "forced", "--force", cwd=workdir)
+    finally:
+        client.log_metric(run_id, "onnx_accuracy", logged)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr and not (workdir / "unfaithful").exists(), refused.stderr
+    both = [f"{logged:.2%}", f"{logged - 0.3:.2%}"]
+    assert all(figure in refused.stderr for figure in both) and "--force" in refused.stderr, refused.stderr
+    assert forced.returncode == 0, forced.stderr
+    card = (workdir / "forced" / "MODEL_CARD.md").read_text()
+    assert "exported with `--force`" in card and all(figure in card for figure in both) and "warning (--force)" in forced.stderr

@@ -235,3 +235,49 @@ def test_resume_refuses_clearly_when_there_is_nothing_to_resume_or_the_file_chan
     (tmp_path / "exp.yaml").write_text(textwrap.dedent(RESUMED).replace("epochs: 12", "epochs: 2"))
     changed = netshrink("search", "exp.yaml", "--resume", cwd=tmp_path)
     assert changed.returncode == 2 and "has changed since search" in changed.stderr and "Traceback" not in changed.stderr
+
+
+class NoRuns:
+    """The MLflow side of a search that has no child runs yet: ``reopen_search`` only reads and marks runs."""
+
+    def reopen(self, run_id):
+        pass
+
+    def trial_runs(self, experiment_id, parent_run_id):
+        return []
+
+    def interrupted(self, run_id):
+        pass
+
+
+def test_the_cut_trial_runs_again_before_the_trials_that_waited_in_the_queue(tmp_path):
+    from netshrink.search.resume import reopen_search
+    from netshrink.search.tracking import SearchRecord
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize"])
+    for x in (1, 2, 3, 4):  # the informed start: enqueued when the search began
+        study.enqueue_trial({"x": x})
+    done = study.ask()
+    done.suggest_int("x", 0, 9)
+    study.tell(done, [0.9, 1.0])
+    cut = study.ask()
+    assert cut.suggest_int("x", 0, 9) == 2  # running when the search was stopped; 3 and 4 still wait
+    record = SearchRecord(
+        run_id="p", objectives=["accuracy", "size_bytes"], constraints=None, baseline={}, study_name="s", storage_url=storage,
+        config_file=None, config_sha256=None, trials=4,
+    )
+    progress = reopen_search(NoRuns(), "0", record, record.objectives, None)
+    assert progress.ended == 1  # the cut trial and the moved ones cost no budget
+    order = []
+    for _ in range(3):
+        trial = study.ask()
+        order.append(trial.suggest_int("x", 0, 9))
+        study.tell(trial, [0.5, 1.0])
+    assert order == [2, 3, 4]
+    trials = study.get_trials()
+    assert [t.user_attrs.get("retry_of") for t in trials if "retry_of" in t.user_attrs] == [cut.number]
+    assert sorted(t.user_attrs["requeued_of"] for t in trials if "requeued_of" in t.user_attrs) == [2, 3]
+    from netshrink.search.resume import ended_trials
+
+    assert ended_trials(trials) == 4

@@ -1,0 +1,64 @@
+"""SHA-256 of the files netshrink writes and later trusts: the baseline cache, each trial's artifact, the exported ONNX.
+
+Each hash is recorded where its file is written (next to the cached baseline, as a tag of the trial's MLflow
+run, in the model card) and checked whenever the file is read back. A file whose bytes were zeroed keeps its
+size and may still parse: only the hash tells it from the file that was measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from netshrink.errors import UserError
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def damage(path: str | os.PathLike, expected: str) -> str | None:
+    """Why the file at ``path`` is not the one whose SHA-256 is ``expected``, in words; None when it is."""
+    try:
+        actual = file_sha256(path)
+    except OSError as error:
+        return f"it cannot be read ({error.strerror or error})"
+    if actual != expected:
+        return f"its SHA-256 is {actual[:12]}..., not the {expected[:12]}... recorded when it was written: it was changed or damaged since"
+    return None
+
+
+def verify(path: str | os.PathLike, expected: str, what: str, remedy: str) -> None:
+    """``UserError`` naming the file, what is wrong with it and ``remedy``, unless its SHA-256 is ``expected``."""
+    problem = damage(path, expected)
+    if problem is not None:
+        raise UserError(f"{what} {path}: {problem}. {remedy}")
+
+
+def write_checksum(path: Path) -> str:
+    """Record ``path``'s SHA-256 in ``<path>.sha256``, in ``sha256sum``'s format (``sha256sum -c`` checks it). Returns it."""
+    digest = file_sha256(path)
+    checksum_file(path).write_text(f"{digest}  {path.name}\n")
+    return digest
+
+
+def checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def recorded_checksum(path: Path) -> str | None:
+    """The SHA-256 ``write_checksum`` recorded for ``path``; None if there is none (or it cannot be read)."""
+    try:
+        text = checksum_file(path).read_text().split()
+    except OSError:
+        return None
+    return text[0] if text and len(text[0]) == 64 else None
