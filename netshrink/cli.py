@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -55,7 +56,7 @@ def search(
     """
     from netshrink.validation import load_experiment
 
-    experiment = load_experiment(config)
+    experiment = load_experiment(config, log=partial(console.print, markup=False))
     from netshrink.search.runner import Overrides, run_search
 
     overrides = Overrides(trials=trials, concurrency=concurrency, address=address, tracking_uri=tracking_uri)
@@ -79,7 +80,6 @@ def validate(config: Path = typer.Argument(..., help="Experiment YAML file.")) -
     exports the untrained model to ONNX once to check that ONNX Runtime computes
     what torch does. A few seconds for the built-in task.
     """
-    from functools import partial
 
     from netshrink.validation import load_experiment
 
@@ -243,6 +243,14 @@ def main() -> None:
             raise
         errors.print(f"interrupted ({interrupt})" if str(interrupt) else "interrupted", markup=False, highlight=False)
         sys.exit(130)
+    except Exception as error:  # a full disk is no bug of ours: one line, where it was (errors.disk_full)
+        from netshrink.errors import disk_full
+
+        full = disk_full(error)
+        if full is None:
+            raise
+        errors.print(f"[bold red]error:[/bold red] {full}; free some space and run the command again", highlight=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -203,7 +203,8 @@ def run_search(
         if interrupted:
             console.print(f"Resuming: {progress.ended} of {trials} trials were done before the interruption.")
         console.print(f"Running {remaining} trials, {concurrency} at a time ...")
-        run_name = time.strftime("search-%Y%m%d-%H%M%S")  # the Tune run; a resumed search starts a new one
+        # the Tune run (a resumed search starts a new one); the parent run id keeps two searches started in one second apart
+        run_name = time.strftime("search-%Y%m%d-%H%M%S") + f"-{parent[:8]}"
         repeats = progress.repeats
         if remaining > 0:
             repeats += run_trials(experiment, setup, study_name, storage_url, run_name, remaining, concurrency, state_dir, progress, fresh=interrupted is None)

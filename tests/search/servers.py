@@ -48,6 +48,13 @@ def mlflow_server(home: Path) -> Iterator[tuple[str, Path]]:
 
     Yields the server's URL and its artifact folder.
     """
+    with mlflow_server_process(home) as (url, artifacts, _):
+        yield url, artifacts
+
+
+@contextmanager
+def mlflow_server_process(home: Path) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """``mlflow_server``, with the server's process too (``stop`` ends it early)."""
     artifacts = home / "artifacts"
     url = f"http://127.0.0.1:{free_port()}"
     log = (home / "server.log").open("w")
@@ -71,7 +78,7 @@ def mlflow_server(home: Path) -> Iterator[tuple[str, Path]]:
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow server not healthy after {SERVER_START_SECONDS} s:\n{(home / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url, artifacts
+        yield url, artifacts, process
     finally:
         stop(process)
         log.close()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -219,11 +220,18 @@ def test_resume_continues_an_interrupted_search_without_rerunning_or_losing_tria
     complete = [t for t in trials if t.state == State.COMPLETE and "repeat_of" not in t.user_attrs]
     assert len(complete) == RESUMED_TRIALS
     assert {t.number for t in complete} == {int(c.data.tags["optuna_trial"]) for c in finished}
-    interrupted = [t for t in trials if t.state == State.FAIL]
+    moved = {t.user_attrs["requeued_of"] for t in trials if "requeued_of" in t.user_attrs}  # waiting trials put behind the rerun
+    interrupted = [t for t in trials if t.state == State.FAIL and t.number not in moved]
     retries = [t for t in trials if "retry_of" in t.user_attrs]
     assert [t.user_attrs["retry_of"] for t in retries] == [t.number for t in interrupted]
     assert all(t.params == next(i for i in interrupted if i.number == t.user_attrs["retry_of"]).params for t in retries)
     assert not [t for t in trials if t.state == State.RUNNING]
+    # the cut pipeline ran again, within the budget, and is on the resumed search's front
+    (retry,) = retries
+    assert retry.state == State.COMPLETE
+    (rerun,) = [c for c in finished if c.data.tags["optuna_trial"] == str(retry.number)]
+    front = json.loads(netshrink("front", "-e", "resumed", "--json", cwd=tmp_path).stdout)
+    assert rerun.info.run_id in {point["run_id"] for point in front}, (rerun.data.tags["recipe_summary"], front)
 
 
 def test_resume_refuses_clearly_when_there_is_nothing_to_resume_or_the_file_changed(tmp_path):
