@@ -86,7 +86,12 @@ def progress_printer(
             self.ended_here = 0
             self.watch = ServerWatch(tracking_uri, timeout_s) if tracking_uri.startswith(("http://", "https://")) else None
 
+            self.stop: SearchStopped | None = None  # a fatal trial error, raised at the end of Tune's step
+
         def on_step_end(self, iteration, trials, **info):
+            # raised here, not in on_trial_error: Tune wraps what a trial-error callback raises in a TuneError of its own
+            if self.stop is not None:
+                raise self.stop
             if self.watch is not None:
                 self.watch.check()
 
@@ -125,17 +130,17 @@ def progress_printer(
             self.pace()
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            stop = fatal(trial)
-            if stop is not None:
-                raise stop
+            self.stop = self.stop or fatal(trial)
+            if self.stop is not None:
+                return
             self.done += 1
             print(f"[{label}{self.done}/{total}] trial failed: {_first_error_line(trial)}", flush=True)
             self.pace()
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            stop = fatal(trial)
-            if stop is not None:
-                raise stop  # before the retry: it would fail the same way
+            self.stop = self.stop or fatal(trial)
+            if self.stop is not None:
+                return  # the search stops before the retry runs: it would fail the same way
             print(f"trial {trial.trial_id} failed ({_first_error_line(trial)}), running it again", flush=True)
 
     return ProgressPrinter()

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from netshrink.config import Experiment
 from netshrink.deploy.stopping import StopRule
-from netshrink.errors import SearchStopped, UserError, disk_full
+from netshrink.errors import SearchStopped, TrackingUnavailable, UserError, disk_full
 from netshrink.node_lock import exclusive_file, lock_files
 
 from .baseline import prepare_baseline
@@ -78,11 +78,21 @@ def check_baseline_learned(experiment: Experiment, baseline: dict[str, float]) -
 
 def settle(action, console: Console) -> None:
     """Run one bookkeeping write of a failure path (mark a run KILLED or FAILED); if it fails too, say so in one
-    line and go on: the error being reported is the one that matters, and this path must not crash."""
+    line and go on: the error being reported is the one that matters, and this path must not crash. MLflow's own
+    logging of the failed write (a page of traceback) is held back meanwhile."""
+    import logging
+
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         action()
     except Exception as error:
-        console.print(f"[yellow]note: could not record the search's state in MLflow ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''})[/yellow]")
+        lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(("(raised as", "(Background", "[SQL", "[parameters"))]
+        why = disk_full(error) or (lines[0][:160] if lines else type(error).__name__)
+        console.print(f"[yellow]note: could not record the search's state in MLflow ({why})[/yellow]", highlight=False)
+    finally:
+        logger.setLevel(level)
 
 
 def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
@@ -217,6 +227,8 @@ def run_search(
         raise
     except BaseException as error:
         full = disk_full(error)
+        if isinstance(error, TrackingUnavailable):  # a call of the driver's own ran out of retries
+            error = SearchStopped(str(error), cause="tracking")
         if not isinstance(error, SearchStopped) and not full:
             if parent is not None:
                 settle(lambda: tracker.finish(parent, failed=True), console)
@@ -227,7 +239,7 @@ def run_search(
         gone = isinstance(error, SearchStopped) and error.cause == "tracking"
         if not gone:  # a full disk: the store may still take one small write
             settle(lambda: tracker.interrupted(parent), console)
-        then = "When the server answers again" if gone else "Free some space, then"
+        then = "When the server answers again," if gone else "Free some space, then"
         raise SearchStopped(
             f"the search stopped: {reason}. Its finished trials are kept in MLflow; a trial cut short runs again first. "
             f"{then} continue it with: netshrink search {config_path} --resume {parent}"

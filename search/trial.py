@@ -59,8 +59,18 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     except Exception as error:
         full = disk_full(error)
         if full:
-            raise DiskFull(full) from None
+            raise DiskFull(full + full_where(full, setup)) from None
         raise
+
+
+def full_where(full: str, setup: TrialSetup) -> str:
+    """Where the disk that filled is, when ``disk_full``'s line does not name a file: SQLite says only "database
+    or disk is full", and the database a trial writes is the MLflow store."""
+    if " writing " in full:
+        return ""
+    if setup.tracking_uri.startswith("sqlite:///"):
+        return f" (writing the MLflow store {setup.tracking_uri.removeprefix('sqlite:///')})"
+    return " (writing the trial's files on this node)"
 
 
 def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:

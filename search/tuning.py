@@ -89,6 +89,14 @@ def make_sampler(experiment: Experiment, seed_offset: int = 0):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def quiet_trial_errors() -> None:
+    """Tune logs each failed trial's whole traceback (Ray's and ours, pages of it for a full disk); the progress
+    printer says it in one line instead, and the traceback stays in the trial's error file and its MLflow run."""
+    import logging
+
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+
+
 def run_trials(
     experiment: Experiment,
     setup: TrialSetup,
@@ -111,6 +119,7 @@ def run_trials(
     from ray import tune
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_trial_errors()
     # Ctrl-C raises KeyboardInterrupt at once; Tune's own handler would end fit() quietly and the
     # search would look finished with part of its budget.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
