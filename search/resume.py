@@ -20,10 +20,14 @@ interruption left half done, and hands the rest of the budget to a new Tune run:
   waiting trial first, and a rerun queued behind them could find the budget spent.
   Each is marked FAIL and enqueued again, naming it in ``requeued_of``.
 
-A search whose Optuna study is gone (``optuna.db`` deleted) cannot be resumed: the
-sampler's history and the budget's count live there. That is an error saying so,
-with the command that starts afresh and the one that marks the search ended
-(``--abandon``), before anything is created.
+A search whose Optuna study is gone (``optuna.db`` deleted) has its study rebuilt
+from its MLflow runs, which hold every trial's parameters, recipe and figures
+(``rebuild_study``): each measured trial is replayed through the search space with
+its logged parameters, checked to give its logged recipe, and told its logged
+figures; a failed one is added as failed; a cut one runs again first. Trials
+answered without a run (repeats, the uncompressed baseline) cost no budget and are
+not rebuilt. If the study cannot be rebuilt, that is one line with the command that
+starts afresh and the one that marks the search ended (``--abandon``).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def find_interrupted_search(
     tracker: Tracker, experiment_id: str, experiment_name: str, config_path: Path, run_id: str | None = None
 ) -> SearchRecord:
     """The search to resume: ``run_id``, or the latest search of this experiment that did not finish and was not
-    abandoned. It must have run this same experiment file, and its Optuna study must still exist."""
+    abandoned. It must have run this same experiment file."""
     hint = f"start a new one with: netshrink search {config_path}"
     if run_id is None:
         record = tracker.latest_search(experiment_id, unfinished=True)
@@ -76,12 +80,6 @@ def find_interrupted_search(
         raise UserError(
             f"--resume: {config_path} has changed since search {record.run_id} started; a resumed search must run the same experiment "
             f"file (the search's copy is its MLflow artifact {CONFIG_ARTIFACT}). Restore the file, or start a new search without --resume"
-        )
-    if not study_exists(record.storage_url, record.study_name):
-        raise UserError(
-            f"--resume: search {record.run_id}'s Optuna study {record.study_name!r} is gone from {record.storage_url} (was optuna.db "
-            f"deleted or moved?), so it cannot be resumed: its finished trials stay in MLflow. Mark it ended with: netshrink search "
-            f"{config_path} --abandon {record.run_id}; then {hint}"
         )
     return record
 
@@ -110,6 +108,78 @@ def abandon_search(tracker: Tracker, experiment_id: str, experiment_name: str, r
     return record
 
 
+REBUILT_FROM = "rebuilt_from"  # user attribute of a trial of a rebuilt study: the number its MLflow run names
+
+
+def parse_param(text: str):
+    """A knob's value as MLflow keeps it (``str(value)``) back in its Python type: 0.35, 4, True, "channel", None."""
+    import yaml
+
+    if text == "None":
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (bool, int, float, str)) else text
+
+
+def rebuild_study(tracker: Tracker, experiment_id: str, search: SearchRecord, space, constraints: Constraints | None, config_path: Path) -> str:
+    """Make ``search``'s Optuna study again from its MLflow trial runs (see the module docstring); returns what was
+    done, in words. ``UserError`` with the commands that go on without it if it cannot be made."""
+    from netshrink.techniques import Pipeline
+
+    from .tuning import SpaceSampler
+
+    def same(a: str | None, b: str) -> bool:
+        return a is not None and Pipeline.from_recipe(a).recipe() == Pipeline.from_recipe(b).recipe()
+
+    try:
+        study = optuna.create_study(
+            study_name=search.study_name, storage=search.storage_url, directions=["maximize" if d == "max" else "minimize" for d in search.directions]
+        )
+    except Exception as error:
+        raise UserError(
+            f"--resume: search {search.run_id}'s Optuna study {search.study_name!r} is gone from {search.storage_url} (was optuna.db "
+            f"deleted or moved?), and it cannot be made again there ({type(error).__name__}: {error}). Mark the search ended with: "
+            f"netshrink search {config_path} --abandon {search.run_id}; then start a new one with: netshrink search {config_path}"
+        ) from None
+    sampler = SpaceSampler(space)
+    runs = [run for run in tracker.trial_runs(experiment_id, search.run_id) if OPTUNA_TRIAL_TAG in run.data.tags]
+    runs.sort(key=lambda run: int(run.data.tags[OPTUNA_TRIAL_TAG]))
+    measured = {run.info.run_id for run in runs if _measured(run, search.objectives)}
+    done = {run.data.tags.get(RECIPE_TAG) for run in runs if run.info.run_id in measured}
+    told = failed = redo = unmatched = 0
+    for run in runs:
+        number = int(run.data.tags[OPTUNA_TRIAL_TAG])
+        params = {key: parse_param(value) for key, value in run.data.params.items() if "/" in key}
+        if run.info.run_id in measured:
+            study.enqueue_trial(params, user_attrs={REBUILT_FROM: number})
+            trial = study.ask()
+            if not same(run.data.tags.get(RECIPE_TAG), sampler(trial)["recipe"]):
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)  # the space no longer gives its recipe: counted, not learnt from
+                unmatched += 1
+                continue
+            metrics = run.data.metrics
+            annotate(trial, metrics, constraints)
+            study.tell(trial, [metrics[name] for name in search.objectives])
+            told += 1
+        elif run.info.status == "FAILED":
+            study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={REBUILT_FROM: number}))
+            failed += 1
+        elif run.data.tags.get(RECIPE_TAG) not in done:  # cut short, and not run again since
+            study.enqueue_trial(params, user_attrs={RETRY_OF: number, REBUILT_FROM: number})
+            redo += 1
+    parts = [f"{told} measured trial(s)", f"{failed} failed", f"{redo} cut short, to run again first"]
+    if unmatched:
+        parts.append(f"{unmatched} whose parameters no longer give their recipe (counted, not learnt from)")
+    return f"rebuilt the Optuna study from the search's MLflow runs: {', '.join(parts)}"
+
+
+def _measured(run, objectives: list[str]) -> bool:
+    return (run.info.status == "FINISHED" or run.data.tags.get(STOPPED_TAG) == "true") and set(objectives) <= run.data.metrics.keys()
+
+
 def study_exists(storage_url: str, study_name: str) -> bool:
     """Whether the study is in its storage, without creating the storage: loading from a SQLite file that is not
     there would create an empty one."""
@@ -135,11 +205,7 @@ def reopen_search(tracker: Tracker, experiment_id: str, search: SearchRecord, ob
     study = optuna.load_study(study_name=search.study_name, storage=storage)
     children = tracker.trial_runs(experiment_id, search.run_id)
     finished = {  # measured trials, those early stopping ended included; not refined runs
-        int(run.data.tags[OPTUNA_TRIAL_TAG]): run
-        for run in children
-        if (run.info.status == "FINISHED" or run.data.tags.get(STOPPED_TAG) == "true")
-        and set(objectives) <= run.data.metrics.keys()
-        and OPTUNA_TRIAL_TAG in run.data.tags
+        int(run.data.tags[OPTUNA_TRIAL_TAG]): run for run in children if _measured(run, objectives) and OPTUNA_TRIAL_TAG in run.data.tags
     }
     cut_short = set()
     state = optuna.trial.TrialState

@@ -26,7 +26,7 @@ from .baseline import prepare_baseline
 from .constraints import DEFAULT_DROP, Constraints
 from .front import TrialPoint, with_interval
 from .preflight import connect_tracking, start_ray
-from .resume import Progress, find_interrupted_search, reopen_search
+from .resume import Progress, find_interrupted_search, rebuild_study, reopen_search, study_exists
 from .summary import print_summary, summarise
 from .tracking import ABANDONED_TAG, default_tracking_uri
 from .trial import TrialSetup
@@ -175,6 +175,9 @@ def run_search(
             constraints = record.constraints or Constraints.for_search(
                 experiment.min_metric, experiment.max_size_bytes, experiment.max_latency_ms, record.baseline, experiment.metric, experiment.max_metric_drop
             )
+            if not study_exists(record.storage_url, record.study_name):
+                console.print(f"The Optuna study of search {record.run_id} is gone from {record.storage_url}: "
+                              f"{rebuild_study(tracker, experiment_id, record, experiment.space, constraints, config_path)}")
             progress = reopen_search(tracker, experiment_id, record, experiment.objectives, constraints)
         b, parent, study_name, storage_url = record.baseline, record.run_id, record.study_name, record.storage_url
         console.print(

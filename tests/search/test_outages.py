@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -136,25 +137,42 @@ def test_a_full_disk_stops_the_search_in_one_line_without_retrying_and_resume_fi
     assert parent.info.status == "FINISHED" and sum(c.info.status == "FINISHED" for c in children) == 4
 
 
-def test_a_deleted_optuna_study_is_one_clear_error_and_abandon_lets_the_search_go(tmp_path):
+def test_a_deleted_optuna_study_is_rebuilt_from_the_mlflow_runs_and_the_search_finishes(tmp_path):
     (tmp_path / "exp.yaml").write_text(textwrap.dedent(RESUMED))
-    interrupt_after(tmp_path, finished=1, sig=signal.SIGKILL)
-    _, (parent,), _ = runs_of(tmp_path, "resumed")
-    run_id = parent.info.run_id
+    interrupt_after(tmp_path, finished=2, sig=signal.SIGKILL)
+    _, (parent,), before = runs_of(tmp_path, "resumed")
+    done_before = {c.info.run_id: c.info.end_time for c in before if c.info.status == "FINISHED"}
     (tmp_path / "optuna.db").unlink()
-    for args in (["--resume"], ["--resume", run_id]):
-        gone = netshrink("search", "exp.yaml", *args, cwd=tmp_path)
-        assert gone.returncode == 2 and "Traceback" not in gone.stderr, gone.stderr
-        assert "is gone from" in gone.stderr and f"--abandon {run_id}" in gone.stderr and "netshrink search exp.yaml" in gone.stderr
-        assert not (tmp_path / "optuna.db").exists()  # nothing created in its place
     unknown = netshrink("search", "exp.yaml", "--resume", "0" * 32, cwd=tmp_path)
-    assert unknown.returncode == 2 and "no MLflow run has the id" in unknown.stderr, unknown.stderr
-    abandoned = netshrink("search", "exp.yaml", "--abandon", run_id, cwd=tmp_path)
+    assert unknown.returncode == 2 and "no MLflow run has the id" in unknown.stderr and "Traceback" not in unknown.stderr, unknown.stderr
+    assert not (tmp_path / "optuna.db").exists()  # nothing created by a refused resume
+    resumed = netshrink("search", "exp.yaml", "--resume", parent.info.run_id, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "rebuilt the Optuna study from the search's MLflow runs: 2 measured trial(s), 0 failed, 1 cut short" in resumed.stdout, resumed.stdout
+    assert "Resuming: 2 of 4 trials were done" in resumed.stdout and "[4/4]" in resumed.stdout, resumed.stdout
+    _, (parent,), after = runs_of(tmp_path, "resumed")
+    finished = {c.info.run_id: c.info.end_time for c in after if c.info.status == "FINISHED"}
+    assert parent.info.status == "FINISHED" and len(finished) == 4
+    assert all(finished[run_id] == end for run_id, end in done_before.items())  # not run again
+    study = optuna.load_study(study_name=parent.data.tags["optuna.study_name"], storage=parent.data.tags["optuna.storage"])
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "repeat_of" not in t.user_attrs]
+    assert len(complete) == 4 and sum("rebuilt_from" in t.user_attrs for t in complete) == 3  # 2 told, the cut one rerun
+
+
+def test_abandon_marks_a_stale_search_ended_so_that_resume_passes_it_by(tmp_path):
+    (tmp_path / "exp.yaml").write_text(quick("stale"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("stale", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    stale = client.create_run(experiment_id, tags={"netshrink.role": "search"}).info.run_id  # RUNNING, its driver long gone
+    trial = client.create_run(experiment_id, tags={"netshrink.role": "trial", "mlflow.parentRunId": stale}).info.run_id
+    abandoned = netshrink("search", "exp.yaml", "--abandon", stale, cwd=tmp_path)
     assert abandoned.returncode == 0 and "marked ended" in abandoned.stdout, abandoned.stdout + abandoned.stderr
-    client, (parent,), children = runs_of(tmp_path, "resumed")
-    assert parent.info.status == "KILLED" and not [c for c in children if c.info.status == "RUNNING"]
+    assert client.get_run(stale).info.status == "KILLED" and client.get_run(trial).info.status == "KILLED"
+    assert client.get_run(stale).data.tags["netshrink.abandoned"] == "true"
     nothing = netshrink("search", "exp.yaml", "--resume", cwd=tmp_path)
-    assert nothing.returncode == 2 and "no interrupted search" in nothing.stderr, nothing.stderr
+    assert nothing.returncode == 2 and "no interrupted search" in nothing.stderr and "Traceback" not in nothing.stderr, nothing.stderr
+    again = netshrink("search", "exp.yaml", "--abandon", "0" * 32, cwd=tmp_path)
+    assert again.returncode == 2 and "no MLflow run has the id" in again.stderr, again.stderr
 
 
 def test_two_searches_started_at_once_in_a_new_folder_both_finish_on_one_baseline(tmp_path):
