@@ -218,24 +218,37 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        files, onnx_accuracy, snippet, forced = write_files(tracker, experiment, chosen, staging, config, trust_logged_code, force)
+        written = write_files(tracker, experiment, chosen, staging, config, trust_logged_code, force)
         if out.is_dir():
             out.rmdir()  # empty, checked above
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    version = register_model(tracker.uri, register, chosen, out) if register else None
-    return Export(folder=out, chosen=chosen, files=files, onnx_accuracy=onnx_accuracy, registered_version=version, snippet=snippet, forced=forced)
+    version = register_model(tracker.uri, register, chosen, out, written.sha256) if register else None
+    return Export(
+        folder=out, chosen=chosen, files=written.files, onnx_accuracy=written.onnx_accuracy, registered_version=version,
+        snippet=written.snippet, forced=written.forced,
+    )
+
+
+@dataclass(frozen=True)
+class Written:
+    """What ``write_files`` put in the folder."""
+
+    files: dict[str, int]  # file name -> bytes
+    sha256: dict[str, str]  # file name -> SHA-256, as written (and stated in the card)
+    onnx_accuracy: float  # model.onnx's metric on the validation split
+    snippet: str  # the card's snippet that runs model.onnx
+    forced: str  # with --force: what the faithfulness check found
 
 
 def write_files(
     tracker: Tracker, experiment: str, chosen: Chosen, folder: Path, config: Path | None = None, trust_logged_code: bool = False,
     force: bool = False,
-) -> tuple[dict[str, int], float, str, str]:
+) -> Written:
     """Artifact and recipe as the trial logged them (the artifact checked against its logged SHA-256); the ONNX model
-    rebuilt from the artifact and checked against the logged metric; the card. Returns the files' sizes, the ONNX model's
-    metric on the validation split, the card's snippet that runs it and, with ``force``, what the check found."""
+    rebuilt from the artifact and checked against the logged metric; the card."""
     from netshrink.deploy.measure import onnx_evaluate
     from netshrink.deploy.onnx_export import deployment_config, export_artifact
     from netshrink.tasks.task import load_task
@@ -300,7 +313,7 @@ def write_files(
         forced=forced,
     )
     (folder / CARD_FILE).write_text(render_card(facts))
-    return files, onnx_accuracy, onnx_snippet(facts), forced
+    return Written(files=files, sha256=facts.sha256, onnx_accuracy=onnx_accuracy, snippet=onnx_snippet(facts), forced=forced)
 
 
 def unfaithful(point: TrialPoint, onnx_value: float) -> str:
@@ -320,8 +333,9 @@ def unfaithful(point: TrialPoint, onnx_value: float) -> str:
     )
 
 
-def register_model(tracking_uri: str, name: str, chosen: Chosen, folder: Path) -> str:
-    """A new version of registered model ``name``: the ONNX model in MLflow's format, with the other files.
+def register_model(tracking_uri: str, name: str, chosen: Chosen, folder: Path, sha256: dict[str, str] | None = None) -> str:
+    """A new version of registered model ``name``: the ONNX model in MLflow's format, with the other files, each
+    checked against the SHA-256 export wrote it with (``sha256``) before it is read.
 
     It is logged as an MLflow model of the trial's run, so the version links to
     the run and its metrics; the headline figures are also the version's tags.
@@ -331,6 +345,10 @@ def register_model(tracking_uri: str, name: str, chosen: Chosen, folder: Path) -
     import mlflow.onnx
     import onnx
 
+    for file, digest in (sha256 or {}).items():
+        problem = damage(folder / file, digest)
+        if problem:
+            raise UserError(f"--register {name!r}: {folder / file}: {problem}; nothing was registered. Export again into a new folder")
     point = chosen.point
     metric = point.metric_name
     tags = {

@@ -52,6 +52,7 @@ def wait_for(text: str, log: Path, process: subprocess.Popen, seconds: float = 6
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # 45 s: a server, a search, the 20 s bound
 def test_a_tracking_server_gone_for_good_stops_the_search_within_the_bound_saying_so(tmp_path):
     (tmp_path / "exp.yaml").write_text(quick("outage", trials=4, epochs=3, timeout=20))
     home = tmp_path / "server"
@@ -111,11 +112,11 @@ def test_a_full_disk_stops_the_search_in_one_line_without_retrying_and_resume_fi
     if small_disk is None:
         (workdir / "fullmodel.py").write_text(DISK_FULL_MODEL.format(flag=str(flag)))
         model = "fullmodel:make"
-    (workdir / "exp.yaml").write_text(quick("full", trials=4, epochs=3, model=model))
+    (workdir / "exp.yaml").write_text(quick("full", trials=3, epochs=2, model=model))
     log = tmp_path / "search.log"
     search = start(["search", "exp.yaml"], workdir, log)
     try:
-        wait_for("[1/4]", log, search)
+        wait_for("[1/3]", log, search)
         if small_disk is not None:  # fill it, leaving 250 KB
             free = os.statvfs(workdir).f_bavail * os.statvfs(workdir).f_frsize
             with open(flag, "wb") as filler:
@@ -132,11 +133,12 @@ def test_a_full_disk_stops_the_search_in_one_line_without_retrying_and_resume_fi
     assert len(output.splitlines()) < 40, output  # not pages of tracebacks
     flag.unlink()
     resumed = netshrink("search", "exp.yaml", "--resume", cwd=workdir)
-    assert resumed.returncode == 0 and "[4/4]" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "[3/3]" in resumed.stdout, resumed.stdout + resumed.stderr
     _, (parent,), children = runs_of(workdir, "full")
-    assert parent.info.status == "FINISHED" and sum(c.info.status == "FINISHED" for c in children) == 4
+    assert parent.info.status == "FINISHED" and sum(c.info.status == "FINISHED" for c in children) == 3
 
 
+@pytest.mark.slow  # 60 s: a search killed part-way, then resumed
 def test_a_deleted_optuna_study_is_rebuilt_from_the_mlflow_runs_and_the_search_finishes(tmp_path):
     (tmp_path / "exp.yaml").write_text(textwrap.dedent(RESUMED))
     interrupt_after(tmp_path, finished=2, sig=signal.SIGKILL)
@@ -175,6 +177,7 @@ def test_abandon_marks_a_stale_search_ended_so_that_resume_passes_it_by(tmp_path
     assert again.returncode == 2 and "no MLflow run has the id" in again.stderr, again.stderr
 
 
+@pytest.mark.slow  # 30 s: two searches on two cores
 def test_two_searches_started_at_once_in_a_new_folder_both_finish_on_one_baseline(tmp_path):
     (tmp_path / "exp.yaml").write_text(quick("together", trials=2))
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
