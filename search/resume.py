@@ -173,7 +173,7 @@ def rebuild_study(tracker: Tracker, experiment_id: str, search: SearchRecord, sp
     parts = [f"{told} measured trial(s)", f"{failed} failed", f"{redo} cut short, to run again first"]
     if unmatched:
         parts.append(f"{unmatched} whose parameters no longer give their recipe (counted, not learnt from)")
-    return f"rebuilt the Optuna study from the search's MLflow runs: {', '.join(parts)}"
+    return f"Rebuilt it from the search's MLflow runs: {', '.join(parts)}."
 
 
 def _measured(run, objectives: list[str]) -> bool:

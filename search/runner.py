@@ -176,8 +176,8 @@ def run_search(
                 experiment.min_metric, experiment.max_size_bytes, experiment.max_latency_ms, record.baseline, experiment.metric, experiment.max_metric_drop
             )
             if not study_exists(record.storage_url, record.study_name):
-                console.print(f"The Optuna study of search {record.run_id} is gone from {record.storage_url}: "
-                              f"{rebuild_study(tracker, experiment_id, record, experiment.space, constraints, config_path)}")
+                console.print(f"The Optuna study of search {record.run_id} is gone from {record.storage_url}.")
+                console.print(rebuild_study(tracker, experiment_id, record, experiment.space, constraints, config_path))
             progress = reopen_search(tracker, experiment_id, record, experiment.objectives, constraints)
         b, parent, study_name, storage_url = record.baseline, record.run_id, record.study_name, record.storage_url
         console.print(

@@ -150,7 +150,7 @@ def test_a_deleted_optuna_study_is_rebuilt_from_the_mlflow_runs_and_the_search_f
     assert not (tmp_path / "optuna.db").exists()  # nothing created by a refused resume
     resumed = netshrink("search", "exp.yaml", "--resume", parent.info.run_id, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "rebuilt the Optuna study from the search's MLflow runs: 2 measured trial(s), 0 failed, 1 cut short" in resumed.stdout, resumed.stdout
+    assert "Rebuilt it from the search's MLflow runs: 2 measured trial(s), 0 failed, 1 cut short" in resumed.stdout, resumed.stdout
     assert "Resuming: 2 of 4 trials were done" in resumed.stdout and "[4/4]" in resumed.stdout, resumed.stdout
     _, (parent,), after = runs_of(tmp_path, "resumed")
     finished = {c.info.run_id: c.info.end_time for c in after if c.info.status == "FINISHED"}
