@@ -71,6 +71,8 @@ def find_interrupted_search(
         record = _named_search(tracker, experiment_id, experiment_name, run_id)
         if record.status == "FINISHED":
             raise UserError(f"--resume {run_id}: that search finished; there is nothing to resume. To search again, {hint}")
+        if tracker.client.get_run(run_id).data.tags.get(ABANDONED_TAG) == "true":
+            raise UserError(f"--resume {run_id}: that search was abandoned (--abandon); {hint}")
     logged = _logged_experiment_file(tracker, record.run_id)
     if logged is None or record.study_name is None or record.storage_url is None or record.trials is None:
         raise UserError(f"--resume: search {record.run_id} of {experiment_name!r} stopped before its first trial; {hint}")
@@ -121,7 +123,12 @@ def parse_param(text: str):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    return value if isinstance(value, (bool, int, float, str)) else text
+    if isinstance(value, str):
+        try:
+            return float(value)  # 1e-05: YAML 1.1 reads a float without a dot as a string
+        except ValueError:
+            return value
+    return value if isinstance(value, (bool, int, float)) else text
 
 
 def rebuild_study(tracker: Tracker, experiment_id: str, search: SearchRecord, space, constraints: Constraints | None, config_path: Path) -> str:

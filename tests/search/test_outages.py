@@ -173,6 +173,8 @@ def test_abandon_marks_a_stale_search_ended_so_that_resume_passes_it_by(tmp_path
     assert client.get_run(stale).data.tags["netshrink.abandoned"] == "true"
     nothing = netshrink("search", "exp.yaml", "--resume", cwd=tmp_path)
     assert nothing.returncode == 2 and "no interrupted search" in nothing.stderr and "Traceback" not in nothing.stderr, nothing.stderr
+    named = netshrink("search", "exp.yaml", "--resume", stale, cwd=tmp_path)
+    assert named.returncode == 2 and "was abandoned" in named.stderr, named.stderr
     again = netshrink("search", "exp.yaml", "--abandon", "0" * 32, cwd=tmp_path)
     assert again.returncode == 2 and "no MLflow run has the id" in again.stderr, again.stderr
 
@@ -217,3 +219,9 @@ def test_a_full_disk_reads_as_one_line_naming_the_path():
     wrapped.__cause__ = sqlite3.OperationalError("database or disk is full")
     assert disk_full(wrapped) == "the disk is full: database or disk is full"
     assert disk_full(ValueError("a bad shape")) is None
+
+
+def test_a_knob_logged_as_text_reads_back_in_its_type():
+    from netshrink.search.resume import parse_param
+
+    assert [parse_param(text) for text in ("0.35", "4", "True", "channel", "None", "1e-05")] == [0.35, 4, True, "channel", None, 1e-05]
