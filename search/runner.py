@@ -30,7 +30,7 @@ from .resume import Progress, find_interrupted_search, rebuild_study, reopen_sea
 from .summary import print_summary, summarise
 from .tracking import ABANDONED_TAG, default_tracking_uri
 from .trial import TrialSetup
-from .tuning import refine_front, run_trials
+from .tuning import quiet_tracebacks, refine_front, run_trials
 
 STATE_DIR = ".netshrink"
 
@@ -129,6 +129,7 @@ def run_search(
 
     console = console or Console()
     started = time.time()
+    quiet_tracebacks()
     metric = experiment.metric
     for note in experiment.notes():
         console.print(f"[yellow]note: {note}[/yellow]")
@@ -215,7 +216,7 @@ def run_search(
         remaining = trials - progress.ended
         if interrupted:
             console.print(f"Resuming: {progress.ended} of {trials} trials were done before the interruption.")
-        console.print(f"Running {remaining} trials, {concurrency} at a time ...")
+        console.print(f"Running {remaining} trials, {concurrency} at a time ..." if remaining > 0 else "Every trial of the budget has run; writing the front.")
         # the Tune run (a resumed search starts a new one); the parent run id keeps two searches started in one second apart
         run_name = time.strftime("search-%Y%m%d-%H%M%S") + f"-{parent[:8]}"
         repeats = progress.repeats
@@ -223,6 +224,7 @@ def run_search(
             repeats += run_trials(experiment, setup, study_name, storage_url, run_name, remaining, concurrency, state_dir, progress, fresh=interrupted is None)
         if experiment.refine.epochs > 0:
             refine_front(experiment, setup, tracker, experiment_id, run_name, concurrency, state_dir, console)
+        summary = summarise(tracker, experiment_id, record, constraints, repeats)  # writes too: the Pareto flags, the outcome
     except KeyboardInterrupt:
         if parent is not None:
             settle(lambda: tracker.interrupted(parent), console)
@@ -251,7 +253,6 @@ def run_search(
         if owns_ray:
             ray.shutdown()
 
-    summary = summarise(tracker, experiment_id, record, constraints, repeats)
     seconds = time.time() - started
     print_summary(summary, experiment.name, seconds, tracking_uri, console)
     return SearchResult(

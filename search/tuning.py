@@ -89,12 +89,21 @@ def make_sampler(experiment: Experiment, seed_offset: int = 0):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def quiet_trial_errors() -> None:
-    """Tune logs each failed trial's whole traceback (Ray's and ours, pages of it for a full disk); the progress
-    printer says it in one line instead, and the traceback stays in the trial's error file and its MLflow run."""
+QUIET_LOGGERS = (
+    "ray.tune.execution.tune_controller",  # each failed trial's whole traceback: the progress says it in one line
+    "ray.tune.execution.experiment_state",  # a failed copy of Tune's own state (a full disk); --resume does not read it
+    "mlflow.store.db.utils",  # a SQLite error MLflow catches, logs with its traceback, and raises again: we report it
+)
+
+
+def quiet_tracebacks() -> None:
+    """The driver's libraries log pages of traceback for errors that netshrink then reports in one line (a failed
+    trial, a full disk); their loggers are set to CRITICAL. The tracebacks stay in each trial's error file (its Ray
+    trial folder) and its MLflow run's ``error`` tag."""
     import logging
 
-    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def run_trials(
@@ -119,7 +128,6 @@ def run_trials(
     from ray import tune
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    quiet_trial_errors()
     # Ctrl-C raises KeyboardInterrupt at once; Tune's own handler would end fit() quietly and the
     # search would look finished with part of its budget.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"

@@ -92,6 +92,7 @@ def test_a_nan_trial_is_failed_in_tune_optuna_and_mlflow_and_the_search_goes_on(
     assert all(tune[int(c.data.tags["optuna_trial"])].num_failures == 2 for c in failed)
 
 
+@pytest.mark.slow  # 35 s; the default run keeps a retried NaN trial and a killed search
 def test_a_killed_worker_process_costs_one_retry_and_the_search_completes(tmp_path):
     shutil.copy(USERLAND / "dies_once.py", tmp_path / "dies_once.py")
     (tmp_path / "exp.yaml").write_text(
@@ -234,6 +235,7 @@ def test_resume_continues_an_interrupted_search_without_rerunning_or_losing_tria
     assert rerun.info.run_id in {point["run_id"] for point in front}, (rerun.data.tags["recipe_summary"], front)
 
 
+@pytest.mark.slow  # 33 s; "nothing to resume" is also in test_outages.py's --abandon test
 def test_resume_refuses_clearly_when_there_is_nothing_to_resume_or_the_file_changed(tmp_path):
     (tmp_path / "exp.yaml").write_text(textwrap.dedent(RESUMED))
     nothing = netshrink("search", "exp.yaml", "--resume", cwd=tmp_path)

@@ -133,7 +133,8 @@ def test_a_full_disk_stops_the_search_in_one_line_without_retrying_and_resume_fi
     assert len(output.splitlines()) < 40, output  # not pages of tracebacks
     flag.unlink()
     resumed = netshrink("search", "exp.yaml", "--resume", cwd=workdir)
-    assert resumed.returncode == 0 and "[3/3]" in resumed.stdout, resumed.stdout + resumed.stderr
+    # the disk filled during a trial (it runs again) or while the front was written (only that is left to do)
+    assert resumed.returncode == 0 and "3 of 3 finished trials (0 failed)" in resumed.stdout, resumed.stdout + resumed.stderr
     _, (parent,), children = runs_of(workdir, "full")
     assert parent.info.status == "FINISHED" and sum(c.info.status == "FINISHED" for c in children) == 3
 
