@@ -158,7 +158,7 @@ def render_card(facts: CardFacts) -> str:
         f"`model.onnx`, checked at export: {facts.metric} {format_metric(facts.metric, facts.onnx_accuracy)} on the validation split, one sample per call.",
     ]
     if facts.forced:
-        lines += ["", f"**Warning: exported with `--force`.** {facts.forced[0].upper()}{facts.forced[1:]}. Trust the figure export measured, not the table."]
+        lines += ["", f"**Warning, exported with `--force`:** {facts.forced}. Trust the figure export measured, not the table."]
     shares = [point.extra[f"exit_share_{index}"] for index in range(len(facts.exit_cuts) + 1) if f"exit_share_{index}" in point.extra]
     if facts.exit_cuts and shares:
         where = ", ".join(f"{label} {share:.1%}" for label, share in zip(exit_labels(facts), shares))

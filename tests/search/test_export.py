@@ -333,4 +333,4 @@ def test_a_model_onnx_scoring_other_than_logged_is_refused_and_force_writes_it_w
     assert all(figure in refused.stderr for figure in both) and "--force" in refused.stderr, refused.stderr
     assert forced.returncode == 0, forced.stderr
     card = (workdir / "forced" / "MODEL_CARD.md").read_text()
-    assert "exported with `--force`" in card and all(figure in card for figure in both) and "warning (--force)" in forced.stderr
+    assert "exported with `--force`:** model.onnx scores" in card and all(figure in card for figure in both) and "warning (--force)" in forced.stderr
