@@ -162,22 +162,27 @@ def test_a_deleted_optuna_study_is_rebuilt_from_the_mlflow_runs_and_the_search_f
     assert len(complete) == 4 and sum("rebuilt_from" in t.user_attrs for t in complete) == 3  # 2 told, the cut one rerun
 
 
-def test_abandon_marks_a_stale_search_ended_so_that_resume_passes_it_by(tmp_path):
+def test_abandon_marks_a_stale_search_ended_so_that_resume_passes_it_by(tmp_path, monkeypatch):
+    from netshrink.errors import UserError
+    from netshrink.search.runner import abandon_search, run_search
+    from netshrink.validation import load_experiment
+
+    monkeypatch.chdir(tmp_path)  # in process: the CLI's --resume and --abandon reach these two calls (the rebuild test runs them as commands)
     (tmp_path / "exp.yaml").write_text(quick("stale"))
+    experiment = load_experiment(tmp_path / "exp.yaml")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("stale", artifact_location=(tmp_path / "mlartifacts").as_uri())
     stale = client.create_run(experiment_id, tags={"netshrink.role": "search"}).info.run_id  # RUNNING, its driver long gone
     trial = client.create_run(experiment_id, tags={"netshrink.role": "trial", "mlflow.parentRunId": stale}).info.run_id
-    abandoned = netshrink("search", "exp.yaml", "--abandon", stale, cwd=tmp_path)
-    assert abandoned.returncode == 0 and "marked ended" in abandoned.stdout, abandoned.stdout + abandoned.stderr
+    abandon_search(experiment, tmp_path / "exp.yaml", stale)
     assert client.get_run(stale).info.status == "KILLED" and client.get_run(trial).info.status == "KILLED"
     assert client.get_run(stale).data.tags["netshrink.abandoned"] == "true"
-    nothing = netshrink("search", "exp.yaml", "--resume", cwd=tmp_path)
-    assert nothing.returncode == 2 and "no interrupted search" in nothing.stderr and "Traceback" not in nothing.stderr, nothing.stderr
-    named = netshrink("search", "exp.yaml", "--resume", stale, cwd=tmp_path)
-    assert named.returncode == 2 and "was abandoned" in named.stderr, named.stderr
-    again = netshrink("search", "exp.yaml", "--abandon", "0" * 32, cwd=tmp_path)
-    assert again.returncode == 2 and "no MLflow run has the id" in again.stderr, again.stderr
+    for resume, expected in (("latest", "no interrupted search"), (stale, "was abandoned"), ("0" * 32, "no MLflow run has the id")):
+        with pytest.raises(UserError, match=expected):  # before anything is trained
+            run_search(experiment, tmp_path / "exp.yaml", resume=resume)
+    with pytest.raises(UserError, match="no MLflow run has the id"):
+        abandon_search(experiment, tmp_path / "exp.yaml", "0" * 32)
+    assert not (tmp_path / ".netshrink" / "baselines").exists()
 
 
 @pytest.mark.slow  # 30 s: two searches on two cores

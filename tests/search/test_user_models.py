@@ -134,6 +134,7 @@ def test_a_text_classifier_over_token_ids_fed_dict_batches_and_scored_by_f1_macr
     assert "dtype=np.int64" in card and '"input_ids": input_ids' in card and "f1_macro" in card
 
 
+@pytest.mark.slow  # 41 s; the default run keeps dict batches (the text classifier), which go through the same paths
 def test_a_model_with_two_tensor_inputs(tmp_path):
     workdir = workdir_with(tmp_path, """
         name: two
