@@ -11,8 +11,6 @@ import hashlib
 import os
 from pathlib import Path
 
-from netshrink.errors import UserError
-
 
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
@@ -26,27 +24,29 @@ def bytes_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def unreadable(error: OSError) -> str:
+    return f"it cannot be read ({error.strerror or error})"
+
+
+def mismatch(actual: str, expected: str) -> str | None:
+    """Why a file whose SHA-256 is ``actual`` is not the one recorded as ``expected``, in words; None when it is."""
+    if actual == expected:
+        return None
+    return f"its SHA-256 is {actual[:12]}..., not the {expected[:12]}... recorded when it was written: it was changed or damaged since"
+
+
 def damage(path: str | os.PathLike, expected: str) -> str | None:
     """Why the file at ``path`` is not the one whose SHA-256 is ``expected``, in words; None when it is."""
     try:
-        actual = file_sha256(path)
+        return mismatch(file_sha256(path), expected)
     except OSError as error:
-        return f"it cannot be read ({error.strerror or error})"
-    if actual != expected:
-        return f"its SHA-256 is {actual[:12]}..., not the {expected[:12]}... recorded when it was written: it was changed or damaged since"
-    return None
+        return unreadable(error)
 
 
-def verify(path: str | os.PathLike, expected: str, what: str, remedy: str) -> None:
-    """``UserError`` naming the file, what is wrong with it and ``remedy``, unless its SHA-256 is ``expected``."""
-    problem = damage(path, expected)
-    if problem is not None:
-        raise UserError(f"{what} {path}: {problem}. {remedy}")
-
-
-def write_checksum(path: Path) -> str:
-    """Record ``path``'s SHA-256 in ``<path>.sha256``, in ``sha256sum``'s format (``sha256sum -c`` checks it). Returns it."""
-    digest = file_sha256(path)
+def write_checksum(path: Path, digest: str | None = None) -> str:
+    """Record ``path``'s SHA-256 (``digest``, where its bytes are hashed already) in ``<path>.sha256``, in ``sha256sum``'s
+    format (``sha256sum -c`` checks it). Returns it."""
+    digest = digest or file_sha256(path)
     checksum_file(path).write_text(f"{digest}  {path.name}\n")
     return digest
 

@@ -14,8 +14,7 @@ import torch
 import netshrink
 from netshrink.config import Experiment
 from netshrink.deploy.evaluate import epoch_line, split_scores
-from netshrink.errors import UserError
-from netshrink.integrity import bytes_sha256, file_sha256, recorded_checksum, write_checksum
+from netshrink.integrity import bytes_sha256, file_sha256, mismatch, recorded_checksum, unreadable, write_checksum
 from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, dataset_digest, factory_sources
 from netshrink.tasks.task import Task, load_task
 from netshrink.node_lock import compute_slot, exclusive_file
@@ -102,8 +101,8 @@ def prepare_baseline(experiment: Experiment, cache_dir: Path, search_path: str, 
 def _prepare(experiment: Experiment, task: Task, fingerprint: dict[str, Any], folder: Path, log) -> Baseline:
     settings, config, cache_dir = experiment.task.train, task.config, folder.parent
     artifact = folder / BASELINE_FILE
-    damaged = cache_damage(artifact)
-    trained_now = damaged is not None
+    weights, damaged = cached_weights(artifact)
+    trained_now = weights is None
     model = task.build_model()
     if trained_now:
         if damaged:
@@ -129,12 +128,10 @@ def _prepare(experiment: Experiment, task: Task, fingerprint: dict[str, Any], fo
         save_artifact(partial, model, {}, Pipeline().recipe())
         (folder / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
         partial.replace(artifact)  # atomic: a crash mid-write never leaves a half baseline behind
-        write_checksum(artifact)  # a crash before this line leaves a file with no checksum: trained again
+        weights = artifact.read_bytes()
+        write_checksum(artifact, bytes_sha256(weights))  # a crash before this line leaves a file with no checksum: trained again
     else:
         log(f"Using the cached baseline {artifact}")
-    weights = artifact.read_bytes()
-    if bytes_sha256(weights) != recorded_checksum(artifact):  # changed between the check and the read
-        raise UserError(f"{artifact}: the cached baseline changed while it was being read; delete {folder} and run the search again")
     model = load_artifact(artifact, model).model
     log("Measuring the baseline (metric on validation and test, ONNX export, latency) ...")
     metrics = measure_baseline(model, task, artifact, folder, experiment)
@@ -143,22 +140,23 @@ def _prepare(experiment: Experiment, task: Task, fingerprint: dict[str, Any], fo
     return Baseline(artifact=artifact, weights=weights, sensitivity=sensitivity, metrics=metrics, trained_now=trained_now)
 
 
-def cache_damage(artifact: Path) -> str | None:
-    """``""`` when there is no cached baseline, why it cannot be used when it is damaged (in words), None when it is sound.
-
-    Sound means the file's SHA-256 is the one recorded next to it (``baseline.safetensors.sha256``) when it was
-    written: a file whose bytes were zeroed, truncated or unreadable is trained again, never used.
+def cached_weights(artifact: Path) -> tuple[bytes | None, str]:
+    """The cached baseline's bytes, read once, when their SHA-256 is the one recorded beside them
+    (``baseline.safetensors.sha256``) when the file was written; else None and why it cannot be used, in words
+    ("" when there is no cached baseline). A file whose bytes were zeroed, truncated or unreadable, or that has no
+    recorded hash, is trained again, never used.
     """
     if not artifact.is_file():
-        return ""
+        return None, ""
     expected = recorded_checksum(artifact)
     if expected is None:
-        return "has no recorded SHA-256 (written by an older netshrink, or cut short), so it cannot be trusted"
+        return None, "has no recorded SHA-256 (written by an older netshrink, or cut short), so it cannot be trusted"
     try:
-        actual = file_sha256(artifact)
+        weights = artifact.read_bytes()
     except OSError as error:
-        return f"cannot be read ({error.strerror or error})"
-    return None if actual == expected else f"is damaged: its SHA-256 is {actual[:12]}..., not the {expected[:12]}... recorded when it was written"
+        return None, f"is damaged: {unreadable(error)}"
+    problem = mismatch(bytes_sha256(weights), expected)
+    return (None, f"is damaged: {problem}") if problem else (weights, "")
 
 
 def uses_sensitivity(experiment: Experiment) -> bool:

@@ -23,7 +23,7 @@ from netshrink.errors import UserError, describe_validation_error
 from netshrink.integrity import damage, file_sha256
 from netshrink.yaml_file import DuplicateKeyError, read_yaml
 
-from .front import TrialPoint, knee_point
+from .front import TrialPoint, format_metric, knee_point
 from .model_card import CardFacts, onnx_snippet, render_card
 from .report import collect_points, load_front
 from .tracking import ARTIFACT_SHA_TAG, CONFIG_ARTIFACT, PARENT_TAG, RECIPE_FILE, ROLE_TAG, SearchRecord, Tracker, default_tracking_uri, is_local, text_sha256
@@ -106,10 +106,9 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
     experiment_id = tracker.experiment_id(experiment, create=False)
     if experiment_id is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {tracker.uri}")
-    try:
-        run = tracker.client.get_run(run_id)
-    except Exception:  # MLflow raises different types per store for a missing run
-        raise UserError(f"--pick: {run_id!r} is none of {', '.join(PICKS)}, and no MLflow run has that id at {tracker.uri}") from None
+    run = tracker.find_run(run_id)
+    if run is None:
+        raise UserError(f"--pick: {run_id!r} is none of {', '.join(PICKS)}, and no MLflow run has that id at {tracker.uri}")
     if run.info.experiment_id != experiment_id or run.data.tags.get(ROLE_TAG) != "trial":
         raise UserError(f"--pick: run {run_id} is not a trial of experiment {experiment!r}")
     parent_id = run.data.tags[PARENT_TAG]
@@ -320,8 +319,6 @@ def unfaithful(point: TrialPoint, onnx_value: float) -> str:
     """Why model.onnx is not the model the trial measured, in words, when its metric on the validation split (``onnx_value``)
     is further than ``FAITHFUL_TOLERANCE`` (relative, for metrics beyond 1) from the one the trial logged for its own
     model.onnx (``onnx_<metric>``; its torch figure for a search that logged none); "" when it is within."""
-    from .front import format_metric
-
     name = point.metric_name
     key = f"onnx_{name}" if f"onnx_{name}" in point.extra else name
     logged = point.extra.get(key, point.accuracy)

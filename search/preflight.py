@@ -11,7 +11,7 @@ from netshrink.config import Experiment
 from netshrink.errors import UserError, disk_full
 from netshrink.node_lock import exclusive_file
 
-from .tracking import DEFAULT_TIMEOUT_S, Tracker
+from .tracking import DEFAULT_TIMEOUT_S, Tracker, ping
 
 
 def connect_tracking(
@@ -24,11 +24,8 @@ def connect_tracking(
     (a full disk, a kill) is reported with what to do (``half_created``).
     """
     if tracking_uri.startswith(("http://", "https://")):
-        import urllib.request
-
         try:
-            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10) as response:
-                response.read()
+            ping(tracking_uri, timeout_s=10)
         except OSError as error:
             raise UserError(f"--tracking-uri / tracking_uri: no MLflow server answers at {tracking_uri} ({error})") from None
     elif tracking_uri.startswith("sqlite:///"):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from netshrink.errors import DISK_FULL_TEXT, SearchStopped
 
+from .tracking import DEFAULT_TIMEOUT_S, ping
+
 PACE_EVERY = 8  # trials between two lines of the search's pace
 SLOW_TRIAL = 10.0  # seconds: trials this slow get a pace line each
 
@@ -43,15 +45,12 @@ class ServerWatch:
         self.attempt = 0
 
     def check(self) -> None:
-        import urllib.request
-
         now = time.monotonic()
         if now - self.last < WATCH_EVERY:
             return
         self.last = now
         try:
-            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5) as response:
-                response.read()
+            ping(self.uri, timeout_s=5)
         except OSError:
             self.attempt += 1
             self.down_since = self.down_since or now
@@ -69,7 +68,7 @@ class ServerWatch:
 
 def progress_printer(
     total: int, baseline: dict[str, float], done: int = 0, label: str = "", metric: str = "accuracy",
-    tracking_uri: str = "", timeout_s: float = 180.0,
+    tracking_uri: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
 ):
     """Tune callback printing one line per finished, failed or retried trial (Tune pickles it: it holds no console).
 

@@ -41,7 +41,7 @@ from netshrink.errors import UserError
 
 from .constraints import Constraints
 from .searcher import REPEAT_OF, UNCOMPRESSED, Evaluated, annotate
-from .tracking import ABANDONED_TAG, CONFIG_ARTIFACT, OPTUNA_TRIAL_TAG, RECIPE_TAG, ROLE_TAG, STOPPED_TAG, SearchRecord, Tracker, text_sha256
+from .tracking import CONFIG_ARTIFACT, OPTUNA_TRIAL_TAG, RECIPE_TAG, ROLE_TAG, STOPPED_TAG, SearchRecord, Tracker, text_sha256
 
 RETRY_OF = "retry_of"  # user attribute of an enqueued Optuna trial: the number of the interrupted trial it runs again
 REQUEUED_OF = "requeued_of"  # user attribute of a waiting trial moved behind the reruns: the number it had before
@@ -71,7 +71,7 @@ def find_interrupted_search(
         record = _named_search(tracker, experiment_id, experiment_name, run_id)
         if record.status == "FINISHED":
             raise UserError(f"--resume {run_id}: that search finished; there is nothing to resume. To search again, {hint}")
-        if tracker.client.get_run(run_id).data.tags.get(ABANDONED_TAG) == "true":
+        if record.abandoned:
             raise UserError(f"--resume {run_id}: that search was abandoned (--abandon); {hint}")
     logged = _logged_experiment_file(tracker, record.run_id)
     if logged is None or record.study_name is None or record.storage_url is None or record.trials is None:
@@ -87,10 +87,9 @@ def find_interrupted_search(
 
 
 def _named_search(tracker: Tracker, experiment_id: str, experiment_name: str, run_id: str) -> SearchRecord:
-    try:
-        run = tracker.client.get_run(run_id)
-    except Exception:  # MLflow raises different types per store for a missing run
-        raise UserError(f"no MLflow run has the id {run_id!r} at {tracker.uri}") from None
+    run = tracker.find_run(run_id)
+    if run is None:
+        raise UserError(f"no MLflow run has the id {run_id!r} at {tracker.uri}")
     if run.info.experiment_id != experiment_id or run.data.tags.get(ROLE_TAG) != "search":
         raise UserError(f"run {run_id} is not a search of experiment {experiment_name!r}")
     return tracker.search_record(run)
@@ -105,8 +104,7 @@ def abandon_search(tracker: Tracker, experiment_id: str, experiment_name: str, r
     for run in tracker.trial_runs(experiment_id, run_id):
         if run.info.status == "RUNNING":
             tracker.interrupted(run.info.run_id)
-    tracker.log(run_id, tags={ABANDONED_TAG: "true"})
-    tracker.interrupted(run_id)
+    tracker.abandon(run_id)
     return record
 
 

@@ -79,20 +79,13 @@ def check_baseline_learned(experiment: Experiment, baseline: dict[str, float]) -
 def settle(action, console: Console) -> None:
     """Run one bookkeeping write of a failure path (mark a run KILLED or FAILED); if it fails too, say so in one
     line and go on: the error being reported is the one that matters, and this path must not crash. MLflow's own
-    logging of the failed write (a page of traceback) is held back meanwhile."""
-    import logging
-
-    logger = logging.getLogger("mlflow")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    logging of the failed write (a page of traceback) is held back by ``quiet_tracebacks``, which ``run_search`` calls first."""
     try:
         action()
     except Exception as error:
         lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(("(raised as", "(Background", "[SQL", "[parameters"))]
         why = disk_full(error) or (lines[0][:160] if lines else type(error).__name__)
         console.print(f"[yellow]note: could not record the search's state in MLflow ({why})[/yellow]", highlight=False)
-    finally:
-        logger.setLevel(level)
 
 
 def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
@@ -111,7 +104,7 @@ def abandon_search(experiment: Experiment, config_path: Path, run_id: str, overr
 
     console = console or Console()
     tracking_uri = overrides.tracking_uri or experiment.tracking_uri or default_tracking_uri(Path.cwd())
-    tracker, experiment_id = connect_tracking(tracking_uri, experiment.name)
+    tracker, experiment_id = connect_tracking(tracking_uri, experiment.name, experiment.tracking.timeout_s, log=console.print)
     abandon(tracker, experiment_id, experiment.name, run_id)
     console.print(f"Search {run_id} of {experiment.name!r} is marked ended (KILLED, {ABANDONED_TAG}); --resume passes it by. Its finished trials stay in MLflow.")
 

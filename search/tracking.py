@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from netshrink.deploy.evaluate import RECIPE_FILE  # noqa: F401  (the run's artifact: the recipe as applied)
+
+from netshrink.errors import TrackingUnavailable
 
 from .constraints import Constraints
 
@@ -40,8 +44,8 @@ STOPPED_AT_TAG = "stopped_at_fraction"  # the share of its fine-tuning such a tr
 STOP_REASON_TAG = "stop_reason"  # why it was stopped, in words
 ARTIFACT_SHA_TAG = "artifact_sha256"  # SHA-256 of the trial's compressed.safetensors as it wrote it: export checks the download
 ONNX_SHA_TAG = "onnx_sha256"  # SHA-256 of the model.onnx the trial measured (export writes its own, and checks its metric)
-REFINED_FROM_TAG = "refined_from"
-ABANDONED_TAG = "netshrink.abandoned"  # "true" on a search marked ended with --abandon: --resume passes it by  # a refined run: the run id of the trial whose recipe it fine-tuned longer
+REFINED_FROM_TAG = "refined_from"  # a refined run: the run id of the trial whose recipe it fine-tuned longer
+ABANDONED_TAG = "netshrink.abandoned"  # "true" on a search marked ended with --abandon: --resume passes it by
 
 
 def default_tracking_uri(workdir: Path | None = None) -> str:
@@ -88,6 +92,7 @@ class SearchRecord:
     trials: int | None  # the trial budget
     status: str = "RUNNING"
     metric: str = "accuracy"  # the task's metric, by its name: the key of its figures in every run
+    abandoned: bool = False  # marked ended with ``netshrink search --abandon``: ``--resume`` passes it by
 
     @property
     def directions(self) -> list[str]:
@@ -110,6 +115,14 @@ def retry_delays(timeout_s: float) -> list[float]:
     while sum(delays) < timeout_s:
         delays.append(min(2.0 * 2 ** len(delays), 30.0, timeout_s - sum(delays)))
     return delays
+
+
+def ping(uri: str, timeout_s: float) -> None:
+    """Ask a tracking server's ``/health``; ``OSError`` (refused, timed out, an error status) if it does not answer."""
+    import urllib.request
+
+    with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+        response.read()
 
 
 def unreachable(error: BaseException) -> bool:
@@ -141,10 +154,6 @@ class RetryingClient:
             return attribute
 
         def call(*args, **kwargs):
-            import time
-
-            from netshrink.errors import TrackingUnavailable
-
             delays = retry_delays(self._timeout_s)
             for attempt in range(len(delays) + 1):
                 try:
@@ -163,8 +172,6 @@ class RetryingClient:
 
 
 def _stderr(line: str) -> None:
-    import sys
-
     print(line, file=sys.stderr, flush=True)
 
 
@@ -240,8 +247,6 @@ class Tracker:
 
     def log_history(self, run_id: str, metric: str, values: list[float]) -> None:
         """``values`` as the history of ``metric``, one step per value from 1 (MLflow shows the last as the metric's value)."""
-        import time
-
         now = int(time.time() * 1000)
         steps = [Metric(metric, value, now, step) for step, value in enumerate(values, start=1)]
         for start in range(0, len(steps), 1000):  # MLflow takes at most 1000 metrics per batch
@@ -264,6 +269,7 @@ class Tracker:
             trials=int(params["trials"]) if "trials" in params else None,
             status=run.info.status,
             metric=tags.get("metric", "accuracy"),
+            abandoned=tags.get(ABANDONED_TAG) == "true",
         )
 
     def start_trial(self, experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
@@ -273,8 +279,6 @@ class Tracker:
         return run.info.run_id
 
     def log(self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
-        import time
-
         now = int(time.time() * 1000)
         # MLflow caps a param value at 6000 characters and a batch at 100 params
         param_items = [Param(key, str(value)[:6000]) for key, value in flatten(params or {}).items()]
@@ -309,6 +313,18 @@ class Tracker:
         """KILLED, not FAILED: the run did nothing wrong, it was stopped (Ctrl-C, a dead driver); ``--resume`` redoes it."""
         self.client.set_terminated(run_id, "KILLED")
 
+    def abandon(self, run_id: str) -> None:
+        """KILLED and tagged abandoned: a search that will not be resumed (``SearchRecord.abandoned``)."""
+        self.log(run_id, tags={ABANDONED_TAG: "true"})
+        self.client.set_terminated(run_id, "KILLED")
+
+    def find_run(self, run_id: str):
+        """The run with this id, or None where the store has none (MLflow raises different types per store for a missing run)."""
+        try:
+            return self.client.get_run(run_id)
+        except Exception:
+            return None
+
     def reopen(self, run_id: str) -> None:
         """RUNNING again, without the error of the attempt before."""
         self.client.update_run(run_id, status="RUNNING")
@@ -335,5 +351,5 @@ class Tracker:
         and was not abandoned (``netshrink search --abandon``)."""
         query = f"tags.{ROLE_TAG} = 'search'" + (" and attributes.status != 'FINISHED'" if unfinished else "")
         runs = self.client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1000)
-        runs = [run for run in runs if not (unfinished and run.data.tags.get(ABANDONED_TAG) == "true")]
-        return self.search_record(runs[0]) if runs else None
+        records = (self.search_record(run) for run in runs)
+        return next((record for record in records if not (unfinished and record.abandoned)), None)
