@@ -124,6 +124,7 @@ class CompressionContext:
     sensitivity: dict | None = None  # the baseline's per-layer sensitivity (``sensitivity.measure_sensitivity``)
     calibration_inputs: Inputs | None = None  # training samples that calibrate activation ranges (static int8)
     notes: list[str] = field(default_factory=list)  # what a technique left out and why (a layer it cannot treat), for the log
+    decided: dict[str, Any] = field(default_factory=dict)  # kind -> what it decided while applying, for its ``record``
 
 
 class Technique:
@@ -168,7 +169,7 @@ class Technique:
         version builds the same model or fails naming the layer it cannot find."""
         return config
 
-    def record(self, model: nn.Module, config: TechniqueConfig) -> TechniqueConfig:
+    def record(self, model: nn.Module, config: TechniqueConfig, ctx: CompressionContext) -> TechniqueConfig:
         """The config with the decisions known only once applied written out (the heads channel pruning kept)."""
         return config
 

@@ -193,15 +193,17 @@ def _names(node: fx.Node, later_modules: list[str], module_calls: dict[str, int]
     the last node computed inside them (``blocks.1`` after a transformer block), then
     by its fx node name.
     """
+    ended = [scope for scope in _scopes(node) if scope not in (later_scopes or set())]
     if node.op != "call_module":
-        return [scope for scope in _scopes(node) if scope not in (later_scopes or set())] + [node.name]
+        return ended + [node.name]
     parts = str(node.target).split(".")
     names = []
     for length in range(1, len(parts) + 1):
         path = ".".join(parts[:length])
         if module_calls[str(node.target)] == 1 and not any(later == path or later.startswith(path + ".") for later in later_modules):
             names.append(path)
-    return names or [node.name]
+    # a module called more than once (a ResNet block's one ReLU) is named by the modules whose last call it is (``layer2``)
+    return names or [scope for scope in ended if scope != str(node.target)] + [node.name]
 
 
 def cut_points(graph_module: fx.GraphModule) -> dict[fx.Node, list[str]]:
@@ -226,11 +228,28 @@ def cut_points(graph_module: fx.GraphModule) -> dict[fx.Node, list[str]]:
     for node in nodes[:-1]:
         if node.op not in ("call_module", "call_function", "call_method") or node in finals:
             continue
+        if _modified_in_place(graph_module, node):
+            continue  # an exit head reading it would see it changed by the next segment (a residual sum before its inplace ReLU)
         if all(last_use[earlier] <= position[node] for earlier in nodes[: position[node]] if earlier.op != "get_attr"):
             later = [str(n.target) for n in nodes[position[node] + 1 :] if n.op == "call_module"]
             later_scopes = {scope for n in nodes[position[node] + 1 :] for scope in _scopes(n)}
             found[node] = _names(node, later, module_calls, later_scopes)
     return found
+
+
+def _modified_in_place(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a user of ``node`` overwrites it: ``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.add_(...)``."""
+    for user in node.users:
+        if user.args[:1] != (node,):
+            continue
+        if user.op == "call_module" and getattr(graph_module.get_submodule(str(user.target)), "inplace", False):
+            return True
+        if user.kwargs.get("inplace") is True:
+            return True
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if user.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__"):
+            return True
+    return False
 
 
 def resolve_cuts(available: dict[fx.Node, list[str]], after: tuple[str, ...]) -> list[fx.Node]:
@@ -347,7 +366,7 @@ class EarlyExit(Technique):
         )
         return exits
 
-    def record(self, model: nn.Module, config: EarlyExitConfig) -> EarlyExitConfig:
+    def record(self, model: nn.Module, config: EarlyExitConfig, ctx: CompressionContext) -> EarlyExitConfig:
         """How each exit head pools its features (a replay builds the same heads)."""
         return config.model_copy(update={"pooling": tuple("tokens" if head.tokens else "spatial" for head in model.heads)})
 

@@ -186,7 +186,7 @@ def compress(
         technique = REGISTRY[step.kind]
         step = technique.resolve(model, step, ctx)
         model = technique.apply(model, step, ctx) or model
-        applied[index] = technique.record(model, step)
+        applied[index] = technique.record(model, step, ctx)
     if applied and tune is not None:
         tune(model, ctx.loss_fn)
     for step in applied.values():

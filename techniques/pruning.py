@@ -40,11 +40,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .base import APPLIED, PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, all_outputs, attribute_of, compressible_weights, module_of, per_layer
-from .attention import attention_modules, qkv_output
+from .attention import HeadSplit, find_head_splits, head_attributes, set_attributes
 from .encoding import TensorEncoding
+from .inputs import Inputs, tensors
 
 
 class PruningConfig(TechniqueConfig):
+    VERSION: ClassVar[int] = 2  # 2: heads found by the reshapes of the forward pass; ``heads`` maps attribute paths to values
     kind: Literal["pruning"] = "pruning"
     granularity: Literal["weight", "channel"] = Field(
         "channel", description="weight: unstructured, stored sparse; channel: structured, channels removed"
@@ -67,7 +69,9 @@ class PruningConfig(TechniqueConfig):
     )
     head_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="channel: share of each attention layer's heads removed (whole heads)")
     heads: dict[str, int] | None = Field(
-        None, json_schema_extra=APPLIED, description="attention module -> its heads after pruning, written when applied"
+        None,
+        json_schema_extra=APPLIED,
+        description="the attention modules' head counts after pruning (module.attribute -> value: num_heads, all_head_size), written when applied",
     )
 
 
@@ -140,9 +144,15 @@ def prune_weights(model: nn.Module, config: PruningConfig, ctx: CompressionConte
         _between_steps(model, step, config.steps, ctx)
 
 
-def residual_stream_layers(model: nn.Module, example_inputs: torch.Tensor, candidates: list[nn.Module]) -> list[nn.Module]:
-    """Of ``candidates``, the layers whose output channels Torch-Pruning couples to a LayerNorm: a transformer's
-    embedding width, which channel pruning keeps."""
+def whole_width_layers(model: nn.Module, example_inputs: Inputs, candidates: list[nn.Module], split_layers: list[nn.Module]) -> list[nn.Module]:
+    """Of ``candidates``, the layers whose output channels channel pruning keeps whole:
+
+    - those Torch-Pruning's dependency graph couples to a LayerNorm: a transformer's embedding width;
+    - those coupled to the input channels of a Linear split into heads (the tokens attention reads: hand-written
+      attention often takes its head size from their width);
+    - a grouped convolution reading the model's input (a stem made depthwise by separable substitution): its
+      channels are the image's, which no pruning can remove.
+    """
     graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=all_outputs)
     kept = []
     for layer in candidates:
@@ -150,9 +160,35 @@ def residual_stream_layers(model: nn.Module, example_inputs: torch.Tensor, candi
             continue  # read by its parent, not called (nn.MultiheadAttention's out_proj): pruned with its parent or not at all
         prune_out = graph.get_pruner_of_module(layer).prune_out_channels
         group = graph.get_pruning_group(layer, prune_out, idxs=[0])
-        if any(isinstance(dependency.target.module, nn.LayerNorm) for dependency, _ in group):
+        if any(isinstance(dependency.target.module, nn.LayerNorm) or feeds_heads(graph, dependency, split_layers) for dependency, _ in group):
             kept.append(layer)
+    readers = input_readers(model, example_inputs)
+    kept += [layer for layer in candidates if layer in readers and getattr(layer, "groups", 1) > 1]
     return kept
+
+
+def feeds_heads(graph: tp.DependencyGraph, dependency, split_layers: list[nn.Module]) -> bool:
+    """Whether ``dependency`` prunes the input channels of a Linear split into heads."""
+    target = dependency.target.module
+    return target in split_layers and dependency.handler == graph.get_pruner_of_module(target).prune_in_channels
+
+
+@torch.no_grad()
+def input_readers(model: nn.Module, example_inputs: Inputs) -> set[nn.Module]:
+    """The layers whose input is one of the model's input tensors itself."""
+    given = {id(tensor) for tensor in tensors(example_inputs)}
+    readers: set[nn.Module] = set()
+    hooks = [
+        module.register_forward_pre_hook(lambda module, args: readers.add(module) if args and id(args[0]) in given else None)
+        for module in model.modules()
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
+    try:
+        all_outputs(model, example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return readers
 
 
 # Torch-Pruning warns of parameters outside any layer (a transformer's position embedding), which it would prune
@@ -160,19 +196,21 @@ def residual_stream_layers(model: nn.Module, example_inputs: torch.Tensor, candi
 warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
 
 
-def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> None:
+def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> dict[str, int]:
+    """Remove channels (and heads, by ``head_ratio``); returns the head attributes set (``PruningConfig.heads``)."""
     protected = [module for name, module in model.named_modules() if name in ctx.protected_modules]
     modules = dict(model.named_modules())
     listed = {modules[module_of(name)]: ratio for name, ratio in listed_ratios(compressible_weights(model), config).items()}
-    attention = {name: (module, qkv_output(module)) for name, module in attention_modules(model).items()}
-    check_heads(model, config, attention)
+    splits = find_head_splits(model, ctx.example_inputs)
+    check_heads(model, config, splits)
+    split_layers = [modules[name] for name in splits]
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)) and m not in protected]
-    kept = residual_stream_layers(model, ctx.example_inputs, layers) if any(isinstance(m, nn.LayerNorm) for m in model.modules()) else []
+    # the embedding width (coupled to a LayerNorm), the widths attention reads, and the model's input channels stay whole
+    kept = whole_width_layers(model, ctx.example_inputs, layers, split_layers)
     if config.scope == "layer":
         listed.update(keep_one_channel(layers, listed, config.ratio))
     importance = tp.importance.MagnitudeImportance(p=1 if config.importance == "l1" else 2)
-    if config.head_ratio > 0:
-        prune_heads(model, config, ctx, attention, importance, ignored=protected + kept)
+    heads = prune_heads(model, config, ctx, splits, importance, ignored=protected + kept) if config.head_ratio > 0 else {}
     pruner = tp.pruner.BasePruner(
         model,
         ctx.example_inputs,
@@ -183,18 +221,19 @@ def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionCont
         global_pruning=config.scope == "global",
         max_pruning_ratio=1.0 - config.floor if config.scope == "global" else 1.0,
         iterative_steps=config.steps,
-        # the embedding width, and q, k and v (heads go whole, above, or not at all)
-        ignored_layers=protected + kept + [qkv for _, qkv in attention.values()],
+        # heads go whole (above) or not at all
+        ignored_layers=protected + kept + split_layers,
         forward_fn=all_outputs,  # every exit of an early-exit model, so its heads are pruned consistently
         out_channel_groups={},  # Torch-Pruning's defaults are dicts shared between pruners, which it fills in
         in_channel_groups={},
     )
     if config.scope == "global" and not (pruner.out_channel_groups or pruner.in_channel_groups):
         prune_channels_globally(pruner, model, config, ctx, listed)
-        return
+        return heads
     for step in range(config.steps):  # scope: layer, or grouped convolutions under global scope (Torch-Pruning's own ranking)
         pruner.step()
         _between_steps(model, step, config.steps, ctx)
+    return heads
 
 
 def prune_channels_globally(pruner: tp.pruner.BasePruner, model: nn.Module, config: PruningConfig, ctx: CompressionContext, listed: dict[nn.Module, float]) -> None:
@@ -252,37 +291,54 @@ def keep_one_channel(layers: list[nn.Module], listed: dict[nn.Module, float], ra
     return capped
 
 
-def prune_heads(model: nn.Module, config: PruningConfig, ctx: CompressionContext, attention: dict, importance, ignored: list[nn.Module]) -> None:
-    """Remove ``head_ratio`` of each attention module's heads (whole heads, the same from q, k, v and proj), in one
-    step before the widths, and set each module's ``num_heads`` to what is left.
+def prune_heads(model: nn.Module, config: PruningConfig, ctx: CompressionContext, splits: dict[str, HeadSplit], importance, ignored: list[nn.Module]) -> dict[str, int]:
+    """Remove ``head_ratio`` of each attention module's heads (whole heads, the same from q, k, v and the output
+    projection), in one step before the widths, and set the attributes its forward pass reshapes by; returns them.
 
     Per layer and in one step, because Torch-Pruning's own iterative and global head pruning can take a layer's
     last head (iteratively it applies each step's ratio to the heads left, so 0.75 over 3 steps removes all 4):
     here each layer keeps at least one head.
     """
-    qkvs = {qkv: module.num_heads for module, qkv in attention.values()}
+    layers = {model.get_submodule(name): split for name, split in splits.items()}
     pruner = tp.pruner.BasePruner(
         model,
         ctx.example_inputs,
         importance=importance,
         pruning_ratio=0.0,
-        pruning_ratio_dict={qkv: 0.5 for qkv in qkvs},  # only a pruned width lets Torch-Pruning remove heads; head dims stay
+        pruning_ratio_dict={layer: 0.5 for layer in layers},  # only a pruned width lets Torch-Pruning remove heads; head dims stay
         ignored_layers=ignored,
-        num_heads=dict(qkvs),
+        num_heads={layer: split.heads for layer, split in layers.items()},
         prune_num_heads=True,
         prune_head_dims=False,
         head_pruning_ratio=config.head_ratio,
-        head_pruning_ratio_dict={qkv: min(config.head_ratio, (heads - 1) / heads) for qkv, heads in qkvs.items()},
+        head_pruning_ratio_dict={layer: min(config.head_ratio, (split.heads - 1) / split.heads) for layer, split in layers.items()},
         forward_fn=all_outputs,
         out_channel_groups={},
         in_channel_groups={},
     )
     pruner.step()
-    for module, qkv in attention.values():
-        module.num_heads = pruner.num_heads[qkv]
+    values: dict[str, int] = {}
+    for layer, split in layers.items():
+        values.update(head_attributes(model, split, pruner.num_heads[layer]))
+    set_attributes(model, values, "pruning.heads")
+    # the forward pass must now split each layer into the heads left, of the same size as before
+    try:
+        after = find_head_splits(model, ctx.example_inputs, least=1)
+        wrong = [name for name, layer in zip(splits, layers) if (after[name].heads, after[name].head_dim) != (pruner.num_heads[layer], splits[name].head_dim)]
+        failure = f"it splits {wrong[0]} into {after[wrong[0]].heads} heads of {after[wrong[0]].head_dim}" if wrong else None
+    except Exception as error:  # the model's own forward pass, reshaping by something netshrink did not find
+        wrong, failure = list(splits), f"its forward pass fails ({type(error).__name__}: {str(error)[:200]})"
+    if failure:
+        owner = splits[wrong[0]].owner
+        raise ValueError(
+            f"pruning.head_ratio: heads were found in {owner!r} (its {', '.join(name for name in splits if splits[name].owner == owner)} outputs "
+            f"are reshaped into heads), but with heads removed {failure}: it reshapes by a head count netshrink did not find (an int "
+            "attribute whose name mentions heads, beside a fixed head size); set head_ratio to 0, or keep the head count in such an attribute"
+        )
+    return values
 
 
-def check_heads(model: nn.Module, config: PruningConfig, attention: dict) -> None:
+def check_heads(model: nn.Module, config: PruningConfig, splits: dict[str, HeadSplit]) -> None:
     """``head_ratio`` needs attention whose heads can go whole; ``ValueError`` naming what stands in the way."""
     if config.head_ratio <= 0:
         return
@@ -290,20 +346,10 @@ def check_heads(model: nn.Module, config: PruningConfig, attention: dict) -> Non
     if others:
         raise ValueError(
             f"pruning.head_ratio: {others[0]!r} is a torch.nn.MultiheadAttention, whose heads Torch-Pruning cannot remove; "
-            "set head_ratio to 0 (ratio still prunes the MLPs), or write the attention as timm does (a qkv Linear and num_heads)"
+            "set head_ratio to 0 (ratio still prunes the MLPs), or write the attention with Linears whose outputs are reshaped into heads"
         )
-    if not attention:
-        raise ValueError("pruning.head_ratio: this model has no attention layer whose heads can go whole (a module with a qkv Linear and an int num_heads); set head_ratio to 0")
-
-
-def set_heads(model: nn.Module, heads: dict[str, int]) -> None:
-    """Give the attention modules the head counts a recipe recorded (their forward passes reshape by them)."""
-    for name, count in heads.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"pruning.heads: the recipe pruned the heads of {name!r}, which this model does not have") from None
-        module.num_heads = count
+    if not splits:
+        raise ValueError("pruning.head_ratio: this model has no attention whose heads can go whole (a Linear whose output the forward pass reshapes into heads); set head_ratio to 0")
 
 
 class Pruning(Technique):
@@ -335,13 +381,12 @@ class Pruning(Technique):
         if config.granularity == "weight":
             prune_weights(model, config, ctx)
         else:
-            prune_channels(model, config, ctx)
+            ctx.decided[self.kind] = prune_channels(model, config, ctx)
 
-    def record(self, model: nn.Module, config: PruningConfig) -> PruningConfig:
-        """The heads each attention module kept, written into ``heads`` (empty when no heads were removed)."""
-        removed = config.granularity == "channel" and config.head_ratio > 0
-        return config.model_copy(update={"heads": {name: module.num_heads for name, module in attention_modules(model).items()} if removed else {}})
+    def record(self, model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> PruningConfig:
+        """The head attributes channel pruning set, written into ``heads`` (empty when no heads were removed)."""
+        return config.model_copy(update={"heads": ctx.decided.get(self.kind) or {}})
 
     def rebuild(self, model: nn.Module, config: PruningConfig) -> None:
         """Removed heads: the attention modules get the head counts the recipe recorded (the tensors are resized on load)."""
-        set_heads(model, config.heads or {})
+        set_attributes(model, config.heads or {}, "pruning.heads")

@@ -40,11 +40,15 @@ class SeparableConfig(TechniqueConfig):
 
 
 def spatial_convs(model: nn.Module) -> list[str]:
-    """Names of the k x k (k > 1) ungrouped convolutions, in module order."""
+    """Names of the k x k (k > 1) ungrouped convolutions, in module order.
+
+    A patch embedding (stride equal to the kernel, as in a ViT) is not one: it projects each patch on its own, a
+    linear layer in convolution's clothes, and models read its ``weight`` directly (Hugging Face's ViT takes the
+    input dtype from it)."""
     return [
         name
         for name, module in model.named_modules()
-        if name and type(module) is nn.Conv2d and module.groups == 1 and module.kernel_size != (1, 1)
+        if name and type(module) is nn.Conv2d and module.groups == 1 and module.kernel_size != (1, 1) and module.stride != module.kernel_size
     ]
 
 
@@ -104,7 +108,10 @@ class Separable(Technique):
     def inapplicable(self, model: nn.Module) -> str | None:
         """Why separable substitution cannot change ``model``: it has no k x k convolution (a transformer)."""
         if not spatial_convs(model):
-            return "the model has no ungrouped k x k Conv2d to separate (a transformer's layers are Linear); remove separable from the space"
+            return (
+                "the model has no ungrouped k x k Conv2d to separate (a transformer's layers are Linear, its patch embedding "
+                "projects each patch on its own); remove separable from the space"
+            )
         return None
 
     def resolve(self, model: nn.Module, config: SeparableConfig, ctx: CompressionContext) -> SeparableConfig:

@@ -40,7 +40,7 @@ def round_trip(factory, pipeline: Pipeline, tmp_path):
 
 def test_whole_heads_go_and_the_embedding_width_stays(tmp_path):
     compressed, restored = round_trip(vit, Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5, head_ratio=0.5)]), tmp_path)
-    assert compressed.pipeline.steps[0].heads == {"blocks.0.attn": 2, "blocks.1.attn": 2}
+    assert compressed.pipeline.steps[0].heads == {"blocks.0.attn.num_heads": 2, "blocks.1.attn.num_heads": 2}
     for block in restored.blocks:
         assert block.attn.num_heads == 2 and block.attn.head_dim == 4  # heads keep their width
         assert block.attn.qkv.weight.shape == (3 * 2 * 4, 16) and block.attn.proj.weight.shape == (16, 8)
@@ -114,6 +114,66 @@ def test_pytorch_encoder_layers_are_cut_points_and_their_linears_are_left_whole_
 def test_validation_refuses_what_cannot_work_naming_the_technique():
     separable = probe(SearchSpace.model_validate({"separable": {}, "quantization": {}}), vit(), X[:1])
     assert separable and separable[0].startswith("space.separable: the model has no ungrouped k x k Conv2d")
-    broken = probe(SearchSpace.model_validate({"pruning": {"granularity": "channel"}}), SplitHeads(), X[:1])
-    assert broken and "pruning" in broken[0] and "breaks this model" in broken[0]  # its q, k, v widths cut without its heads
+    opaque = probe(SearchSpace.model_validate({"pruning": {"granularity": "channel", "head_ratio": 0.5}}), OpaqueHeads(), X[:1])
+    assert opaque and "pruning.head_ratio: heads were found in ''" in opaque[0] and "set head_ratio to 0" in opaque[0]
     assert probe(SearchSpace.model_validate({"pruning": {"granularity": "channel", "head_ratio": {"low": 0.0, "high": 0.75}}, "lowrank": {}}), vit(), X[:1]) == []
+
+
+class OpaqueHeads(SplitHeads):
+    """Hand-written attention that reshapes by a head count kept under a name that says nothing of heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = self.heads
+        del self.heads
+
+    def forward(self, x):
+        tokens = self.embed(x.reshape(x.shape[0], 8, 8))
+        b, n, c = tokens.shape
+        q, k, v = (layer(tokens).reshape(b, n, self.h, -1).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        mixed = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.head(self.out(mixed).mean(dim=1))
+
+
+class TimmHeads(nn.Module):
+    """timm-style attention that keeps its head count as ``heads``: one ``qkv`` reshaped into (3, heads, head_dim)."""
+
+    def __init__(self, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.embed = nn.Linear(8, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.fc1, self.fc2 = nn.Linear(width, 32), nn.Linear(32, width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        tokens = self.embed(x.reshape(x.shape[0], 8, 8))
+        b, n, _ = tokens.shape
+        q, k, v = self.qkv(tokens).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        tokens = tokens + self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+        tokens = tokens + self.fc2(torch.relu(self.fc1(tokens)))
+        return self.head(tokens.mean(dim=1))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_hand_written_heads_are_found_by_their_reshape_and_go_whole(scope, tmp_path):
+    """A timm-style block that keeps its head count as ``heads`` (not ``num_heads``): global channel pruning failed on it
+    (``IndexError: index 64 is out of bounds``). Its heads are found from the reshape of ``qkv`` and go whole; the
+    recipe records the attribute set, and loading sets it again."""
+    pipeline = Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5, scope=scope, head_ratio=0.5)])
+    compressed, restored = round_trip(TimmHeads, pipeline, tmp_path)
+    assert compressed.pipeline.steps[0].heads == {"heads": 2}
+    assert restored.heads == 2 and restored.qkv.out_features == 24 and restored.proj.in_features == 8
+    assert restored.fc1.out_features == 16  # the MLP lost half its neurons
+
+
+def test_attention_whose_head_size_follows_the_token_width_keeps_its_widths_and_says_why_its_heads_stay():
+    """``SplitHeads`` reshapes q, k and v by ``c // heads`` with ``c`` the token width: channel pruning keeps q, k, v and
+    the tokens they read whole (it pruned them once and broke the reshape), and removing heads is refused by name."""
+    compressed = compress(SplitHeads(), Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5)]), X[:1])
+    model = compressed.model
+    assert model.embed.out_features == model.q.out_features == model.out.in_features == 16
+    assert model(X).shape == (4, 10)
+    with pytest.raises(ValueError, match=r"pruning.head_ratio: heads were found in '' \(its q, k, v outputs are reshaped into heads\).*set head_ratio to 0"):
+        compress(SplitHeads(), Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5, head_ratio=0.5)]), X[:1])
