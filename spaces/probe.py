@@ -17,8 +17,6 @@ trains.
 from __future__ import annotations
 
 import copy
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +25,7 @@ from torch import nn
 from netshrink.techniques import REGISTRY, Pipeline, Stage, compress
 from netshrink.techniques.base import compressible_weights, module_of
 from netshrink.techniques.inputs import Inputs, call, concat
-from netshrink.techniques.sensitivity import CLUSTER_COUNTS, QUANTIZATION_WIDTHS
+from netshrink.techniques.allocation import CLUSTER_COUNTS, QUANTIZATION_WIDTHS
 
 from .knobs import Choice, Fixed
 

@@ -226,8 +226,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _inputs: Inputs) -
 
 
 def compressible_weights(model: nn.Module) -> dict[str, nn.Module]:
-    """Weight tensors of convolutions and linear layers, and the input projection of ``nn.MultiheadAttention``
-    (a Parameter, not a Linear), by parameter name, each with the module that holds it.
+    """Weight tensors of convolutions, linear layers and embeddings (a text model's largest tensor: 776 KB of a small
+    BERT's 933 KB), and the input projection of ``nn.MultiheadAttention`` (a Parameter, not a Linear), by parameter
+    name, each with the module that holds it.
 
     These are the tensors that pruning and quantization act on; biases and
     normalisation parameters are a rounding error in size and stay float (the bias of
@@ -235,9 +236,14 @@ def compressible_weights(model: nn.Module) -> dict[str, nn.Module]:
     tensor is ``getattr(module, attribute_of(name))``; its layer is ``module_of(name)``.
     """
     found: dict[str, nn.Module] = {}
+    seen: set[int] = set()  # a tensor tied between two layers (input and output embeddings) is compressed once, by its first
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)):
+            tensor = module.parametrizations["weight"].original if parametrize.is_parametrized(module, "weight") else module.weight
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
             found[f"{prefix}weight"] = module
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             found[f"{prefix}in_proj_weight"] = module  # q, k and v stacked; its out_proj is a Linear, found as one

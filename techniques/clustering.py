@@ -25,7 +25,7 @@ from .base import (
     round_bias_to_half,
 )
 from .encoding import TensorEncoding
-from .sensitivity import allocated_widths
+from .allocation import allocated_widths
 
 LLOYD_ITERATIONS = 20  # 1-D k-means from a linear start settles within a few dozen iterations on layer weights
 

@@ -337,6 +337,15 @@ class EarlyExit(Technique):
     stage: ClassVar[Stage] = Stage.DYNAMIC
     default_space: ClassVar[dict[str, Any]] = {"threshold": {"low": 0.5, "high": 0.99}}
 
+    def inapplicable(self, model: nn.Module) -> str | None:
+        """Why no exit can be placed in ``model``: torch.fx cannot trace it (Hugging Face models, Python control flow on
+        tensor values), so no cut point can be found."""
+        try:
+            trace(model)
+        except ValueError as error:
+            return f"{error}; remove early_exit from the space"
+        return None
+
     def resolve(self, model: nn.Module, config: EarlyExitConfig, ctx: CompressionContext) -> EarlyExitConfig:
         """The cut points by the names they resolved to (the middle one, when ``after`` is empty)."""
         available = cut_points(trace(model))

@@ -23,7 +23,7 @@ from .base import (
     PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer, round_bias_to_half,
 )
 from . import activations
-from .sensitivity import allocated_widths
+from .allocation import allocated_widths
 from .encoding import INTEGER_BITS, Bits, TensorEncoding, channel_scales, dequantize, quantize_codes
 
 

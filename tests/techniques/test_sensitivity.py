@@ -3,7 +3,8 @@ import torch
 
 from netshrink.tasks.models import LeNet5
 from netshrink.techniques import ClusteringConfig, Pipeline, QuantizationConfig, compress
-from netshrink.techniques.sensitivity import allocate, measure_sensitivity, width_bits
+from netshrink.techniques.allocation import allocate, width_bits
+from netshrink.techniques.sensitivity import measure_sensitivity
 
 
 def test_the_allocator_lowers_first_the_layer_that_minds_least_per_bit_and_meets_the_average():
@@ -42,7 +43,7 @@ def test_sensitivity_allocation_without_scores_is_refused_naming_the_knob():
 
 def test_layers_an_architecture_technique_made_take_the_scores_of_the_layer_they_replace():
     from netshrink.techniques import SeparableConfig
-    from netshrink.techniques.sensitivity import score_of
+    from netshrink.techniques.allocation import score_of
 
     measured = {"conv2": {8: 0.0, 4: 0.1}, "fc1": {8: 0.0, 4: 0.01}}
     assert score_of("conv2.1", measured) == measured["conv2"] and score_of("segments.1.fc1.0", measured) == measured["fc1"]
