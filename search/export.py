@@ -251,7 +251,7 @@ def write_files(
     from netshrink.deploy.measure import onnx_evaluate
     from netshrink.deploy.onnx_export import deployment_config, export_artifact
     from netshrink.tasks.task import load_task
-    from netshrink.techniques import EarlyExitNet, load_artifact
+    from netshrink.techniques import has_exits, load_artifact
 
     run_id = chosen.point.run_id
     for name in (ARTIFACT_FILE, RECIPE_FILE):
@@ -290,7 +290,8 @@ def write_files(
     if forced and not force:
         raise UserError(f"trial {run_id}: {forced}; nothing was written. {redo}, or pass --force to write it anyway (the card then says so)")
     files = {name: os.path.getsize(folder / name) for name in (ONNX_FILE, ARTIFACT_FILE, RECIPE_FILE)}
-    exits = isinstance(model, EarlyExitNet)
+    exits = has_exits(model)
+    from netshrink.deploy.sizes import size_note
     from netshrink.techniques.inputs import input_names, tensors
 
     facts = CardFacts(
@@ -310,6 +311,7 @@ def write_files(
         session_config=deployment_config(folder / ONNX_FILE),
         sha256={name: file_sha256(folder / name) for name in files},
         forced=forced,
+        size_note=size_note(loaded.encodings, files[ARTIFACT_FILE], files[ONNX_FILE]),
     )
     (folder / CARD_FILE).write_text(render_card(facts))
     return Written(files=files, sha256=facts.sha256, onnx_accuracy=onnx_accuracy, snippet=onnx_snippet(facts), forced=forced)

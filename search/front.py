@@ -143,7 +143,7 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
     metric = metric_of(front)
     columns = [
         ("trial", "left"), (f"val. {metric} [95% CI]", "right"), (f"test {metric} [95% CI]", "right"), ("size", "right"),
-        ("x smaller", "right"), ("latency ms", "right"), ("x faster", "right"),
+        ("x smaller", "right"), ("model.onnx", "right"), ("latency ms", "right"), ("x faster", "right"),
     ]
     if batched:
         columns.append(("samples/s", "right"))
@@ -154,7 +154,7 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
         throughput = [f"{baseline['throughput']:,.0f}"] if batched else []
         table.add_row(
             "baseline", with_interval(baseline, metric), with_interval(baseline, f"test_{metric}"), _size(baseline["size_bytes"]), "1.0",
-            f"{baseline['latency_ms']:.4f}", "1.0", *throughput, "uncompressed", style="dim",
+            _size(baseline["onnx_bytes"]) if "onnx_bytes" in baseline else "-", f"{baseline['latency_ms']:.4f}", "1.0", *throughput, "uncompressed", style="dim",
         )
     for point in front:
         smaller = f"{baseline['size_bytes'] / point.size_bytes:.1f}" if baseline else "-"
@@ -163,7 +163,7 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
         throughput = [f"{metrics['throughput']:,.0f}" if "throughput" in metrics else "-"] if batched else []
         table.add_row(
             point.name, with_interval(metrics, metric), with_interval(metrics, f"test_{metric}"), _size(point.size_bytes), smaller,
-            f"{point.latency_ms:.4f}", faster, *throughput, point.summary,
+            _size(metrics["onnx_bytes"]) if "onnx_bytes" in metrics else "-", f"{point.latency_ms:.4f}", faster, *throughput, point.summary,
         )
     return table
 

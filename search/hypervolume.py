@@ -73,6 +73,8 @@ def losses(point: TrialPoint, objectives: Sequence[str], baseline: dict[str, flo
         "size_bytes": point.size_bytes / (BOX_OVER_BASELINE * baseline["size_bytes"]),
         "latency_ms": point.latency_ms / (BOX_OVER_BASELINE * baseline["latency_ms"]),
     }
+    if "onnx_bytes" in objectives:
+        scaled["onnx_bytes"] = point.value("onnx_bytes") / (BOX_OVER_BASELINE * baseline["onnx_bytes"])
     if "throughput" in objectives:  # more is better: the loss is the baseline's share, the box ends at half its throughput
         scaled["throughput"] = baseline["throughput"] / (BOX_OVER_BASELINE * point.value("throughput"))
     return tuple(scaled[name] for name in objectives)

@@ -15,7 +15,7 @@ from .front import TrialPoint, format_metric, interval_kind, with_interval
 from netshrink.deploy.onnx_export import EXIT_OUTPUT
 
 FILE_ROLES = {
-    "model.onnx": "ONNX model (opset 17), self-contained: runs with numpy and onnxruntime alone",
+    "model.onnx": "ONNX model (opset 17; 21 where weights are stored as INT4), self-contained: runs with numpy and onnxruntime alone",
     "compressed.safetensors": "the compressed artifact the trial wrote, byte for byte: its size is the reported size; netshrink loads it back into PyTorch",
     "recipe.json": "the compression pipeline with every knob: what was applied, in order",
 }
@@ -41,6 +41,7 @@ class CardFacts:
     session_config: dict[str, str] = field(default_factory=dict)  # the ONNX Runtime session config model.onnx is deployed (and was timed) with
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> its SHA-256, as export wrote it
     forced: str = ""  # written with --force: why export would have refused it
+    size_note: str | None = None  # why model.onnx and the artifact differ in size by more than 10% (``deploy.sizes``)
 
 
 def session_options_in_words(config: dict[str, str]) -> str:
@@ -72,6 +73,13 @@ def metrics_table(facts: CardFacts) -> str:
         )
     rows += [
         f"| size (compressed artifact file) | {base['size_bytes']:,.0f} B | {point.size_bytes:,.0f} B | {_ratio(base['size_bytes'], point.size_bytes, 'smaller', 'larger')} |",
+    ]
+    if "onnx_bytes" in base and "onnx_bytes" in point.extra:
+        rows.append(
+            f"| size (model.onnx, the file that ships) | {base['onnx_bytes']:,.0f} B | {point.extra['onnx_bytes']:,.0f} B "
+            f"| {_ratio(base['onnx_bytes'], point.extra['onnx_bytes'], 'smaller', 'larger')} |"
+        )
+    rows += [
         f"| latency (batch 1, ONNX Runtime CPU) | {base['latency_ms']:.4f} ms | {point.latency_ms:.4f} ms | {_ratio(base['latency_ms'], point.latency_ms, 'faster', 'slower')} |",
     ]
     if "latency_dequant_per_call_ms" in metrics:
@@ -183,9 +191,10 @@ def render_card(facts: CardFacts) -> str:
         "",
         "Check that the files are the ones exported: `sha256sum model.onnx compressed.safetensors recipe.json` prints the hashes above.",
         "",
-        "The reported size is the artifact's. `model.onnx` keeps 8/4/2/1-bit weights as int8 codes and 16-bit ones as "
-        "float16, but weights zeroed by unstructured pruning or shared by clustering are plain dense float32 there "
-        "(ONNX Runtime's CPU kernels are dense), so it can be larger than the artifact.",
+        "The search's size is the artifact's. `model.onnx` keeps 8-bit weights as int8 codes, 4/2/1-bit ones as INT4 "
+        "codes, 16-bit ones as float16 and clustered ones as 4- or 8-bit indices into their layer's table; weights zeroed "
+        "by unstructured pruning are dense there (ONNX Runtime's CPU kernels are dense). "
+        + (facts.size_note + "." if facts.size_note else "The two files are within 10% of each other."),
         "",
         "## How to load",
         "",

@@ -242,6 +242,7 @@ def hypervolume_figure(
     corner = {
         metric: f"{metric} {min_accuracy or 0:.2g}",
         "size_bytes": f"{BOX_OVER_BASELINE:g}x baseline size",
+        "onnx_bytes": f"{BOX_OVER_BASELINE:g}x baseline model.onnx size",
         "latency_ms": f"{BOX_OVER_BASELINE:g}x baseline latency",
         "throughput": f"1/{BOX_OVER_BASELINE:g} of the baseline's throughput",
     }

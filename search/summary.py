@@ -44,5 +44,22 @@ def print_summary(summary: Summary, name: str, seconds: float, tracking_uri: str
         console.print(f"The sampler proposed {summary.repeats} pipeline(s) already evaluated; their earlier results were reused, not retrained.")
     title = f"Pareto front of {name!r}: {len(summary.front)} of {len(summary.points)} finished trials ({summary.failed} failed), {seconds:.0f} s"
     print_front(summary.front, summary.baseline, title=title, console=console)
+    cost = trial_cost(summary.points)
+    if cost:
+        console.print(cost)
     if is_local(tracking_uri):
         console.print(f"Browse it: mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def trial_cost(points: list[TrialPoint]) -> str | None:
+    """What a trial cost, in one line: wall time and peak resident memory per finished trial (median and most)."""
+    import statistics
+
+    seconds = [p.extra["seconds_trial"] for p in points if "seconds_trial" in p.extra]
+    memory = [p.extra["peak_rss_bytes"] for p in points if p.extra.get("peak_rss_bytes")]
+    parts = []
+    if seconds:
+        parts.append(f"wall time {statistics.median(seconds):.1f} s median, {max(seconds):.1f} s most")
+    if memory:
+        parts.append(f"peak memory {statistics.median(memory) / 2**20:.0f} MiB median, {max(memory) / 2**20:.0f} MiB most")
+    return f"Per trial: {'; '.join(parts)}" if parts else None

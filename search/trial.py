@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ from netshrink.deploy.stopping import Checkpoint
 from netshrink.devices import trial_device
 from netshrink.errors import DiskFull, TrackingUnavailable, disk_full
 from netshrink.integrity import file_sha256
+from netshrink.memory import PeakMemory
 from netshrink.techniques import Pipeline
 
 from .constraints import Constraints
@@ -118,7 +120,9 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         trial_dir = tune.get_context().get_trial_dir()
         workdir = Path(trial_dir) if trial_dir else Path(tempfile.mkdtemp(prefix="netshrink-trial-"))
         workdir.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_recipe(setup, pipeline, workdir, device, report=partial(log_checkpoint, tracker, run_id, setup.task.metric_name))
+        with PeakMemory() as peak:
+            metrics = evaluate_recipe(setup, pipeline, workdir, device, report=partial(log_checkpoint, tracker, run_id, setup.task.metric_name))
+        metrics[PEAK_RSS_METRIC] = peak.bytes  # the worker's peak resident set during this trial (since the worker started, if noted)
         tracker.log_file(run_id, workdir / ARTIFACT_FILE)
         tracker.log_file(run_id, workdir / RECIPE_FILE)  # replaces the sampled recipe logged above
         metrics["seconds_trial"] = time.perf_counter() - started  # all of this function but the last metric upload
@@ -130,12 +134,15 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         notes = (workdir / NOTES_FILE).read_text() if (workdir / NOTES_FILE).is_file() else ""
         if notes:
             tags[NOTES_TAG] = notes[:5000]  # layers a technique left out, and why
+        if peak.since_start:
+            tags[PEAK_RSS_SCOPE_TAG] = "since the worker process started (the kernel refused a reset of its high-water mark)"
         tracker.log(run_id, metrics=metrics, tags=tags)
     except BaseException as error:
         full = disk_full(error)
         if not isinstance(error, TrackingUnavailable):  # recording the failure must not hide it, nor wait for the server again
             try:
                 tracker.log(run_id, tags={ERROR_TAG: (full or f"{type(error).__name__}: {error}")[:5000]})
+                tracker.client.log_text(run_id, traceback.format_exc(), TRACEBACK_FILE)  # the whole of it; the console shows one line
                 tracker.finish(run_id, failed=True)
             except Exception:
                 pass
@@ -145,6 +152,11 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     else:
         tracker.finish(run_id)
     tune.report({**metrics, "mlflow_run_id": run_id})
+
+
+PEAK_RSS_METRIC = "peak_rss_bytes"
+PEAK_RSS_SCOPE_TAG = "peak_rss_scope"
+TRACEBACK_FILE = "traceback.txt"  # a failed trial's whole traceback, an artifact of its run
 
 
 def log_checkpoint(tracker: Tracker, run_id: str, metric: str, point: Checkpoint) -> None:

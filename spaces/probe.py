@@ -8,6 +8,8 @@ choice of its categorical knobs and at the high end of its ranges, and pipelines
 at random from the whole space (fixed seed). Each must run a forward pass; one that
 changes the structure must also export to ONNX computing what torch computes (once per
 combination of the structural techniques in it: the exports are most of the time).
+Every two structural techniques are also tried together, each at each of those settings
+(``separable(which=all)`` then channel pruning broke RGB models while each alone ran).
 Quantization, clustering, distillation and weight pruning change values, not shapes:
 each is probed once alone, and left out of the drawn pipelines. A few seconds on small models; what
 fails is reported with the technique, the pipeline and the error, before the baseline
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from netshrink.techniques import REGISTRY, Pipeline, Stage, compress
+from netshrink.techniques.registry import exclusion
 from netshrink.techniques.base import compressible_weights, module_of
 from netshrink.techniques.inputs import Inputs, call, concat
 from netshrink.techniques.allocation import CLUSTER_COUNTS, QUANTIZATION_WIDTHS
@@ -79,6 +82,30 @@ def _alone(space) -> list[Pipeline]:
     return pipelines
 
 
+def _pairs(space) -> list[Pipeline]:
+    """Every two structural techniques of the space together (those that may be active together), each at each of its
+    variants in ``_alone`` (every choice of a categorical knob, the ranges at their high end): ``separable(which=all)``
+    then channel pruning broke every RGB model mid-search while each alone ran."""
+    variants: dict[str, list] = {}
+    for pipeline in _alone(space):
+        for step in pipeline.active_steps():
+            if changes_structure(step):
+                variants.setdefault(step.kind, []).append(step)
+    kinds = sorted(variants, key=lambda kind: REGISTRY[kind].stage)
+    pipelines = []
+    for index, first in enumerate(kinds):
+        for second in kinds[index + 1 :]:
+            if exclusion(first, second):
+                continue
+            for a in variants[first]:
+                for b in variants[second]:
+                    try:
+                        pipelines.append(Pipeline(steps=[a, b]))
+                    except ValueError:
+                        continue  # an order or combination the pipeline itself refuses: never sampled either
+    return pipelines
+
+
 def _first(knob) -> Any:
     if isinstance(knob, Fixed):
         return knob.value
@@ -112,7 +139,7 @@ def probe(space, model: nn.Module, example_inputs: Inputs, draws: int = RANDOM_D
     scores = flat_sensitivity(model)
     seen, exported = set(), set()
     batch = concat([example_inputs, example_inputs])
-    for pipeline in _alone(space) + _drawn(space, draws, seed):
+    for pipeline in _alone(space) + _pairs(space) + _drawn(space, draws, seed):
         recipe = pipeline.recipe()
         if recipe in seen or not pipeline.active_steps():
             continue

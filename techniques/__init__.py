@@ -4,7 +4,8 @@ from .artifact import load_artifact, read_artifact, save_artifact
 from .base import CompressionContext, Stage, Technique, TechniqueConfig, all_outputs
 from .clustering import ClusteringConfig
 from .distillation import DistillationConfig
-from .early_exit import EarlyExitConfig, EarlyExitNet, exit_points
+from .block_exits import BlockExitNet
+from .early_exit import EarlyExitConfig, EarlyExitNet, exit_points, has_exits
 from .encoding import TensorEncoding
 from .lowrank import LowRankConfig
 from .pipeline import Compressed, Pipeline, compress
@@ -20,7 +21,9 @@ __all__ = [
     "CompressionContext",
     "DistillationConfig",
     "EarlyExitConfig",
+    "BlockExitNet",
     "EarlyExitNet",
+    "has_exits",
     "LowRankConfig",
     "Pipeline",
     "PruningConfig",

@@ -38,7 +38,8 @@ from torch import fx, nn
 
 from .attention import is_attention, normalises_last_axis
 from .base import APPLIED, CompressionContext, Stage, Technique, TechniqueConfig
-from .inputs import ExitLogits
+from .block_exits import BlockExitNet, TokenHead, stack_cut_points
+from .inputs import ExitLogits, call, logits_of
 
 HEAD_POSITIONS = 4  # pooled positions per spatial axis of an exit head's input
 
@@ -58,7 +59,7 @@ class EarlyExitConfig(TechniqueConfig):
         "empty: one exit at the middle cut point",
     )
     threshold: float = Field(0.9, gt=0.0, lt=1.0, description="a sample leaves at the first exit whose top softmax probability reaches this")
-    pooling: tuple[Literal["spatial", "tokens"], ...] | None = Field(
+    pooling: tuple[Literal["spatial", "tokens", "cls"], ...] | None = Field(
         None, json_schema_extra=APPLIED, description="per exit head, how it pools its features, written when applied"
     )
 
@@ -271,7 +272,10 @@ def resolve_cuts(available: dict[fx.Node, list[str]], after: tuple[str, ...]) ->
 
 
 def exit_points(model: nn.Module) -> list[str]:
-    """Every name usable in ``after`` for ``model``, in forward order (for messages and validation)."""
+    """Every name usable in ``after`` for ``model``, in forward order (for messages and validation): cut points of its
+    fx graph, or the blocks of its block stack when torch.fx cannot trace it."""
+    if trace_error(model) is not None:
+        return stack_cut_points(model)
     return [name for names in cut_points(trace(model)).values() for name in names]
 
 
@@ -338,20 +342,22 @@ class EarlyExit(Technique):
     default_space: ClassVar[dict[str, Any]] = {"threshold": {"low": 0.5, "high": 0.99}}
 
     def inapplicable(self, model: nn.Module) -> str | None:
-        """Why no exit can be placed in ``model``: torch.fx cannot trace it (Hugging Face models, Python control flow on
-        tensor values), so no cut point can be found."""
-        try:
-            trace(model)
-        except ValueError as error:
-            return f"{error}; remove early_exit from the space"
+        """Why no exit can be placed in ``model``: torch.fx cannot trace it, and it has no stack of blocks either."""
+        error = trace_error(model)
+        if error is not None and not stack_cut_points(model):
+            return f"{error}, and it has no stack of blocks (an nn.ModuleList of layers of one type) to place exits between; remove early_exit from the space"
         return None
 
     def resolve(self, model: nn.Module, config: EarlyExitConfig, ctx: CompressionContext) -> EarlyExitConfig:
         """The cut points by the names they resolved to (the middle one, when ``after`` is empty)."""
+        if trace_error(model) is not None:
+            return config.model_copy(update={"after": resolve_block_cuts(stack_cut_points(model), config.after)})
         available = cut_points(trace(model))
         return config.model_copy(update={"after": tuple(available[cut][0] for cut in resolve_cuts(available, config.after))})
 
     def apply(self, model: nn.Module, config: EarlyExitConfig, ctx: CompressionContext) -> nn.Module:
+        if trace_error(model) is not None:
+            return self._between_blocks(model, config, ctx)
         if not isinstance(ctx.example_inputs, torch.Tensor):
             raise ValueError("early exits cut a model that takes one input tensor; this one takes several (a tuple or dict of inputs)")
         exits = build_exits(model, config)
@@ -375,8 +381,27 @@ class EarlyExit(Technique):
         )
         return exits
 
+    def _between_blocks(self, model: nn.Module, config: EarlyExitConfig, ctx: CompressionContext) -> BlockExitNet:
+        """Exits after blocks of the model's block stack (``block_exits``), each classifying the first token."""
+        widths: dict[str, int] = {}
+        hooks = [
+            model.get_submodule(name).register_forward_hook(lambda _m, _i, output, name=name: widths.__setitem__(name, _width(output)))
+            for name in config.after
+        ]
+        try:
+            with torch.no_grad():
+                classes = logits_of(call(model.eval(), ctx.example_inputs)).shape[1]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        heads = [TokenHead(widths[name], classes, pooling="cls") for name in config.after]
+        ctx.protected_modules = frozenset([f"model.{name}" for name in ctx.protected_modules] + [f"heads.{index}.linear" for index in range(len(heads))])
+        return BlockExitNet(model, config.after, heads, config.threshold)
+
     def record(self, model: nn.Module, config: EarlyExitConfig, ctx: CompressionContext) -> EarlyExitConfig:
         """How each exit head pools its features (a replay builds the same heads)."""
+        if isinstance(model, BlockExitNet):
+            return config.model_copy(update={"pooling": tuple(head.pooling for head in model.heads)})
         return config.model_copy(update={"pooling": tuple("tokens" if head.tokens else "spatial" for head in model.heads)})
 
     def reshapes(self, config: EarlyExitConfig) -> bool:
@@ -385,4 +410,43 @@ class EarlyExit(Technique):
 
     def rebuild(self, model: nn.Module, config: EarlyExitConfig) -> nn.Module:
         """The same cuts and heads, with placeholder head sizes that loading resizes to the stored ones."""
+        if trace_error(model) is not None:
+            cuts = resolve_block_cuts(stack_cut_points(model), config.after)
+            pooling = config.pooling or ("cls",) * len(cuts)
+            return BlockExitNet(model, cuts, [TokenHead(1, 1, pooling=kind) for kind in pooling], config.threshold)
         return build_exits(model, config)
+
+
+def has_exits(model: nn.Module) -> bool:
+    """Whether ``model`` is a model with early exits (cut into segments, or with exits between its blocks)."""
+    return isinstance(model, (EarlyExitNet, BlockExitNet))
+
+
+def trace_error(model: nn.Module) -> str | None:
+    """Why torch.fx cannot trace ``model`` (and early exits cannot cut it into segments), or None."""
+    try:
+        trace(model)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def resolve_block_cuts(names: list[str], after: tuple[str, ...]) -> tuple[str, ...]:
+    """The blocks ``after`` names, checked and in forward order; empty -> the middle block."""
+    if not names:
+        raise ValueError("this model has no stack of blocks to place an early exit between")
+    if not after:
+        return (names[(len(names) - 1) // 2],)
+    unknown = [name for name in after if name not in names]
+    if unknown:
+        raise ValueError(f"early_exit.after: {', '.join(map(repr, unknown))} is not a cut point of this model; cut points: {', '.join(names)}")
+    if len(set(after)) != len(after):
+        raise ValueError(f"early_exit.after names a cut point twice: {'+'.join(after)}")
+    return tuple(sorted(after, key=names.index))
+
+
+def _width(output) -> int:
+    hidden = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"early exits between blocks read (batch, tokens, width) hidden states; this block gave {getattr(hidden, 'shape', type(hidden).__name__)}")
+    return hidden.shape[-1]

@@ -17,7 +17,7 @@ from netshrink.devices import trial_device
 from netshrink.node_lock import compute_slot
 from netshrink.metrics import interval_metrics
 from netshrink.tasks.task import Task, load_task
-from netshrink.techniques import EarlyExitNet, Pipeline, compress, load_artifact, save_artifact
+from netshrink.techniques import Pipeline, compress, has_exits, load_artifact, save_artifact
 from netshrink.training import predict, train
 
 from .measure import measure_relative_latency, onnx_evaluate, throughput
@@ -150,7 +150,7 @@ def evaluate_recipe(
         "seconds_latency": seconds_latency,
         "seconds_evaluation": seconds_evaluation,
     }
-    if isinstance(restored, EarlyExitNet):  # share of the validation samples that left at each exit (the last: none)
+    if has_exits(restored):  # share of the validation samples that left at each exit (the last: none)
         total = sum(exported.exit_counts.values())
         for index in range(len(restored.heads) + 1):
             metrics[f"exit_share_{index}"] = exported.exit_counts.get(index, 0) / total

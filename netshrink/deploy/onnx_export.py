@@ -26,7 +26,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from netshrink.techniques import EarlyExitNet, TensorEncoding
+from netshrink.techniques import BlockExitNet, EarlyExitNet, TensorEncoding
 from netshrink.techniques.activations import set_enabled as set_activation_quant
 from netshrink.techniques.artifact import LoadedArtifact
 from netshrink.techniques.encoding import INTEGER_BITS, channel_scales, quantize_codes
@@ -101,11 +101,57 @@ def export_onnx(
     example_inputs = to_device(example_inputs, "cpu")
     if isinstance(model, EarlyExitNet):
         graph_model = early_exit_graph(model, example_inputs, encodings)
+    elif isinstance(model, BlockExitNet):
+        graph_model = block_exit_graph(model, example_inputs, encodings, dynamic_axes)
     else:
         graph_model = export_module(model, example_inputs, ["logits"], encodings, dynamic_axes=dynamic_axes)
+    graph_model = pack_int4(graph_model)
     record_deployment(graph_model)
     onnx.save(graph_model, os.fspath(path))
     return os.path.getsize(path)
+
+
+INT4_OPSET = 21  # ONNX's INT4 type, and DequantizeLinear reading it, came with opset 21
+
+
+def pack_int4(graph_model: onnx.ModelProto) -> onnx.ModelProto:
+    """Codes of weights stored at 4 bits or fewer (``*_int4`` initializers, int8 until now) as ONNX ``INT4``, and the
+    indices of clustered weights with 16 values or fewer (``*_uint4``) as ``UINT4``, two to a byte, as the artifact
+    packs them: the graph is converted to opset 21 (``onnx.version_converter``) first. ONNX Runtime 1.32 runs
+    ``DequantizeLinear`` and ``Cast`` on them; a graph the converter cannot take keeps one byte per code."""
+    names = {init.name for init in _all_initializers(graph_model.graph) if init.name.endswith(("_int4", "_int4_zero_point", "_uint4"))}
+    if not names:
+        return graph_model
+    import ml_dtypes
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(graph_model, INT4_OPSET)
+    except Exception:  # an operator the converter does not know: the codes stay one byte each
+        return graph_model
+    for graph in _all_graphs(converted.graph):
+        for init in list(graph.initializer):
+            if init.name in names:
+                kind = ml_dtypes.uint4 if init.name.endswith("_uint4") else ml_dtypes.int4
+                packed = numpy_helper.from_array(numpy_helper.to_array(init).astype(kind), init.name)
+                graph.initializer.remove(init)
+                graph.initializer.append(packed)
+    onnx.checker.check_model(converted)
+    return converted
+
+
+def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every branch graph inside it (an early-exit model's ``If`` nodes)."""
+    found = [graph]
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.g.node:
+                found += _all_graphs(attribute.g)
+    return found
+
+
+def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    return [init for inner in _all_graphs(graph) for init in inner.initializer]
 
 
 class _LogitsOf(nn.Module):
@@ -173,9 +219,53 @@ def export_static_int8(
     finally:
         set_activation_quant(model, True)
     graph_model = onnx.load(os.fspath(path))
+    graph_model = pack_int4(graph_model)
     record_deployment(graph_model)
     onnx.save(graph_model, os.fspath(path))
     return os.path.getsize(path)
+
+
+INT4_OPSET = 21  # ONNX's INT4 type, and DequantizeLinear reading it, came with opset 21
+
+
+def pack_int4(graph_model: onnx.ModelProto) -> onnx.ModelProto:
+    """Codes of weights stored at 4 bits or fewer (``*_int4`` initializers, int8 until now) as ONNX ``INT4``, and the
+    indices of clustered weights with 16 values or fewer (``*_uint4``) as ``UINT4``, two to a byte, as the artifact
+    packs them: the graph is converted to opset 21 (``onnx.version_converter``) first. ONNX Runtime 1.32 runs
+    ``DequantizeLinear`` and ``Cast`` on them; a graph the converter cannot take keeps one byte per code."""
+    names = {init.name for init in _all_initializers(graph_model.graph) if init.name.endswith(("_int4", "_int4_zero_point", "_uint4"))}
+    if not names:
+        return graph_model
+    import ml_dtypes
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(graph_model, INT4_OPSET)
+    except Exception:  # an operator the converter does not know: the codes stay one byte each
+        return graph_model
+    for graph in _all_graphs(converted.graph):
+        for init in list(graph.initializer):
+            if init.name in names:
+                kind = ml_dtypes.uint4 if init.name.endswith("_uint4") else ml_dtypes.int4
+                packed = numpy_helper.from_array(numpy_helper.to_array(init).astype(kind), init.name)
+                graph.initializer.remove(init)
+                graph.initializer.append(packed)
+    onnx.checker.check_model(converted)
+    return converted
+
+
+def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every branch graph inside it (an early-exit model's ``If`` nodes)."""
+    found = [graph]
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.g.node:
+                found += _all_graphs(attribute.g)
+    return found
+
+
+def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    return [init for inner in _all_graphs(graph) for init in inner.initializer]
 
 
 @contextmanager
@@ -193,14 +283,15 @@ def attention_fast_path_off() -> Iterator[None]:
 
 def export_module(
     module: nn.Module, example_inputs: Inputs, output_names: list[str], encodings: dict[str, TensorEncoding], find_transposed: bool = True,
-    dynamic_axes: DynamicAxes | None = None,
+    dynamic_axes: DynamicAxes | None = None, wrapped: bool = False,
 ) -> onnx.ModelProto:
     """``find_transposed``: also store the weights the exporter transposed into renamed initializers at their width.
     Off for the stages of an early-exit model: inside an ``If`` branch, ONNX Runtime's default QDQ rewrite of
-    such a weight (``TransposeDQWeightsForMatMulNBits``) looks for it in the main graph and fails to load."""
+    such a weight (``TransposeDQWeightsForMatMulNBits``) looks for it in the main graph and fails to load.
+    ``wrapped``: ``module`` already takes positional tensors and returns the outputs to export (``encodings`` under its names)."""
     names = input_names(example_inputs)
     with torch.no_grad(), attention_fast_path_off():
-        plain = isinstance(example_inputs, torch.Tensor) and isinstance(module(example_inputs), (torch.Tensor, tuple))
+        plain = wrapped or isinstance(example_inputs, torch.Tensor) and isinstance(module(example_inputs), (torch.Tensor, tuple))
     if not plain:  # several inputs, or a dict or ModelOutput out: exported through a wrapper, its weights under "model."
         module = _LogitsOf(module, example_inputs)
         encodings = {f"model.{name}": encoding for name, encoding in encodings.items()}
@@ -224,7 +315,7 @@ def export_module(
             training=torch.onnx.TrainingMode.PRESERVE,
         )
     graph_model = onnx.load_from_string(buffer.getvalue())
-    reduced = {name: enc for name, enc in encodings.items() if enc.bits in (16, *INTEGER_BITS)}
+    reduced = {name: enc for name, enc in encodings.items() if enc.bits in (16, *INTEGER_BITS) or enc.clusters is not None}
     if reduced:
         store_reduced_precision(graph_model, reduced, transposed_weights(module, graph_model, reduced) if find_transposed else {})
     fold_batchnorm(graph_model)
@@ -347,7 +438,8 @@ def transposed_weights(module: nn.Module, graph_model: onnx.ModelProto, names: I
 
 def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, TensorEncoding], transposed: dict[str, str] | None = None) -> None:
     """Weights the plan stores at reduced precision become codes feeding ``DequantizeLinear`` (per output channel:
-    axis 0, or 1 for a weight the exporter transposed, named in ``transposed``) or float16 feeding ``Cast``."""
+    axis 0, or 1 for a weight the exporter transposed, named in ``transposed``), float16 feeding ``Cast``, or, clustered,
+    one-byte indices into the layer's table of shared values (``Cast`` and ``Gather``)."""
     graph = graph_model.graph
     transposed = transposed or {}
     nodes = []
@@ -360,19 +452,38 @@ def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, T
         flipped = name in transposed
         weight = stored.T if flipped else stored  # (output channels, ...) as the layer holds it
         graph.initializer.remove(initializer)
-        if encoding.bits in INTEGER_BITS:
-            scale = channel_scales(weight, encoding.bits, encoding.sparse)
-            codes = quantize_codes(weight, scale, encoding.bits, encoding.sparse).numpy()
+        if encoding.clusters is not None and encoding.bits == 32:
+            # shared values: one-byte indices into the layer's table, looked up when the session is made (ONNX
+            # Runtime folds Cast and Gather of initializers), a quarter of the float32 bytes
+            table, index = torch.unique(stored, return_inverse=True)
+            if len(table) > 256:  # the centroids and the zeros of pruning: one value too many for a byte
+                graph.initializer.append(initializer)
+                continue
+            index_name = f"{name}_index_uint4" if len(table) <= 16 else f"{name}_index"  # 16 values or fewer: UINT4 (``pack_int4``)
             graph.initializer.extend(
                 [
-                    numpy_helper.from_array(np.ascontiguousarray(codes.T if flipped else codes), f"{name}_int8"),
+                    numpy_helper.from_array(index.numpy().astype(np.uint8), index_name),
+                    numpy_helper.from_array(table.numpy().astype(np.float32), f"{name}_table"),
+                ]
+            )
+            nodes += [
+                helper.make_node("Cast", [index_name], [f"{name}_index_int32"], to=TensorProto.INT32, name=f"{name}_index_cast"),
+                helper.make_node("Gather", [f"{name}_table", f"{name}_index_int32"], [name], axis=0, name=f"{name}_lookup"),
+            ]
+        elif encoding.bits in INTEGER_BITS:
+            scale = channel_scales(weight, encoding.bits, encoding.sparse)
+            codes = quantize_codes(weight, scale, encoding.bits, encoding.sparse).numpy()
+            kind = "int4" if encoding.bits <= 4 else "int8"  # 4 bits or fewer: packed as ONNX INT4 once the graph is done (``pack_int4``)
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.ascontiguousarray(codes.T if flipped else codes), f"{name}_{kind}"),
                     numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}_scale"),
-                    numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
+                    numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_{kind}_zero_point"),
                 ]
             )
             nodes.append(
                 helper.make_node(
-                    "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"], [name], axis=1 if flipped else 0,
+                    "DequantizeLinear", [f"{name}_{kind}", f"{name}_scale", f"{name}_{kind}_zero_point"], [name], axis=1 if flipped else 0,
                     name=f"{name}_dequantize",
                 )
             )
@@ -598,6 +709,103 @@ def early_exit_graph(model: EarlyExitNet, example_inputs: torch.Tensor, encoding
     )
     combined = helper.make_model(graph, opset_imports=list(stages[0].opset_import), producer_name="netshrink")
     combined.ir_version = stages[0].ir_version
+    onnx.checker.check_model(combined)
+    return combined
+
+
+class _AllExits(nn.Module):
+    """A model with block exits as the exporter takes it: positional tensors in, every exit's logits out (the final last)."""
+
+    def __init__(self, model: nn.Module, structure: Inputs) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = list(structure) if isinstance(structure, dict) else None
+        self.single = isinstance(structure, torch.Tensor)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = dict(zip(self.keys, tensors)) if self.keys is not None else tensors[0] if self.single else tuple(tensors)
+        return tuple(self.model.all_outputs(inputs))
+
+
+def block_exit_graph(
+    model: BlockExitNet, example_inputs: Inputs, encodings: dict[str, TensorEncoding], dynamic_axes: DynamicAxes | None = None
+) -> onnx.ModelProto:
+    """The whole model exported once with every exit's logits as outputs, then cut after each exit: the nodes that
+    exit ``i`` needs (and no earlier exit did) run at level ``i``, the rest inside ``If(confident_i, exit i, ...)``.
+
+    A batch leaves at an exit when every sample in it is confident: at batch 1, the per-sample rule of the torch
+    model. The nodes inside a branch read what the levels before computed (ONNX's outer scope)."""
+    exits = len(model.heads)
+    names = [f"exit_{index}" for index in range(exits)] + ["final_logits"]
+    exported = export_module(
+        _AllExits(model, example_inputs).eval(), example_inputs, names, {f"model.{name}": enc for name, enc in encodings.items()},
+        dynamic_axes=dynamic_axes, wrapped=True,
+    )
+    graph = exported.graph
+    nodes = list(graph.node)
+    producer = {output: index for index, node in enumerate(nodes) for output in node.output}
+    # tensors a node reads, its branches' reads included (an If or a Loop the exporter wrote)
+    reads = [set(node.input) | {name for attribute in node.attribute if attribute.g.node for inner in attribute.g.node for name in inner.input} for node in nodes]
+    placed: set[int] = set()
+    levels: list[list[int]] = []
+    for name in names:
+        needed, stack = set(), [producer[name]] if name in producer else []
+        while stack:
+            index = stack.pop()
+            if index in needed or index in placed:
+                continue
+            needed.add(index)
+            stack += [producer[read] for read in reads[index] if read in producer]
+        levels.append(sorted(needed))
+        placed |= needed
+    threshold = numpy_helper.from_array(np.array(model.threshold, dtype=np.float32), "exit_threshold")
+
+    def level(index: int) -> tuple[list[onnx.NodeProto], str, str]:
+        """Nodes computing the answer from level ``index`` on; returns (nodes, logits, exit)."""
+        prefix = f"l{index}/"
+        own = [nodes[position] for position in levels[index]]
+        logits, exit_index = f"{prefix}answer_logits", f"{prefix}answer_exit"
+        if index == exits:
+            return own + [
+                helper.make_node("Identity", ["final_logits"], [logits], name=f"{prefix}final"),
+                helper.make_node("Constant", [], [exit_index], value=numpy_helper.from_array(np.array(index, dtype=np.int64)), name=f"{prefix}exit"),
+            ], logits, exit_index
+        source = names[index]
+        own += [
+            helper.make_node("Softmax", [source], [f"{prefix}probabilities"], axis=1, name=f"{prefix}softmax"),
+            helper.make_node("ReduceMax", [f"{prefix}probabilities"], [f"{prefix}confidence"], axes=[1], keepdims=0, name=f"{prefix}confidence"),
+            helper.make_node("ReduceMin", [f"{prefix}confidence"], [f"{prefix}least_confidence"], keepdims=0, name=f"{prefix}least"),
+            helper.make_node("GreaterOrEqual", [f"{prefix}least_confidence", "exit_threshold"], [f"{prefix}leave"], name=f"{prefix}leave"),
+        ]
+        leave = helper.make_graph(
+            [
+                helper.make_node("Identity", [source], [f"{prefix}leave_logits"], name=f"{prefix}leave_logits"),
+                helper.make_node(
+                    "Constant", [], [f"{prefix}leave_exit"], value=numpy_helper.from_array(np.array(index, dtype=np.int64)), name=f"{prefix}leave_exit"
+                ),
+            ],
+            f"{prefix}leave",
+            [],
+            [_tensor(f"{prefix}leave_logits", TensorProto.FLOAT), _tensor(f"{prefix}leave_exit", TensorProto.INT64)],
+        )
+        rest_nodes, rest_logits, rest_exit = level(index + 1)
+        rest = helper.make_graph(rest_nodes, f"{prefix}continue", [], [_tensor(rest_logits, TensorProto.FLOAT), _tensor(rest_exit, TensorProto.INT64)])
+        own.append(helper.make_node("If", [f"{prefix}leave"], [logits, exit_index], then_branch=leave, else_branch=rest, name=f"{prefix}if"))
+        return own, logits, exit_index
+
+    body, logits, exit_index = level(0)
+    body += [
+        helper.make_node("Identity", [logits], ["logits"], name="logits"),
+        helper.make_node("Identity", [exit_index], [EXIT_OUTPUT], name=EXIT_OUTPUT),
+    ]
+    final = next(output for output in graph.output if output.name == "final_logits")
+    logits_info = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [d.dim_param or d.dim_value for d in final.type.tensor_type.shape.dim])
+    combined_graph = helper.make_graph(
+        body, "netshrink_block_exits", list(graph.input), [logits_info, helper.make_tensor_value_info(EXIT_OUTPUT, TensorProto.INT64, [])],
+        initializer=[threshold, *graph.initializer],
+    )
+    combined = helper.make_model(combined_graph, opset_imports=list(exported.opset_import), producer_name="netshrink")
+    combined.ir_version = exported.ir_version
     onnx.checker.check_model(combined)
     return combined
 

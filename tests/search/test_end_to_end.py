@@ -103,6 +103,8 @@ def test_one_child_run_per_trial_with_metrics_recipe_and_artifact(finished_searc
         parts = [metrics[key] for key in ("seconds_training", "seconds_latency", "seconds_evaluation")]
         assert all(part > 0 for part in parts) and sum(parts) < metrics["seconds_trial"]
         assert child.data.tags["device"] == "cpu" and child.data.tags["ray_node_id"]
+        # the worker's own peak during the trial, reset at its start: more than torch alone, far less than the machine
+        assert 100 * 2**20 < metrics["peak_rss_bytes"] < 8 * 2**30 and "peak_rss_scope" not in child.data.tags
 
 
 def test_pareto_tags_mark_exactly_the_non_dominated_trials(finished_search):
@@ -171,6 +173,11 @@ def test_failed_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
     children = [r for r in runs if r.data.tags.get("netshrink.role") == "trial"]
     assert len(children) == 2
     assert all(c.info.status == "FAILED" and "Fragile refuses" in c.data.tags["error"] for c in children)
+    # one line on the console per failure; the whole traceback is an artifact of the trial's run
+    assert "Traceback" not in result.stdout + result.stderr
+    for child in children:
+        text = Path(client.download_artifacts(child.info.run_id, "traceback.txt", str(tmp_path / child.info.run_id))).read_text()
+        assert text.startswith("Traceback") and "Fragile refuses" in text
     parent = next(r for r in runs if r.data.tags.get("netshrink.role") == "search")
     assert parent.data.metrics["trials_failed"] == 2
     study = optuna.load_study(study_name=parent.data.tags["optuna.study_name"], storage=parent.data.tags["optuna.storage"])
