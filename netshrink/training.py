@@ -29,6 +29,7 @@ from netshrink.techniques.inputs import batch_size as samples_in, forward_logits
 Checkpoint = Callable[[nn.Module, float], bool]
 # Called after each epoch with (epochs done, epochs in all, mean loss of the epoch, seconds since the start).
 EpochReport = Callable[[int, int, float, float], None]
+StepReport = Callable[[int, int, int, int, float], None]  # (epoch, epochs, step, steps, seconds so far)
 
 DEFAULT_FORMAT = BatchFormat()
 
@@ -91,6 +92,7 @@ def train(
     batches: BatchFormat = DEFAULT_FORMAT,
     settings: Optimisation = Optimisation(),  # ``task.train`` or ``finetune`` (both are ``Optimisation`` settings)
     on_epoch: EpochReport | None = None,
+    on_step: StepReport | None = None,
 ) -> list[float]:
     """``settings.optimizer`` on ``dataset`` for ``epochs`` on ``device``; returns the mean loss of each epoch (of those run).
 
@@ -99,7 +101,7 @@ def train(
     epoch, and within epochs at the epoch fractions ``checkpoints_at(epoch)`` gives (default
     none); when it returns True, training ends there. Checkpoints do not change the model:
     with or without them, the same seed trains the same weights. ``on_epoch`` hears of each
-    epoch's end (progress lines).
+    epoch's end, ``on_step`` of each optimizer step (progress lines within long epochs).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -123,6 +125,8 @@ def train(
             stops = {max(1, round(f * steps)): f for f in within}
 
             def at_step(step: int, epoch: int = epoch) -> bool:
+                if on_step is not None:
+                    on_step(epoch + 1, epochs, step, steps, time.perf_counter() - started)
                 if checkpoint is None or (step not in stops and step != steps):
                     return False
                 done = epoch + (1.0 if step == steps else stops[step])

@@ -13,7 +13,7 @@ import torch
 
 import netshrink
 from netshrink.config import Experiment
-from netshrink.deploy.evaluate import epoch_line, split_scores
+from netshrink.deploy.evaluate import epoch_line, split_scores, step_line
 from netshrink.integrity import bytes_sha256, file_sha256, mismatch, recorded_checksum, unreadable, write_checksum
 from netshrink.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, dataset_digest, factory_sources
 from netshrink.tasks.task import Task, load_task
@@ -119,7 +119,7 @@ def _prepare(experiment: Experiment, task: Task, fingerprint: dict[str, Any], fo
             train(
                 model, task.data.train, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
                 device=trial_device(experiment.resources.gpu), loss_fn=task.loss, batches=task.batches, settings=settings,
-                on_epoch=epoch_line("baseline", task.metric.name, print_fn=log),
+                on_epoch=epoch_line("baseline", task.metric.name, print_fn=log), on_step=step_line("baseline training", print_fn=log),
             )
         else:
             log(f"Baseline: {config.model} with {config.weights or 'its factory weights'}, not trained (task.train.epochs: 0){why}; cached in {folder}")

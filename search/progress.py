@@ -66,9 +66,44 @@ class ServerWatch:
         self.down_since, self.attempt = None, 0
 
 
+RUNNING_EVERY = 60.0  # seconds between two looks at where the running trials stand
+
+
+class RunningTrials:
+    """Every ``RUNNING_EVERY`` s, from the driver: the ``progress`` line each running trial last wrote to its MLflow run
+    (its fine-tuning's epoch and step, with the time to go), printed when it changed. Long trials (a ResNet-18 on a CPU
+    fine-tunes for minutes) so show that they move; the workers' own output does not reach the console."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str) -> None:
+        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.last = time.monotonic()
+        self.shown: dict[str, str] = {}
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self.last < RUNNING_EVERY:
+            return
+        self.last = now
+        from mlflow.tracking import MlflowClient
+
+        from .tracking import PARENT_TAG
+
+        try:
+            runs = MlflowClient(self.uri).search_runs(
+                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'"
+            )
+        except Exception:  # the server's health is ServerWatch's business; a missed look is no loss
+            return
+        for run in runs:
+            line = run.data.tags.get("progress")
+            if line and self.shown.get(run.info.run_id) != line:
+                self.shown[run.info.run_id] = line
+                print(f"  {run.info.run_name}: {line}", flush=True)
+
+
 def progress_printer(
     total: int, baseline: dict[str, float], done: int = 0, label: str = "", metric: str = "accuracy",
-    tracking_uri: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
+    tracking_uri: str = "", timeout_s: float = DEFAULT_TIMEOUT_S, experiment_id: str = "", parent_run_id: str = "",
 ):
     """Tune callback printing one line per finished, failed or retried trial (Tune pickles it: it holds no console).
 
@@ -84,6 +119,7 @@ def progress_printer(
             self.started: float | None = None
             self.ended_here = 0
             self.watch = ServerWatch(tracking_uri, timeout_s) if tracking_uri.startswith(("http://", "https://")) else None
+            self.running = RunningTrials(tracking_uri, experiment_id, parent_run_id) if tracking_uri and parent_run_id else None
 
             self.stop: SearchStopped | None = None  # a fatal trial error, raised at the end of Tune's step
 
@@ -93,6 +129,8 @@ def progress_printer(
                 raise self.stop
             if self.watch is not None:
                 self.watch.check()
+            if self.running is not None:
+                self.running.check()
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if self.started is None:

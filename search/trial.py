@@ -121,7 +121,10 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         workdir = Path(trial_dir) if trial_dir else Path(tempfile.mkdtemp(prefix="netshrink-trial-"))
         workdir.mkdir(parents=True, exist_ok=True)
         with PeakMemory() as peak:
-            metrics = evaluate_recipe(setup, pipeline, workdir, device, report=partial(log_checkpoint, tracker, run_id, setup.task.metric_name))
+            metrics = evaluate_recipe(
+                setup, pipeline, workdir, device, report=partial(log_checkpoint, tracker, run_id, setup.task.metric_name),
+                progress=partial(log_progress, tracker, run_id),
+            )
         metrics[PEAK_RSS_METRIC] = peak.bytes  # the worker's peak resident set during this trial (since the worker started, if noted)
         tracker.log_file(run_id, workdir / ARTIFACT_FILE)
         tracker.log_file(run_id, workdir / RECIPE_FILE)  # replaces the sampled recipe logged above
@@ -154,9 +157,18 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     tune.report({**metrics, "mlflow_run_id": run_id})
 
 
+PROGRESS_TAG = "progress"
 PEAK_RSS_METRIC = "peak_rss_bytes"
 PEAK_RSS_SCOPE_TAG = "peak_rss_scope"
 TRACEBACK_FILE = "traceback.txt"  # a failed trial's whole traceback, an artifact of its run
+
+
+def log_progress(tracker: Tracker, run_id: str, line: str) -> None:
+    """Where a long fine-tuning stands, as the run's ``progress`` tag: the search's console shows it (``progress.RunningTrials``)."""
+    try:
+        tracker.client.set_tag(run_id, PROGRESS_TAG, line)
+    except Exception:  # a progress line is not worth failing a trial over
+        pass
 
 
 def log_checkpoint(tracker: Tracker, run_id: str, metric: str, point: Checkpoint) -> None:

@@ -160,7 +160,8 @@ def run_trials(
             failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
             callbacks=[progress_printer(
                 progress.ended + trials, setup.baseline_metrics, done=progress.ended, metric=experiment.metric,
-                tracking_uri=setup.tracking_uri, timeout_s=setup.tracking_timeout_s,
+                tracking_uri=setup.tracking_uri, timeout_s=setup.tracking_timeout_s, experiment_id=setup.experiment_id,
+                parent_run_id=setup.parent_run_id,
             )],
         ),
     )
@@ -231,7 +232,8 @@ def refine_front(
             failure_config=tune.FailureConfig(max_failures=experiment.search.max_failures),
             callbacks=[progress_printer(
                 len(chosen), setup.baseline_metrics, label="refined ", metric=experiment.metric,
-                tracking_uri=setup.tracking_uri, timeout_s=setup.tracking_timeout_s,
+                tracking_uri=setup.tracking_uri, timeout_s=setup.tracking_timeout_s, experiment_id=setup.experiment_id,
+                parent_run_id=setup.parent_run_id,
             )],
         ),
     ).fit()

@@ -50,7 +50,8 @@ class RecipeSetup:
 
 
 def evaluate_recipe(
-    setup: RecipeSetup, pipeline: Pipeline, workdir: Path, device: torch.device | None = None, report: Callable[[Checkpoint], None] | None = None
+    setup: RecipeSetup, pipeline: Pipeline, workdir: Path, device: torch.device | None = None, report: Callable[[Checkpoint], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Compress, fine-tune and measure; returns the trial's metrics. Plain function: no Ray, no MLflow.
 
@@ -58,7 +59,8 @@ def evaluate_recipe(
     artifact, the ONNX export and every measurement are taken on the CPU, as they are deployed.
     Fine-tuning takes validation accuracy at checkpoints and hands each to ``report``; when
     ``setup.stop_rule`` stops the trial, the rest of its fine-tuning is skipped and the model
-    is measured as it stands, with ``stopped_early`` and the checkpoint in the metrics.
+    is measured as it stands, with ``stopped_early`` and the checkpoint in the metrics. ``progress`` hears a line of
+    where a long fine-tuning stands (the search shows the running trials' last lines).
     """
     torch.set_num_threads(max(1, int(setup.cpus)))
     task = load_task(setup.task, setup.search_path, num_workers=setup.finetune.num_workers)
@@ -83,7 +85,8 @@ def evaluate_recipe(
         train(
             model, data.train, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=setup.seed, device=device,
             loss_fn=loss_fn, checkpoint=monitor, checkpoints_at=monitor.checkpoints_at, batches=task.batches,
-            settings=settings, on_epoch=epoch_line(f"fine-tuning round {monitor.round + 1}", metric.name, monitor),
+            settings=settings, on_epoch=epoch_line(f"fine-tuning round {monitor.round + 1}", metric.name, monitor, progress),
+            on_step=step_line(f"fine-tuning round {monitor.round + 1}/{monitor.rounds}", progress),
         )
         monitor.round_done()
 
@@ -199,3 +202,20 @@ def epoch_line(what: str, metric_name: str, monitor: FineTuneMonitor | None = No
 
 
 PROGRESS_SECONDS = 5.0
+STEP_LINE_EVERY = 30.0  # seconds between two progress lines within an epoch
+
+
+def step_line(what: str, print_fn: Callable[[str], None] | None = None):
+    """``on_step`` for ``train``: within long epochs, a line at most every ``STEP_LINE_EVERY`` s with the step, the time
+    so far and the time to go (a ResNet-18 epoch on a CPU takes minutes; a trial of the built-in task says nothing)."""
+    last = [0.0]
+
+    def report(epoch: int, epochs: int, step: int, steps: int, seconds: float) -> None:
+        if seconds - last[0] < STEP_LINE_EVERY:
+            return
+        last[0] = seconds
+        done = ((epoch - 1) * steps + step) / (epochs * steps)
+        line = f"{what}: epoch {epoch}/{epochs}, step {step}/{steps} ({done:.0%}), {seconds:.0f} s, about {seconds / done - seconds:.0f} s to go"
+        print_fn(line) if print_fn is not None else print(line, flush=True)
+
+    return report

@@ -219,53 +219,9 @@ def export_static_int8(
     finally:
         set_activation_quant(model, True)
     graph_model = onnx.load(os.fspath(path))
-    graph_model = pack_int4(graph_model)
     record_deployment(graph_model)
     onnx.save(graph_model, os.fspath(path))
     return os.path.getsize(path)
-
-
-INT4_OPSET = 21  # ONNX's INT4 type, and DequantizeLinear reading it, came with opset 21
-
-
-def pack_int4(graph_model: onnx.ModelProto) -> onnx.ModelProto:
-    """Codes of weights stored at 4 bits or fewer (``*_int4`` initializers, int8 until now) as ONNX ``INT4``, and the
-    indices of clustered weights with 16 values or fewer (``*_uint4``) as ``UINT4``, two to a byte, as the artifact
-    packs them: the graph is converted to opset 21 (``onnx.version_converter``) first. ONNX Runtime 1.32 runs
-    ``DequantizeLinear`` and ``Cast`` on them; a graph the converter cannot take keeps one byte per code."""
-    names = {init.name for init in _all_initializers(graph_model.graph) if init.name.endswith(("_int4", "_int4_zero_point", "_uint4"))}
-    if not names:
-        return graph_model
-    import ml_dtypes
-    from onnx import version_converter
-
-    try:
-        converted = version_converter.convert_version(graph_model, INT4_OPSET)
-    except Exception:  # an operator the converter does not know: the codes stay one byte each
-        return graph_model
-    for graph in _all_graphs(converted.graph):
-        for init in list(graph.initializer):
-            if init.name in names:
-                kind = ml_dtypes.uint4 if init.name.endswith("_uint4") else ml_dtypes.int4
-                packed = numpy_helper.from_array(numpy_helper.to_array(init).astype(kind), init.name)
-                graph.initializer.remove(init)
-                graph.initializer.append(packed)
-    onnx.checker.check_model(converted)
-    return converted
-
-
-def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """``graph`` and every branch graph inside it (an early-exit model's ``If`` nodes)."""
-    found = [graph]
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.g.node:
-                found += _all_graphs(attribute.g)
-    return found
-
-
-def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    return [init for inner in _all_graphs(graph) for init in inner.initializer]
 
 
 @contextmanager

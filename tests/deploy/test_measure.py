@@ -270,9 +270,10 @@ def test_sub_byte_weights_dequantize_in_onnx_to_what_torch_computes(tmp_path, pi
     compressed, path = exported(tmp_path, pipeline)
     bits = pipeline.steps[-1].bits
     graph = onnx.load(path).graph
-    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    codes = initializers["fc1.weight_int8"]
-    assert codes.dtype == np.int8 and np.abs(codes).max() <= max(1, 2 ** (bits - 1) - 1)
+    packed = next(init for init in graph.initializer if init.name == "fc1.weight_int4")
+    assert packed.data_type == onnx.TensorProto.INT4 and len(packed.raw_data) == (np.prod(packed.dims) + 1) // 2  # two codes a byte
+    codes = numpy_helper.to_array(packed).astype(np.int8)
+    assert np.abs(codes).max() <= max(1, 2 ** (bits - 1) - 1)
     assert sum(node.op_type == "DequantizeLinear" for node in graph.node) == 4
     batch = torch.randn(8, 1, 28, 28)
     expected = compressed.model(batch).detach().numpy()
