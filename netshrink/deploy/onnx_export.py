@@ -702,6 +702,13 @@ def block_exit_graph(
     producer = {output: index for index, node in enumerate(nodes) for output in node.output}
     # tensors a node reads, its branches' reads included (an If or a Loop the exporter wrote)
     reads = [set(node.input) | {name for attribute in node.attribute if attribute.g.node for inner in attribute.g.node for name in inner.input} for node in nodes]
+    # weights decoded from initializers (DequantizeLinear, Cast, Gather of a table) stay in the main graph: ONNX Runtime
+    # looks for a quantized MatMul weight there (``TransposeDQWeightsForMatMulNBits``) and fails to load it in a branch
+    initializers = {init.name for init in graph.initializer}
+    constant: set[int] = set()
+    for index, node in enumerate(nodes):
+        if node.input and all(name in initializers or (name in producer and producer[name] in constant) for name in node.input if name):
+            constant.add(index)
     placed: set[int] = set()
     levels: list[list[int]] = []
     for name in names:
@@ -712,6 +719,8 @@ def block_exit_graph(
                 continue
             needed.add(index)
             stack += [producer[read] for read in reads[index] if read in producer]
+        if not levels:
+            needed |= constant
         levels.append(sorted(needed))
         placed |= needed
     threshold = numpy_helper.from_array(np.array(model.threshold, dtype=np.float32), "exit_threshold")

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 HERE = Path(__file__).parent
 FAMILIES = {
-    "bert": ("family_tasks:sentences", "family_tasks:bert", "{vocab_size: 64, hidden_size: 32, max_length: 16}", "{epochs: 6, lr: 0.002}", "text"),
+    "bert": ("family_tasks:sentences", "family_tasks:bert", "{vocab_size: 64, hidden_size: 32, max_length: 16}", "{epochs: 20, lr: 0.003}", "text"),
     "vit": ("family_tasks:pixels", "family_tasks:vit", "{image_size: 16, patch_size: 4, hidden_size: 32}", "{epochs: 15, lr: 0.002}", "text"),
     "resnet18": ("family_tasks:images", "family_tasks:resnet18", "{width: 8}", "{epochs: 4, lr: 0.003}", "image"),
     "mobilenet_v2": ("family_tasks:images", "family_tasks:mobilenet_v2", "{width_mult: 0.25}", "{epochs: 6, lr: 0.003}", "image"),
@@ -55,4 +55,4 @@ def test_a_search_on_each_family_has_no_failed_trial(family, tmp_path):
     parent = next(run for run in runs if run.data.tags.get("netshrink.role") == "search")
     trials = [run for run in runs if run.data.tags.get("netshrink.role") == "trial"]
     assert len(trials) == 4 and all(run.info.status == "FINISHED" for run in trials)
-    assert parent.data.metrics["baseline_accuracy"] > 0.6  # the baseline learned the task (chance: 0.25 or 0.1)
+    assert parent.data.metrics["baseline_accuracy"] > 0.9  # the baseline learned the task (chance: 0.25 or 0.1)

@@ -144,3 +144,23 @@ def test_the_probe_of_the_default_space_finds_nothing_that_breaks_a_family(famil
     if family == "resnet18":
         assert any(p.startswith("separable(which=all) + pruning(granularity=channel") for p in pairs)
     assert probe(space, FAMILIES[family]().eval(), family_inputs(family, 1)) == []
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_4_bit_weights_of_a_model_with_block_exits_load_in_onnx_runtime_with_its_defaults(family, tmp_path):
+    """ONNX Runtime looks for a quantized MatMul weight in the main graph (``TransposeDQWeightsForMatMulNBits``); a
+    ``DequantizeLinear`` inside an exit's branch made every such model fail to load ("Missing required weight")."""
+    import onnxruntime as ort
+
+    from netshrink.deploy.onnx_export import export_onnx
+    from netshrink.techniques import EarlyExitConfig, LowRankConfig, QuantizationConfig
+    from netshrink.techniques.inputs import numpy_feed
+
+    example = family_inputs(family, 1)
+    steps = [LowRankConfig(rank_fraction=0.3), EarlyExitConfig(threshold=0.99), QuantizationConfig(bits=4)]
+    compressed = compress(FAMILIES[family]().eval(), Pipeline(steps=steps), example)
+    export_onnx(compressed.model, example, tmp_path / "m.onnx", compressed.encodings)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    logits, _ = session.run(None, numpy_feed(example))
+    # with its defaults ONNX Runtime runs 4-bit MatMuls with its own kernels (MatMulNBits), which round differently
+    torch.testing.assert_close(torch.from_numpy(logits), forward_logits(compressed.model, example), rtol=1e-2, atol=1e-3)
