@@ -55,4 +55,5 @@ def test_a_search_on_each_family_has_no_failed_trial(family, tmp_path):
     parent = next(run for run in runs if run.data.tags.get("netshrink.role") == "search")
     trials = [run for run in runs if run.data.tags.get("netshrink.role") == "trial"]
     assert len(trials) == 4 and all(run.info.status == "FINISHED" for run in trials)
-    assert parent.data.metrics["baseline_accuracy"] > 0.9  # the baseline learned the task (chance: 0.25 or 0.1)
+    # the baseline learned its task (chance: 0.25 for the sentences, 0.1 for the digits)
+    assert parent.data.metrics["baseline_accuracy"] > (0.9 if family == "bert" else 0.6)
