@@ -171,6 +171,25 @@ def uses_sensitivity(experiment: Experiment) -> bool:
 
 SENSITIVITY_FILE = "sensitivity.json"
 SENSITIVITY_SAMPLES = 1024  # training samples the loss is taken on (all of the built-in task's 1,078 but a few)
+SENSITIVITY_LEAST = 256  # ... and never fewer, however slow the model
+SENSITIVITY_SECONDS = 120.0  # a model too slow for 1,024 samples in about this long is scored on fewer
+
+
+def affordable_samples(model: torch.nn.Module, task: Task, train_split) -> int:
+    """How many samples the sensitivity can take in about ``SENSITIVITY_SECONDS`` (one pass per layer and width, 10 per
+    layer), between ``SENSITIVITY_LEAST`` and ``SENSITIVITY_SAMPLES``: a ResNet-18 would take 25 minutes on 1,024 of
+    its 32x32 images on 2 cores, LeNet-5 seconds. Timed on one batch of the first samples."""
+    from netshrink.techniques.base import compressible_weights
+    from netshrink.techniques.inputs import forward_logits
+
+    probe = list(range(min(len(train_split), 64)))
+    inputs, _ = task.batches.collated(train_split, probe)
+    started = time.perf_counter()
+    with torch.no_grad():
+        forward_logits(model.eval(), inputs)
+    per_sample = (time.perf_counter() - started) / len(probe)
+    passes = 10 * len(compressible_weights(model)) + 1
+    return int(min(SENSITIVITY_SAMPLES, max(SENSITIVITY_LEAST, SENSITIVITY_SECONDS / max(passes * per_sample, 1e-9))))
 
 
 def cached_sensitivity(model: torch.nn.Module, task: Task, folder: Path, log=print) -> dict:
@@ -184,9 +203,11 @@ def cached_sensitivity(model: torch.nn.Module, task: Task, folder: Path, log=pri
         return json.loads(path.read_text())
     train_split = task.data.train
     count = len(train_split)
-    indices = sorted({round(i * (count - 1) / max(SENSITIVITY_SAMPLES - 1, 1)) for i in range(min(count, SENSITIVITY_SAMPLES))})
+    wanted = min(count, affordable_samples(model, task, train_split))
+    indices = sorted({round(i * (count - 1) / max(wanted - 1, 1)) for i in range(wanted)})
     batches = [task.batches.collated(train_split, indices[start : start + 256]) for start in range(0, len(indices), 256)]
-    log(f"Measuring per-layer sensitivity on {len(indices)} training samples (for allocation: sensitivity) ...")
+    fewer = f" (fewer than {SENSITIVITY_SAMPLES}, so that it takes about {SENSITIVITY_SECONDS:.0f} s)" if wanted < min(count, SENSITIVITY_SAMPLES) else ""
+    log(f"Measuring per-layer sensitivity on {len(indices)} training samples{fewer} (for allocation: sensitivity) ...")
     started = time.perf_counter()
 
     def progress(done: int, total: int, layer: str) -> None:
