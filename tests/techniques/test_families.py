@@ -164,3 +164,32 @@ def test_4_bit_weights_of_a_model_with_block_exits_load_in_onnx_runtime_with_its
     logits, _ = session.run(None, numpy_feed(example))
     # with its defaults ONNX Runtime runs 4-bit MatMuls with its own kernels (MatMulNBits), which round differently
     torch.testing.assert_close(torch.from_numpy(logits), forward_logits(compressed.model, example), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["resnet18", "mobilenet_v2"])
+def test_static_int8_on_the_cnns_runs_with_integer_kernels_and_agrees_with_torch(family, tmp_path):
+    """``activations: int8`` on residual stages and inverted residuals: ONNX Runtime's QDQ model (calibrated on training
+    samples) answers as the fake-quantized torch model does."""
+    import onnx
+
+    from netshrink.deploy.measure import ort_session
+    from netshrink.deploy.onnx_export import export_artifact
+    from netshrink.techniques import QuantizationConfig
+    from netshrink.techniques.inputs import numpy_feed
+
+    calibration = family_inputs(family, 32, seed=5)
+    compressed = compress(
+        FAMILIES[family]().eval(), Pipeline(steps=[QuantizationConfig(bits=8, activations="int8")]), family_inputs(family, 1),
+        calibration_inputs=calibration,
+    )
+    save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
+    loaded = load_artifact(tmp_path / "m.safetensors", FAMILIES[family]())
+    export_artifact(loaded, family_inputs(family, 1), tmp_path / "m.onnx", calibration)
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert sum(node.op_type == "QuantizeLinear" for node in graph.node) >= 10  # activations quantized throughout
+    batch = family_inputs(family, 16, seed=6)
+    session = ort_session(tmp_path / "m.onnx")
+    onnx_logits = torch.cat([torch.from_numpy(session.run(None, numpy_feed(batch[i : i + 1]))[0]) for i in range(16)])
+    torch_logits = forward_logits(loaded.model.eval(), batch)
+    assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).float().mean() >= 0.8
+    torch.testing.assert_close(onnx_logits, torch_logits, rtol=0.1, atol=0.1 * float(torch_logits.abs().max()))
