@@ -86,6 +86,7 @@ class ArtifactEntry(BaseModel):
     parts: list[tuple[str, str, int]] | None = None  # (part, dtype, bytes) in stored order; None: plain float32 values
     layout: Layout = Layout()  # for a sparse layout: positions, nonzeros, rice_k, rows
     raw: bool = False  # an integer buffer, stored as it is
+    same_as: str | None = None  # a tensor tied to an earlier entry (input and output embeddings): stored once, under that entry
 
 
 class ArtifactHeader(BaseModel):
@@ -116,7 +117,13 @@ def encode_state(model: nn.Module, encodings: dict[str, TensorEncoding]) -> tupl
     """The tensors and per-entry metadata that store ``model``'s state under ``encodings``."""
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, Any] = {}
+    seen: dict[tuple, str] = {}  # (storage, offset, shape, dtype) -> the first entry holding that tensor
     for name, value in model.state_dict().items():
+        identity = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()), value.dtype)
+        if value.numel() and identity in seen:
+            entries[name] = {"shape": list(value.shape), "same_as": seen[identity]}
+            continue
+        seen[identity] = name
         encoding = encodings.get(name, TensorEncoding())
         entry: dict[str, Any] = {"shape": list(value.shape), "encoding": encoding.model_dump(exclude_defaults=True)}
         if value.is_floating_point():
@@ -166,6 +173,8 @@ def read_parts(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Artifa
     stored = load_file(os.fspath(path))
     parts: dict[str, torch.Tensor] = {}
     for name, entry in header.entries.items():
+        if entry.same_as is not None:
+            continue  # a tied tensor: its first entry holds it
         if entry.raw:
             parts[name] = stored[name]
         else:
@@ -176,7 +185,12 @@ def read_parts(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Artifa
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ArtifactHeader]:
     """Decoded float state dict and the artifact header."""
     parts, header = read_parts(path)
-    state = {name: decode_tensor(name, parts, tuple(entry.shape), entry.encoding, entry.layout) for name, entry in header.entries.items()}
+    state = {
+        name: decode_tensor(name, parts, tuple(entry.shape), entry.encoding, entry.layout)
+        for name, entry in header.entries.items()
+        if entry.same_as is None
+    }
+    state.update({name: state[entry.same_as] for name, entry in header.entries.items() if entry.same_as is not None})
     return state, header
 
 

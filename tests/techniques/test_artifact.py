@@ -90,3 +90,32 @@ def test_metadata_that_is_neither_json_nor_compressed_json_is_refused(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"), metadata={"netshrink": "not a header"})
     with pytest.raises(ValueError, match="neither JSON nor compressed JSON"):
         read_artifact(tmp_path / "bad.safetensors")
+
+
+class TiedEmbeddings(torch.nn.Module):
+    """Input and output embeddings sharing one tensor, as language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 16)
+        self.mix = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.mix(self.embed(ids).mean(1))))
+
+
+@pytest.mark.parametrize("step", [None, QuantizationConfig(bits=4), ClusteringConfig(clusters=8), PruningConfig(granularity="weight", ratio=0.5)])
+def test_tied_embeddings_are_compressed_and_stored_once_and_reload_tied(step, tmp_path):
+    ids = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(0))
+    compressed = compress(TiedEmbeddings().eval(), Pipeline(steps=[step] if step else []), ids[:1])
+    assert compressed.model.out.weight is compressed.model.embed.weight
+    save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
+    parts, header = read_parts(tmp_path / "m.safetensors")
+    assert header.entries["out.weight"].same_as == "embed.weight" and not any(key.startswith("out.") for key in parts)
+    if step is not None:
+        assert "embed.weight" in compressed.encodings  # the embedding is compressed like any weight
+    restored = load_artifact(tmp_path / "m.safetensors", TiedEmbeddings()).model
+    assert restored.out.weight is restored.embed.weight
+    assert torch.equal(restored(ids), compressed.model(ids))
