@@ -131,16 +131,29 @@ def head_attributes(model: nn.Module, split: HeadSplit, heads_left: int) -> dict
 
 
 def set_attributes(model: nn.Module, values: dict[str, int], field: str) -> None:
-    """Set each dotted ``module.attribute`` path of ``values``; ``ValueError`` naming ``field`` when a module is missing."""
+    """Set each dotted path of ``values`` (a module's attribute, or a Hugging Face model's ``config.num_attention_heads``);
+    ``ValueError`` naming ``field`` when the path leads nowhere."""
     for path, value in values.items():
-        module_name, _, attribute = path.rpartition(".")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            raise ValueError(f"{field}: the recipe sets {path!r}, and this model has no module {module_name!r}") from None
-        if not hasattr(module, attribute):
-            raise ValueError(f"{field}: the recipe sets {path!r}, and {module_name!r} has no attribute {attribute!r}")
-        setattr(module, attribute, value)
+        owner_path, _, attribute = path.rpartition(".")
+        owner = model
+        for part in owner_path.split(".") if owner_path else []:
+            owner = getattr(owner, part, None)
+            if owner is None:
+                raise ValueError(f"{field}: the recipe sets {path!r}, and this model has no {owner_path!r}")
+        if not hasattr(owner, attribute):
+            raise ValueError(f"{field}: the recipe sets {path!r}, and {owner_path or 'the model'!r} has no attribute {attribute!r}")
+        setattr(owner, attribute, value)
+
+
+def config_heads(model: nn.Module, splits: dict[str, HeadSplit], heads_left: dict[str, int]) -> dict[str, int]:
+    """``config.num_attention_heads`` of a Hugging Face model whose attention layers all kept the same count (its config
+    holds one count for every layer), so that the config says what the pruned model is; else nothing."""
+    config = getattr(model, "config", None)
+    counts = set(heads_left.values())
+    originals = {split.heads for split in splits.values()}
+    if config is None or len(counts) != 1 or getattr(config, "num_attention_heads", None) not in originals:
+        return {}
+    return {"config.num_attention_heads": counts.pop()}
 
 
 def qkv_output(module: nn.Module) -> nn.Linear | None:

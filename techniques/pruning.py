@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .base import APPLIED, PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, all_outputs, attribute_of, compressible_weights, module_of, per_layer
-from .attention import HeadSplit, find_head_splits, head_attributes, set_attributes
+from .attention import HeadSplit, config_heads, find_head_splits, head_attributes, set_attributes
 from .encoding import TensorEncoding
 from .inputs import Inputs, tensors
 
@@ -68,6 +68,12 @@ class PruningConfig(TechniqueConfig):
         description="layer (module name) -> its own ratio, as a published recipe gives them; layers not listed follow `ratio` and `scope`",
     )
     head_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="channel: share of each attention layer's heads removed (whole heads)")
+    removed: dict[str, int] | None = Field(
+        None,
+        json_schema_extra=APPLIED,
+        description="per layer, what went, written when applied: output channels (granularity channel) or weights zeroed (weight); "
+        "a replay that removes anything else is refused, naming the layer",
+    )
     heads: dict[str, int] | None = Field(
         None,
         json_schema_extra=APPLIED,
@@ -121,6 +127,15 @@ def global_ratios(weights: dict[str, torch.Tensor], ratio: float, floor: float) 
 def listed_ratios(layers: dict[str, nn.Module], config: PruningConfig) -> dict[str, float]:
     """The layers ``layer_ratios`` names, by parameter name, with their ratios."""
     return {name: ratio for name, ratio in per_layer(layers, config.layer_ratios, None, "pruning.layer_ratios").items() if ratio is not None}
+
+
+def layer_sizes(model: nn.Module, granularity: str) -> dict[str, int]:
+    """Per compressible layer (module name): its output channels (features) for channel pruning, its nonzero weights for weight pruning."""
+    sizes = {}
+    for name, module in compressible_weights(model).items():
+        weight = getattr(module, attribute_of(name))
+        sizes[module_of(name)] = int(weight.shape[0]) if granularity == "channel" else int((weight != 0).sum())
+    return sizes
 
 
 def prune_weights(model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> None:
@@ -320,6 +335,7 @@ def prune_heads(model: nn.Module, config: PruningConfig, ctx: CompressionContext
     values: dict[str, int] = {}
     for layer, split in layers.items():
         values.update(head_attributes(model, split, pruner.num_heads[layer]))
+    values.update(config_heads(model, splits, {split.layer: pruner.num_heads[layer] for layer, split in layers.items()}))
     set_attributes(model, values, "pruning.heads")
     # the forward pass must now split each layer into the heads left, of the same size as before
     try:
@@ -378,14 +394,21 @@ class Pruning(Technique):
         return config.granularity == "channel"
 
     def apply(self, model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> None:
-        if config.granularity == "weight":
-            prune_weights(model, config, ctx)
-        else:
-            ctx.decided[self.kind] = prune_channels(model, config, ctx)
+        before = layer_sizes(model, config.granularity)
+        heads = prune_weights(model, config, ctx) if config.granularity == "weight" else prune_channels(model, config, ctx)
+        after = layer_sizes(model, config.granularity)
+        removed = {name: size - after.get(name, 0) for name, size in before.items() if size != after.get(name, 0)}
+        if config.removed is not None and config.removed != removed:
+            layer = next(name for name in sorted(set(removed) | set(config.removed)) if removed.get(name) != config.removed.get(name))
+            raise ValueError(
+                f"pruning.removed: the recipe removed {config.removed.get(layer, 0)} from {layer!r} and this replay {removed.get(layer, 0)}: "
+                "the model or its weights differ from the ones the recipe was written on"
+            )
+        ctx.decided[self.kind] = {"heads": heads or {}, "removed": removed}
 
     def record(self, model: nn.Module, config: PruningConfig, ctx: CompressionContext) -> PruningConfig:
-        """The head attributes channel pruning set, written into ``heads`` (empty when no heads were removed)."""
-        return config.model_copy(update={"heads": ctx.decided.get(self.kind) or {}})
+        """What went, per layer (``removed``), and the head attributes channel pruning set (``heads``, empty when no heads were removed)."""
+        return config.model_copy(update=ctx.decided.get(self.kind, {"heads": {}, "removed": {}}))
 
     def rebuild(self, model: nn.Module, config: PruningConfig) -> None:
         """Removed heads: the attention modules get the head counts the recipe recorded (the tensors are resized on load)."""

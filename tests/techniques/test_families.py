@@ -193,3 +193,46 @@ def test_static_int8_on_the_cnns_runs_with_integer_kernels_and_agrees_with_torch
     torch_logits = forward_logits(loaded.model.eval(), batch)
     assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).float().mean() >= 0.8
     torch.testing.assert_close(onnx_logits, torch_logits, rtol=0.1, atol=0.1 * float(torch_logits.abs().max()))
+
+
+def test_the_recipe_records_what_pruning_removed_per_layer_and_a_replay_that_differs_is_refused():
+    from netshrink.techniques import PruningConfig
+
+    model, example = FAMILIES["resnet18"]().eval(), family_inputs("resnet18", 1)
+    compressed = compress(model, Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5)]), example)
+    removed = compressed.pipeline.steps[0].removed
+    assert removed["layer1.0.conv1"] == 4 and "fc" not in removed  # 8 channels, half went; the classes stay
+    # channels coupled across a skip connection go together: the stem and every block's output in layer1
+    assert removed.get("conv1") == removed.get("layer1.0.conv2") == removed.get("layer1.1.conv2")
+    assert compressed.model.layer1[0].conv1.out_channels == 8 - removed["layer1.0.conv1"]
+    tampered = compressed.pipeline.steps[0].model_copy(update={"removed": {**removed, "layer1.0.conv1": 3}})
+    with pytest.raises(ValueError, match="pruning.removed: the recipe removed 3 from 'layer1.0.conv1' and this replay 4"):
+        compress(model, Pipeline(steps=[tampered]), example)
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_hugging_face_heads_go_whole_and_the_config_follows(family, tmp_path):
+    """Half the heads of every layer: q, k and v lose whole heads, the attention modules' ``num_attention_heads`` and
+    ``all_head_size`` and the model's ``config.num_attention_heads`` say so, the FFN loses neurons, the hidden size
+    stays, and the artifact reloads into a fresh model (the recipe sets the same attributes) and exports."""
+    from netshrink.deploy.onnx_export import exports_faithfully
+    from netshrink.techniques import PruningConfig
+
+    example = family_inputs(family, 1)
+    compressed = compress(FAMILIES[family]().eval(), Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5, head_ratio=0.5)]), example)
+    model = compressed.model
+    layer = model.bert.encoder.layer[0] if family == "bert" else model.vit.layers[0]
+    attention = layer.attention.self if family == "bert" else layer.attention
+    query = attention.query if family == "bert" else attention.q_proj
+    assert query.out_features == 16 and query.in_features == 32  # 2 of 4 heads of 8; the hidden size stays
+    assert attention.num_attention_heads == 2 and model.config.num_attention_heads == 2
+    if family == "bert":
+        assert attention.all_head_size == 16 and layer.intermediate.dense.out_features == 64
+    heads = compressed.pipeline.steps[0].heads
+    assert heads["config.num_attention_heads"] == 2
+    save_artifact(tmp_path / "m.safetensors", model, compressed.encodings, compressed.pipeline.recipe())
+    restored = load_artifact(tmp_path / "m.safetensors", FAMILIES[family]()).model
+    assert restored.config.num_attention_heads == 2
+    batch = family_inputs(family, 4, seed=1)
+    torch.testing.assert_close(forward_logits(restored, batch), forward_logits(model, batch), rtol=1e-4, atol=1e-5)
+    exports_faithfully(model, compressed.encodings, example)
