@@ -4,6 +4,7 @@ and fed dict batches; the CNNs are narrow copies of torchvision's ResNet-18 and 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def test_a_search_on_each_family_has_no_failed_trial(family, tmp_path):
             name: {family}
             task: {{dataset: "{dataset}", model: "{model}", model_args: {model_args}, train: {train}}}
             finetune: {{epochs: 1}}
+            objectives: [accuracy, onnx_bytes, latency_ms]   # who ships model.onnx optimises its size
             measure: {{warmup: 10, repeats: 50}}
             search: {{trials: 4, max_concurrent: 2, sampler: random, seed: 3, informed_start: false, early_stopping: false}}
             """
@@ -55,5 +57,7 @@ def test_a_search_on_each_family_has_no_failed_trial(family, tmp_path):
     parent = next(run for run in runs if run.data.tags.get("netshrink.role") == "search")
     trials = [run for run in runs if run.data.tags.get("netshrink.role") == "trial"]
     assert len(trials) == 4 and all(run.info.status == "FINISHED" for run in trials)
+    assert "model.onnx" in result.stdout and all(run.data.metrics["onnx_bytes"] > 0 for run in trials)
+    assert json.loads(parent.data.tags["objectives"])[1] == "onnx_bytes"
     # the baseline learned its task (chance: 0.25 for the sentences, 0.1 for the digits)
     assert parent.data.metrics["baseline_accuracy"] > (0.9 if family == "bert" else 0.6)
