@@ -1,6 +1,7 @@
 """Deployment benchmark: what each quantization buys where the model ships (ONNX Runtime, CPU).
 
-For the built-in LeNet-5 (``spaces/digits.yaml``) and the built-in ViT (``spaces/digits-vit.yaml``), on the
+For the built-in LeNet-5 (``spaces/digits.yaml``), the built-in ViT (``spaces/digits-vit.yaml``) and a Hugging Face
+BERT (``benchmarks/bert.yaml``: ``benchmarks/user_models.py``'s, sequence length 64), on the
 task's cached baseline (trained on first use), this evaluates through the real trial path
 (``netshrink.deploy.evaluate_recipe``: compress, fine-tune ``finetune.epochs``, save the artifact, export the
 ONNX file that ``netshrink export`` writes):
@@ -11,6 +12,8 @@ ONNX file that ``netshrink export`` writes):
   ``session.disable_quant_qdq=1``: weights folded once at load) and with ONNX Runtime's defaults
   (dequantized on every call);
 - ``static int8``: ``quantization(bits=8, activations=int8)``: QDQ with uint8 activations, run with integer kernels;
+- for BERT, ``fp32, ONNX Runtime transformer optimizer``: the fp32 file through ``onnxruntime.transformers.optimizer``
+  (fused attention, skip layer norm, bias GELU), timed as the rest: whether the fusion pays on a CPU at batch 1;
 - ``front``: the fastest point within 1 point of the baseline's validation accuracy on the front of a
   default search of that experiment (run here with the real CLI, or read from ``--from`` folders), exported
   with ``netshrink export``.
@@ -38,7 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = {"lenet5": ROOT / "spaces" / "digits.yaml", "vit": ROOT / "spaces" / "digits-vit.yaml"}
+EXPERIMENTS = {"lenet5": ROOT / "spaces" / "digits.yaml", "vit": ROOT / "spaces" / "digits-vit.yaml", "bert": ROOT / "benchmarks" / "bert.yaml"}
+TRANSFORMERS = {"bert": "bert"}  # task -> ONNX Runtime transformer optimizer's model_type: its fused-attention row
 WITHIN = 0.01  # the front point: within 1 point of the baseline's validation accuracy
 
 
@@ -57,7 +61,8 @@ def run_search(folder: Path, experiment_file: Path) -> None:
     target = folder / "spaces" / experiment_file.name
     target.write_text(experiment_file.read_text())
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "netshrink.cli", "search", str(target.relative_to(folder))], cwd=folder, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # benchmarks.user_tasks
+    result = subprocess.run([sys.executable, "-m", "netshrink.cli", "search", str(target.relative_to(folder))], cwd=folder, capture_output=True, text=True, env=env)
     (folder / "search.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         sys.exit(f"search {experiment_file.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -164,8 +169,24 @@ def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
     else:
         label = f"front: {point.name}, {point.summary}"
         rows.append(measure_row(label, exported / ONNX_FILE, (exported / ARTIFACT_FILE).stat().st_size, reference, data, experiment, fp32_bytes))
+    if name in TRANSFORMERS:
+        fused = transformer_optimized(reference, TRANSFORMERS[name], experiment, folder)
+        rows.append(measure_row("fp32, ONNX Runtime transformer optimizer (fused attention)", fused, fp32_bytes, reference, data, experiment, fp32_bytes))
+        print(f"\n{name}: operators after ONNX Runtime's transformer optimizer: {', '.join(optimized_ops(fused))}", flush=True)
     print(f"\n{name}: ONNX Runtime's optimized graph of the static int8 model: {', '.join(optimized_ops(static_onnx))}", flush=True)
     return rows
+
+
+def transformer_optimized(reference: Path, model_type: str, experiment, folder: Path) -> Path:
+    """The fp32 baseline through ``onnxruntime.transformers.optimizer`` (Attention, SkipLayerNormalization, BiasGelu fusions)."""
+    from onnxruntime.transformers import optimizer
+
+    args = experiment.task.model_args
+    optimized = optimizer.optimize_model(str(reference), model_type=model_type, num_heads=args["heads"], hidden_size=args["hidden_size"])
+    path = folder / "deploy-recipes" / "fp32-transformer-optimizer.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    optimized.save_model_to_file(str(path))
+    return path
 
 
 def print_table(name: str, rows: list[dict], experiment_file: Path) -> None:
@@ -182,11 +203,12 @@ def print_table(name: str, rows: list[dict], experiment_file: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", choices=sorted(EXPERIMENTS), default=["lenet5", "vit"])
+    parser.add_argument("--tasks", nargs="+", choices=sorted(EXPERIMENTS), default=["lenet5", "vit", "bert"])
     parser.add_argument("--from", dest="sources", nargs="*", default=[], metavar="TASK=FOLDER",
                         help="a folder where `netshrink search` of that task's experiment already ran (its spaces/ copy, mlflow.db, baseline cache)")
     parser.add_argument("--keep", type=Path, help="working folder for tasks without --from (default: a temporary one)")
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))  # the bert task's module:factory references (benchmarks.user_tasks)
     sources = dict(source.split("=", 1) for source in args.sources)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
     from netshrink import __version__
