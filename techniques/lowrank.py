@@ -6,8 +6,11 @@ start as the truncated SVD of W, ``A = sqrt(S_K) V_K^T`` and ``B = U_K sqrt(S_K)
 the best rank-K approximation of W in the least-squares sense (Eckart-Young), so
 fine-tuning starts close to the original layer. K = ceil(rank_fraction * min(M, N)).
 
-Linear layers are factored, and with ``include_1x1_convs`` also 1x1 convolutions
-(the same matrix applied at every pixel; the first factor keeps stride and padding).
+Linear layers are factored, and with ``convs`` also convolutions: ``1x1`` (the same
+matrix applied at every pixel), or ``all`` (k x k ones too, as channel decomposition:
+the O x I x k x k weight read as an O x (I k k) matrix becomes a k x k convolution to K
+channels, keeping stride, padding and dilation, then a 1x1 convolution to O; Zhang et
+al., 2015, "Accelerating Very Deep Convolutional Networks").
 Only modules of exactly these types are replaced: a subclass such as attention's
 output projection is read through ``.weight`` by its parent. A parent that reads
 a plain ``nn.Linear`` child's ``.weight`` (``nn.TransformerEncoderLayer``'s fast
@@ -32,11 +35,14 @@ Initialise = Callable[[nn.Sequential, Factorable], None]
 
 
 class LowRankConfig(TechniqueConfig):
+    VERSION: ClassVar[int] = 2  # 2: ``convs`` (none, 1x1, all) instead of include_1x1_convs; k x k convolutions too
     kind: Literal["lowrank"] = "lowrank"
     rank_fraction: float = Field(
         0.25, gt=0.0, lt=1.0, description="rank kept, as a fraction of the smaller of a layer's two dimensions"
     )
-    include_1x1_convs: bool = Field(False, description="also factor 1x1 convolutions (per-pixel channel mixing)")
+    convs: Literal["none", "1x1", "all"] = Field(
+        "none", description="convolutions factored too: none, 1x1 (per-pixel channel mixing), or all (k x k ones as a k x k to K channels then a 1x1)"
+    )
     ranks: dict[str, int] | None = Field(
         None,
         json_schema_extra=APPLIED,
@@ -44,20 +50,26 @@ class LowRankConfig(TechniqueConfig):
     )
 
 
-def is_factorable(module: nn.Module, include_1x1_convs: bool) -> bool:
+def is_factorable(module: nn.Module, convs: str) -> bool:
     if type(module) is nn.Linear:
         return True
-    return include_1x1_convs and type(module) is nn.Conv2d and module.groups == 1 and module.kernel_size == (1, 1)
+    if convs == "none" or type(module) is not nn.Conv2d or module.groups != 1:
+        return False
+    return convs == "all" or module.kernel_size == (1, 1)
+
+
+def _sides(layer: Factorable) -> tuple[int, int]:
+    """The weight as a matrix: output channels x (input channels x kernel)."""
+    return layer.weight.shape[0], layer.weight[0].numel()
 
 
 def rank_for(layer: Factorable, rank_fraction: float) -> int:
-    out_features, in_features = layer.weight.shape[:2]
-    return max(1, math.ceil(rank_fraction * min(out_features, in_features)))
+    return max(1, math.ceil(rank_fraction * min(_sides(layer))))
 
 
 def saves_parameters(layer: Factorable, rank: int) -> bool:
-    out_features, in_features = layer.weight.shape[:2]
-    return rank * (out_features + in_features) < out_features * in_features
+    rows, columns = _sides(layer)
+    return rank * (rows + columns) < rows * columns
 
 
 # Layers whose parent reads the child Linear's ``.weight`` itself (the fused fast path of PyTorch's transformer
@@ -85,17 +97,17 @@ def layers_to_factor(
     if config.ranks is not None:
         for name, rank in config.ranks.items():
             layer = dict(model.named_modules()).get(name)
-            if layer is None or not is_factorable(layer, config.include_1x1_convs):
-                raise ValueError(f"lowrank.ranks: the recipe factors layer {name!r}, which this model has not as a plain Linear or 1x1 Conv2d")
-            if not 1 <= rank < min(layer.weight.shape[:2]):
-                raise ValueError(f"lowrank.ranks: rank {rank} for layer {name!r} of shape {tuple(layer.weight.shape[:2])} is not between 1 and its smaller side")
+            if layer is None or not is_factorable(layer, config.convs):
+                raise ValueError(f"lowrank.ranks: the recipe factors layer {name!r}, which this model has not as a plain Linear or a Conv2d lowrank.convs takes")
+            if not 1 <= rank < min(_sides(layer)):
+                raise ValueError(f"lowrank.ranks: rank {rank} for layer {name!r} of shape {_sides(layer)} is not between 1 and its smaller side")
         return dict(config.ranks)
     chosen: dict[str, int] = {}
     kept_whole = read_by_parent(model)
     for name, module in model.named_modules():
-        if name in kept_whole and notes is not None and is_factorable(module, config.include_1x1_convs):
+        if name in kept_whole and notes is not None and is_factorable(module, config.convs):
             notes.append(f"lowrank: {name!r} left whole: its parent, a {type(model.get_submodule(name.rpartition('.')[0])).__name__}, reads its weight directly")
-        if name and name not in protected and name not in kept_whole and is_factorable(module, config.include_1x1_convs):
+        if name and name not in protected and name not in kept_whole and is_factorable(module, config.convs):
             rank = rank_for(module, config.rank_fraction)
             if saves_parameters(module, rank):
                 chosen[name] = rank
@@ -113,7 +125,7 @@ def factor_pair(layer: Factorable, rank: int) -> nn.Sequential:
             skip_init(nn.Linear, rank, out_features, bias=has_bias, **placement),
         )
     first = skip_init(
-        nn.Conv2d, in_features, rank, 1, stride=layer.stride, padding=layer.padding,
+        nn.Conv2d, in_features, rank, layer.kernel_size, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
         padding_mode=layer.padding_mode, bias=False, **placement,
     )
     return nn.Sequential(first, skip_init(nn.Conv2d, rank, out_features, 1, bias=has_bias, **placement))
@@ -143,14 +155,14 @@ class LowRank(Technique):
     stage: ClassVar[Stage] = Stage.ARCHITECTURE
     default_space: ClassVar[dict[str, Any]] = {
         "rank_fraction": {"low": 0.05, "high": 0.5, "log": True},
-        "include_1x1_convs": [False, True],
+        "convs": ["none", "1x1", "all"],
     }
 
     def inapplicable(self, model: nn.Module) -> str | None:
         """Why low-rank factorization cannot change ``model``: no Linear it may factor."""
         kept_whole = read_by_parent(model)
-        if not any(is_factorable(module, True) and name not in kept_whole for name, module in model.named_modules() if name):
-            return "the model has no plain Linear (or 1x1 Conv2d) it may factor; remove lowrank from the space"
+        if not any(is_factorable(module, "all") and name not in kept_whole for name, module in model.named_modules() if name):
+            return "the model has no plain Linear or ungrouped Conv2d it may factor; remove lowrank from the space"
         return None
 
     def resolve(self, model: nn.Module, config: LowRankConfig, ctx: CompressionContext) -> LowRankConfig:

@@ -236,3 +236,25 @@ def test_hugging_face_heads_go_whole_and_the_config_follows(family, tmp_path):
     batch = family_inputs(family, 4, seed=1)
     torch.testing.assert_close(forward_logits(restored, batch), forward_logits(model, batch), rtol=1e-4, atol=1e-5)
     exports_faithfully(model, compressed.encodings, example)
+
+
+def test_low_rank_reaches_a_resnets_3x3_convolutions_as_channel_decomposition(tmp_path):
+    """A ResNet's only Linear is its classifier, which low-rank keeps: ``convs: all`` factors its 3x3 convolutions into a
+    3x3 convolution to K channels and a 1x1 back, with stride and padding kept."""
+    from netshrink.deploy.onnx_export import exports_faithfully
+    from netshrink.techniques import LowRankConfig
+
+    example = family_inputs("resnet18", 1)
+    model = FAMILIES["resnet18"]().eval()
+    assert not compress(model, Pipeline(steps=[LowRankConfig(rank_fraction=0.25)]), example).pipeline.steps[0].ranks  # the fc is kept
+    compressed = compress(model, Pipeline(steps=[LowRankConfig(rank_fraction=0.25, convs="all")]), example)
+    ranks = compressed.pipeline.steps[0].ranks
+    assert ranks["layer4.0.conv2"] == 16 and "fc" not in ranks  # 64 x (64 x 3 x 3) at a quarter of 64
+    first, second = compressed.model.layer2[0].conv1
+    assert first.kernel_size == (3, 3) and first.stride == (2, 2) and second.kernel_size == (1, 1)
+    assert sum(p.numel() for p in compressed.model.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
+    save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
+    restored = load_artifact(tmp_path / "m.safetensors", FAMILIES["resnet18"]()).model
+    batch = family_inputs("resnet18", 4, seed=2)
+    torch.testing.assert_close(forward_logits(restored, batch), forward_logits(compressed.model, batch), rtol=1e-4, atol=1e-5)
+    exports_faithfully(compressed.model, compressed.encodings, example)

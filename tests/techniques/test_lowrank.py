@@ -30,7 +30,7 @@ def test_a_factored_linear_has_k_times_m_plus_n_weights():
 def test_1x1_convolutions_are_factored_only_when_asked():
     x = torch.zeros(1, 1, 12, 12)
     assert isinstance(factor(Concat(), LowRankConfig(), x).mix, nn.Conv2d)
-    mix = factor(Concat(), LowRankConfig(include_1x1_convs=True), x).mix  # 16 -> 12, K = 3
+    mix = factor(Concat(), LowRankConfig(convs="1x1"), x).mix  # 16 -> 12, K = 3
     assert [type(layer) for layer in mix] == [nn.Conv2d, nn.Conv2d]
     assert count(mix) == 3 * (16 + 12) + 12
 
@@ -85,12 +85,12 @@ def test_linear_subclasses_read_through_weight_by_their_parent_are_left_alone():
     assert list(layers_to_factor(model, LowRankConfig())) == ["1"]  # not the attention's out_proj
 
 
-@pytest.mark.parametrize("include_1x1_convs", [False, True])
+@pytest.mark.parametrize("convs", ["none", "1x1", "all"])
 @pytest.mark.parametrize("model_name", ["lenet5", *sorted(EDGE_MODELS)])
-def test_artifact_round_trip_rebuilds_the_factored_layers(model_name, include_1x1_convs, tmp_path):
+def test_artifact_round_trip_rebuilds_the_factored_layers(model_name, convs, tmp_path):
     model_type, side = (LeNet5, 28) if model_name == "lenet5" else (EDGE_MODELS[model_name], 12)
     x = torch.randn(4, 1, side, side)
-    pipeline = Pipeline(steps=[LowRankConfig(rank_fraction=0.3, include_1x1_convs=include_1x1_convs)])
+    pipeline = Pipeline(steps=[LowRankConfig(rank_fraction=0.3, convs=convs)])
     compressed = compress(model_type().eval(), pipeline, x[:1])
     save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
     restored = load_artifact(tmp_path / "m.safetensors", model_type()).model

@@ -119,7 +119,7 @@ def test_separable_lowrank_pruning_and_int8_compose_save_reload_and_export(tmp_p
     pipeline = Pipeline(
         steps=[
             SeparableConfig(which="all_but_first"),
-            LowRankConfig(rank_fraction=0.25, include_1x1_convs=True),
+            LowRankConfig(rank_fraction=0.25, convs="1x1"),
             PruningConfig(granularity="channel", ratio=0.5),
             QuantizationConfig(bits=8),
         ]
