@@ -50,6 +50,16 @@ def is_applied_field(config_type: type[BaseModel], name: str) -> bool:
 PER_LAYER = {"per_layer": True}
 
 
+# ``Field(json_schema_extra=QUIET)`` marks a setting that is no search knob and is shown in one-line summaries only
+# when it differs from its default (channel pruning's ``round_to``).
+QUIET = {"quiet": True}
+
+
+def is_quiet_field(config_type: type[BaseModel], name: str) -> bool:
+    extra = config_type.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and extra.get("quiet") is True
+
+
 def is_per_layer_field(config_type: type[BaseModel], name: str) -> bool:
     extra = config_type.model_fields[name].json_schema_extra
     return isinstance(extra, dict) and extra.get("per_layer") is True

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import ORDER, CompressionContext, FineTune, LossFn, TechniqueConfig, cross_entropy, is_applied_field, summed_over_exits
+from .base import ORDER, CompressionContext, FineTune, LossFn, TechniqueConfig, cross_entropy, is_applied_field, is_quiet_field, summed_over_exits
 from .encoding import TensorEncoding
 from .inputs import Inputs, call
 from .registry import REGISTRY, conflicts, knob_applies
@@ -101,7 +101,7 @@ class Pipeline(BaseModel):
 def _quiet_default(step: TechniqueConfig, key: str, value) -> bool:
     """A knob left off (at a default of 0) that the technique does not search by default (``head_ratio`` 0): left out of one-liners."""
     default = type(step).model_fields[key].default
-    return key not in REGISTRY[step.kind].default_space and not default and value == default
+    return key not in REGISTRY[step.kind].default_space and (not default or is_quiet_field(type(step), key)) and value == default
 
 
 def _short(value) -> str:

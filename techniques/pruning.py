@@ -39,7 +39,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import APPLIED, PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, all_outputs, attribute_of, compressible_weights, module_of, per_layer
+from .base import APPLIED, PER_LAYER, QUIET, CompressionContext, Stage, Technique, TechniqueConfig, all_outputs, attribute_of, compressible_weights, module_of, per_layer
 from .attention import HeadSplit, config_heads, find_head_splits, head_attributes, set_attributes
 from .encoding import TensorEncoding
 from .inputs import Inputs, tensors
@@ -62,6 +62,12 @@ class PruningConfig(TechniqueConfig):
         "layers removes `ratio` of all of them, so large layers lose more (Deep Compression kept 8% of LeNet-5's fc1, 66% of conv1)",
     )
     floor: float = Field(0.02, ge=0.0, lt=1.0, description="scope global: every layer keeps at least this fraction, so none is emptied")
+    round_to: int = Field(
+        8, ge=1, le=64, json_schema_extra=QUIET,
+        description="channel, scope layer: a layer of at least twice this many channels keeps the nearest multiple of it (ONNX Runtime's "
+        "CPU convolutions work in blocks of 8 channels: MobileNetV2 pruned at 0.35 to 20, 10 and 62 channels ran 0.86x the speed of "
+        "the unpruned model, to 16, 8 and 64 2.3x); 1: exact ratios. Scope global keeps its threshold's counts",
+    )
     layer_ratios: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
         None,
         json_schema_extra=PER_LAYER,
@@ -224,6 +230,7 @@ def prune_channels(model: nn.Module, config: PruningConfig, ctx: CompressionCont
     kept = whole_width_layers(model, ctx.example_inputs, layers, split_layers)
     if config.scope == "layer":
         listed.update(keep_one_channel(layers, listed, config.ratio))
+        listed.update(rounded_ratios(layers, listed, config.ratio, config.round_to))
     importance = tp.importance.MagnitudeImportance(p=1 if config.importance == "l1" else 2)
     heads = prune_heads(model, config, ctx, splits, importance, ignored=protected + kept) if config.head_ratio > 0 else {}
     pruner = tp.pruner.BasePruner(
@@ -288,6 +295,27 @@ def prune_channels_globally(pruner: tp.pruner.BasePruner, model: nn.Module, conf
             if group is not None and pruner.DG.check_pruning_group(group):
                 group.prune()
         _between_steps(model, step, config.steps, ctx)
+
+
+def rounded_kept(kept: int, channels: int, round_to: int) -> int:
+    """``kept`` rounded to the nearest multiple of ``round_to`` (at least one multiple), for a layer of at least twice
+    ``round_to`` channels; a smaller layer, or a count under half a multiple (a ratio near 1), stays as it is."""
+    if round_to <= 1 or channels < 2 * round_to or 2 * kept < round_to:
+        return kept
+    return min(channels, max(round_to, round(kept / round_to) * round_to))
+
+
+def rounded_ratios(layers: list[nn.Module], listed: dict[nn.Module, float], ratio: float, round_to: int) -> dict[nn.Module, float]:
+    """Per layer, the ratio under which Torch-Pruning keeps a multiple of ``round_to`` channels (``rounded_kept``); it
+    keeps ``int(channels x (1 - ratio))``, so the ratio aims half a channel above the count wanted."""
+    rounded = {}
+    for layer in layers:
+        channels = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+        if channels is None or round_to <= 1 or channels < 2 * round_to:
+            continue
+        kept = rounded_kept(int(channels * (1 - listed.get(layer, ratio))), channels, round_to)
+        rounded[layer] = min(max(1 - (kept + 0.5) / channels, 0.0), 1 - 1e-6)
+    return rounded
 
 
 def keep_one_channel(layers: list[nn.Module], listed: dict[nn.Module, float], ratio: float) -> dict[nn.Module, float]:

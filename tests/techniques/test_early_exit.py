@@ -94,7 +94,7 @@ def test_artifact_reloads_with_its_exits(tmp_path):
     for a, b in zip(restored.all_outputs(X), compressed.model.all_outputs(X)):
         torch.testing.assert_close(a, b)
     # channel pruning shrank the exit head's input with the layer before it, and kept its 10 classes
-    assert restored.heads[0].linear.in_features == 10 * 16 and restored.heads[0].linear.out_features == 10
+    assert restored.heads[0].linear.in_features == 8 * 16 and restored.heads[0].linear.out_features == 10
 
 
 def test_the_recipe_records_the_cut_point_the_default_placement_resolved_to():

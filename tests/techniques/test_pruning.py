@@ -17,8 +17,11 @@ def count(model):
 def test_channel_pruning_physically_removes_channels_and_keeps_the_classes():
     model = LeNet5()
     x = torch.zeros(1, 1, 28, 28)
+    exact = compress(model, Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5, round_to=1)]), x).model
+    assert (exact.conv1.out_channels, exact.conv2.out_channels, exact.fc1.out_features) == (10, 25, 250)
+    # by default each layer keeps the nearest multiple of 8 (ONNX Runtime's convolution blocks)
     pruned = compress(model, Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.5)]), x).model
-    assert (pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.fc1.out_features) == (10, 25, 250)
+    assert (pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.fc1.out_features) == (8, 24, 248)
     assert pruned.fc2.out_features == 10
     assert count(pruned) < count(model) / 3
     assert pruned(torch.randn(4, 1, 28, 28)).shape == (4, 10)
@@ -29,10 +32,10 @@ def test_channel_pruning_past_the_last_channel_keeps_one_rather_than_skipping_th
     """At 0.97 conv1's 20 channels would keep 0.6: Torch-Pruning then prunes nothing there (measured: conv1 whole,
     2.8x slower than at 0.95). Every layer keeps at least one channel and loses the rest."""
     pruned = compress(LeNet5(), Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.97, steps=steps)]), torch.zeros(1, 1, 28, 28)).model
-    assert (pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.fc1.out_features) == (1, 1, 15)
+    assert (pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.fc1.out_features) == (1, 1, 16)  # fc1's 15 to a block of 8
     listed = PruningConfig(granularity="channel", ratio=0.5, layer_ratios={"conv1": 0.99})
     pruned = compress(LeNet5(), Pipeline(steps=[listed]), torch.zeros(1, 1, 28, 28)).model
-    assert (pruned.conv1.out_channels, pruned.conv2.out_channels) == (1, 25)
+    assert (pruned.conv1.out_channels, pruned.conv2.out_channels) == (1, 24)  # conv2: 25 to a block of 8
     assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
@@ -127,7 +130,7 @@ def test_iterative_pruning_fine_tunes_between_steps_and_reaches_the_ratio(granul
         calls.append(sum(int((layer.weight != 0).sum()) for layer in layers))  # .weight is the masked view
 
     model = LeNet5()
-    config = PruningConfig(granularity=granularity, ratio=0.75, steps=3)
+    config = PruningConfig(granularity=granularity, ratio=0.75, steps=3, round_to=1)
     pruned = compress(model, Pipeline(steps=[config]), torch.zeros(1, 1, 28, 28), fine_tune=fine_tune).model
     assert len(calls) == 3  # between the 3 steps (2) and once at the end
     assert calls[0] > calls[1] > calls[2]  # each step removed more
