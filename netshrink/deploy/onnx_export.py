@@ -155,18 +155,20 @@ def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
 
 
 class _LogitsOf(nn.Module):
-    """A model of any input and output structure as the exporter takes it: positional tensors in, logits out."""
+    """A model of any input and output structure as the exporter takes it: positional tensors in, logits out (or what
+    ``read`` takes from the model and its inputs: every exit's logits, for block exits)."""
 
-    def __init__(self, model: nn.Module, structure: Inputs) -> None:
+    def __init__(self, model: nn.Module, structure: Inputs, read=forward_logits) -> None:
         super().__init__()
         self.model = model
+        self.read = read
         self.keys = list(structure) if isinstance(structure, dict) else None
         self.single = isinstance(structure, torch.Tensor)
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(self, *tensors: torch.Tensor):
         if self.keys is not None:
-            return forward_logits(self.model, dict(zip(self.keys, tensors)))
-        return forward_logits(self.model, tensors[0] if self.single else tuple(tensors))
+            return self.read(self.model, dict(zip(self.keys, tensors)))
+        return self.read(self.model, tensors[0] if self.single else tuple(tensors))
 
 
 def export_artifact(
@@ -669,20 +671,6 @@ def early_exit_graph(model: EarlyExitNet, example_inputs: torch.Tensor, encoding
     return combined
 
 
-class _AllExits(nn.Module):
-    """A model with block exits as the exporter takes it: positional tensors in, every exit's logits out (the final last)."""
-
-    def __init__(self, model: nn.Module, structure: Inputs) -> None:
-        super().__init__()
-        self.model = model
-        self.keys = list(structure) if isinstance(structure, dict) else None
-        self.single = isinstance(structure, torch.Tensor)
-
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = dict(zip(self.keys, tensors)) if self.keys is not None else tensors[0] if self.single else tuple(tensors)
-        return tuple(self.model.all_outputs(inputs))
-
-
 def block_exit_graph(
     model: BlockExitNet, example_inputs: Inputs, encodings: dict[str, TensorEncoding], dynamic_axes: DynamicAxes | None = None
 ) -> onnx.ModelProto:
@@ -694,7 +682,7 @@ def block_exit_graph(
     exits = len(model.heads)
     names = [f"exit_{index}" for index in range(exits)] + ["final_logits"]
     exported = export_module(
-        _AllExits(model, example_inputs).eval(), example_inputs, names, {f"model.{name}": enc for name, enc in encodings.items()},
+        _LogitsOf(model, example_inputs, read=lambda exits, inputs: tuple(exits.all_outputs(inputs))).eval(), example_inputs, names, {f"model.{name}": enc for name, enc in encodings.items()},
         dynamic_axes=dynamic_axes, wrapped=True,
     )
     graph = exported.graph
