@@ -86,7 +86,7 @@ class RunningTrials:
         self.last = now
         from mlflow.tracking import MlflowClient
 
-        from .tracking import PARENT_TAG
+        from .tracking import PARENT_TAG, PROGRESS_TAG
 
         try:
             runs = MlflowClient(self.uri).search_runs(
@@ -95,7 +95,7 @@ class RunningTrials:
         except Exception:  # the server's health is ServerWatch's business; a missed look is no loss
             return
         for run in runs:
-            line = run.data.tags.get("progress")
+            line = run.data.tags.get(PROGRESS_TAG)
             if line and self.shown.get(run.info.run_id) != line:
                 self.shown[run.info.run_id] = line
                 print(f"  {run.info.run_name}: {line}", flush=True)

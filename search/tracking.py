@@ -27,6 +27,7 @@ from .constraints import Constraints
 
 ROLE_TAG = "netshrink.role"
 PARENT_TAG = "mlflow.parentRunId"
+PROGRESS_TAG = "progress"  # a running trial's last line of where its fine-tuning stands
 PARETO_TAG = "pareto"
 NOTES_TAG = "notes"  # layers a technique left out, and why (``Compressed.notes``)
 RECIPE_TAG = "recipe"  # the pipeline JSON, also kept as a tag so the front needs no artifact downloads

@@ -26,7 +26,7 @@ from netshrink.techniques import Pipeline
 from .constraints import Constraints
 from .tracking import (
     ARTIFACT_SHA_TAG, ONNX_SHA_TAG, DEVICE_TAG, ERROR_TAG, FEASIBLE_TAG, NODE_TAG, NOTES_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG,
-    STOP_REASON_TAG, STOPPED_AT_TAG, STOPPED_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, DEFAULT_TIMEOUT_S, Tracker, flatten,
+    PROGRESS_TAG, STOP_REASON_TAG, STOPPED_AT_TAG, STOPPED_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, DEFAULT_TIMEOUT_S, Tracker, flatten,
 )
 
 __all__ = ["ARTIFACT_FILE", "ONNX_FILE", "REFINE_OF", "TrialSetup", "evaluate_recipe", "refine_trial", "run_trial"]
@@ -157,7 +157,6 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     tune.report({**metrics, "mlflow_run_id": run_id})
 
 
-PROGRESS_TAG = "progress"
 PEAK_RSS_METRIC = "peak_rss_bytes"
 PEAK_RSS_SCOPE_TAG = "peak_rss_scope"
 TRACEBACK_FILE = "traceback.txt"  # a failed trial's whole traceback, an artifact of its run

@@ -26,7 +26,7 @@ from torch import nn
 from .inputs import ExitLogits, Inputs, call, logits_of
 
 
-def block_stacks(model: nn.Module, inputs: Inputs | None = None) -> dict[str, int]:
+def block_stacks(model: nn.Module) -> dict[str, int]:
     """``nn.ModuleList`` s of two or more modules of one type, by name, with their length; longest first."""
     found = {
         name: len(module)

@@ -7,7 +7,8 @@ from mlflow.tracking import MlflowClient
 from netshrink.deploy.evaluate import step_line
 from netshrink.search import progress
 from netshrink.search.tracking import Tracker
-from netshrink.search.trial import PROGRESS_TAG, log_progress
+from netshrink.search.tracking import PROGRESS_TAG
+from netshrink.search.trial import log_progress
 
 
 def test_a_line_every_30_seconds_within_epochs_with_the_time_to_go():
