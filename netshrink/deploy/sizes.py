@@ -28,7 +28,8 @@ def size_note(encodings: dict[str, TensorEncoding], artifact_bytes: float, onnx_
     if any(plan.clusters is not None and plan.bits == 32 for plan in plans):
         huffman = any(plan.huffman for plan in plans)
         reasons.append(
-            "clustered weights are indices into each layer's table in model.onnx, of 4 bits (16 values or fewer) or 8, and "
+            "clustered weights are indices into each layer's table in model.onnx, 4 bits wide for 16 values or fewer and 8 for more "
+            "(ONNX has no narrower integers), and "
             + ("Huffman-coded indices" if huffman else "indices of log2(clusters) bits")
             + " in the artifact"
         )
