@@ -55,7 +55,10 @@ def is_factorable(module: nn.Module, convs: str) -> bool:
         return True
     if convs == "none" or type(module) is not nn.Conv2d or module.groups != 1:
         return False
-    return convs == "all" or module.kernel_size == (1, 1)
+    if module.kernel_size == (1, 1):
+        return True
+    # k x k, but not a patch embedding (stride = kernel: each patch projected on its own; Hugging Face's ViT reads its weight)
+    return convs == "all" and module.stride != module.kernel_size
 
 
 def _sides(layer: Factorable) -> tuple[int, int]:

@@ -119,7 +119,7 @@ def pack_int4(graph_model: onnx.ModelProto) -> onnx.ModelProto:
     indices of clustered weights with 16 values or fewer (``*_uint4``) as ``UINT4``, two to a byte, as the artifact
     packs them: the graph is converted to opset 21 (``onnx.version_converter``) first. ONNX Runtime 1.32 runs
     ``DequantizeLinear`` and ``Cast`` on them; a graph the converter cannot take keeps one byte per code."""
-    names = {init.name for init in _all_initializers(graph_model.graph) if init.name.endswith(("_int4", "_int4_zero_point", "_uint4"))}
+    names = {init.name for init in _all_initializers(graph_model.graph) if init.name.endswith(("_int4", "_uint4"))}
     if not names:
         return graph_model
     import ml_dtypes
@@ -436,14 +436,10 @@ def store_reduced_precision(graph_model: onnx.ModelProto, encodings: dict[str, T
                 [
                     numpy_helper.from_array(np.ascontiguousarray(codes.T if flipped else codes), f"{name}_{kind}"),
                     numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}_scale"),
-                    numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_{kind}_zero_point"),
                 ]
             )
-            nodes.append(
-                helper.make_node(
-                    "DequantizeLinear", [f"{name}_{kind}", f"{name}_scale", f"{name}_{kind}_zero_point"], [name], axis=1 if flipped else 0,
-                    name=f"{name}_dequantize",
-                )
+            nodes.append(  # symmetric codes: no zero point (it defaults to 0)
+                helper.make_node("DequantizeLinear", [f"{name}_{kind}", f"{name}_scale"], [name], axis=1 if flipped else 0, name=f"{name}_dequantize")
             )
         else:
             graph.initializer.append(numpy_helper.from_array(stored.numpy().astype(np.float16), f"{name}_fp16"))

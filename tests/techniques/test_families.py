@@ -89,9 +89,11 @@ def test_every_technique_on_the_families_users_ship(family, config, tmp_path):
     plans = compressed.encodings.values()
     # ONNX's integers are 4 or 8 bits wide: narrower codes, and cluster indices of other widths, take more room there
     if any(plan.sparse or plan.bits in (1, 2) or plan.huffman or plan.clusters not in (None, 16, 256) for plan in plans):
-        assert size_note(compressed.encodings, written, onnx_bytes) is not None
-    else:
+        assert onnx_bytes <= 1.1 * written or "model.onnx is" in size_note(compressed.encodings, written, onnx_bytes)
+    elif family in ("resnet18", "mobilenet_v2"):
         assert onnx_payload <= 1.1 * accounted, (onnx_payload, accounted)
+    else:  # these transformers are 32 wide: a row's float32 scale and bias (float16 in the artifact) weigh on it
+        assert onnx_payload <= 1.1 * accounted or "float32 per-channel scales" in size_note(compressed.encodings, written, onnx_bytes)
 
 
 @pytest.mark.parametrize("family", ["resnet18", "mobilenet_v2"])
