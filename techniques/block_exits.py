@@ -45,7 +45,7 @@ def stack_cut_points(model: nn.Module) -> list[str]:
     return [f"{stack}.{index}" for index in range(length - 1)]
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def hidden_states(output: Any) -> torch.Tensor:
     """A block's hidden states: its output, or the first element of the tuple it returns."""
     if isinstance(output, (tuple, list)):
         output = output[0]
@@ -88,7 +88,7 @@ class BlockExitNet(nn.Module):
         """Every exit's logits, the final exit's last."""
         captured: dict[int, torch.Tensor] = {}
         hooks = [
-            self.model.get_submodule(name).register_forward_hook(lambda _m, _i, output, index=index: captured.__setitem__(index, _hidden(output)))
+            self.model.get_submodule(name).register_forward_hook(lambda _m, _i, output, index=index: captured.__setitem__(index, hidden_states(output)))
             for index, name in enumerate(self.cut_names)
         ]
         try:

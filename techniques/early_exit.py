@@ -38,7 +38,7 @@ from torch import fx, nn
 
 from .attention import is_attention, normalises_last_axis
 from .base import APPLIED, CompressionContext, Stage, Technique, TechniqueConfig
-from .block_exits import BlockExitNet, TokenHead, stack_cut_points
+from .block_exits import BlockExitNet, TokenHead, hidden_states, stack_cut_points
 from .inputs import ExitLogits, call, logits_of
 
 HEAD_POSITIONS = 4  # pooled positions per spatial axis of an exit head's input
@@ -446,7 +446,7 @@ def resolve_block_cuts(names: list[str], after: tuple[str, ...]) -> tuple[str, .
 
 
 def _width(output) -> int:
-    hidden = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(f"early exits between blocks read (batch, tokens, width) hidden states; this block gave {getattr(hidden, 'shape', type(hidden).__name__)}")
+    hidden = hidden_states(output)
+    if hidden.dim() != 3:
+        raise ValueError(f"early exits between blocks read (batch, tokens, width) hidden states; this block gave shape {tuple(hidden.shape)}")
     return hidden.shape[-1]

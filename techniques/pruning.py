@@ -174,8 +174,13 @@ def whole_width_layers(model: nn.Module, example_inputs: Inputs, candidates: lis
     - a grouped convolution reading the model's input (a stem made depthwise by separable substitution): its
       channels are the image's, which no pruning can remove.
     """
+    kept: list[nn.Module] = []
+    if any(isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1 for layer in candidates):
+        readers = input_readers(model, example_inputs)
+        kept += [layer for layer in candidates if layer in readers and layer.groups > 1]
+    if not split_layers and not any(isinstance(module, nn.LayerNorm) for module in model.modules()):
+        return kept  # no width to keep whole: no second dependency graph (the pruner builds its own)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=all_outputs)
-    kept = []
     for layer in candidates:
         if layer not in graph.module2node:
             continue  # read by its parent, not called (nn.MultiheadAttention's out_proj): pruned with its parent or not at all
@@ -183,8 +188,6 @@ def whole_width_layers(model: nn.Module, example_inputs: Inputs, candidates: lis
         group = graph.get_pruning_group(layer, prune_out, idxs=[0])
         if any(isinstance(dependency.target.module, nn.LayerNorm) or feeds_heads(graph, dependency, split_layers) for dependency, _ in group):
             kept.append(layer)
-    readers = input_readers(model, example_inputs)
-    kept += [layer for layer in candidates if layer in readers and getattr(layer, "groups", 1) > 1]
     return kept
 
 
