@@ -89,15 +89,16 @@ def front_point(folder: Path, experiment):
     return point, out
 
 
-def measure_row(label: str, onnx_path: Path, artifact_bytes: int, reference: Path, data, experiment, fp32_bytes: int, config=None) -> dict:
+def measure_row(label: str, onnx_path: Path, artifact_bytes: int, reference: Path, task, experiment, fp32_bytes: int, config=None) -> dict:
+    """``task``: the loaded task (its splits, its batch format: pairs or dicts, and its metric)."""
     from netshrink.deploy.measure import measure_relative_latency, onnx_evaluate
-    from netshrink.tasks.batches import BatchFormat
 
     settings = experiment.measure
-    feeds = BatchFormat().feeds(data.val)
+    data, batches = task.data, task.batches
+    feeds = batches.feeds(data.val)
     single = measure_relative_latency(onnx_path, reference, feeds, settings, config=config)  # as a trial times it
     batch = settings.batch_size
-    batched = measure_relative_latency(onnx_path, reference, BatchFormat().feeds(data.val, batch, limit=batch), settings, config=config, batch=batch)
+    batched = measure_relative_latency(onnx_path, reference, batches.feeds(data.val, batch, limit=batch), settings, config=config, batch=batch)
     return {
         "model": label,
         "artifact": artifact_bytes,
@@ -105,8 +106,8 @@ def measure_row(label: str, onnx_path: Path, artifact_bytes: int, reference: Pat
         "onnx": os.path.getsize(onnx_path),
         "latency": single.ratio,
         "throughput": 1.0 / batched.ratio,  # samples/s over the fp32 file's, same batches
-        "val": onnx_evaluate(onnx_path, data.val).value,
-        "test": onnx_evaluate(onnx_path, data.test).value,
+        "val": onnx_evaluate(onnx_path, data.val, batches, task.metric).value,
+        "test": onnx_evaluate(onnx_path, data.test, batches, task.metric).value,
     }
 
 
@@ -130,7 +131,7 @@ def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
     from netshrink.validation import load_experiment
     from netshrink.deploy.evaluate import ARTIFACT_FILE, ONNX_FILE, RecipeSetup, evaluate_recipe
     from netshrink.search.baseline import prepare_baseline
-    from netshrink.tasks import load_data
+    from netshrink.tasks.task import load_task
 
     experiment_file = EXPERIMENTS[name]
     if not searched:
@@ -138,7 +139,7 @@ def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
     experiment = load_experiment(folder / "spaces" / experiment_file.name)
     search_path = str(folder / "spaces")
     baseline = prepare_baseline(experiment, folder / ".netshrink" / "baselines", search_path, log=lambda *a: print(" ", *a, flush=True))
-    data = load_data(experiment.task.dataset, experiment.task.dataset_args)
+    task = load_task(experiment.task, search_path)
     reference = baseline.artifact.parent / "baseline.onnx"
     fp32_bytes = baseline.artifact.stat().st_size
     setup = RecipeSetup(
@@ -146,7 +147,7 @@ def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
         search_path=search_path, baseline_weights=baseline.weights, baseline_metrics=baseline.metrics,
         sensitivity=baseline.sensitivity,
     )
-    rows = [measure_row("fp32", reference, fp32_bytes, reference, data, experiment, fp32_bytes)]
+    rows = [measure_row("fp32", reference, fp32_bytes, reference, task, experiment, fp32_bytes)]
     static_onnx = None
     work = folder / "deploy-recipes"
     for label, pipeline in recipes().items():
@@ -157,10 +158,10 @@ def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
         print(f"  {name} {label}: {time.time() - started:.0f} s", flush=True)
         artifact, onnx_path = (workdir / ARTIFACT_FILE).stat().st_size, workdir / ONNX_FILE
         if label == "int8 weights":
-            rows.append(measure_row("int8 weights, folded (as deployed)", onnx_path, artifact, reference, data, experiment, fp32_bytes))
-            rows.append(measure_row("int8 weights, per call (ORT defaults)", onnx_path, artifact, reference, data, experiment, fp32_bytes, config={}))
+            rows.append(measure_row("int8 weights, folded (as deployed)", onnx_path, artifact, reference, task, experiment, fp32_bytes))
+            rows.append(measure_row("int8 weights, per call (ORT defaults)", onnx_path, artifact, reference, task, experiment, fp32_bytes, config={}))
         else:
-            rows.append(measure_row(label, onnx_path, artifact, reference, data, experiment, fp32_bytes))
+            rows.append(measure_row(label, onnx_path, artifact, reference, task, experiment, fp32_bytes))
         if label == "static int8":
             static_onnx = onnx_path
     point, exported = front_point(folder, experiment)
@@ -168,10 +169,10 @@ def bench_task(name: str, folder: Path, searched: bool) -> list[dict]:
         print(f"  {name}: no front point within 1 point of the baseline", flush=True)
     else:
         label = f"front: {point.name}, {point.summary}"
-        rows.append(measure_row(label, exported / ONNX_FILE, (exported / ARTIFACT_FILE).stat().st_size, reference, data, experiment, fp32_bytes))
+        rows.append(measure_row(label, exported / ONNX_FILE, (exported / ARTIFACT_FILE).stat().st_size, reference, task, experiment, fp32_bytes))
     if name in TRANSFORMERS:
         fused = transformer_optimized(reference, TRANSFORMERS[name], experiment, folder)
-        rows.append(measure_row("fp32, ONNX Runtime transformer optimizer (fused attention)", fused, fp32_bytes, reference, data, experiment, fp32_bytes))
+        rows.append(measure_row("fp32, ONNX Runtime transformer optimizer (fused attention)", fused, fp32_bytes, reference, task, experiment, fp32_bytes))
         print(f"\n{name}: operators after ONNX Runtime's transformer optimizer: {', '.join(optimized_ops(fused))}", flush=True)
     print(f"\n{name}: ONNX Runtime's optimized graph of the static int8 model: {', '.join(optimized_ops(static_onnx))}", flush=True)
     return rows

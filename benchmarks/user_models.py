@@ -155,7 +155,7 @@ def main() -> None:
         for seed in args.seeds:
             config = experiment(name, seed, args.trials, args.epochs, early_stopping=not args.no_early_stopping)
             run_id = run(workdir, config)
-            results.setdefault(name, []).append(figures(workdir, config["name"], run_id))
+            results.setdefault(name, []).append({**figures(workdir, config["name"], run_id), "seed": seed})
     print_table(results)
 
 
@@ -191,14 +191,14 @@ def print_table(results: dict[str, list[dict]]) -> None:
         )
     print("\nRecipes of the best points (seed by seed)")
     for name, runs in results.items():
-        for seed_index, r in enumerate(runs):
+        for r in runs:
             metric = r["metric"]
             for label, point in (("smallest", r["smallest"]), ("fastest", r["fastest"])):
                 if point is None:
-                    print(f"  {name} [{seed_index}] {label}: no trial within 1 point on the test split")
+                    print(f"  {name} seed {r['seed']} {label}: no trial within 1 point on the test split")
                     continue
                 print(
-                    f"  {name} [{seed_index}] {label}: {point.extra['size_ratio']:.1f}x smaller, {point.extra['speedup']:.2f}x faster, "
+                    f"  {name} seed {r['seed']} {label}: {point.extra['size_ratio']:.1f}x smaller, {point.extra['speedup']:.2f}x faster, "
                     f"test {metric} {point.extra['test_' + metric]:.4f} ({point.name}): {point.summary}"
                 )
 
