@@ -56,13 +56,19 @@ def recipes():
     }
 
 
+def _with_root_on_path() -> dict[str, str]:
+    """The environment for the CLI: the repository root on PYTHONPATH (the bert task's benchmarks.user_tasks references)."""
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def run_search(folder: Path, experiment_file: Path) -> None:
     (folder / "spaces").mkdir(parents=True, exist_ok=True)
     target = folder / "spaces" / experiment_file.name
     target.write_text(experiment_file.read_text())
     started = time.time()
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # benchmarks.user_tasks
-    result = subprocess.run([sys.executable, "-m", "netshrink.cli", "search", str(target.relative_to(folder))], cwd=folder, capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "netshrink.cli", "search", str(target.relative_to(folder))], cwd=folder, capture_output=True, text=True, env=_with_root_on_path()
+    )
     (folder / "search.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         sys.exit(f"search {experiment_file.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -82,7 +88,7 @@ def front_point(folder: Path, experiment):
     shutil.rmtree(out, ignore_errors=True)
     result = subprocess.run(
         [sys.executable, "-m", "netshrink.cli", "export", "-e", experiment.name, "--pick", point.run_id, "--out", str(out)],
-        cwd=folder, capture_output=True, text=True,
+        cwd=folder, capture_output=True, text=True, env=_with_root_on_path(),
     )
     if result.returncode != 0:
         sys.exit(f"export of {point.run_id} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
