@@ -182,6 +182,24 @@ def test_4_bit_weights_of_a_model_with_block_exits_load_in_onnx_runtime_with_its
     torch.testing.assert_close(torch.from_numpy(logits), forward_logits(compressed.model, example), rtol=1e-2, atol=1e-3)
 
 
+def static_int8_export(family: str, path):
+    """``family`` under ``quantization(bits=8, activations=int8)`` (calibrated on 32 training samples), saved and reloaded
+    as an artifact, exported to ``path`` as static int8; returns the reloaded artifact."""
+    from netshrink.deploy.onnx_export import export_artifact
+    from netshrink.techniques import QuantizationConfig
+
+    calibration = family_inputs(family, 32, seed=5)
+    compressed = compress(
+        FAMILIES[family]().eval(), Pipeline(steps=[QuantizationConfig(bits=8, activations="int8")]), family_inputs(family, 1),
+        calibration_inputs=calibration,
+    )
+    artifact = path.with_suffix(".safetensors")
+    save_artifact(artifact, compressed.model, compressed.encodings, compressed.pipeline.recipe())
+    loaded = load_artifact(artifact, FAMILIES[family]())
+    export_artifact(loaded, family_inputs(family, 1), path, calibration)
+    return loaded
+
+
 @pytest.mark.parametrize("family", ["resnet18", "mobilenet_v2"])
 def test_static_int8_on_the_cnns_runs_with_integer_kernels_and_agrees_with_torch(family, tmp_path):
     """``activations: int8`` on residual stages and inverted residuals: ONNX Runtime's QDQ model (calibrated on training
@@ -189,18 +207,9 @@ def test_static_int8_on_the_cnns_runs_with_integer_kernels_and_agrees_with_torch
     import onnx
 
     from netshrink.deploy.measure import ort_session
-    from netshrink.deploy.onnx_export import export_artifact
-    from netshrink.techniques import QuantizationConfig
     from netshrink.techniques.inputs import numpy_feed
 
-    calibration = family_inputs(family, 32, seed=5)
-    compressed = compress(
-        FAMILIES[family]().eval(), Pipeline(steps=[QuantizationConfig(bits=8, activations="int8")]), family_inputs(family, 1),
-        calibration_inputs=calibration,
-    )
-    save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
-    loaded = load_artifact(tmp_path / "m.safetensors", FAMILIES[family]())
-    export_artifact(loaded, family_inputs(family, 1), tmp_path / "m.onnx", calibration)
+    loaded = static_int8_export(family, tmp_path / "m.onnx")
     graph = onnx.load(tmp_path / "m.onnx").graph
     assert sum(node.op_type == "QuantizeLinear" for node in graph.node) >= 10  # activations quantized throughout
     batch = family_inputs(family, 16, seed=6)
@@ -219,17 +228,7 @@ def test_static_int8_on_bert_leaves_the_attention_softmax_and_its_mask_in_float(
     MatMul and Gemm alone quantized the trained BERT's file kept the float file's 99.4%)."""
     import onnx
 
-    from netshrink.deploy.onnx_export import export_artifact
-    from netshrink.techniques import QuantizationConfig
-
-    calibration = family_inputs("bert", 32, seed=5)
-    compressed = compress(
-        FAMILIES["bert"]().eval(), Pipeline(steps=[QuantizationConfig(bits=8, activations="int8")]), family_inputs("bert", 1),
-        calibration_inputs=calibration,
-    )
-    save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
-    loaded = load_artifact(tmp_path / "m.safetensors", FAMILIES["bert"]())
-    export_artifact(loaded, family_inputs("bert", 1), tmp_path / "m.onnx", calibration)
+    static_int8_export("bert", tmp_path / "m.onnx")
     graph = onnx.load(tmp_path / "m.onnx").graph
     produced_by = {output: node.op_type for node in graph.node for output in node.output}
     assert any(node.op_type == "Softmax" for node in graph.node)
