@@ -70,14 +70,16 @@ MODELS: dict[str, tuple[dict, list[str], tuple[float, float] | None]] = {
 }
 
 
-def experiment(name: str, seed: int, trials: int, epochs: int, early_stopping: bool = True) -> dict:
+def experiment(
+    name: str, seed: int, trials: int, epochs: int, early_stopping: bool = True, refine_epochs: int = 0, refine_count: int = 2
+) -> dict:
     task, techniques, _ = MODELS[name]
     return {
-        "name": f"{name}-seed{seed}" + ("" if early_stopping else "-nostop"),
+        "name": f"{name}-seed{seed}" + ("" if early_stopping else "-nostop") + (f"-refine{refine_count}x{refine_epochs}" if refine_epochs else ""),
         "task": task,
         "finetune": {"epochs": epochs},
         "search": {"trials": trials, "max_concurrent": 2, "seed": seed, "early_stopping": early_stopping},
-        "refine": {"epochs": 0},
+        "refine": {"epochs": refine_epochs, "count": refine_count},
         "measure": {"repeats": 400, "warmup": 50},
         "space": {technique: None for technique in techniques},
     }
@@ -123,7 +125,8 @@ def figures(workdir: Path, name: str, run_id: str) -> dict:
     fastest = max(close, key=lambda p: p.extra["speedup"], default=None)
     return {
         "metric": metric, "base": base, "smallest": smallest, "fastest": fastest, "failed": failed, "finished": len(points),
-        "seconds": [p.extra["seconds_trial"] for p in points if "seconds_trial" in p.extra],
+        "seconds": [p.extra["seconds_trial"] for p in points if "seconds_trial" in p.extra and p.refined_from is None],
+        "refined": sum(p.refined_from is not None for p in points),
         "memory": [p.extra["peak_rss_bytes"] for p in points if "peak_rss_bytes" in p.extra],
     }
 
@@ -139,13 +142,19 @@ def main() -> None:
         "--no-early-stopping", action="store_true",
         help="search.early_stopping: false (its table was measured on LeNet-5, and stops a ResNet's pruned trials after 4 steps)",
     )
+    parser.add_argument(
+        "--refine-epochs", type=int, default=0,
+        help="refine.epochs: after the trials, fine-tune the --refine-count most promising points this long (refine.points: potential); 0: none",
+    )
+    parser.add_argument("--refine-count", type=int, default=2, help="refine.count: how many points are refined")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="netshrink-user-models-"))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
     print(f"Machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}")
     print(
-        f"Budget per model and seed: {args.trials} trials, {args.epochs} fine-tuning epoch(s) each, 2 at a time, no refinement, "
-        f"early stopping {'off' if args.no_early_stopping else 'on'}; seeds {args.seeds}"
+        f"Budget per model and seed: {args.trials} trials, {args.epochs} fine-tuning epoch(s) each, 2 at a time, "
+        + (f"then {args.refine_count} point(s) refined for {args.refine_epochs} epochs, " if args.refine_epochs else "no refinement, ")
+        + f"early stopping {'off' if args.no_early_stopping else 'on'}; seeds {args.seeds}"
     )
     print(f"Working folders under {root}")
     results: dict[str, list[dict]] = {}
@@ -153,7 +162,10 @@ def main() -> None:
         workdir = root / name
         workdir.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
-            config = experiment(name, seed, args.trials, args.epochs, early_stopping=not args.no_early_stopping)
+            config = experiment(
+                name, seed, args.trials, args.epochs, early_stopping=not args.no_early_stopping,
+                refine_epochs=args.refine_epochs, refine_count=args.refine_count,
+            )
             run_id = run(workdir, config)
             results.setdefault(name, []).append({**figures(workdir, config["name"], run_id), "seed": seed})
     print_table(results)
