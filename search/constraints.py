@@ -9,6 +9,12 @@ proposals filtered afterwards; the trial
 tags its MLflow run ``feasible``; early stopping stops a trial that cannot reach
 ``min_accuracy``; and the front holds feasible points only.
 
+The floor applies to what ships: the lower of the model's metric in torch and that of its
+exported ``model.onnx`` (``onnx_<metric>``, which every trial measures on the same split).
+An export that lost what the torch model scored (a faulty graph rewrite, an operator
+quantized that fine-tuning never simulated) makes its trial infeasible, so the front,
+the sampler and ``export --pick`` never rank it by a figure the shipped file does not have.
+
 Each violation is a number that is positive when the constraint is broken, scaled so
 that the three are comparable when NSGA-II sums them to rank infeasible trials: points
 of accuracy as a fraction (0.05 = 5 points short), size and latency as the share by
@@ -20,6 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_DROP = 0.05  # min_accuracy defaults to the baseline's validation accuracy minus 5 points
+
+
+def shipped(metrics: dict[str, float], metric: str) -> float:
+    """The metric of what ships: the lower of the torch model's figure and its ONNX file's (where measured)."""
+    return min(metrics[metric], metrics.get(f"onnx_{metric}", metrics[metric]))
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,7 @@ class Constraints:
 
     def violations(self, metrics: dict[str, float]) -> dict[str, float]:
         """Per constraint, a value that is positive where ``metrics`` break it (see the module docstring)."""
-        values = {self.floor_name: self.min_accuracy - metrics[self.metric]}
+        values = {self.floor_name: self.min_accuracy - shipped(metrics, self.metric)}
         if self.max_size_bytes is not None:
             values["max_size_bytes"] = metrics["size_bytes"] / self.max_size_bytes - 1.0
         if self.max_latency_ms is not None:

@@ -169,6 +169,11 @@ def run_trials(
     return searcher.repeats_skipped
 
 
+def _reached(metrics: dict[str, float], metric: str, reach: float) -> dict[str, float]:
+    """``metrics`` as if refinement gained ``reach`` of the metric, in torch and in ONNX alike."""
+    return {**metrics, **{key: metrics[key] + reach for key in (metric, f"onnx_{metric}") if key in metrics}}
+
+
 def points_to_refine(trials: list[TrialPoint], experiment: Experiment, baseline: dict[str, float], constraints: Constraints | None) -> list[TrialPoint]:
     """The trials ``refine.points`` asks for: the whole front, the front that meets the search's ``constraints``
     (``min_accuracy`` and the others), the ``refine.count`` points of that front nearest its knee
@@ -187,9 +192,7 @@ def points_to_refine(trials: list[TrialPoint], experiment: Experiment, baseline:
         return front
     if refine.points == "knee":
         return knee_order(front, experiment.objectives)[: refine.count]
-    within_reach = [
-        point for point in trials if constraints is None or constraints.feasible({**point.metrics(), experiment.metric: point.accuracy + refine.reach})
-    ]
+    within_reach = [point for point in trials if constraints is None or constraints.feasible(_reached(point.metrics(), experiment.metric, refine.reach))]
     floor = constraints.min_accuracy if constraints is not None else None
     return most_to_gain(within_reach, front, experiment.objectives, baseline, refine.count, floor)
 

@@ -1,6 +1,7 @@
 import json
 
 import optuna
+import pytest
 
 from netshrink.search.constraints import Constraints
 from netshrink.search.front import TrialPoint, dominates, front_json, pareto_front, print_front
@@ -44,6 +45,18 @@ def test_constraints_exclude_points_and_json_has_the_fields():
     rows = json.loads(front_json(points, {"size_bytes": 1000.0, "latency_ms": 2.0, "accuracy": 0.99}))
     assert {"run_id", "accuracy", "size_bytes", "latency_ms", "recipe"} <= set(rows[0])
     assert rows[1]["size_ratio"] == 100.0 and rows[1]["speedup"] == 20.0
+
+
+def test_a_trial_whose_onnx_file_lost_the_metric_is_infeasible_and_off_the_front():
+    # a BERT with static int8 activations scored 99.8% in torch and 32.6% as its model.onnx: what ships is the ONNX file
+    faithful, broken = point("faithful", 0.97, 100, 1.0), point("broken", 0.998, 10, 0.1)
+    faithful.extra["onnx_accuracy"], broken.extra["onnx_accuracy"] = 0.968, 0.326
+    constraints = Constraints(min_accuracy=0.9)
+    assert constraints.violations(broken.metrics())["min_accuracy"] == pytest.approx(0.9 - 0.326)
+    assert not constraints.feasible(broken.metrics()) and constraints.feasible(faithful.metrics())
+    assert [p.name for p in pareto_front([faithful, broken], OBJECTIVES, DIRECTIONS, constraints)] == ["faithful"]
+    # a search that logged no ONNX figure is judged on the torch one, as before
+    assert constraints.feasible(point("old", 0.95, 10, 0.1).metrics())
 
 
 def test_every_accuracy_shown_carries_its_split_and_its_95_percent_interval(tmp_path):

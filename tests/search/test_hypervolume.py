@@ -148,3 +148,9 @@ def test_refine_potential_reaches_under_min_accuracy_but_keeps_every_other_const
     assert "far" not in chosen and "too_big" not in chosen
     strict = experiment.model_copy(update={"refine": experiment.refine.model_copy(update={"reach": 0.0})})
     assert [p.name for p in points_to_refine([fine, close, far, too_big], strict, BASE, constraints)] == ["fine"]
+    # the reach counts for the ONNX file as for torch (both gain from the longer fine-tuning); a broken export does not
+    close.extra["onnx_accuracy"] = 0.888
+    broken = _point("broken", 0.93, 20.0, 0.05)  # the fastest of all, in torch
+    broken.extra["onnx_accuracy"] = 0.33
+    chosen = [p.name for p in points_to_refine([fine, close, far, too_big, broken], experiment, BASE, constraints)]
+    assert chosen[0] == "close" and "broken" not in chosen
