@@ -17,6 +17,10 @@ figures. A benchmark, not a test: it asserts nothing.
 
     .venv/bin/python benchmarks/user_models.py                                  # every model, seed 0
     .venv/bin/python benchmarks/user_models.py --models resnet18 bert --keep /tmp/um --trials 12 --seeds 0 1
+    .venv/bin/python benchmarks/user_models.py --models resnet18 --epochs 2 --no-early-stopping --refine-epochs 4 --refine-count 2
+
+With ``--refine-epochs`` the budget ends with refinement (``refine.points: potential``: the trials within ``reach`` of
+``min_accuracy`` with the most to gain, fine-tuned longer); the table then also says what the trials alone found.
 """
 
 from __future__ import annotations
