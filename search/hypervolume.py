@@ -101,6 +101,11 @@ def hypervolume_history(points: Sequence[TrialPoint], objectives: Sequence[str],
     return history
 
 
+# A gain of hypervolume at or under this is none: the volume of a front with a dominated point added differs from
+# the front's by rounding (1.1e-16 on a BERT search, which then refined a dominated trial already at 100%)
+NO_GAIN = 1e-12
+
+
 def most_to_gain(
     candidates: Sequence[TrialPoint], front: Sequence[TrialPoint], objectives: Sequence[str], baseline: dict[str, float],
     count: int, min_accuracy: float | None = None,
@@ -136,11 +141,11 @@ def most_to_gain(
         if not left:
             break
         best = max(gains(left, lifted, volume(lifted)))
-        if best[0] <= 0:
+        if best[0] <= NO_GAIN:
             # under the picks, nothing adds: refinement may fall short of the baseline, so hedge with the trials
             # that would add most to the front as measured (the picks' near twins among them)
             best = max(gains(left, list(front), measured))
-            if best[0] <= 0:
+            if best[0] <= NO_GAIN:
                 break  # nothing would add anything even at the baseline's accuracy: refining buys nothing
         index = best[2]
         chosen.append(left[index])

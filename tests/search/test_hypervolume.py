@@ -116,6 +116,22 @@ def test_refinement_picks_what_would_add_most_if_brought_to_the_baseline_accurac
     assert [p.name for p in most_to_gain(trials, trials, OBJECTIVES, BASE, count=1, min_accuracy=0.92)] == ["fast"]
 
 
+def test_refinement_does_not_pick_a_dominated_trial_for_a_rounding_error_of_hypervolume():
+    from netshrink.search.hypervolume import front_hypervolume, most_to_gain
+
+    # a BERT search's front (every point at 100%, above the baseline's 99%) and a trial two of them dominate
+    baseline = {"accuracy": 0.99, "size_bytes": 13506056.0, "latency_ms": 5.948330499904841}
+    front = [
+        _point("011", 1.0, 221590.0, 6.342497352231589), _point("010", 1.0, 271552.0, 6.263305847256671),
+        _point("009", 1.0, 922060.0, 3.6125104780874806), _point("007", 1.0, 653732.0, 4.767102613857194),
+        _point("004", 1.0, 4604520.0, 2.7031346310404727),
+    ]
+    dominated = _point("002", 1.0, 1746404.0, 6.2855670048194385)
+    rounding = front_hypervolume([*front, dominated], OBJECTIVES, baseline, 0.94) - front_hypervolume(front, OBJECTIVES, baseline, 0.94)
+    assert 0 < rounding < 1e-15  # what made it look like a gain
+    assert most_to_gain([*front, dominated], front, OBJECTIVES, baseline, count=2, min_accuracy=0.94) == []
+
+
 def test_refine_potential_takes_only_trials_that_meet_the_constraints(tmp_path):
     from netshrink.config import Experiment
     from netshrink.search.constraints import Constraints
