@@ -130,9 +130,7 @@ def figures(workdir: Path, name: str, run_id: str) -> dict:
     trials = [p for p in close if p.refined_from is None]  # what the trials alone found, before refinement
     return {
         "metric": metric, "base": base, "smallest": smallest, "fastest": fastest, "failed": failed, "finished": len(points),
-        "trials_only": (
-            max((p.extra["size_ratio"] for p in trials), default=float("nan")), max((p.extra["speedup"] for p in trials), default=float("nan"))
-        ),
+        "trials_only": (max(p.extra["size_ratio"] for p in trials), max(p.extra["speedup"] for p in trials)) if trials else None,
         "seconds": [p.extra["seconds_trial"] for p in points if "seconds_trial" in p.extra and p.refined_from is None],
         "refined": sum(p.refined_from is not None for p in points),
         "memory": [p.extra["peak_rss_bytes"] for p in points if "peak_rss_bytes" in p.extra],
@@ -187,8 +185,8 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} +/- {format(statistics.pstdev(values), fmt)}"
 
 
-def _alone(best: tuple[float, float]) -> str:
-    return "none within 1 point" if best[0] != best[0] else f"{best[0]:.1f}x, {best[1]:.2f}x"
+def _alone(best: tuple[float, float] | None) -> str:
+    return "none within 1 point" if best is None else f"{best[0]:.1f}x, {best[1]:.2f}x"
 
 
 def print_table(results: dict[str, list[dict]]) -> None:
