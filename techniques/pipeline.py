@@ -6,8 +6,9 @@ The pipeline's JSON is the *recipe*: MLflow stores it and export replays it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Annotated, Union
+from typing import Annotated, Callable, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -115,6 +116,9 @@ def _short(value) -> str:
     return str(value)
 
 
+FinalFineTune = Callable[[nn.Module, LossFn, Callable[[nn.Module], "Compressed"]], None]  # (model, loss, snapshot)
+
+
 @dataclass
 class Compressed:
     model: nn.Module
@@ -150,6 +154,7 @@ def compress(
     sensitivity: dict | None = None,
     calibration_inputs: Inputs | None = None,
     loss_fn: LossFn | None = None,
+    final_fine_tune: FinalFineTune | None = None,
 ) -> Compressed:
     """Apply ``pipeline`` to a copy of ``model``, fine-tune, and bake the result.
 
@@ -159,6 +164,12 @@ def compress(
     baseline's per-layer scores) is what ``allocation: sensitivity`` allocates widths from; ``calibration_inputs``
     (training samples) calibrate the activation ranges of static int8 (``quantization.activations``); ``loss_fn`` is the
     task's training loss (logits, targets, inputs) -> loss, cross-entropy by default.
+
+    ``final_fine_tune``, when given, runs the pipeline's last fine-tuning instead of ``fine_tune`` (which still
+    runs the fine-tunings a technique asks for while applying, iterative pruning's). It gets the model, the loss
+    and ``snapshot``: a function that returns what ``compress`` would return if fine-tuning ended now, built on
+    a copy, so that training goes on from where it stands. Multi-fidelity trials measure the model at each rung
+    this way (``netshrink.deploy.evaluate``).
     """
     torch.manual_seed(seed)
     task_loss = loss_fn or cross_entropy
@@ -187,14 +198,39 @@ def compress(
         step = technique.resolve(model, step, ctx)
         model = technique.apply(model, step, ctx) or model
         applied[index] = technique.record(model, step, ctx)
-    if applied and tune is not None:
-        tune(model, ctx.loss_fn)
-    for step in applied.values():
-        REGISTRY[step.kind].finish(model, step, ctx)
-    bake_parametrizations(model)
     # the recipe of what was done: every decision taken from the model's shapes written out
     done = Pipeline(steps=[applied.get(index, step) for index, step in enumerate(pipeline.steps)])
-    return Compressed(model=model.eval(), encodings=ctx.encodings, pipeline=done, notes=ctx.notes)
+
+    def finished(model: nn.Module, ctx: CompressionContext) -> Compressed:
+        for step in applied.values():
+            REGISTRY[step.kind].finish(model, step, ctx)
+        bake_parametrizations(model)
+        return Compressed(model=model.eval(), encodings=ctx.encodings, pipeline=done, notes=ctx.notes)
+
+    def snapshot(current: nn.Module) -> Compressed:
+        """The result as of now, on copies: the model being fine-tuned and the context stay as they are."""
+        was_training = current.training
+        duplicate = copy.deepcopy(current).cpu()
+        current.train(was_training)
+        own_parametrized_classes(duplicate)
+        return finished(duplicate, dataclasses.replace(ctx, encodings=copy.deepcopy(ctx.encodings), notes=list(ctx.notes)))
+
+    if applied and final_fine_tune is not None:
+        final_fine_tune(model, summed_over_exits(ctx.loss_fn or task_loss), snapshot)
+    elif applied and tune is not None:
+        tune(model, ctx.loss_fn)
+    return finished(model, ctx)
+
+
+def own_parametrized_classes(model: nn.Module) -> None:
+    """Give each parametrized module of a deep copy a class of its own. ``torch.nn.utils.parametrize`` makes a
+    class per module it parametrizes and removing a parametrization deletes the tensor's property from that class:
+    baking a copy that shares the class would take ``weight`` away from the original too."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            attributes = {key: value for key, value in cls.__dict__.items() if key not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, attributes)
 
 
 def bake_parametrizations(model: nn.Module) -> None:

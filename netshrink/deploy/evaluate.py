@@ -17,7 +17,7 @@ from netshrink.devices import trial_device
 from netshrink.node_lock import compute_slot
 from netshrink.metrics import interval_metrics
 from netshrink.tasks.task import Task, load_task
-from netshrink.techniques import Pipeline, compress, has_exits, load_artifact, save_artifact
+from netshrink.techniques import Compressed, Pipeline, compress, has_exits, load_artifact, save_artifact
 from netshrink.training import predict, train
 
 from .measure import measure_relative_latency, onnx_evaluate, throughput
@@ -47,11 +47,26 @@ class RecipeSetup:
     sensitivity: dict | None = None  # the baseline's per-layer sensitivity, for allocation: sensitivity
     stop_rule: StopRule | None = None  # early stopping of hopeless recipes; None: every one fine-tunes to the end
     measure_throughput: bool = False  # also time batches of measure.batch_size (the throughput objective)
+    # multi-fidelity: the epochs of the last fine-tuning round at which the trial is measured and handed to
+    # ``at_rung``, in order, the last one finetune.epochs; every round before the last fine-tunes the first
+    # rung's epochs. Empty: one measurement, after finetune.epochs in every round
+    rungs: tuple[int, ...] = ()
+
+
+class StoppedAtRung(Exception):
+    """Raised through fine-tuning when ``at_rung`` says a trial goes no further: it carries the rung's metrics."""
+
+    def __init__(self, metrics: dict[str, float]) -> None:
+        super().__init__("stopped at a rung")
+        self.metrics = metrics
+
+
+RUNG_METRIC = "rung_epochs"  # epochs of the last fine-tuning round the metrics were measured after
 
 
 def evaluate_recipe(
     setup: RecipeSetup, pipeline: Pipeline, workdir: Path, device: torch.device | None = None, report: Callable[[Checkpoint], None] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, at_rung: Callable[[dict[str, float]], bool] | None = None,
 ) -> dict[str, float]:
     """Compress, fine-tune and measure; returns the trial's metrics. Plain function: no Ray, no MLflow.
 
@@ -61,6 +76,12 @@ def evaluate_recipe(
     ``setup.stop_rule`` stops the trial, the rest of its fine-tuning is skipped and the model
     is measured as it stands, with ``stopped_early`` and the checkpoint in the metrics. ``progress`` hears a line of
     where a long fine-tuning stands (the search shows the running trials' last lines).
+
+    With ``setup.rungs`` (multi-fidelity), the model is measured in full at each rung but the last, as if its
+    fine-tuning ended there (on a copy: ``compress``'s ``snapshot``), and ``at_rung`` gets the metrics: True goes on
+    training from where it stands, False ends the trial with them. The rung's latency is the first rung's: the
+    graph is the same at every rung, only its weights differ (``latency_rung_epochs`` says which rung timed it;
+    a model with early exits is timed again, its exits depending on the weights).
     """
     torch.set_num_threads(max(1, int(setup.cpus)))
     task = load_task(setup.task, setup.search_path, num_workers=setup.finetune.num_workers)
@@ -74,33 +95,71 @@ def evaluate_recipe(
     example = task.example()
     device = device or trial_device(setup.gpus)
     settings = setup.finetune
+    rungs = [epochs for epochs in setup.rungs if 0 < epochs < settings.epochs]
     monitor = FineTuneMonitor(
-        rounds=pipeline.fine_tune_rounds(), epochs=settings.epochs, evaluate=lambda model: score(task, model, data.val, device),
-        rule=setup.stop_rule, report=report,
+        rounds=pipeline.fine_tune_rounds(), epochs=rungs[0] if rungs else settings.epochs, last_epochs=settings.epochs,
+        evaluate=lambda model: score(task, model, data.val, device), rule=setup.stop_rule, report=report,
     )
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
 
-    def fine_tune(model: torch.nn.Module, loss_fn) -> None:
+    def fine_tune(model: torch.nn.Module, loss_fn, checkpoint=None) -> None:
         if monitor.skip or monitor.before_fine_tuning(model):
             return  # stopped: the rest of the fine-tuning is not worth its time
         train(
-            model, data.train, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=setup.seed, device=device,
-            loss_fn=loss_fn, checkpoint=monitor, checkpoints_at=monitor.checkpoints_at, batches=task.batches,
+            model, data.train, epochs=monitor.round_epochs(), lr=settings.lr, batch_size=settings.batch_size, seed=setup.seed, device=device,
+            loss_fn=loss_fn, checkpoint=checkpoint or monitor, checkpoints_at=monitor.checkpoints_at, batches=task.batches,
             settings=settings, on_epoch=epoch_line(f"fine-tuning round {monitor.round + 1}", metric.name, monitor, progress),
             on_step=step_line(f"fine-tuning round {monitor.round + 1}/{monitor.rounds}", progress),
         )
         monitor.round_done()
 
-    started = time.perf_counter()
-    calibration = task.calibration()
-    axes = task.dynamic_axes()
-    compressed = compress(
-        baseline, pipeline, example, fine_tune=fine_tune, seed=setup.seed, sensitivity=setup.sensitivity, calibration_inputs=calibration,
-        loss_fn=task.loss,
-    )
-    seconds_training = time.perf_counter() - started  # the techniques and their fine-tuning
+    def final_fine_tune(model: torch.nn.Module, loss_fn, snapshot) -> None:
+        def checkpoint(current: torch.nn.Module, epochs_done: float) -> bool:
+            if monitor(current, epochs_done):
+                return True
+            if epochs_done in rungs:  # a rung: the model measured as if its fine-tuning ended here
+                metrics = measured(snapshot(current), epochs_done)
+                if at_rung is None or not at_rung(metrics):
+                    raise StoppedAtRung(metrics)
+            return False
 
+        fine_tune(model, loss_fn, checkpoint)
+
+    def measured(compressed: Compressed, epochs: float) -> dict[str, float]:
+        timings["seconds_training"] = time.perf_counter() - started  # the techniques and their fine-tuning so far
+        timings["epochs"] = float(epochs)
+        metrics = measure_compressed(setup, task, baseline, compressed, workdir, timings, reuse_latency=timings.get("latency"))
+        metrics[RUNG_METRIC] = float(epochs)
+        metrics["rung_of"] = float(len(rungs) + 1)  # how many rungs a trial that goes all the way is measured at
+        return metrics
+
+    try:
+        compressed = compress(
+            baseline, pipeline, example, fine_tune=fine_tune, seed=setup.seed, sensitivity=setup.sensitivity, calibration_inputs=task.calibration(),
+            loss_fn=task.loss, final_fine_tune=final_fine_tune if rungs else None,
+        )
+    except StoppedAtRung as stop:
+        return stop.metrics
+    stopped = monitor.stopped
+    metrics = measured(compressed, settings.epochs if stopped is None else max(0.0, stopped.epochs - (monitor.rounds - 1) * monitor.epochs))
+    if stopped is not None:
+        metrics.update({STOPPED: 1.0, "stopped_at_fraction": stopped.fraction, f"stopped_{metric.name}": stopped.accuracy})
+    return metrics
+
+
+def measure_compressed(
+    setup: RecipeSetup, task: Task, baseline: torch.nn.Module, compressed: Compressed, workdir: Path, timings: dict, reuse_latency: dict | None = None
+) -> dict[str, float]:
+    """Write ``compressed`` as the artifact, reload it, export it to ONNX and measure it: the metrics a trial logs.
+
+    ``reuse_latency``: the latency figures of an earlier measurement of the same graph (an earlier rung), kept
+    instead of timing again; ``timings`` gets this measurement's under ``latency`` for the next.
+    """
+    data, metric, example = task.data, task.metric, task.example()
     artifact = workdir / ARTIFACT_FILE
     reference = workdir / "baseline.onnx"
+    calibration, axes = task.calibration(), task.dynamic_axes()
     with compute_slot():  # heavy enough to disturb a neighbour's latency measurement (not nested: no slot inside)
         size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, compressed.pipeline.recipe())
         loaded = load_artifact(artifact, task.build_model())
@@ -112,22 +171,16 @@ def evaluate_recipe(
     if compressed.notes:
         (workdir / NOTES_FILE).write_text("\n".join(compressed.notes))
     started = time.perf_counter()
-    feeds = task.batches.feeds(data.val)
-    extra: dict[str, float] = {}
+    exits = has_exits(restored)
     try:
-        # timed on the validation inputs: a model with early exits is timed over all of them, with its exit logic;
-        # in the session options the exported file records for its deployment
-        timed = measure_relative_latency(workdir / ONNX_FILE, reference, feeds, setup.measure)
-        if deployment_config(workdir / ONNX_FILE):  # weight-only integer: what dequantizing on every call would cost
-            per_call = measure_relative_latency(workdir / ONNX_FILE, reference, feeds, setup.measure, config={})
-            extra["latency_dequant_per_call_ms"] = per_call.ratio * setup.baseline_metrics["latency_ms"]
-        if setup.measure_throughput:
-            batch = setup.measure.batch_size
-            batched = measure_relative_latency(workdir / ONNX_FILE, reference, task.batches.feeds(data.val, batch, limit=batch), setup.measure, batch=batch)
-            extra["throughput"] = setup.baseline_metrics["throughput"] / batched.ratio
-            extra["throughput_raw"] = throughput(batched.candidate.ms, batch)
+        if reuse_latency is not None and not exits:
+            latency = dict(reuse_latency)
+        else:
+            latency = time_latency(setup, task, workdir / ONNX_FILE, reference)
+            latency["latency_rung_epochs"] = float(timings.get("epochs", 0.0))
     finally:
         reference.unlink()
+    timings["latency"] = latency
     seconds_latency = time.perf_counter() - started
     started = time.perf_counter()
     exported = onnx_evaluate(workdir / ONNX_FILE, data.val, task.batches, metric)  # the exported model, checked on the same split
@@ -136,36 +189,56 @@ def evaluate_recipe(
     scores[f"onnx_{metric.name}"] = exported.value
     seconds_evaluation = time.perf_counter() - started
     base = setup.baseline_metrics
+    ratio = latency["_ratio"]
     metrics = {
         **scores,
         "size_bytes": float(size_bytes),
+        **{key: value for key, value in latency.items() if key != "_ratio"},
+        "onnx_bytes": float(onnx_bytes),
+        "parameters": float(sum(p.numel() for p in restored.parameters())),
+        "nonzero_parameters": float(sum(int((p != 0).sum()) for p in restored.parameters())),
+        # where the trial's time went (wall seconds in this worker); run_trial adds seconds_trial
+        "seconds_training": timings.get("seconds_training", 0.0),
+        "seconds_latency": seconds_latency,
+        "seconds_evaluation": seconds_evaluation,
+    }
+    if exits:  # share of the validation samples that left at each exit (the last: none)
+        total = sum(exported.exit_counts.values())
+        for index in range(len(restored.heads) + 1):
+            metrics[f"exit_share_{index}"] = exported.exit_counts.get(index, 0) / total
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"non-finite metrics: {bad}")
+    metrics["size_ratio"] = base["size_bytes"] / metrics["size_bytes"]
+    metrics["speedup"] = 1.0 / ratio
+    metrics[f"{metric.name}_delta"] = metrics[metric.name] - base[metric.name]
+    return metrics
+
+
+def time_latency(setup: RecipeSetup, task: Task, model_file: Path, reference: Path) -> dict[str, float]:
+    """The latency figures of ``model_file``, timed in alternation with the baseline's ``reference``, on the validation inputs (a
+    model with early exits over all of them, with its exit logic), in the session options the exported file records for its
+    deployment; ``_ratio``: the candidate's time over the baseline's."""
+    data, base = task.data, setup.baseline_metrics
+    feeds = task.batches.feeds(data.val)
+    timed = measure_relative_latency(model_file, reference, feeds, setup.measure)
+    figures = {
+        "_ratio": timed.ratio,
         # drift-corrected: the ratio to the baseline, timed in alternation, times the baseline's latency
         "latency_ms": timed.ratio * base["latency_ms"],
         "latency_raw_ms": timed.candidate.ms,  # this trial's own figure, under whatever the machine did meanwhile
         "latency_reference_raw_ms": timed.reference.ms,
         "latency_p90_raw_ms": timed.candidate.p90_ms,
-        **extra,
-        "onnx_bytes": float(onnx_bytes),
-        "parameters": float(sum(p.numel() for p in restored.parameters())),
-        "nonzero_parameters": float(sum(int((p != 0).sum()) for p in restored.parameters())),
-        # where the trial's time went (wall seconds in this worker); run_trial adds seconds_trial
-        "seconds_training": seconds_training,
-        "seconds_latency": seconds_latency,
-        "seconds_evaluation": seconds_evaluation,
     }
-    if has_exits(restored):  # share of the validation samples that left at each exit (the last: none)
-        total = sum(exported.exit_counts.values())
-        for index in range(len(restored.heads) + 1):
-            metrics[f"exit_share_{index}"] = exported.exit_counts.get(index, 0) / total
-    if monitor.stopped is not None:
-        metrics.update({STOPPED: 1.0, "stopped_at_fraction": monitor.stopped.fraction, f"stopped_{metric.name}": monitor.stopped.accuracy})
-    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
-    if bad:
-        raise FloatingPointError(f"non-finite metrics: {bad}")
-    metrics["size_ratio"] = base["size_bytes"] / metrics["size_bytes"]
-    metrics["speedup"] = 1.0 / timed.ratio
-    metrics[f"{metric.name}_delta"] = metrics[metric.name] - base[metric.name]
-    return metrics
+    if deployment_config(model_file):  # weight-only integer: what dequantizing on every call would cost
+        per_call = measure_relative_latency(model_file, reference, feeds, setup.measure, config={})
+        figures["latency_dequant_per_call_ms"] = per_call.ratio * base["latency_ms"]
+    if setup.measure_throughput:
+        batch = setup.measure.batch_size
+        batched = measure_relative_latency(model_file, reference, task.batches.feeds(data.val, batch, limit=batch), setup.measure, batch=batch)
+        figures["throughput"] = base["throughput"] / batched.ratio
+        figures["throughput_raw"] = throughput(batched.candidate.ms, batch)
+    return figures
 
 
 def score(task: Task, model: torch.nn.Module, dataset, device: torch.device | str = "cpu") -> float:

@@ -15,39 +15,86 @@ x latency, and a small model at 93% may be worth more than a large one at 97%. W
 every trial shares is ``min_accuracy``: a model under it is never on the front. So the
 rule asks one question, from the trial's own curve: can this trial still end at or
 above ``min_accuracy``? The answer comes from measured recovery: the largest rise of
-validation accuracy, from a checkpoint at a given share of fine-tuning to the end of
-fine-tuning, seen over calibration trials on the built-in task (``RECOVERY``, measured
-by ``benchmarks/stopping.py``), plus a margin. A trial whose accuracy plus that rise
-stays under ``min_accuracy`` is stopped (never before fine-tuning has begun: the grace); the trial then measures the model as it stands
-and the searcher tells Optuna, as a complete but infeasible trial, so the sampler learns
-where the hopeless region is (see ``searcher.py``).
+validation accuracy, from a checkpoint at a given share of fine-tuning to the trial's last
+checkpoint, seen **in this search's own trials** (``Recovery``: the searcher collects each
+trial's curve and hands every new trial the table as it stands), plus a margin. Until a
+share has ``MIN_CURVES`` trials behind it, the rule assumes the conservative prior
+``PRIOR_RISE``: 50 points, more than the largest rise measured on LeNet-5 (42 points, from the
+model as the techniques left it) plus that table's margin of 10, so that on the first trials of
+a search only a model at chance level is stopped. A trial whose accuracy plus the allowance
+stays under ``min_accuracy`` is stopped (never before fine-tuning has begun: the grace); the
+trial then measures the model as it stands and the searcher tells Optuna, as a complete but
+infeasible trial, so the sampler learns where the hopeless region is (see ``searcher.py``).
+
+The table once measured on LeNet-5 (``LENET5_RECOVERY``, ``benchmarks/evidence.py`` part
+"curves") is kept for the record and that benchmark; no search uses it.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
 
-# (share of the trial's fine-tuning done, the largest rise of validation accuracy from a checkpoint in
-# [share, next share) to the end of fine-tuning): measured by benchmarks/evidence.py (part "curves") over 60
-# pipelines drawn at random from the default space of spaces/digits.yaml, 3 fine-tuning epochs each. The
-# rise is not monotone: iterative pruning's later steps dip the accuracy at a round's start, and the
-# next round recovers it (the 0.5 entry). From 0.17 the largest rise seen was 2.5 points over 25 checkpoints:
-# the entry keeps 10, as its neighbours.
-RECOVERY: tuple[tuple[float, float], ...] = ((0.0, 0.42), (0.08, 0.18), (0.17, 0.10), (0.25, 0.11), (0.33, 0.075), (0.5, 0.225))
-# No decision before fine-tuning starts (the 0.0 entry is for the record): a structural technique can leave a
-# model at chance that a few steps of fine-tuning bring back (low-rank on a ViT's every Linear), and a table
-# measured on one task cannot promise the contrary for another. From the first checkpoint on, the curve shows it.
-# On top of the largest rise seen: one task and 60 trials are not every model. Before low-rank stopped
-# factoring the output layer, its broken models sat at chance for a quarter of their fine-tuning and then
-# climbed up to 60 points; none of them ended above min_accuracy, and of the trials that did, none rose more
-# than 6.1 points from a quarter of the way.
-MARGIN = 0.10
+# For the record: (share of fine-tuning done, the largest rise of validation accuracy from there to the end) over 60
+# pipelines drawn at random from spaces/digits.yaml, 3 epochs each, with a margin of 0.10 on top (benchmarks/evidence.py).
+LENET5_RECOVERY: tuple[tuple[float, float], ...] = ((0.0, 0.42), (0.08, 0.18), (0.17, 0.10), (0.25, 0.11), (0.33, 0.075), (0.5, 0.225))
+LENET5_MARGIN = 0.10
+
+# The calibrated rule: shares of a trial's fine-tuning at which recovery is pooled, the prior, and how much evidence
+# replaces it. The margin covers what a handful of curves has not shown yet.
+SHARES: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75)
+PRIOR_RISE = 0.5
+MIN_CURVES = 3
+MARGIN = 0.05
 FIRST_SHARE = 0.25  # checkpoints every quarter epoch while the trial is in this first share of its fine-tuning
 QUARTERS = (0.25, 0.5, 0.75)
+
+RecoveryTable = tuple[tuple[float, float, int], ...]  # (share, allowance with its margin, curves behind it: 0 for the prior)
+
+
+@dataclass
+class Recovery:
+    """What fine-tuning recovered in one search's trials, pooled by share of fine-tuning done.
+
+    ``add`` takes a trial's curve (``(share, value)`` pairs in order); each checkpoint's rise is the
+    trial's last value minus the value there (a trial measured at a rung and stopped there: its rise to that
+    rung, a lower bound of what longer fine-tuning would give, which the margin covers). A trial that the stop
+    rule itself ended is left out by the caller: its curve was cut by the rule being calibrated.
+    """
+
+    rises: dict[float, list[float]] = field(default_factory=lambda: {share: [] for share in SHARES})
+    curves: dict[str, int] = field(default_factory=dict)  # trial -> checkpoints taken from it (a later report replaces them)
+    _by_trial: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def add(self, trial: str, curve: list[tuple[float, float]]) -> None:
+        self._by_trial[trial] = [(float(a), float(b)) for a, b in curve]
+        self.rises = {share: [] for share in SHARES}
+        for points in self._by_trial.values():
+            if len(points) < 2:
+                continue
+            last = points[-1][1]
+            for share, value in points[:-1]:
+                self.rises[bucket(share)].append(last - value)
+
+    def table(self) -> RecoveryTable:
+        rows = []
+        for share in SHARES:
+            seen = self.rises[share]
+            rows.append((share, max(0.0, max(seen)) + MARGIN, len(seen)) if len(seen) >= MIN_CURVES else (share, PRIOR_RISE, 0))
+        return tuple(rows)
+
+
+def bucket(share: float) -> float:
+    return SHARES[max(bisect.bisect_right(SHARES, share) - 1, 0)]
+
+
+def encode_curve(curve: list["Checkpoint"]) -> str:
+    """A curve as one result value (JSON of ``[share, value]`` pairs): Tune carries it to the searcher."""
+    return json.dumps([[round(point.fraction, 4), round(point.accuracy, 6)] for point in curve])
 
 
 @dataclass(frozen=True)
@@ -59,37 +106,39 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class StopRule:
-    """Stop a trial that cannot end at or above ``min_accuracy``, judged by the largest recovery seen."""
+    """Stop a trial that cannot end at or above ``min_accuracy``, judged by the recovery seen in this search (``Recovery``)."""
 
     min_accuracy: float  # the floor of the task's metric
-    recovery: tuple[tuple[float, float], ...] = RECOVERY
-    margin: float = MARGIN
+    recovery: RecoveryTable = tuple((share, PRIOR_RISE, 0) for share in SHARES)
     metric: str = "accuracy"
 
-    def largest_rise(self, fraction: float) -> float:
-        shares = [share for share, _ in self.recovery]
-        return self.recovery[max(bisect.bisect_right(shares, fraction) - 1, 0)][1]
+    def allowance(self, fraction: float) -> tuple[float, int]:
+        shares = [row[0] for row in self.recovery]
+        _, rise, curves = self.recovery[max(bisect.bisect_right(shares, fraction) - 1, 0)]
+        return rise, curves
 
     def reason(self, point: Checkpoint) -> str | None:
         """Why the trial should stop at ``point``, or None if it may go on."""
         if point.fraction >= 1.0 or point.fraction <= 0.0:
             return None  # fine-tuning is over (the trial is measured as any other), or has not started (the grace)
-        reach = point.accuracy + self.largest_rise(point.fraction) + self.margin
-        if reach >= self.min_accuracy:
+        rise, curves = self.allowance(point.fraction)
+        if point.accuracy + rise >= self.min_accuracy:
             return None
-        return (
-            f"validation {self.metric} {point.accuracy:.1%} after {point.fraction:.0%} of fine-tuning: even the largest recovery "
-            f"seen from there (+{self.largest_rise(point.fraction):.0%}, +{self.margin:.0%} margin) stays under min_{self.metric} {self.min_accuracy:.1%}"
+        seen = (
+            f"the largest recovery this search's trials showed from there, {curves} checkpoints (+{rise:.0%} with the {MARGIN:.0%} margin)"
+            if curves else f"the conservative prior (+{rise:.0%}) that holds until {MIN_CURVES} of this search's trials show what fine-tuning recovers"
         )
+        return f"validation {self.metric} {point.accuracy:.1%} after {point.fraction:.0%} of fine-tuning: even {seen} stays under min_{self.metric} {self.min_accuracy:.1%}"
 
 
 @dataclass
 class FineTuneMonitor:
     """Checkpoints over a trial's fine-tuning rounds; stops it when ``rule`` says so.
 
-    ``rounds`` x ``epochs`` is the trial's whole fine-tuning. Pass ``checkpoint`` and
-    ``checkpoints_at`` to ``netshrink.training.train`` and call ``round_done`` after each
-    round. Once stopped, ``skip`` is True and later rounds do not train.
+    Every round but the last fine-tunes ``epochs``; the last ``last_epochs`` (default ``epochs``; a
+    multi-fidelity trial's last round runs to its last rung). Pass ``checkpoint`` and ``checkpoints_at`` to
+    ``netshrink.training.train`` and call ``round_done`` after each round. Once stopped, ``skip`` is True and
+    later rounds do not train.
     """
 
     rounds: int
@@ -97,6 +146,7 @@ class FineTuneMonitor:
     evaluate: Callable[[nn.Module], float]
     rule: StopRule | None = None
     report: Callable[[Checkpoint], None] | None = None
+    last_epochs: int | None = None
     curve: list[Checkpoint] = field(default_factory=list)
     stopped: Checkpoint | None = None
     stop_reason: str | None = None
@@ -106,12 +156,23 @@ class FineTuneMonitor:
     def skip(self) -> bool:
         return self.stopped is not None
 
+    @property
+    def final_epochs(self) -> int:
+        return self.epochs if self.last_epochs is None else self.last_epochs
+
     def _total(self) -> int:
-        return max(self.rounds * self.epochs, 1)
+        return max((self.rounds - 1) * self.epochs + self.final_epochs, 1) if self.rounds else 1
+
+    def round_epochs(self) -> int:
+        """Epochs of the round now running."""
+        return self.final_epochs if self._round >= self.rounds - 1 else self.epochs
+
+    def _done(self, epochs_done: float) -> float:
+        return self._round * self.epochs + epochs_done
 
     def checkpoints_at(self, epoch: int) -> list[float]:
         """Within-epoch checkpoints of this round's ``epoch``: quarters while in the first share of fine-tuning."""
-        started = (self._round * self.epochs + epoch) / self._total()
+        started = self._done(epoch) / self._total()
         return list(QUARTERS) if started < FIRST_SHARE else []
 
     def before_fine_tuning(self, model: nn.Module) -> bool:
@@ -119,7 +180,7 @@ class FineTuneMonitor:
         return self(model, 0.0) if self._round == 0 and not self.curve else False
 
     def __call__(self, model: nn.Module, epochs_done: float) -> bool:
-        done = self._round * self.epochs + epochs_done
+        done = self._done(epochs_done)
         point = Checkpoint(fraction=min(done / self._total(), 1.0), epochs=done, accuracy=self.evaluate(model))
         self.curve.append(point)
         if self.report is not None:

@@ -1,10 +1,11 @@
 """Early stopping of hopeless trials: checkpoints during fine-tuning and the stop rule."""
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from netshrink.deploy.stopping import QUARTERS, Checkpoint, FineTuneMonitor, StopRule
+from netshrink.deploy.stopping import MARGIN, MIN_CURVES, PRIOR_RISE, QUARTERS, Checkpoint, FineTuneMonitor, Recovery, StopRule, encode_curve
 from netshrink.training import train
 
 
@@ -40,7 +41,7 @@ def test_a_checkpoint_that_says_stop_ends_training_there():
 
 
 def test_the_rule_stops_only_what_the_largest_recovery_seen_cannot_lift_to_min_accuracy():
-    rule = StopRule(min_accuracy=0.9, recovery=((0.0, 1.0), (0.25, 0.3), (0.5, 0.1)), margin=0.05)
+    rule = StopRule(min_accuracy=0.9, recovery=((0.0, 1.0, 5), (0.25, 0.35, 5), (0.5, 0.15, 5)))
     assert rule.reason(Checkpoint(fraction=0.0, epochs=0, accuracy=0.01)) is None  # the grace: no decision before fine-tuning
     assert rule.reason(Checkpoint(fraction=0.25, epochs=0.75, accuracy=0.56)) is None  # 0.56 + 0.3 + 0.05 reaches 0.9
     reason = rule.reason(Checkpoint(fraction=0.25, epochs=0.75, accuracy=0.5))
@@ -51,10 +52,35 @@ def test_the_rule_stops_only_what_the_largest_recovery_seen_cannot_lift_to_min_a
 
 def test_the_monitor_counts_fine_tuning_over_rounds_and_skips_what_follows_a_stop():
     scores = iter([0.9, 0.9, 0.9, 0.9, 0.9, 0.1])
-    monitor = FineTuneMonitor(rounds=2, epochs=2, evaluate=lambda m: next(scores), rule=StopRule(min_accuracy=0.95, recovery=((0.0, 1.0), (0.5, 0.0)), margin=0.0))
+    monitor = FineTuneMonitor(rounds=2, epochs=2, evaluate=lambda m: next(scores), rule=StopRule(min_accuracy=0.95, recovery=((0.0, 1.0, 5), (0.5, 0.0, 5))))
     assert monitor.before_fine_tuning(None) is False and monitor.curve[0].fraction == 0.0
     assert monitor.checkpoints_at(0) == list(QUARTERS) and monitor.checkpoints_at(1) == []  # 1 of 4 epochs: past the first quarter
     assert monitor(None, 1.0) is False and monitor.curve[-1].fraction == 0.25
     assert monitor(None, 2.0) is True  # half done at 0.9: no recovery is left to reach 0.95
     assert monitor.skip and monitor.stopped.fraction == 0.5 and "95.0%" in monitor.stop_reason
 
+
+
+def test_the_rule_starts_from_the_conservative_prior_and_calibrates_on_the_searchs_own_curves():
+    recovery = Recovery()
+    assert all(rise == PRIOR_RISE and curves == 0 for _, rise, curves in recovery.table())
+    prior = StopRule(min_accuracy=0.9, recovery=recovery.table())
+    assert prior.reason(Checkpoint(fraction=0.3, epochs=1, accuracy=0.45)) is None  # 0.45 + 0.5 reaches 0.9: the prior lets it go on
+    reason = prior.reason(Checkpoint(fraction=0.3, epochs=1, accuracy=0.1))  # at chance: stopped even under the prior
+    assert reason and "conservative prior" in reason
+    # trials of this search that rose at most 8 points from a quarter of the way to their last checkpoint
+    for trial in range(MIN_CURVES):
+        recovery.add(f"t{trial}", [(0.0, 0.3), (0.25, 0.82 + 0.01 * trial), (0.5, 0.86), (1.0, 0.9)])
+    table = dict((share, (rise, curves)) for share, rise, curves in recovery.table())
+    assert table[0.25] == (pytest.approx(0.08 + MARGIN), MIN_CURVES)
+    assert table[0.0][0] == pytest.approx(0.6 + MARGIN)  # from the start: the largest rise seen, 0.3 -> 0.9
+    calibrated = StopRule(min_accuracy=0.9, recovery=recovery.table())
+    reason = calibrated.reason(Checkpoint(fraction=0.3, epochs=1, accuracy=0.45))  # the prior let this one go on; the search's own curves do not
+    assert reason and "this search's trials" in reason
+    recovery.add("t0", [(0.0, 0.3), (0.25, 0.3), (1.0, 0.9)])  # a later report of a trial replaces its earlier curve
+    assert dict((s, r) for s, r, _ in recovery.table())[0.25] == pytest.approx(0.6 + MARGIN)
+
+
+def test_a_curve_travels_as_json_pairs():
+    curve = [Checkpoint(fraction=0.0, epochs=0, accuracy=0.5), Checkpoint(fraction=0.25, epochs=0.75, accuracy=0.75)]
+    assert encode_curve(curve) == "[[0.0, 0.5], [0.25, 0.75]]"

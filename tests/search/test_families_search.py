@@ -30,7 +30,7 @@ SPACES = {
 
 
 @pytest.mark.parametrize(
-    "family", [pytest.param("bert"), pytest.param("vit", marks=pytest.mark.slow), pytest.param("resnet18", marks=pytest.mark.slow), pytest.param("mobilenet_v2", marks=pytest.mark.slow)]
+    "family", [pytest.param("bert", marks=pytest.mark.slow), pytest.param("vit", marks=pytest.mark.slow), pytest.param("resnet18", marks=pytest.mark.slow), pytest.param("mobilenet_v2", marks=pytest.mark.slow)]
 )
 def test_a_search_on_each_family_has_no_failed_trial(family, tmp_path):
     dataset, model, model_args, train, space = FAMILIES[family]

@@ -105,6 +105,7 @@ def make(num_classes, input_shape):
 """
 
 
+@pytest.mark.slow  # 61 s; a full disk's one-line message is also checked without a search below
 def test_a_full_disk_stops_the_search_in_one_line_without_retrying_and_resume_finishes_it(tmp_path, small_disk):
     workdir = small_disk or tmp_path
     flag = workdir / "FULL"

@@ -94,7 +94,7 @@ def netshrink(*args, cwd):
 
 @pytest.mark.parametrize(
     "name, cut, heads",
-    [("torch_encoder", "encoder.layers.0", ""), ("timm_style", "blocks.0", ", head_ratio: {low: 0.25, high: 0.5}")],
+    [pytest.param("torch_encoder", "encoder.layers.0", "", marks=pytest.mark.slow), ("timm_style", "blocks.0", ", head_ratio: {low: 0.25, high: 0.5}")],
 )
 def test_a_users_transformer_goes_through_validate_search_export_and_the_onnx_check(name, cut, heads, tmp_path):
     (tmp_path / "usermodels.py").write_text(MODELS)

@@ -158,6 +158,7 @@ def test_a_model_with_two_tensor_inputs(tmp_path):
     assert float((onnx_logits(folder, feeds).argmax(1) == labels).mean()) == pytest.approx(trial["onnx_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow  # 60 s; a user metric (f1_macro, by name) stays in the text classifier's test
 def test_a_user_loss_and_a_user_metric(tmp_path):
     workdir = workdir_with(tmp_path, """
         name: own
