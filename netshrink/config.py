@@ -153,8 +153,72 @@ class RefineSettings(Strict):
     )
 
 
+class MultiFidelity(Strict):
+    """Multi-objective successive halving over fine-tuning (``search/moasha.py``). A trial is measured in full after
+    ``min_epochs``, ``min_epochs x reduction_factor``, ... epochs of fine-tuning, up to ``finetune.epochs``; at each
+    rung the top ``1 / reduction_factor`` of the trials measured there so far go on from where they stand, the rest
+    stop with that rung's figures. With ``finetune.epochs`` at or under ``min_epochs`` there is a single rung."""
+
+    enabled: bool = Field(True, description="false: every trial fine-tunes finetune.epochs and is measured once, at the end")
+    min_epochs: int = Field(1, ge=1, le=10_000, description="the first rung: epochs of fine-tuning before a trial is first measured and ranked")
+    reduction_factor: float = Field(3.0, gt=1, le=100, description="the share of trials a rung promotes is 1 / reduction_factor")
+    rungs: list[int] | None = Field(
+        None, description="the rung epochs written out, increasing, the last at most finetune.epochs (which is always the last rung); "
+        "default: min_epochs x reduction_factor^k"
+    )
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(b <= a for a, b in zip(value, value[1:])) or value[0] < 1):
+            raise ValueError("must be a non-empty list of increasing whole epochs, each at least 1")
+        return value
+
+    def epochs(self, finetune_epochs: int) -> tuple[int, ...]:
+        """The rung epochs for trials of ``finetune_epochs``: () when off or when there is a single rung."""
+        if not self.enabled or finetune_epochs <= 0:
+            return ()
+        if self.rungs is not None:
+            rungs = [epochs for epochs in self.rungs if epochs < finetune_epochs]
+        else:
+            rungs, epochs = [], float(self.min_epochs)
+            while round(epochs) < finetune_epochs:
+                if not rungs or round(epochs) > rungs[-1]:
+                    rungs.append(int(round(epochs)))
+                epochs *= self.reduction_factor
+        return (*rungs, finetune_epochs) if rungs else ()
+
+
+class TimeBudget(Strict):
+    """A wall-clock budget for the trials and the refinement: give minutes or hours."""
+
+    minutes: float | None = Field(None, gt=0, le=10_000_000, description="the search's wall-clock budget in minutes")
+    hours: float | None = Field(None, gt=0, le=100_000, description="the search's wall-clock budget in hours")
+    trials: int | None = Field(None, ge=1, le=100_000, description="also stop after this many trials (the same as search.trials)")
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> "TimeBudget":
+        if (self.minutes is None) == (self.hours is None):
+            raise ValueError("give the time as minutes or as hours (one of them), e.g. {minutes: 30}")
+        return self
+
+    @property
+    def seconds(self) -> float:
+        return 60.0 * self.minutes if self.minutes is not None else 3600.0 * self.hours
+
+
+DEFAULT_TRIALS = 32  # search.trials when neither it nor a time budget is given
+
+
 class SearchSettings(Strict):
-    trials: int = Field(32, ge=1, le=100_000)
+    trials: int | None = Field(
+        None, ge=1, le=100_000, description=f"trials to run; default {DEFAULT_TRIALS}, or as many as search.budget's time allows when it gives one"
+    )
+    budget: TimeBudget | None = Field(
+        None, description="a wall-clock limit ({minutes: M} or {hours: H}) beside or instead of trials: no trial starts that the time "
+        "left cannot fit at the measured pace, and time is kept for refinement"
+    )
+    multi_fidelity: MultiFidelity = Field(default_factory=MultiFidelity, description="true, false, or its settings: successive halving over fine-tuning")
     max_concurrent: int = Field(2, ge=1)
     sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
     population_size: int = Field(8, ge=2, description="NSGA-II generation size")
@@ -165,6 +229,29 @@ class SearchSettings(Strict):
         True, description="the first trials are the informed start (spaces/start.py): each technique alone, then combinations known to work"
     )
     max_failures: int = Field(1, ge=0, description="times a failed trial is run again (a worker process that died, an error) before it counts as failed")
+
+    @field_validator("multi_fidelity", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _trials_once(self) -> "SearchSettings":
+        if self.budget is not None and self.budget.trials is not None and self.trials is not None and self.budget.trials != self.trials:
+            raise ValueError(f"budget.trials ({self.budget.trials}) and trials ({self.trials}) differ; give the trial count once")
+        return self
+
+    @property
+    def trial_budget(self) -> int | None:
+        """The most trials to run: None when only time limits the search."""
+        given = self.trials if self.trials is not None else (self.budget.trials if self.budget is not None else None)
+        if given is not None:
+            return given
+        return None if self.budget is not None else DEFAULT_TRIALS
+
+    @property
+    def seconds(self) -> float | None:
+        return self.budget.seconds if self.budget is not None else None
 
 
 class Resources(Strict):
@@ -278,6 +365,10 @@ class Experiment(Strict):
                     "where netshrink trains in fp32 only); set resources.gpu or precision: fp32"
                 )
         return self
+
+    def rungs(self) -> tuple[int, ...]:
+        """The rung epochs of this search's trials (``MultiFidelity.epochs``): () for a single measurement at the end."""
+        return self.search.multi_fidelity.epochs(self.finetune.epochs)
 
     def directions(self) -> list[str]:
         return [self.direction(name) for name in self.objectives]

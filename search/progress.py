@@ -158,6 +158,9 @@ def progress_printer(
             if r.get("stopped_early"):
                 share = r["stopped_at_fraction"]
                 stopped = f"stopped after {share:.0%} of fine-tuning, " if share > 0 else "stopped before fine-tuning, "
+            elif "rung_epochs" in r and not r.get("final") and r.get("rung_of", 1) > 1:
+                epochs = r["rung_epochs"]
+                stopped = f"stopped at its rung of {epochs:g} epoch{'s' if epochs != 1 else ''} (MO-ASHA), "
             print(
                 f"[{label}{self.done}/{total}] {stopped}{_score(metric, r[metric])}  size {r['size_bytes'] / 1e3:.1f} KB "
                 f"({baseline['size_bytes'] / r['size_bytes']:.1f}x smaller)  latency {r['latency_ms']:.4f} ms "

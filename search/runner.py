@@ -9,6 +9,7 @@ console shows while trials run) and ``summary`` (the front, its tags, plots and 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from .resume import Progress, find_interrupted_search, rebuild_study, reopen_sea
 from .summary import print_summary, summarise
 from .tracking import ABANDONED_TAG, default_tracking_uri
 from .trial import TrialSetup
+from .searcher import Deadline
 from .tuning import quiet_tracebacks, refine_front, run_trials
 
 STATE_DIR = ".netshrink"
@@ -88,6 +90,10 @@ def settle(action, console: Console) -> None:
         console.print(f"[yellow]note: could not record the search's state in MLflow ({why})[/yellow]", highlight=False)
 
 
+def describe_seconds(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 and seconds % 360 == 0 else f"{seconds / 60:g} min"
+
+
 def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
     """Next to the MLflow store when that is a local SQLite file, else in the state folder."""
     if tracking_uri.startswith("sqlite:///"):
@@ -96,6 +102,24 @@ def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
 
 
 RESUME_LATEST = "latest"  # --resume with no run id
+TIME_ONLY_CAP = 100_000  # the trial count of a search that only a time budget limits (search.budget without trials)
+
+
+def time_budget(experiment: Experiment, started: float, concurrency: int) -> Deadline | None:
+    """The searcher's deadline for a search with a time budget: the search's start plus the budget, keeping for
+    refinement ``ceil(refine.count / concurrency)`` rounds of a refined point, each the measured full trial's
+    time scaled by ``refine.epochs / finetune.epochs``."""
+    seconds = experiment.search.seconds
+    if seconds is None:
+        return None
+    refine = experiment.refine
+    rounds = math.ceil(refine.count / concurrency) if refine.epochs > 0 and refine.points in ("knee", "potential") else (1 if refine.epochs > 0 else 0)
+    scale = refine.epochs / max(experiment.finetune.epochs, 1)
+
+    def reserve(full_trial_s: float) -> float:
+        return rounds * full_trial_s * scale
+
+    return Deadline(end=started + seconds, reserve=reserve)
 
 
 def abandon_search(experiment: Experiment, config_path: Path, run_id: str, overrides: Overrides = Overrides(), console: Console | None = None) -> None:
@@ -142,7 +166,7 @@ def run_search(
     interrupted = find_interrupted_search(tracker, experiment_id, experiment.name, config_path, named) if resume else None
     if interrupted is not None and overrides.trials not in (None, interrupted.trials):
         raise UserError(f"--trials: search {interrupted.run_id} was started with {interrupted.trials} trials; a resumed search keeps its budget")
-    trials = interrupted.trials if interrupted else overrides.trials or experiment.search.trials
+    trials = interrupted.trials if interrupted else overrides.trials or experiment.search.trial_budget or TIME_ONLY_CAP
     concurrency = overrides.concurrency or experiment.search.max_concurrent
     owns_ray = not ray.is_initialized()
     if owns_ray:
@@ -205,19 +229,40 @@ def run_search(
             constraints=constraints,
             stop_rule=StopRule(constraints.min_accuracy, metric=metric) if experiment.search.early_stopping else None,
             measure_throughput="throughput" in experiment.objectives,
+            rungs=experiment.rungs(),
         )
         remaining = trials - progress.ended
+        deadline = time_budget(experiment, started, concurrency)
         if interrupted:
-            console.print(f"Resuming: {progress.ended} of {trials} trials were done before the interruption.")
-        console.print(f"Running {remaining} trials, {concurrency} at a time ..." if remaining > 0 else "Every trial of the budget has run; writing the front.")
+            done = f"{progress.ended} of {trials}" if trials != TIME_ONLY_CAP else f"{progress.ended}"
+            console.print(f"Resuming: {done} trials were done before the interruption." + (" The time budget starts again from now." if deadline else ""))
+        if remaining <= 0:
+            console.print("Every trial of the budget has run; writing the front.")
+        else:
+            count = "trials" if trials == TIME_ONLY_CAP else f"up to {remaining} trials" if deadline else f"{remaining} trials"
+            within = f" within {describe_seconds(experiment.search.seconds)} (refinement included)" if deadline else ""
+            rungs = setup.rungs
+            ladder = (
+                f"; multi-fidelity: measured after {', '.join(map(str, rungs))} epochs, the top 1/{experiment.search.multi_fidelity.reduction_factor:g} "
+                "of each rung going on" if rungs else ""
+            )
+            console.print(f"Running {count}{within}, {concurrency} at a time{ladder} ...")
+        trials_started = time.time()
         # the Tune run (a resumed search starts a new one); the parent run id keeps two searches started in one second apart
         run_name = time.strftime("search-%Y%m%d-%H%M%S") + f"-{parent[:8]}"
         repeats = progress.repeats
         if remaining > 0:
-            repeats += run_trials(experiment, setup, study_name, storage_url, run_name, remaining, concurrency, state_dir, progress, fresh=interrupted is None)
+            repeats += run_trials(
+                experiment, setup, study_name, storage_url, run_name, remaining, concurrency, state_dir, progress, fresh=interrupted is None,
+                deadline=deadline,
+            )
+        if deadline is not None and deadline.refused:
+            console.print(f"The time budget leaves no room for another trial at the measured pace; {'refining, then ' if experiment.refine.epochs else ''}writing the front.")
+        refine_started = time.time()
         if experiment.refine.epochs > 0:
             refine_front(experiment, setup, tracker, experiment_id, run_name, concurrency, state_dir, console)
-        summary = summarise(tracker, experiment_id, record, constraints, repeats)  # writes too: the Pareto flags, the outcome
+        spent = {"before the trials": trials_started - started, "trials": refine_started - trials_started, "refinement": time.time() - refine_started}
+        summary = summarise(tracker, experiment_id, record, constraints, repeats, spent)  # writes too: the Pareto flags, the outcome
     except KeyboardInterrupt:
         if parent is not None:
             settle(lambda: tracker.interrupted(parent), console)

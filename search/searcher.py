@@ -17,6 +17,17 @@ drawing its no-op value) is the uncompressed baseline, measured once per
 search: Optuna is told the baseline's figures (``uncompressed`` attribute) and
 no trial is spent on it.
 
+With multi-fidelity (``moasha.py``), a trial that MO-ASHA stops at a rung is told with its figures at that
+rung, flagged by its ``rung_epochs`` attribute (epochs of fine-tuning it was measured after) and ``rung_of`` (its
+rung, of how many), so the sampler learns from it as a measured, if under-trained, model.
+
+Two more jobs of the driver live here, because the searcher sees every result and starts every trial:
+
+- **the stop rule's calibration**: each result carries the trial's curve, ``Recovery`` pools what fine-tuning
+  recovered, and each new trial gets the table as it stands (``trial.RECOVERY_KEY``);
+- **a time budget** (``Deadline``): no trial starts that the time left cannot fit at the pace measured so far,
+  keeping the time refinement will take.
+
 Every answer to Optuna carries the trial's constraint values (``Trial.set_constraint``;
 see ``constraints.py``),
 and a trial that early stopping ended is told as complete, with the figures it was
@@ -26,31 +37,80 @@ measured at and its ``stopped_early`` attribute: its accuracy is under
 
 from __future__ import annotations
 
+import json
+import statistics
+import time
 import warnings
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from netshrink.deploy.evaluate import RUNG_METRIC
+from netshrink.deploy.stopping import Recovery
 from netshrink.techniques import Pipeline
 
 from .constraints import Constraints
+from .trial import CURVE_KEY, FINAL_KEY, RECOVERY_KEY
 
 MAX_REPEATS_IN_A_ROW = 100
 REPEAT_OF = "repeat_of"  # user attribute of a repeat's Optuna trial: the number of the trial it repeats
 UNCOMPRESSED = "uncompressed"  # user attribute of an Optuna trial that drew the baseline, answered with its figures
 
 STOPPED_ATTR = "stopped_early"  # user attribute of an Optuna trial that early stopping ended: the share of fine-tuning done
+RUNG_ATTR = "rung_epochs"  # user attribute of an Optuna trial answered with the figures of a rung before the last (MO-ASHA stopped it)
 Evaluated = dict[str, tuple[int, dict[str, float]]]  # recipe -> (Optuna trial number, its logged metrics)
 
 
 def annotate(trial, metrics: dict[str, float], constraints: Constraints | None) -> None:
-    """What an answered Optuna trial carries: its constraint values, and how far it got if stopped early."""
+    """What an answered Optuna trial carries: its constraint values, how far it got if stopped early, and its rung if
+    its figures are a rung's before the last."""
     if constraints is not None:
         for name, value in constraints.violations(metrics).items():
             trial.set_constraint(name, value)
     if metrics.get(STOPPED_ATTR):
         trial.set_user_attr(STOPPED_ATTR, metrics["stopped_at_fraction"])
+    if RUNG_METRIC in metrics and not metrics.get(FINAL_KEY) and not metrics.get(STOPPED_ATTR):
+        trial.set_user_attr(RUNG_ATTR, metrics[RUNG_METRIC])
+        trial.set_user_attr("rung_of", metrics.get("rung_of", 0.0))
+
+
+@dataclass
+class Deadline:
+    """A wall-clock budget: ``end`` (time.time()) for the whole search; ``reserve(full_trial_s)``: seconds to keep for what
+    follows the trials (refinement), from the measured duration of a trial that runs its whole fine-tuning."""
+
+    end: float
+    reserve: Callable[[float], float] = lambda full_trial_s: 0.0
+    started: dict[str, float] = field(default_factory=dict)  # Tune trial id -> when it was suggested
+    durations: list[float] = field(default_factory=list)  # wall seconds of each ended trial
+    full: list[float] = field(default_factory=list)  # ... of those that ran their whole fine-tuning
+    refused: bool = False  # a trial was refused for lack of time: the search has ended its trials
+
+    def expected(self) -> tuple[float, float] | None:
+        """(mean seconds of a trial as trials end here, median seconds of one that runs all its fine-tuning); None before any ended."""
+        if not self.durations:
+            return None
+        full = statistics.median(self.full) if self.full else max(self.durations)
+        return statistics.fmean(self.durations), full
+
+    def allows(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        pace = self.expected()
+        if pace is None:
+            return now < self.end  # nothing measured yet: a first trial starts if any time is left
+        mean, full = pace
+        return now + mean + self.reserve(full) <= self.end
+
+    def ended(self, trial_id: str, result: dict | None) -> None:
+        begun = self.started.pop(trial_id, None)
+        if begun is None:
+            return
+        seconds = time.time() - begun
+        self.durations.append(seconds)
+        if result and (result.get(FINAL_KEY) or RUNG_METRIC not in result):
+            self.full.append(seconds)
 
 
 class DistinctPipelineSearch(OptunaSearch):
@@ -61,9 +121,13 @@ class DistinctPipelineSearch(OptunaSearch):
         constraints: Constraints | None = None,
         skip_repeats: bool = True,
         evaluated: Evaluated | None = None,
+        recovery: Recovery | None = None,
+        deadline: Deadline | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.recovery = recovery  # None: no early stopping, nothing to calibrate
+        self.deadline = deadline
         self.skip_repeats = skip_repeats
         self.baseline_metrics = baseline_metrics  # the figures of the uncompressed model
         self.constraints = constraints
@@ -80,6 +144,32 @@ class DistinctPipelineSearch(OptunaSearch):
                 self._ot_study.set_metric_names(list(self._metric))  # optuna-dashboard shows "accuracy", not "values_0"
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if self.deadline is not None and not self.deadline.allows():
+            self.deadline.refused = True
+            return Searcher.FINISHED
+        config = self._suggest_distinct(trial_id)
+        if isinstance(config, dict):
+            if self.recovery is not None:
+                config[RECOVERY_KEY] = [list(row) for row in self.recovery.table()]
+            if self.deadline is not None:
+                self.deadline.started[trial_id] = time.time()
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._calibrate(trial_id, result)
+        super().on_trial_result(trial_id, result)
+
+    def _calibrate(self, trial_id: str, result: dict | None) -> None:
+        """The trial's curve into the recovery table, unless the stop rule ended it (its curve was cut by the rule itself)."""
+        if self.recovery is None or not result or CURVE_KEY not in result or result.get(STOPPED_ATTR):
+            return
+        try:
+            curve = json.loads(result[CURVE_KEY])
+        except (TypeError, ValueError):
+            return
+        self.recovery.add(trial_id, curve)
+
+    def _suggest_distinct(self, trial_id: str) -> dict | str | None:
         for _ in range(MAX_REPEATS_IN_A_ROW):
             config = super().suggest(trial_id)
             if not isinstance(config, dict):
@@ -107,6 +197,9 @@ class DistinctPipelineSearch(OptunaSearch):
         self._ot_study.tell(trial, [metrics[name] for name in self.metric])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._calibrate(trial_id, None if error else result)
+        if self.deadline is not None:
+            self.deadline.ended(trial_id, None if error else result)
         recipe = self._recipe_of_trial.pop(trial_id, None)
         measured = bool(result) and not error and all(metric in result for metric in self.metric)
         if measured:

@@ -10,7 +10,8 @@ from .constraints import Constraints
 from .front import TrialPoint, front_json, pareto_front, print_front
 from .plots import log_plots
 from .report import collect_points
-from .tracking import PARETO_TAG, SearchRecord, Tracker, is_local
+from .moasha import MF_STOPPED_TAG, RUNG_TAG
+from .tracking import PARETO_TAG, REFINED_FROM_TAG, STOPPED_TAG, SearchRecord, Tracker, is_local
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,12 @@ class Summary:
     failed: int
     repeats: int
     baseline: dict[str, float]
+    spending: str | None = None  # how the time went: trials by rung, stopped trials, refinement
 
 
-def summarise(tracker: Tracker, experiment_id: str, record: SearchRecord, constraints: Constraints, repeats: int) -> Summary:
+def summarise(
+    tracker: Tracker, experiment_id: str, record: SearchRecord, constraints: Constraints, repeats: int, spent: dict[str, float] | None = None
+) -> Summary:
     """Take the front over the search's finished runs (trials and refined runs), tag every run ``pareto``, log the
     counts, ``front.json`` and the plots to the parent run, and mark it finished."""
     parent = record.run_id
@@ -35,8 +39,46 @@ def summarise(tracker: Tracker, experiment_id: str, record: SearchRecord, constr
         record, finished=len(points), failed=failed, front_size=len(front), repeats=repeats, front_json=front_json(front, record.baseline)
     )
     log_plots(tracker, parent, points, front, record.baseline, record.objectives, constraints.min_accuracy)
+    spending = time_spent(tracker.trial_runs(experiment_id, parent), spent) if spent is not None else None
+    if spending:
+        tracker.log(parent, tags={SPENDING_TAG: spending[:5000]})
     tracker.finish(parent)
-    return Summary(front=front, points=points, failed=failed, repeats=repeats, baseline=record.baseline)
+    return Summary(front=front, points=points, failed=failed, repeats=repeats, baseline=record.baseline, spending=spending)
+
+
+SPENDING_TAG = "time_spent"  # the parent run's account of where the search's time went
+
+
+def time_spent(runs: list, spent: dict[str, float]) -> str:
+    """Where the time went, in a few lines: the phases' wall time, the trials by the rung they ended at (with the
+    worker seconds they took), those stopped early by the metric floor, and the refined runs."""
+    from collections import defaultdict
+
+    trials = [run for run in runs if REFINED_FROM_TAG not in run.data.tags]
+    refined = [run for run in runs if REFINED_FROM_TAG in run.data.tags]
+    by_rung: dict[str, list[float]] = defaultdict(list)
+    for run in trials:
+        metrics, tags = run.data.metrics, run.data.tags
+        seconds = metrics.get("seconds_trial", 0.0)
+        if run.info.status == "FAILED":
+            by_rung["failed"].append(seconds)
+        elif tags.get(STOPPED_TAG) == "true":
+            by_rung["stopped early by the metric floor"].append(seconds)
+        elif tags.get(MF_STOPPED_TAG) == "true":
+            by_rung[f"stopped at rung {tags.get(RUNG_TAG, '?')}"].append(seconds)
+        elif "rung_of" in metrics and metrics["rung_of"] > 1:
+            by_rung["ran every rung"].append(seconds)
+        else:
+            by_rung["ran their whole fine-tuning"].append(seconds)
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in spent.items() if seconds >= 0.5)
+    lines = [f"Time: {sum(spent.values()):.0f} s in all ({phases})."]
+    if by_rung:
+        lines.append(
+            f"Trials: {len(trials)}; " + "; ".join(f"{len(seconds)} {name} ({sum(seconds):.0f} s of trial time)" for name, seconds in sorted(by_rung.items()))
+        )
+    if refined:
+        lines.append(f"Refinement: {len(refined)} point(s), {sum(run.data.metrics.get('seconds_trial', 0.0) for run in refined):.0f} s of trial time.")
+    return "\n".join(lines)
 
 
 def print_summary(summary: Summary, name: str, seconds: float, tracking_uri: str, console: Console) -> None:
@@ -47,6 +89,8 @@ def print_summary(summary: Summary, name: str, seconds: float, tracking_uri: str
     cost = trial_cost(summary.points)
     if cost:
         console.print(cost)
+    if summary.spending:
+        console.print(summary.spending, highlight=False)
     if is_local(tracking_uri):
         console.print(f"Browse it: mlflow ui --backend-store-uri {tracking_uri}")
 

@@ -279,7 +279,11 @@ class Tracker:
         )
         return run.info.run_id
 
-    def log(self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
+    def log(
+        self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+        step: int = 0,
+    ) -> None:
+        """``step``: the metrics' step (a multi-fidelity trial's rung epochs: MLflow keeps each rung's figures as a history)."""
         now = int(time.time() * 1000)
         # MLflow caps a param value at 6000 characters and a batch at 100 params
         param_items = [Param(key, str(value)[:6000]) for key, value in flatten(params or {}).items()]
@@ -287,7 +291,7 @@ class Tracker:
             self.client.log_batch(
                 run_id,
                 params=param_items[start : start + 100],
-                metrics=[Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()] if start == 0 else [],
+                metrics=[Metric(key, float(value), now, step) for key, value in (metrics or {}).items()] if start == 0 else [],
                 tags=[RunTag(key, str(value)) for key, value in (tags or {}).items()] if start == 0 else [],
             )
 

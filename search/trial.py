@@ -10,13 +10,13 @@ from __future__ import annotations
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from netshrink.deploy.evaluate import ARTIFACT_FILE, NOTES_FILE, ONNX_FILE, STOPPED, RecipeSetup, evaluate_recipe
-from netshrink.deploy.stopping import Checkpoint
+from netshrink.deploy.evaluate import ARTIFACT_FILE, NOTES_FILE, ONNX_FILE, RUNG_METRIC, STOPPED, RecipeSetup, evaluate_recipe
+from netshrink.deploy.stopping import Checkpoint, encode_curve
 from netshrink.devices import trial_device
 from netshrink.errors import DiskFull, TrackingUnavailable, disk_full
 from netshrink.integrity import file_sha256
@@ -91,7 +91,7 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     number = int(config.get("optuna_trial", -1))
     refined_from = config.get(REFINE_OF)
     # Ray hands define-by-run values back nested ({"pruning": {"ratio": ...}}); log them under Optuna's names.
-    params = flatten({key: value for key, value in config.items() if key not in {"recipe", "optuna_trial", REFINE_OF, "run_name"}}, sep="/")
+    params = flatten({key: value for key, value in config.items() if key not in {"recipe", "optuna_trial", REFINE_OF, "run_name", RECOVERY_KEY}}, sep="/")
     if refined_from:
         params["refine/epochs"] = setup.finetune.epochs
     tracker = Tracker(setup.tracking_uri, timeout_s=setup.tracking_timeout_s)
@@ -120,27 +120,52 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         trial_dir = tune.get_context().get_trial_dir()
         workdir = Path(trial_dir) if trial_dir else Path(tempfile.mkdtemp(prefix="netshrink-trial-"))
         workdir.mkdir(parents=True, exist_ok=True)
-        with PeakMemory() as peak:
-            metrics = evaluate_recipe(
-                setup, pipeline, workdir, device, report=partial(log_checkpoint, tracker, run_id, setup.task.metric_name),
-                progress=partial(log_progress, tracker, run_id),
-            )
-        metrics[PEAK_RSS_METRIC] = peak.bytes  # the worker's peak resident set during this trial (since the worker started, if noted)
-        tracker.log_file(run_id, workdir / ARTIFACT_FILE)
-        tracker.log_file(run_id, workdir / RECIPE_FILE)  # replaces the sampled recipe logged above
-        metrics["seconds_trial"] = time.perf_counter() - started  # all of this function but the last metric upload
-        tags = {ARTIFACT_SHA_TAG: file_sha256(workdir / ARTIFACT_FILE), ONNX_SHA_TAG: file_sha256(workdir / ONNX_FILE)}
-        if setup.constraints is not None:
-            tags[FEASIBLE_TAG] = str(setup.constraints.feasible(metrics) and STOPPED not in metrics).lower()
-        if STOPPED in metrics:
-            tags.update({STOPPED_TAG: "true", STOPPED_AT_TAG: f"{metrics['stopped_at_fraction']:.3f}", STOP_REASON_TAG: stop_reason(metrics, setup)})
-        notes = (workdir / NOTES_FILE).read_text() if (workdir / NOTES_FILE).is_file() else ""
-        if notes:
-            tags[NOTES_TAG] = notes[:5000]  # layers a technique left out, and why
-        if peak.since_start:
-            tags[PEAK_RSS_SCOPE_TAG] = "since the worker process started (the kernel refused a reset of its high-water mark)"
-        tracker.log(run_id, metrics=metrics, tags=tags)
+        trial_setup = with_recovery(setup, config.get(RECOVERY_KEY))
+        if trial_setup.stop_rule is not None:
+            tracker.log(run_id, tags={STOP_RULE_TAG: describe_rule(trial_setup.stop_rule)})
+        curve: list[Checkpoint] = []
+
+        def checkpoint(point: Checkpoint) -> None:
+            curve.append(point)
+            log_checkpoint(tracker, run_id, setup.task.metric_name, point)
+
+        def at_rung(metrics: dict[str, float]) -> bool:
+            """A rung: the figures and the artifact logged as the run's own (a trial stopped here ends with them), then
+            reported; Tune's scheduler answers by letting ``tune.report`` return (go on) or by ending this thread."""
+            record(metrics, peak=None)
+            tune.report({**metrics, "mlflow_run_id": run_id, CURVE_KEY: encode_curve(curve)})
+            return True
+
+        def record(metrics: dict[str, float], peak: PeakMemory | None) -> None:
+            if peak is not None:
+                metrics[PEAK_RSS_METRIC] = peak.bytes  # the worker's peak resident set during this trial (since the worker started, if noted)
+            metrics["seconds_trial"] = time.perf_counter() - started  # all of this function but the last metric upload
+            tracker.log_file(run_id, workdir / ARTIFACT_FILE)
+            tracker.log_file(run_id, workdir / RECIPE_FILE)  # replaces the sampled recipe logged above
+            tags = {ARTIFACT_SHA_TAG: file_sha256(workdir / ARTIFACT_FILE), ONNX_SHA_TAG: file_sha256(workdir / ONNX_FILE)}
+            if setup.constraints is not None:
+                tags[FEASIBLE_TAG] = str(setup.constraints.feasible(metrics) and STOPPED not in metrics).lower()
+            if STOPPED in metrics:
+                tags.update({STOPPED_TAG: "true", STOPPED_AT_TAG: f"{metrics['stopped_at_fraction']:.3f}", STOP_REASON_TAG: stop_reason(metrics, trial_setup)})
+            notes = (workdir / NOTES_FILE).read_text() if (workdir / NOTES_FILE).is_file() else ""
+            if notes:
+                tags[NOTES_TAG] = notes[:5000]  # layers a technique left out, and why
+            if peak is not None and peak.since_start:
+                tags[PEAK_RSS_SCOPE_TAG] = "since the worker process started (the kernel refused a reset of its high-water mark)"
+            tracker.log(run_id, metrics=metrics, tags=tags, step=int(metrics.get(RUNG_METRIC, 0)))
+
+        try:
+            with PeakMemory() as peak:
+                metrics = evaluate_recipe(
+                    trial_setup, pipeline, workdir, device, report=checkpoint, progress=partial(log_progress, tracker, run_id), at_rung=at_rung,
+                )
+        except SystemExit:  # Tune's scheduler stopped the trial at a rung: the rung's figures, logged above, are its result
+            tracker.finish(run_id)
+            raise
+        record(metrics, peak)
     except BaseException as error:
+        if isinstance(error, SystemExit):
+            raise
         full = disk_full(error)
         if not isinstance(error, TrackingUnavailable):  # recording the failure must not hide it, nor wait for the server again
             try:
@@ -154,7 +179,29 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         tracker.stopped(run_id)
     else:
         tracker.finish(run_id)
-    tune.report({**metrics, "mlflow_run_id": run_id})
+    tune.report({**metrics, "mlflow_run_id": run_id, CURVE_KEY: encode_curve(curve), FINAL_KEY: 1.0})
+
+
+RECOVERY_KEY = "recovery"  # key of a trial's config: the stop rule's recovery table as the search had calibrated it
+CURVE_KEY = "finetune_curve"  # key of a trial's result: its checkpoints so far, for the searcher's calibration
+FINAL_KEY = "final"  # key of a trial's last result (1.0): its fine-tuning ended, not a rung
+STOP_RULE_TAG = "stop_rule"  # the recovery allowance the trial's early stopping used, in words
+
+
+def with_recovery(setup: TrialSetup, table) -> TrialSetup:
+    """The setup with the stop rule's recovery table the searcher handed this trial (as calibrated so far)."""
+    if setup.stop_rule is None or not table:
+        return setup
+    return replace(setup, stop_rule=replace(setup.stop_rule, recovery=tuple(tuple(row) for row in table)))
+
+
+def describe_rule(rule) -> str:
+    calibrated = [f"{share:g}: +{rise:.2f} ({curves} trials)" for share, rise, curves in rule.recovery if curves]
+    prior = [f"{share:g}" for share, _, curves in rule.recovery if not curves]
+    parts = [f"recovery allowed by share of fine-tuning done: {', '.join(calibrated)}"] if calibrated else []
+    if prior:
+        parts.append(f"the conservative prior (+{max(r for _, r, c in rule.recovery if not c):.2f}) at {', '.join(prior)}")
+    return "; ".join(parts)[:5000]
 
 
 PEAK_RSS_METRIC = "peak_rss_bytes"

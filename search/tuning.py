@@ -16,6 +16,7 @@ import optuna
 from rich.console import Console
 
 from netshrink.config import Experiment
+from netshrink.deploy.stopping import Recovery, StopRule
 from netshrink.spaces import SearchSpace
 from netshrink.spaces.start import start_params
 
@@ -25,7 +26,8 @@ from .hypervolume import most_to_gain
 from .progress import progress_printer
 from .report import collect_points
 from .resume import Progress
-from .searcher import DistinctPipelineSearch
+from .moasha import MultiObjectiveASHA
+from .searcher import Deadline, DistinctPipelineSearch
 from .tracking import Tracker
 from .trial import REFINE_OF, TrialSetup, refine_trial, run_trial
 
@@ -117,6 +119,7 @@ def run_trials(
     state_dir: Path,
     progress: Progress = Progress(),
     fresh: bool = True,
+    deadline: Deadline | None = None,
 ) -> int:
     """Ray Tune runs the trials; Optuna's multi-objective sampler chooses each one's pipeline.
 
@@ -124,6 +127,9 @@ def run_trials(
     informed start (``spaces/start.py``) when ``search.informed_start`` is on.
     Returns how many repeated pipelines were answered from earlier trials instead of run again.
     A failed trial is run again up to ``search.max_failures`` times (see ``run_trial``).
+
+    With ``setup.rungs`` (multi-fidelity), Tune's scheduler is ``moasha.MultiObjectiveASHA``; with ``deadline``
+    (a time budget) the searcher starts no trial the time left cannot fit (``searcher.Deadline``).
     """
     from ray import tune
 
@@ -131,7 +137,10 @@ def run_trials(
     # Ctrl-C raises KeyboardInterrupt at once; Tune's own handler would end fit() quietly and the
     # search would look finished with part of its budget.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    recovery = Recovery()  # what fine-tuning recovers in this search: the stop rule's allowance, and MO-ASHA's for the metric floor
     searcher = DistinctPipelineSearch(
+        recovery=recovery,
+        deadline=deadline,
         baseline_metrics=setup.baseline_metrics,
         constraints=setup.constraints,
         skip_repeats=experiment.search.skip_repeats,
@@ -152,7 +161,10 @@ def run_trials(
         trainable,
         # reuse_actors: a trial runs in the worker process of the one before it, which saves starting a
         # process and importing torch, MLflow and ONNX Runtime again (about 4 s a trial, benchmarks/scale.py)
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrency, reuse_actors=True),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler_for(experiment, setup, recovery), num_samples=trials, max_concurrent_trials=concurrency,
+            reuse_actors=True,
+        ),
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=str((state_dir / "ray").resolve()),
@@ -167,6 +179,27 @@ def run_trials(
     )
     tuner.fit()
     return searcher.repeats_skipped
+
+
+def scheduler_for(experiment: Experiment, setup: TrialSetup, recovery: Recovery | None):
+    """MO-ASHA over the trials' rungs (``moasha.py``), or None (Tune's FIFO) for a search without rungs."""
+    if not setup.rungs:
+        return None
+    tracker = Tracker(setup.tracking_uri, timeout_s=setup.tracking_timeout_s)
+
+    def allowance(share: float) -> float:
+        return StopRule(0.0, recovery.table()).allowance(share)[0] if recovery is not None else 0.0
+
+    def log(run_id: str, tags: dict[str, str]) -> None:
+        try:
+            tracker.log(run_id, tags=tags)
+        except Exception as error:  # a decision's note is not worth stopping the search over; the decision stands
+            print(f"  note: could not log the rung decision of run {run_id} ({type(error).__name__})", flush=True)
+
+    return MultiObjectiveASHA(
+        experiment.objectives, experiment.directions(), setup.rungs, experiment.search.multi_fidelity.reduction_factor, experiment.metric,
+        constraints=setup.constraints, allowance=allowance, log=log,
+    )
 
 
 def _reached(metrics: dict[str, float], metric: str, reach: float) -> dict[str, float]:
@@ -219,7 +252,9 @@ def refine_front(
         return
     refine = experiment.refine
     console.print(f"Refining {len(chosen)} front point(s) ({', '.join(p.name for p in chosen)}) with {refine.epochs} epochs of fine-tuning ...")
-    longer = replace(setup, finetune=experiment.finetune.model_copy(update={"epochs": refine.epochs, "lr": refine.lr or experiment.finetune.lr}))
+    longer = replace(
+        setup, finetune=experiment.finetune.model_copy(update={"epochs": refine.epochs, "lr": refine.lr or experiment.finetune.lr}), rungs=(),
+    )
     trainable = tune.with_resources(
         tune.with_parameters(refine_trial, setup=longer), {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu}
     )

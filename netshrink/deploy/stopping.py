@@ -53,7 +53,7 @@ MARGIN = 0.05
 FIRST_SHARE = 0.25  # checkpoints every quarter epoch while the trial is in this first share of its fine-tuning
 QUARTERS = (0.25, 0.5, 0.75)
 
-RecoveryTable = tuple[tuple[float, float, int], ...]  # (share, allowance with its margin, curves behind it: 0 for the prior)
+RecoveryTable = tuple[tuple[float, float, int], ...]  # (share, allowance with its margin, trials behind it: 0 for the prior)
 
 
 @dataclass
@@ -66,19 +66,18 @@ class Recovery:
     rule itself ended is left out by the caller: its curve was cut by the rule being calibrated.
     """
 
-    rises: dict[float, list[float]] = field(default_factory=lambda: {share: [] for share in SHARES})
-    curves: dict[str, int] = field(default_factory=dict)  # trial -> checkpoints taken from it (a later report replaces them)
+    rises: dict[float, list[float]] = field(default_factory=lambda: {share: [] for share in SHARES})  # share -> each trial's largest rise
     _by_trial: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def add(self, trial: str, curve: list[tuple[float, float]]) -> None:
         self._by_trial[trial] = [(float(a), float(b)) for a, b in curve]
         self.rises = {share: [] for share in SHARES}
         for points in self._by_trial.values():
-            if len(points) < 2:
-                continue
-            last = points[-1][1]
-            for share, value in points[:-1]:
-                self.rises[bucket(share)].append(last - value)
+            last, largest = points[-1][1] if points else 0.0, {}
+            for share, value in points[:-1]:  # per trial, its largest rise from each share: the table counts trials
+                largest[bucket(share)] = max(largest.get(bucket(share), -1.0), last - value)
+            for share, rise in largest.items():
+                self.rises[share].append(rise)
 
     def table(self) -> RecoveryTable:
         rows = []
@@ -125,7 +124,7 @@ class StopRule:
         if point.accuracy + rise >= self.min_accuracy:
             return None
         seen = (
-            f"the largest recovery this search's trials showed from there, {curves} checkpoints (+{rise:.0%} with the {MARGIN:.0%} margin)"
+            f"the largest recovery {curves} of this search's trials showed from there (+{rise:.0%} with the {MARGIN:.0%} margin)"
             if curves else f"the conservative prior (+{rise:.0%}) that holds until {MIN_CURVES} of this search's trials show what fine-tuning recovers"
         )
         return f"validation {self.metric} {point.accuracy:.1%} after {point.fraction:.0%} of fine-tuning: even {seen} stays under min_{self.metric} {self.min_accuracy:.1%}"
