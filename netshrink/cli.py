@@ -109,10 +109,17 @@ def front(
     result = load_front(experiment, tracking_uri, search_run)
     from netshrink.search.front import front_json, print_front
 
+    constraints = result.search.constraints
     if as_json:
-        print(front_json(result.front, result.baseline))
+        if result.front or not result.closest:
+            print(front_json(result.front, result.baseline))
+        else:  # no trial meets the constraints: the closest, each marked infeasible with what it misses
+            print(front_json(result.closest, result.baseline, misses={p.run_id: constraints.misses(p.metrics()) for p in result.closest}))
     else:
-        print_front(result.front, result.baseline, title=f"Pareto front of {experiment!r} (search {result.parent_run_id})", console=console)
+        print_front(
+            result.front, result.baseline, title=f"Pareto front of {experiment!r} (search {result.parent_run_id})", console=console,
+            closest=result.closest, constraints=constraints,
+        )
     if plot is not None:
         from netshrink.search.plots import write_search_plots
 
@@ -129,7 +136,8 @@ def export(
         "--pick",
         metavar="accuracy|smallest|fastest|knee|RUN_ID",
         help="Which trial: 'accuracy' (the best on the task's metric), 'smallest', 'fastest' or 'knee' (balanced, see above) on the Pareto front; "
-        "or the MLflow run id of any finished trial of the experiment, on the front or not.",
+        "or the MLflow run id (or a unique prefix of it, 4 characters or more) of any finished trial of the experiment, on the front or not: "
+        "one that misses the search's constraints is exported with a warning, and its card says so.",
     ),
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Folder to write; created. An existing folder must be empty: export never overwrites files."),
     min_accuracy: Optional[float] = typer.Option(
@@ -200,6 +208,8 @@ def export(
     point = result.chosen.point
     if result.forced:
         errors.print(f"[yellow]warning (--force): {result.forced}[/yellow]", highlight=False)
+    if result.chosen.infeasible:
+        errors.print(f"[yellow]warning: this trial is infeasible: {result.chosen.infeasible}[/yellow]", highlight=False)
     console.print(f"Exported {point.name} (run {point.run_id}), picked {result.chosen.pick}: {point.summary}")
     console.print(
         f"{point.metric_name} {format_metric(point.metric_name, point.accuracy)} "

@@ -23,6 +23,7 @@ which they exceed their limit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEFAULT_DROP = 0.05  # min_accuracy defaults to the baseline's validation accuracy minus 5 points
@@ -68,6 +69,31 @@ class Constraints:
         if self.max_latency_ms is not None:
             values["max_latency_ms"] = metrics["latency_ms"] / self.max_latency_ms - 1.0
         return values
+
+    def misses(self, metrics: dict[str, float]) -> list[str]:
+        """Each constraint ``metrics`` break, in words, with by how much: what the front of a search with no feasible
+        trial shows next to each of the closest trials."""
+        from .front import format_metric
+
+        words = []
+        for name, value in self.violations(metrics).items():
+            if value <= 0:
+                continue
+            if name == self.floor_name:
+                which = "ONNX " if metrics.get(f"onnx_{self.metric}", math.inf) < metrics[self.metric] else ""
+                words.append(
+                    f"{name} {format_metric(self.metric, self.min_accuracy)}: {which}validation {self.metric} {format_metric(self.metric, shipped(metrics, self.metric))}"
+                    + (f", {100 * value:.1f} points short" if self.metric in ("accuracy", "top5", "f1_macro") else f", {value:.4g} short")
+                )
+            elif name == "max_size_bytes":
+                words.append(f"max_size_bytes {self.max_size_bytes:,.0f}: {metrics['size_bytes']:,.0f} bytes, {100 * value:.0f}% over")
+            else:
+                words.append(f"max_latency_ms {self.max_latency_ms:g}: {metrics['latency_ms']:.4g} ms, {100 * value:.0f}% over")
+        return words
+
+    def shortfall(self, metrics: dict[str, float]) -> float:
+        """The sum of the positive violations: how far from feasible, in the scaled units of ``violations``."""
+        return sum(max(0.0, value) for value in self.violations(metrics).values())
 
     def feasible(self, metrics: dict[str, float]) -> bool:
         return all(value <= 0 for value in self.violations(metrics).values())

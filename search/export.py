@@ -49,6 +49,7 @@ class Chosen:
     point: TrialPoint
     pick: str  # how it was picked, in words
     search: SearchRecord
+    infeasible: str = ""  # picked by run id though it misses the search's constraints: which, in words
 
     @property
     def search_run_id(self) -> str:
@@ -92,7 +93,11 @@ def choose_trial(tracker: Tracker, experiment: str, pick: str, min_accuracy: flo
 def _choose_on_front(tracker: Tracker, experiment: str, pick: str, min_accuracy: float | None, search_run: str | None) -> Chosen:
     loaded = load_front(experiment, tracker.uri, search_run)
     if not loaded.front:
-        raise UserError(f"search {loaded.parent_run_id} of {experiment!r}: no trial is on the front (none reached the search's min_accuracy)")
+        closest = "; ".join(
+            f"{p.run_id[:8]} ({p.name}: {', '.join(loaded.search.constraints.misses(p.metrics()))})" for p in loaded.closest[:3]
+        ) if loaded.closest and loaded.search.constraints else ""
+        hint = f" The closest: {closest}. Export one of them anyway with --pick RUN_ID (or a unique prefix); the card says it is infeasible." if closest else ""
+        raise UserError(f"search {loaded.parent_run_id} of {experiment!r}: no trial meets the search's constraints, so the front is empty.{hint}")
     candidates = [p for p in loaded.front if min_accuracy is None or p.accuracy >= min_accuracy]
     if not candidates:
         best = max(p.accuracy for p in loaded.front)
@@ -106,9 +111,10 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
     experiment_id = tracker.experiment_id(experiment, create=False)
     if experiment_id is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {tracker.uri}")
-    run = tracker.find_run(run_id)
+    run = tracker.find_run(run_id) or _run_by_prefix(tracker, experiment_id, run_id)
     if run is None:
-        raise UserError(f"--pick: {run_id!r} is none of {', '.join(PICKS)}, and no MLflow run has that id at {tracker.uri}")
+        raise UserError(f"--pick: {run_id!r} is none of {', '.join(PICKS)}, and no MLflow run has that id (or starts with it) at {tracker.uri}")
+    run_id = run.info.run_id
     if run.info.experiment_id != experiment_id or run.data.tags.get(ROLE_TAG) != "trial":
         raise UserError(f"--pick: run {run_id} is not a trial of experiment {experiment!r}")
     parent_id = run.data.tags[PARENT_TAG]
@@ -120,7 +126,20 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
         raise UserError(f"--pick: trial {run_id} did not finish (status {run.info.status}); only finished trials can be exported")
     if min_accuracy is not None and point.accuracy < min_accuracy:
         raise UserError(f"--min-accuracy {min_accuracy}: trial {run_id} has accuracy {point.accuracy:.4f}, below it")
-    return Chosen(point=point, pick="by its MLflow run id", search=search)
+    misses = search.constraints.misses(point.metrics()) if search.constraints is not None else []
+    infeasible = f"it misses the search's constraints: {'; '.join(misses)}" if misses else ""
+    return Chosen(point=point, pick="by its MLflow run id" + (" (INFEASIBLE)" if misses else ""), search=search, infeasible=infeasible)
+
+
+def _run_by_prefix(tracker: Tracker, experiment_id: str, prefix: str):
+    """The trial run of the experiment whose id starts with ``prefix`` (at least 4 hex digits); ``UserError`` if several do."""
+    if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):
+        return None
+    matches = [run for run in tracker.trial_runs(experiment_id) if run.info.run_id.startswith(prefix)]
+    if len(matches) > 1:
+        names = ", ".join(f"{run.info.run_id} ({run.info.run_name})" for run in matches[:5])
+        raise UserError(f"--pick: {prefix!r} starts {len(matches)} trial run ids ({names}); give more of the id")
+    return matches[0] if matches else None
 
 
 def task_of_search(tracker: Tracker, search: SearchRecord, config: Path | None = None, trust_logged_code: bool = False) -> tuple[TaskConfig, str]:
@@ -311,6 +330,7 @@ def write_files(
         session_config=deployment_config(folder / ONNX_FILE),
         sha256={name: file_sha256(folder / name) for name in files},
         forced=forced,
+        infeasible=chosen.infeasible,
         size_note=size_note(loaded.encodings, files[ARTIFACT_FILE], files[ONNX_FILE]),
     )
     (folder / CARD_FILE).write_text(render_card(facts))

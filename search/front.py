@@ -101,6 +101,19 @@ def pareto_front(points: list[TrialPoint], objectives: list[str], directions: li
     return sorted(front, key=lambda p: (-p.accuracy, p.size_bytes, p.latency_ms))  # ``accuracy``: the task's metric
 
 
+CLOSEST = 5  # infeasible trials shown when no trial meets the constraints
+
+
+def closest_to_feasible(points: list[TrialPoint], constraints: Constraints, objectives: list[str], directions: list[str], count: int = CLOSEST) -> list[TrialPoint]:
+    """When no trial meets the constraints: the ``count`` trials that come closest, nearest first. They are the front of
+    the infeasible trials (so none is worse than another everywhere), ordered by ``Constraints.shortfall``."""
+    infeasible = [p for p in points if not constraints.feasible(p.metrics())]
+    front = pareto_front(infeasible, objectives, directions)
+    rest = [p for p in infeasible if p not in front]
+    ordered = sorted(front, key=lambda p: constraints.shortfall(p.metrics())) + sorted(rest, key=lambda p: constraints.shortfall(p.metrics()))
+    return ordered[:count]
+
+
 def knee_order(front: list[TrialPoint], objectives: list[str]) -> list[TrialPoint]:
     """The front from its knee outwards: nearest the ideal corner first.
 
@@ -137,7 +150,8 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes:.0f} B"
 
 
-def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, title: str) -> Table:
+def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, title: str, misses: dict[str, list[str]] | None = None) -> Table:
+    """The front as a table; ``misses`` (run id -> the constraints it breaks) adds that column, for infeasible trials."""
     table = Table(title=title, title_justify="left")
     batched = bool(baseline) and "throughput" in baseline  # the search measured throughput: show it
     metric = metric_of(front)
@@ -147,6 +161,8 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
     ]
     if batched:
         columns.append(("samples/s", "right"))
+    if misses is not None:
+        columns.append(("misses", "left"))
     columns.append(("recipe", "left"))
     for column, justify in columns:
         table.add_column(column, justify=justify, overflow="fold")
@@ -154,7 +170,8 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
         throughput = [f"{baseline['throughput']:,.0f}"] if batched else []
         table.add_row(
             "baseline", with_interval(baseline, metric), with_interval(baseline, f"test_{metric}"), _size(baseline["size_bytes"]), "1.0",
-            _size(baseline["onnx_bytes"]) if "onnx_bytes" in baseline else "-", f"{baseline['latency_ms']:.4f}", "1.0", *throughput, "uncompressed", style="dim",
+            _size(baseline["onnx_bytes"]) if "onnx_bytes" in baseline else "-", f"{baseline['latency_ms']:.4f}", "1.0", *throughput,
+            *([""] if misses is not None else []), "uncompressed", style="dim",
         )
     for point in front:
         smaller = f"{baseline['size_bytes'] / point.size_bytes:.1f}" if baseline else "-"
@@ -163,13 +180,25 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
         throughput = [f"{metrics['throughput']:,.0f}" if "throughput" in metrics else "-"] if batched else []
         table.add_row(
             point.name, with_interval(metrics, metric), with_interval(metrics, f"test_{metric}"), _size(point.size_bytes), smaller,
-            _size(metrics["onnx_bytes"]) if "onnx_bytes" in metrics else "-", f"{point.latency_ms:.4f}", faster, *throughput, point.summary,
+            _size(metrics["onnx_bytes"]) if "onnx_bytes" in metrics else "-", f"{point.latency_ms:.4f}", faster, *throughput,
+            *(["; ".join(misses.get(point.run_id, []))] if misses is not None else []), point.summary,
         )
     return table
 
 
-def print_front(front: list[TrialPoint], baseline: dict[str, float] | None, title: str, console: Console | None = None) -> None:
+def print_front(
+    front: list[TrialPoint], baseline: dict[str, float] | None, title: str, console: Console | None = None,
+    closest: list[TrialPoint] | None = None, constraints: Constraints | None = None,
+) -> None:
+    """The front as a table with its footnote. With no feasible trial, the ``closest`` ones instead, marked infeasible, each
+    with the constraints it misses (``constraints``), and how to export one."""
     console = console or Console()
+    if not front and closest and constraints is not None:
+        misses = {point.run_id: constraints.misses(point.metrics()) for point in closest}
+        console.print(f"[yellow]No trial meets the constraints ({constraints.describe()}). The {len(closest)} closest, INFEASIBLE:[/yellow]")
+        console.print(front_table(closest, baseline, title=f"{title}: closest to the constraints (infeasible)", misses=misses))
+        console.print(f"Export one anyway with: netshrink export -e EXPERIMENT --pick RUN_ID (or a unique prefix of it, e.g. {closest[0].run_id[:8]}); it says it is infeasible.")
+        return
     if not front:
         console.print("[yellow]No finished trial is on the front (none finished, or none reached the metric's floor).[/yellow]")
         return
@@ -180,8 +209,9 @@ def print_front(front: list[TrialPoint], baseline: dict[str, float] | None, titl
     )
 
 
-def front_json(front: list[TrialPoint], baseline: dict[str, float] | None) -> str:
-    """The front as JSON: each point's figures under the metric's own name (``f1_macro``, ``test_f1_macro``)."""
+def front_json(front: list[TrialPoint], baseline: dict[str, float] | None, misses: dict[str, list[str]] | None = None) -> str:
+    """The front as JSON: each point's figures under the metric's own name (``f1_macro``, ``test_f1_macro``). With
+    ``misses`` (the closest trials of a search with no feasible one): each row says ``feasible: false`` and what it misses."""
     rows = []
     for point in front:
         name = point.metric_name
@@ -198,5 +228,8 @@ def front_json(front: list[TrialPoint], baseline: dict[str, float] | None) -> st
         if baseline:
             row["size_ratio"] = baseline["size_bytes"] / point.size_bytes
             row["speedup"] = baseline["latency_ms"] / point.latency_ms
+        row["feasible"] = misses is None
+        if misses is not None:
+            row["misses"] = misses.get(point.run_id, [])
         rows.append(row)
     return json.dumps(rows, indent=2)

@@ -41,6 +41,7 @@ class CardFacts:
     session_config: dict[str, str] = field(default_factory=dict)  # the ONNX Runtime session config model.onnx is deployed (and was timed) with
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> its SHA-256, as export wrote it
     forced: str = ""  # written with --force: why export would have refused it
+    infeasible: str = ""  # picked by run id though it misses the search's constraints: which
     size_note: str | None = None  # why model.onnx and the artifact differ in size by more than 10% (``deploy.sizes``)
 
 
@@ -165,6 +166,8 @@ def render_card(facts: CardFacts) -> str:
         f"in the session options below ({session_options_in_words(facts.session_config)}). "
         f"`model.onnx`, checked at export: {facts.metric} {format_metric(facts.metric, facts.onnx_accuracy)} on the validation split, one sample per call.",
     ]
+    if facts.infeasible:
+        lines += ["", f"**Warning, infeasible:** {facts.infeasible}. No trial of the search met its constraints; this one came closest or was chosen by hand."]
     if facts.forced:
         lines += ["", f"**Warning, exported with `--force`:** {facts.forced}. Trust the figure export measured, not the table."]
     shares = [point.extra[f"exit_share_{index}"] for index in range(len(facts.exit_cuts) + 1) if f"exit_share_{index}" in point.extra]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netshrink.errors import UserError
 
-from .front import TrialPoint, pareto_front
+from .front import TrialPoint, closest_to_feasible, pareto_front
 from .tracking import RECIPE_TAG, REFINED_FROM_TAG, SUMMARY_TAG, SearchRecord, Tracker, default_tracking_uri
 
 
@@ -15,6 +15,7 @@ class LoadedFront:
     search: SearchRecord
     front: list[TrialPoint]
     points: list[TrialPoint]
+    closest: list[TrialPoint] = field(default_factory=list)  # no trial feasible: those nearest the constraints (``front.closest_to_feasible``)
 
     @property
     def parent_run_id(self) -> str:
@@ -68,4 +69,5 @@ def load_front(experiment_name: str, tracking_uri: str | None = None, search_run
     if not points:
         raise UserError(f"search {record.run_id} of {experiment_name!r} has no finished trials")
     front = pareto_front(points, record.objectives, record.directions, record.constraints)
-    return LoadedFront(search=record, front=front, points=points)
+    closest = closest_to_feasible(points, record.constraints, record.objectives, record.directions) if not front and record.constraints else []
+    return LoadedFront(search=record, front=front, points=points, closest=closest)

@@ -114,12 +114,7 @@ def time_budget(experiment: Experiment, started: float, concurrency: int) -> Dea
         return None
     refine = experiment.refine
     rounds = math.ceil(refine.count / concurrency) if refine.epochs > 0 and refine.points in ("knee", "potential") else (1 if refine.epochs > 0 else 0)
-    scale = refine.epochs / max(experiment.finetune.epochs, 1)
-
-    def reserve(full_trial_s: float) -> float:
-        return rounds * full_trial_s * scale
-
-    return Deadline(end=started + seconds, reserve=reserve)
+    return Deadline(end=started + seconds, reserve_trials=rounds * refine.epochs / max(experiment.finetune.epochs, 1))
 
 
 def abandon_search(experiment: Experiment, config_path: Path, run_id: str, overrides: Overrides = Overrides(), console: Console | None = None) -> None:
@@ -262,7 +257,7 @@ def run_search(
         if experiment.refine.epochs > 0:
             refine_front(experiment, setup, tracker, experiment_id, run_name, concurrency, state_dir, console)
         spent = {"before the trials": trials_started - started, "trials": refine_started - trials_started, "refinement": time.time() - refine_started}
-        summary = summarise(tracker, experiment_id, record, constraints, repeats, spent)  # writes too: the Pareto flags, the outcome
+        summary = summarise(tracker, experiment_id, record, constraints, repeats, spent, config=experiment)  # writes too: the Pareto flags, the outcome
     except KeyboardInterrupt:
         if parent is not None:
             settle(lambda: tracker.interrupted(parent), console)

@@ -42,7 +42,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -78,11 +78,11 @@ def annotate(trial, metrics: dict[str, float], constraints: Constraints | None) 
 
 @dataclass
 class Deadline:
-    """A wall-clock budget: ``end`` (time.time()) for the whole search; ``reserve(full_trial_s)``: seconds to keep for what
-    follows the trials (refinement), from the measured duration of a trial that runs its whole fine-tuning."""
+    """A wall-clock budget: ``end`` (time.time()) for the whole search, keeping for what follows the trials (refinement)
+    ``reserve_trials`` times the measured duration of a trial that runs its whole fine-tuning (``reserve``)."""
 
     end: float
-    reserve: Callable[[float], float] = lambda full_trial_s: 0.0
+    reserve_trials: float = 0.0
     started: dict[str, float] = field(default_factory=dict)  # Tune trial id -> when it was suggested
     durations: list[float] = field(default_factory=list)  # wall seconds of each ended trial
     full: list[float] = field(default_factory=list)  # ... of those that ran their whole fine-tuning
@@ -94,6 +94,9 @@ class Deadline:
             return None
         full = statistics.median(self.full) if self.full else max(self.durations)
         return statistics.fmean(self.durations), full
+
+    def reserve(self, full_trial_s: float) -> float:
+        return self.reserve_trials * full_trial_s
 
     def allows(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now

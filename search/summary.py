@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.console import Console
 
 from .constraints import Constraints
-from .front import TrialPoint, front_json, pareto_front, print_front
+from .front import TrialPoint, closest_to_feasible, front_json, pareto_front, print_front
 from .plots import log_plots
 from .report import collect_points
 from .moasha import MF_STOPPED_TAG, RUNG_TAG
@@ -22,10 +22,14 @@ class Summary:
     repeats: int
     baseline: dict[str, float]
     spending: str | None = None  # how the time went: trials by rung, stopped trials, refinement
+    closest: list[TrialPoint] = field(default_factory=list)  # no trial feasible: those nearest the constraints
+    constraints: Constraints | None = None
+    advice: str | None = None  # no trial feasible: what to change
 
 
 def summarise(
-    tracker: Tracker, experiment_id: str, record: SearchRecord, constraints: Constraints, repeats: int, spent: dict[str, float] | None = None
+    tracker: Tracker, experiment_id: str, record: SearchRecord, constraints: Constraints, repeats: int, spent: dict[str, float] | None = None,
+    config=None,
 ) -> Summary:
     """Take the front over the search's finished runs (trials and refined runs), tag every run ``pareto``, log the
     counts, ``front.json`` and the plots to the parent run, and mark it finished."""
@@ -42,8 +46,47 @@ def summarise(
     spending = time_spent(tracker.trial_runs(experiment_id, parent), spent) if spent is not None else None
     if spending:
         tracker.log(parent, tags={SPENDING_TAG: spending[:5000]})
+    closest = closest_to_feasible(points, constraints, record.objectives, record.directions) if not front else []
+    advice = what_to_change(closest, constraints, config) if not front and config is not None else None
+    if advice:
+        tracker.log(parent, tags={ADVICE_TAG: advice[:5000]})
     tracker.finish(parent)
-    return Summary(front=front, points=points, failed=failed, repeats=repeats, baseline=record.baseline, spending=spending)
+    return Summary(
+        front=front, points=points, failed=failed, repeats=repeats, baseline=record.baseline, spending=spending, closest=closest,
+        constraints=constraints, advice=advice,
+    )
+
+
+ADVICE_TAG = "what_to_change"  # a search with no feasible trial: what to change, in words
+
+
+def what_to_change(closest: list[TrialPoint], constraints: Constraints, experiment) -> str:
+    """What to change when no trial met the constraints, from what the closest trials miss."""
+    metric = constraints.metric
+    short_of_floor = [p for p in closest if constraints.violations(p.metrics())[constraints.floor_name] > 0]
+    lines = ["No trial met the constraints. What to change:"]
+    if not closest:
+        lines.append("- no trial finished: look at the failed trials' errors (the progress lines, or each run's error tag in MLflow)")
+        return "\n".join(lines)
+    if short_of_floor:
+        nearest = min(constraints.violations(p.metrics())[constraints.floor_name] for p in short_of_floor)
+        lines.append(
+            f"- more fine-tuning: finetune.epochs is {experiment.finetune.epochs}; the closest trial is {100 * nearest:.1f} points under "
+            f"min_{metric}" + (", and refine.epochs (now 0) fine-tunes the most promising points longer after the search" if experiment.refine.epochs == 0 else "")
+        )
+        drop = experiment.max_metric_drop
+        lines.append(
+            f"- a looser floor: max_metric_drop is {'the default 0.05' if drop is None and experiment.min_metric is None else drop}"
+            + (f", min_metric {experiment.min_metric}" if experiment.min_metric is not None else "")
+        )
+    if any(name != constraints.floor_name and value > 0 for p in closest for name, value in constraints.violations(p.metrics()).items()):
+        lines.append("- a looser max_size_bytes or max_latency_ms, or stronger compression in the space (higher pruning ratios, fewer bits)")
+    lines.append(
+        "- a narrower space: leave out the techniques of the trials that ended furthest from the floor (space: <technique>: {enabled: false}), "
+        "so the budget goes to the rest"
+    )
+    lines.append("- or export the closest anyway: netshrink export --pick RUN_ID (it is marked infeasible)")
+    return "\n".join(lines)
 
 
 SPENDING_TAG = "time_spent"  # the parent run's account of where the search's time went
@@ -85,7 +128,9 @@ def print_summary(summary: Summary, name: str, seconds: float, tracking_uri: str
     if summary.repeats:
         console.print(f"The sampler proposed {summary.repeats} pipeline(s) already evaluated; their earlier results were reused, not retrained.")
     title = f"Pareto front of {name!r}: {len(summary.front)} of {len(summary.points)} finished trials ({summary.failed} failed), {seconds:.0f} s"
-    print_front(summary.front, summary.baseline, title=title, console=console)
+    print_front(summary.front, summary.baseline, title=title, console=console, closest=summary.closest, constraints=summary.constraints)
+    if summary.advice:
+        console.print(summary.advice, highlight=False)
     cost = trial_cost(summary.points)
     if cost:
         console.print(cost)
