@@ -88,6 +88,8 @@ def make_sampler(experiment: Experiment, seed_offset: int = 0):
         return NSGAIISampler(population_size=settings.population_size, seed=seed)
     if settings.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if settings.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
