@@ -66,7 +66,7 @@ def search(
         abandon_search(experiment, config, abandon, overrides, console=console)
         return
     result = run_search(experiment, config, overrides, console=console, resume=resume)
-    if not result.points:
+    if not result.points and not result.closest:
         raise typer.Exit(code=1)  # every trial failed: nothing to show, and scripts should notice
 
 

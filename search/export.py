@@ -121,7 +121,8 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
     if search_run and search_run != parent_id:
         raise UserError(f"--search: trial {run_id} belongs to search {parent_id}, not {search_run}")
     search = tracker.search_record(parent_id)
-    point = next((p for p in collect_points(tracker, experiment_id, parent_id, search.metric)[0] if p.run_id == run_id), None)
+    measured = collect_points(tracker, experiment_id, parent_id, search.metric, include_stopped=True)[0]  # stopped early: measured as it stood
+    point = next((p for p in measured if p.run_id == run_id), None)
     if point is None:
         raise UserError(f"--pick: trial {run_id} did not finish (status {run.info.status}); only finished trials can be exported")
     if min_accuracy is not None and point.accuracy < min_accuracy:

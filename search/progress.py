@@ -101,16 +101,22 @@ class RunningTrials:
                 print(f"  {run.info.run_name}: {line}", flush=True)
 
 
+OPEN_ENDED = 100_000  # a trial count this large is a time budget's (search/runner.py's TIME_ONLY_CAP)
+
+
 def progress_printer(
     total: int, baseline: dict[str, float], done: int = 0, label: str = "", metric: str = "accuracy",
     tracking_uri: str = "", timeout_s: float = DEFAULT_TIMEOUT_S, experiment_id: str = "", parent_run_id: str = "",
+    deadline: float | None = None,
 ):
     """Tune callback printing one line per finished, failed or retried trial (Tune pickles it: it holds no console).
 
     ``done``: trials a resumed search had finished before, so the count goes on from there. It also stops the
     search (raises ``SearchStopped`` out of ``Tuner.fit``) on a trial error that every next trial would meet too
-    (``fatal``), and, with a tracking server, when the server stays away (``ServerWatch``).
+    (``fatal``), and, with a tracking server, when the server stays away (``ServerWatch``). ``deadline`` (a time
+    budget's end, ``time.time()``): the pace line says the time left, and a search only time limits counts trials with no total.
     """
+    open_ended = deadline is not None and total >= OPEN_ENDED
     from ray.tune import Callback
 
     class ProgressPrinter(Callback):
@@ -136,6 +142,9 @@ def progress_printer(
             if self.started is None:
                 self.started = time.time()
 
+        def count(self) -> str:
+            return str(self.done) if open_ended else f"{self.done}/{total}"
+
         def pace(self) -> None:
             """After every ``PACE_EVERY`` trials, or every trial once they take ``SLOW_TRIAL`` s or more: the mean wall
             time a trial takes here (concurrent trials overlap) and when the budget should end at that pace."""
@@ -143,6 +152,10 @@ def progress_printer(
             if self.started is None:
                 return
             seconds = (time.time() - self.started) / self.ended_here
+            if deadline is not None:
+                if self.ended_here % PACE_EVERY == 0 or seconds >= SLOW_TRIAL:
+                    print(f"  {seconds:.1f} s a {label}trial on average; {max(0.0, deadline - time.time()) / 60:.1f} min of the time budget left", flush=True)
+                return
             left = total - self.done
             if left <= 0 or (self.ended_here % PACE_EVERY and seconds < SLOW_TRIAL):
                 return
@@ -162,7 +175,7 @@ def progress_printer(
                 epochs = r["rung_epochs"]
                 stopped = f"stopped at its rung of {epochs:g} epoch{'s' if epochs != 1 else ''} (MO-ASHA), "
             print(
-                f"[{label}{self.done}/{total}] {stopped}{_score(metric, r[metric])}  size {r['size_bytes'] / 1e3:.1f} KB "
+                f"[{label}{self.count()}] {stopped}{_score(metric, r[metric])}  size {r['size_bytes'] / 1e3:.1f} KB "
                 f"({baseline['size_bytes'] / r['size_bytes']:.1f}x smaller)  latency {r['latency_ms']:.4f} ms "
                 f"({baseline['latency_ms'] / r['latency_ms']:.2f}x)  {_describe(trial.config.get('recipe') or trial.config.get('point', {}).get('recipe'))}",
                 flush=True,
@@ -174,7 +187,7 @@ def progress_printer(
             if self.stop is not None:
                 return
             self.done += 1
-            print(f"[{label}{self.done}/{total}] trial failed: {_first_error_line(trial)}", flush=True)
+            print(f"[{label}{self.count()}] trial failed: {_first_error_line(trial)}", flush=True)
             self.pace()
 
         def on_trial_recover(self, iteration, trials, trial, **info):

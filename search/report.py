@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from netshrink.errors import UserError
 
 from .front import TrialPoint, closest_to_feasible, pareto_front
+from netshrink.deploy.evaluate import STOPPED
+
 from .tracking import RECIPE_TAG, REFINED_FROM_TAG, SUMMARY_TAG, SearchRecord, Tracker, default_tracking_uri
 
 
@@ -26,12 +28,17 @@ class LoadedFront:
         return self.search.baseline
 
 
-def collect_points(tracker: Tracker, experiment_id: str, parent_run_id: str | None = None, metric: str = "accuracy") -> tuple[list[TrialPoint], int]:
-    """Finished trials of one search (or of all searches) as points, and the count of failed ones; ``metric``: the task's."""
+def collect_points(
+    tracker: Tracker, experiment_id: str, parent_run_id: str | None = None, metric: str = "accuracy", include_stopped: bool = False
+) -> tuple[list[TrialPoint], int]:
+    """Finished trials of one search (or of all searches) as points, and the count of failed ones; ``metric``: the task's.
+    ``include_stopped``: also the trials early stopping ended (KILLED, measured as they stood, ``stopped_early`` among
+    their figures), which are never on a front but can be the closest a search came to its constraints."""
     points, failed = [], 0
     for run in tracker.trial_runs(experiment_id, parent_run_id):
         metrics = run.data.metrics
-        if run.info.status != "FINISHED" or not {metric, "size_bytes", "latency_ms"} <= metrics.keys():
+        stopped = include_stopped and run.info.status == "KILLED" and metrics.get(STOPPED) == 1.0
+        if (run.info.status != "FINISHED" and not stopped) or not {metric, "size_bytes", "latency_ms"} <= metrics.keys():
             failed += run.info.status == "FAILED"
             continue
         points.append(
@@ -66,8 +73,11 @@ def load_front(experiment_name: str, tracking_uri: str | None = None, search_run
         if record is None:
             raise UserError(f"--experiment: {experiment_name!r} has no search runs yet")
     points, _failed = collect_points(tracker, experiment_id, record.run_id, record.metric)
-    if not points:
+    if not points and not collect_points(tracker, experiment_id, record.run_id, record.metric, include_stopped=True)[0]:
         raise UserError(f"search {record.run_id} of {experiment_name!r} has no finished trials")
     front = pareto_front(points, record.objectives, record.directions, record.constraints)
-    closest = closest_to_feasible(points, record.constraints, record.objectives, record.directions) if not front and record.constraints else []
+    closest = []
+    if not front and record.constraints:
+        measured, _ = collect_points(tracker, experiment_id, record.run_id, record.metric, include_stopped=True)
+        closest = closest_to_feasible(measured, record.constraints, record.objectives, record.directions)
     return LoadedFront(search=record, front=front, points=points, closest=closest)

@@ -27,6 +27,7 @@ from .baseline import prepare_baseline
 from .constraints import DEFAULT_DROP, Constraints
 from .front import TrialPoint, with_interval
 from .preflight import connect_tracking, start_ray
+from .progress import OPEN_ENDED
 from .resume import Progress, find_interrupted_search, rebuild_study, reopen_search, study_exists
 from .summary import print_summary, summarise
 from .tracking import ABANDONED_TAG, default_tracking_uri
@@ -57,6 +58,7 @@ class SearchResult:
     front: list[TrialPoint]
     points: list[TrialPoint]
     failed: int
+    closest: list[TrialPoint]  # no feasible trial: the nearest ones (``front.closest_to_feasible``), stopped ones included
     baseline: dict[str, float]
     seconds: float
 
@@ -102,7 +104,7 @@ def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
 
 
 RESUME_LATEST = "latest"  # --resume with no run id
-TIME_ONLY_CAP = 100_000  # the trial count of a search that only a time budget limits (search.budget without trials)
+TIME_ONLY_CAP = OPEN_ENDED  # the trial count of a search that only a time budget limits (search.budget without trials)
 
 
 def time_budget(experiment: Experiment, started: float, concurrency: int) -> Deadline | None:
@@ -297,6 +299,7 @@ def run_search(
         front=summary.front,
         points=summary.points,
         failed=summary.failed,
+        closest=summary.closest,
         baseline=b,
         seconds=seconds,
     )

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from netshrink.deploy.evaluate import STOPPED
+
 from .constraints import Constraints
 from .front import TrialPoint, closest_to_feasible, front_json, pareto_front, print_front
 from .plots import log_plots
@@ -46,7 +48,10 @@ def summarise(
     spending = time_spent(tracker.trial_runs(experiment_id, parent), spent) if spent is not None else None
     if spending:
         tracker.log(parent, tags={SPENDING_TAG: spending[:5000]})
-    closest = closest_to_feasible(points, constraints, record.objectives, record.directions) if not front else []
+    closest = []
+    if not front:  # the trials early stopping ended count too: measured as they stood, they may be the nearest
+        measured, _ = collect_points(tracker, experiment_id, parent, record.metric, include_stopped=True)
+        closest = closest_to_feasible(measured, constraints, record.objectives, record.directions)
     advice = what_to_change(closest, constraints, config) if not front and config is not None else None
     if advice:
         tracker.log(parent, tags={ADVICE_TAG: advice[:5000]})
@@ -66,8 +71,13 @@ def what_to_change(closest: list[TrialPoint], constraints: Constraints, experime
     short_of_floor = [p for p in closest if constraints.violations(p.metrics())[constraints.floor_name] > 0]
     lines = ["No trial met the constraints. What to change:"]
     if not closest:
-        lines.append("- no trial finished: look at the failed trials' errors (the progress lines, or each run's error tag in MLflow)")
+        lines.append("- no trial was measured: look at the failed trials' errors (the progress lines, or each run's error tag in MLflow)")
         return "\n".join(lines)
+    if all(p.extra.get(STOPPED) for p in closest):
+        lines.append(
+            "- every trial was stopped early, its metric too far under the floor for the recovery this search had seen: "
+            "search.early_stopping: false lets each one fine-tune to the end"
+        )
     if short_of_floor:
         nearest = min(constraints.violations(p.metrics())[constraints.floor_name] for p in short_of_floor)
         lines.append(

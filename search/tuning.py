@@ -175,7 +175,7 @@ def run_trials(
             callbacks=[progress_printer(
                 progress.ended + trials, setup.baseline_metrics, done=progress.ended, metric=experiment.metric,
                 tracking_uri=setup.tracking_uri, timeout_s=setup.tracking_timeout_s, experiment_id=setup.experiment_id,
-                parent_run_id=setup.parent_run_id,
+                parent_run_id=setup.parent_run_id, deadline=deadline.end if deadline is not None else None,
             )],
         ),
     )
