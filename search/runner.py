@@ -109,14 +109,13 @@ TIME_ONLY_CAP = OPEN_ENDED  # the trial count of a search that only a time budge
 
 def time_budget(experiment: Experiment, started: float, concurrency: int) -> Deadline | None:
     """The searcher's deadline for a search with a time budget: the search's start plus the budget, keeping for
-    refinement ``ceil(refine.count / concurrency)`` rounds of a refined point, each the measured full trial's
-    time scaled by ``refine.epochs / finetune.epochs``."""
+    refinement ``ceil(refine.count / concurrency)`` rounds of a refined point (``searcher.Deadline``)."""
     seconds = experiment.search.seconds
     if seconds is None:
         return None
     refine = experiment.refine
     rounds = math.ceil(refine.count / concurrency) if refine.epochs > 0 and refine.points in ("knee", "potential") else (1 if refine.epochs > 0 else 0)
-    return Deadline(end=started + seconds, reserve_trials=rounds * refine.epochs / max(experiment.finetune.epochs, 1))
+    return Deadline(end=started + seconds, refine_rounds=rounds, refine_epochs=refine.epochs)
 
 
 def abandon_search(experiment: Experiment, config_path: Path, run_id: str, overrides: Overrides = Overrides(), console: Console | None = None) -> None:

@@ -38,6 +38,7 @@ measured at and its ``stopped_early`` attribute: its accuracy is under
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 import warnings
@@ -78,42 +79,45 @@ def annotate(trial, metrics: dict[str, float], constraints: Constraints | None) 
 
 @dataclass
 class Deadline:
-    """A wall-clock budget: ``end`` (time.time()) for the whole search, keeping for what follows the trials (refinement)
-    ``reserve_trials`` times the measured duration of a trial that runs its whole fine-tuning (``reserve``)."""
+    """A wall-clock budget: ``end`` (``time.time()``) for the whole search. A trial starts only if the mean wall time of the
+    trials ended so far still fits before ``end`` once the refinement's share is kept: ``refine_rounds`` rounds of a
+    refined point, each the measured overhead of a trial (export, measurement) plus ``refine_epochs`` epochs at the
+    measured seconds per epoch of fine-tuning (``reserve``)."""
 
     end: float
-    reserve_trials: float = 0.0
+    refine_rounds: int = 0
+    refine_epochs: int = 0
     started: dict[str, float] = field(default_factory=dict)  # Tune trial id -> when it was suggested
-    durations: list[float] = field(default_factory=list)  # wall seconds of each ended trial
-    full: list[float] = field(default_factory=list)  # ... of those that ran their whole fine-tuning
+    durations: list[float] = field(default_factory=list)  # wall seconds of each ended trial, as the driver saw it
+    epoch_seconds: list[float] = field(default_factory=list)  # seconds per epoch of fine-tuning, per ended trial
+    overheads: list[float] = field(default_factory=list)  # a trial's seconds besides fine-tuning
     refused: bool = False  # a trial was refused for lack of time: the search has ended its trials
 
-    def expected(self) -> tuple[float, float] | None:
-        """(mean seconds of a trial as trials end here, median seconds of one that runs all its fine-tuning); None before any ended."""
-        if not self.durations:
-            return None
-        full = statistics.median(self.full) if self.full else max(self.durations)
-        return statistics.fmean(self.durations), full
-
-    def reserve(self, full_trial_s: float) -> float:
-        return self.reserve_trials * full_trial_s
+    def reserve(self) -> float:
+        if not self.refine_rounds or not self.refine_epochs:
+            return 0.0
+        if not self.epoch_seconds:
+            return math.inf if not self.durations else self.refine_rounds * max(self.durations) * 3  # no measure yet: keep plenty
+        return self.refine_rounds * (statistics.median(self.overheads) + statistics.median(self.epoch_seconds) * self.refine_epochs)
 
     def allows(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        pace = self.expected()
-        if pace is None:
+        if not self.durations:
             return now < self.end  # nothing measured yet: a first trial starts if any time is left
-        mean, full = pace
-        return now + mean + self.reserve(full) <= self.end
+        return now + statistics.fmean(self.durations) + self.reserve() <= self.end
 
     def ended(self, trial_id: str, result: dict | None) -> None:
         begun = self.started.pop(trial_id, None)
         if begun is None:
             return
-        seconds = time.time() - begun
-        self.durations.append(seconds)
-        if result and (result.get(FINAL_KEY) or RUNG_METRIC not in result):
-            self.full.append(seconds)
+        self.durations.append(time.time() - begun)
+        if not result:
+            return
+        training, total = result.get("seconds_training"), result.get("seconds_trial")
+        epochs = result.get("epochs_trained")
+        if training is not None and total is not None and epochs:
+            self.epoch_seconds.append(training / epochs)
+            self.overheads.append(max(0.0, total - training))
 
 
 class DistinctPipelineSearch(OptunaSearch):

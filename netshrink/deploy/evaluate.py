@@ -131,6 +131,7 @@ def evaluate_recipe(
         timings["epochs"] = float(epochs)
         metrics = measure_compressed(setup, task, baseline, compressed, workdir, timings, reuse_latency=timings.get("latency"))
         metrics[RUNG_METRIC] = float(epochs)
+        metrics["epochs_trained"] = float(max(monitor.rounds - 1, 0) * monitor.epochs + epochs)  # fine-tuning epochs over every round
         metrics["rung_of"] = float(len(rungs) + 1)  # how many rungs a trial that goes all the way is measured at
         return metrics
 
