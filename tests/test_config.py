@@ -29,7 +29,7 @@ def test_the_worked_example_is_valid():
 
 def test_minimal_file_gets_sensible_defaults(tmp_path):
     experiment = load_experiment(write(tmp_path, "name: mini\nspace:\n  pruning:\n"))
-    assert experiment.search.sampler == "nsga2"
+    assert experiment.search.sampler == "tpe" and experiment.search.trial_budget == 32 and experiment.search.multi_fidelity.enabled
     assert experiment.tracking_uri is None
     assert experiment.resources.cpu == 1 and experiment.resources.gpu == 0
 
@@ -54,7 +54,7 @@ def test_every_problem_is_reported_at_once_with_its_field(tmp_path):
     for fragment in (
         "task.train.epochs: Input should be greater than or equal to 0",
         "task.train.lrr: unknown key",
-        "search.sampler: Input should be 'nsga2', 'tpe' or 'random' (got 'bayes')",
+        "search.sampler: Input should be 'tpe', 'nsga2', 'gp' or 'random' (got 'bayes')",
         "search.trials:",
         "resources.gpu:",
         "objectives: unknown objective(s) ['flops']",
