@@ -1,0 +1,52 @@
+"""A budget in time: the searcher's Deadline starts a trial only if it fits, keeping the refinement's share."""
+
+import math
+
+from netshrink.config import Experiment
+from search.runner import time_budget
+from search.searcher import Deadline
+
+
+def ended(deadline: Deadline, trial: str, began: float, now: float, result: dict, monkeypatch) -> None:
+    deadline.started[trial] = began
+    monkeypatch.setattr("search.searcher.time.time", lambda: now)
+    deadline.ended(trial, result)
+
+
+def test_the_first_trial_starts_while_any_time_is_left_and_later_ones_only_if_the_measured_pace_fits(monkeypatch):
+    deadline = Deadline(end=100.0)
+    assert deadline.allows(now=99.0) and not deadline.allows(now=100.0)
+    ended(deadline, "a", 0.0, 20.0, {"seconds_training": 10.0, "seconds_trial": 18.0, "epochs_trained": 2.0}, monkeypatch)
+    assert deadline.allows(now=80.0)  # 80 + 20 s a trial fits
+    assert not deadline.allows(now=81.0)
+
+
+def test_the_refinements_share_is_its_rounds_of_overhead_plus_its_epochs_at_the_measured_pace(monkeypatch):
+    deadline = Deadline(end=1000.0, refine_rounds=2, refine_epochs=15)
+    assert deadline.reserve() == math.inf  # nothing measured: keep everything until a trial shows the pace
+    ended(deadline, "a", 0.0, 10.0, {"seconds_training": 6.0, "seconds_trial": 9.0, "epochs_trained": 3.0}, monkeypatch)
+    # a refined point: 3 s of overhead + 15 epochs at 2 s; two rounds of them
+    assert deadline.reserve() == 2 * (3.0 + 15 * 2.0)
+    assert deadline.allows(now=1000.0 - 10.0 - 66.0) and not deadline.allows(now=1000.0 - 10.0 - 65.0)
+
+
+def test_a_time_budget_in_the_experiment_file_makes_the_deadline_and_a_search_without_one_has_none():
+    timed = Experiment.model_validate(
+        {"name": "x", "space": {"pruning": None}, "search": {"budget": {"minutes": 2}}, "refine": {"epochs": 10, "count": 3}}
+    )
+    deadline = time_budget(timed, started=500.0, concurrency=2)
+    assert deadline.end == 620.0 and deadline.refine_rounds == 2 and deadline.refine_epochs == 10
+    assert timed.search.trial_budget is None  # only the time limits it
+    assert time_budget(Experiment.model_validate({"name": "x", "space": {"pruning": None}}), started=0.0, concurrency=2) is None
+
+
+def test_a_budget_is_minutes_or_hours_and_the_trial_count_is_given_once():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="minutes or as hours"):
+        Experiment.model_validate({"name": "x", "space": {"pruning": None}, "search": {"budget": {"minutes": 2, "hours": 1}}})
+    with pytest.raises(ValidationError, match="give the trial count once"):
+        Experiment.model_validate({"name": "x", "space": {"pruning": None}, "search": {"trials": 3, "budget": {"hours": 1, "trials": 4}}})
+    both = Experiment.model_validate({"name": "x", "space": {"pruning": None}, "search": {"trials": 3, "budget": {"hours": 1}}})
+    assert both.search.trial_budget == 3 and both.search.seconds == 3600.0
