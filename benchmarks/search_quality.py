@@ -14,7 +14,8 @@ Configurations (``--configs``):
 - ``no-mf``: the default without multi-fidelity (every trial fine-tunes ``finetune.epochs``);
 - ``random``: random sampling, no informed start, no multi-fidelity: what a user gets without steering;
 - ``no-start``: the default without the informed start (what the start contributes on each model);
-- ``nsga2``, ``tpe``, ``gp``: the default with that sampler (the sampler comparison);
+- ``nsga2``, ``tpe``, ``gp``, ``botorch``: the default with that sampler (the sampler comparison; ``botorch`` needs
+  ``pip install 'netshrink[botorch]'``);
 - ``before``: netshrink before issue 24 (NSGA-II, informed start, no multi-fidelity), under the same budget.
 
 Figures, per search and as mean and spread over seeds:
@@ -81,6 +82,7 @@ CONFIGS = {
     "no-start": {"search": {"informed_start": False}},
     "nsga2": {"search": {"sampler": "nsga2"}},
     "tpe": {"search": {"sampler": "tpe"}},
+    "botorch": {"search": {"sampler": "botorch"}},
     "gp": {"search": {"sampler": "gp"}},
     "before": {"search": {"sampler": "nsga2", "multi_fidelity": False}},
 }

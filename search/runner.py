@@ -146,6 +146,10 @@ def run_search(
     metric = experiment.metric
     for note in experiment.notes():
         console.print(f"[yellow]note: {note}[/yellow]")
+    if experiment.search.sampler == "botorch":
+        from .tuning import botorch_sampler
+
+        botorch_sampler()  # installed, or a UserError before anything trains
     state_dir = Path.cwd() / STATE_DIR
     state_dir.mkdir(exist_ok=True)
     search_path = str(config_path.resolve().parent)

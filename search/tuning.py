@@ -90,7 +90,26 @@ def make_sampler(experiment: Experiment, seed_offset: int = 0):
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if settings.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+    if settings.sampler == "botorch":
+        return botorch_sampler()(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def botorch_sampler():
+    """optuna-integration's ``BoTorchSampler`` (qLogNEHVI for several objectives, with the trials' constraint values);
+    ``UserError`` naming the extra to install when it is missing. The search calls it before the baseline trains."""
+    import importlib.util
+
+    try:
+        from optuna_integration import BoTorchSampler
+
+        if importlib.util.find_spec("botorch") is None:
+            raise ImportError("botorch")
+    except ImportError:
+        from netshrink.errors import UserError
+
+        raise UserError("search.sampler: botorch needs optuna-integration and botorch: pip install 'netshrink[botorch]'") from None
+    return BoTorchSampler
 
 
 QUIET_LOGGERS = (

@@ -24,6 +24,9 @@ def test_channel_pruning_physically_removes_channels_and_keeps_the_classes():
     assert (pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.fc1.out_features) == (8, 24, 248)
     assert pruned.fc2.out_features == 10
     assert count(pruned) < count(model) / 3
+    # a block only where it moves the count by a fifth at most: at 0.75 conv1's 5 would become 8 and conv2's 12 16
+    quarter = compress(model, Pipeline(steps=[PruningConfig(granularity="channel", ratio=0.75)]), x).model
+    assert (quarter.conv1.out_channels, quarter.conv2.out_channels, quarter.fc1.out_features) == (5, 12, 128)
     assert pruned(torch.randn(4, 1, 28, 28)).shape == (4, 10)
 
 
