@@ -145,6 +145,26 @@ class MultiObjectiveASHA(FIFOScheduler):
             self.log(run_id, tags)
         return TrialScheduler.CONTINUE if keep else TrialScheduler.STOP
 
+    def restore(self, tracker, experiment_id: str, parent_run_id: str) -> int:
+        """A resumed search: each earlier trial's figures at each rung, read back from its run's metric histories (step =
+        the rung's epochs), so the new trials are ranked against them. Returns how many rung records came back."""
+        restored = 0
+        for run in tracker.trial_runs(experiment_id, parent_run_id):
+            if run.info.status not in ("FINISHED", "KILLED") or "refined_from" in run.data.tags:
+                continue
+            histories = {name: {int(m.step): m.value for m in tracker.client.get_metric_history(run.info.run_id, name)} for name in self.objectives}
+            extra = {f"onnx_{self.task_metric}": {int(m.step): m.value for m in tracker.client.get_metric_history(run.info.run_id, f"onnx_{self.task_metric}")}}
+            for epochs in self.recorded:
+                if all(epochs in history for history in histories.values()):
+                    result = {name: histories[name][epochs] for name in self.objectives}
+                    if epochs in extra[f"onnx_{self.task_metric}"]:
+                        result[f"onnx_{self.task_metric}"] = extra[f"onnx_{self.task_metric}"][epochs]
+                    self.recorded[epochs][run.info.run_id] = (
+                        [float(result[name]) for name in self.objectives], self.violation(result, epochs / self.rungs[-1])
+                    )
+                    restored += 1
+        return restored
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if RUNG_METRIC not in result or not all(name in result for name in self.objectives):
             return TrialScheduler.CONTINUE

@@ -174,6 +174,9 @@ def run_trials(
         study_name=study_name,
         points_to_evaluate=start_params(experiment.space) if fresh and experiment.search.informed_start else None,
     )
+    scheduler = scheduler_for(experiment, setup, recovery)
+    if scheduler is not None and not fresh:  # a resumed search ranks its new trials against the rungs its earlier ones reached
+        scheduler.restore(Tracker(setup.tracking_uri, timeout_s=setup.tracking_timeout_s), setup.experiment_id, setup.parent_run_id)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
         {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu},
@@ -183,8 +186,7 @@ def run_trials(
         # reuse_actors: a trial runs in the worker process of the one before it, which saves starting a
         # process and importing torch, MLflow and ONNX Runtime again (about 4 s a trial, benchmarks/scale.py)
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler_for(experiment, setup, recovery), num_samples=trials, max_concurrent_trials=concurrency,
-            reuse_actors=True,
+            search_alg=searcher, scheduler=scheduler, num_samples=trials, max_concurrent_trials=concurrency, reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=run_name,

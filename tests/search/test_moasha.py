@@ -53,3 +53,20 @@ def test_the_rungs_follow_min_epochs_and_the_reduction_factor_up_to_finetune_epo
     assert MultiFidelity(rungs=[2, 4]).epochs(9) == (2, 4, 9)
     experiment = Experiment.model_validate({"name": "x", "space": {"pruning": None}, "search": {"multi_fidelity": False}, "finetune": {"epochs": 9}})
     assert experiment.rungs() == ()
+
+
+def test_a_resumed_search_ranks_new_trials_against_the_rungs_its_earlier_trials_reached():
+    from types import SimpleNamespace as NS
+
+    histories = {  # run -> metric -> [(step, value)]
+        "r1": {"accuracy": [(1, 0.95), (3, 0.97)], "size_bytes": [(1, 50.0), (3, 50.0)], "latency_ms": [(1, 1.0), (3, 1.0)]},
+        "r2": {"accuracy": [(1, 0.96)], "size_bytes": [(1, 40.0)], "latency_ms": [(1, 1.0)]},
+    }
+    runs = [NS(info=NS(run_id=run, status="FINISHED"), data=NS(tags={})) for run in histories]
+    client = NS(get_metric_history=lambda run, name: [NS(step=s, value=v) for s, v in histories[run].get(name, [])])
+    tracker = NS(trial_runs=lambda experiment_id, parent: runs, client=client)
+    scheduler = MultiObjectiveASHA(OBJECTIVES, DIRECTIONS, [1, 3, 9], 3.0, "accuracy")
+    assert scheduler.restore(tracker, "e", "p") == 3  # r1 at rungs 1 and 3, r2 at rung 1
+    assert set(scheduler.recorded[1]) == {"r1", "r2"} and set(scheduler.recorded[3]) == {"r1"}
+    # a new trial dominated by both at rung 1 no longer goes on as the first one there would
+    assert scheduler.decide("new", result(0.90, 100)) == TrialScheduler.STOP
