@@ -55,3 +55,16 @@ def test_distillation_alone_is_never_sampled():
         assert "pruning" in kinds
         study.tell(trial, [0.5, 1.0])
     assert "pruning/enabled" not in space.searched_names() and "distillation/enabled" in space.searched_names()
+
+
+def test_the_start_is_stated_relative_to_the_model_so_a_model_with_other_layers_expresses_all_of_it():
+    """No start point names a layer or a layer's size: ratios, bit widths, a share of the rank, 'the last convolution',
+    the middle cut point. A space with every technique at its defaults (no LeNet-5 names in it) takes every point."""
+    space = SearchSpace.model_validate({kind: {} for kind in REGISTRY})
+    params = start_params(space)
+    assert len(params) == len(INFORMED_START)
+    layer_like = ("conv", "fc", "pool", "layer", "block", "encoder", ".")
+    for point in INFORMED_START:
+        for knobs in point.values():
+            for knob, value in knobs.items():
+                assert not knob.startswith("layer_") and not (isinstance(value, str) and any(word in value for word in layer_like)), (knob, value)
