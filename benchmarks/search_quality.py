@@ -16,7 +16,8 @@ Configurations (``--configs``):
 - ``no-start``: the default without the informed start (what the start contributes on each model);
 - ``nsga2``, ``tpe``, ``gp``, ``botorch``: the default with that sampler (the sampler comparison; ``botorch`` needs
   ``pip install 'netshrink[botorch]'``);
-- ``before``: netshrink before issue 24 (NSGA-II, informed start, no multi-fidelity), under the same budget.
+- ``before``: netshrink before issue 24 (NSGA-II, informed start, no multi-fidelity), under the same budget;
+- ``eta2``, ``eta4``, ``min2``: the default with another reduction factor or first rung (the rung defaults' evidence).
 
 Figures, per search and as mean and spread over seeds:
 
@@ -85,6 +86,9 @@ CONFIGS = {
     "botorch": {"search": {"sampler": "botorch"}},
     "gp": {"search": {"sampler": "gp"}},
     "before": {"search": {"sampler": "nsga2", "multi_fidelity": False}},
+    "eta2": {"search": {"multi_fidelity": {"reduction_factor": 2}}},  # the rung defaults, measured against their neighbours
+    "eta4": {"search": {"multi_fidelity": {"reduction_factor": 4}}},
+    "min2": {"search": {"multi_fidelity": {"min_epochs": 2}}},
 }
 REQUIRED = ["default", "no-mf", "random"]
 
