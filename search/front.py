@@ -178,8 +178,9 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
         faster = f"{baseline['latency_ms'] / point.latency_ms:.2f}" if baseline else "-"
         metrics = point.metrics()
         throughput = [f"{metrics['throughput']:,.0f}" if "throughput" in metrics else "-"] if batched else []
+        rung = f" (rung {metrics['rung_index']:.0f}/{metrics['rung_of']:.0f})" if metrics.get("rung_index", 1) < metrics.get("rung_of", 1) else ""
         table.add_row(
-            point.name, with_interval(metrics, metric), with_interval(metrics, f"test_{metric}"), _size(point.size_bytes), smaller,
+            point.name + rung, with_interval(metrics, metric), with_interval(metrics, f"test_{metric}"), _size(point.size_bytes), smaller,
             _size(metrics["onnx_bytes"]) if "onnx_bytes" in metrics else "-", f"{point.latency_ms:.4f}", faster, *throughput,
             *(["; ".join(misses.get(point.run_id, []))] if misses is not None else []), point.summary,
         )

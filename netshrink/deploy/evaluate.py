@@ -133,6 +133,7 @@ def evaluate_recipe(
         metrics[RUNG_METRIC] = float(epochs)
         metrics["epochs_trained"] = float(max(monitor.rounds - 1, 0) * monitor.epochs + epochs)  # fine-tuning epochs over every round
         metrics["rung_of"] = float(len(rungs) + 1)  # how many rungs a trial that goes all the way is measured at
+        metrics["rung_index"] = float(rungs.index(epochs) + 1 if epochs in rungs else len(rungs) + 1)  # which of them this is (1: the first)
         return metrics
 
     try:

@@ -48,5 +48,5 @@ def test_a_trial_stopped_at_its_rung_ends_with_the_rungs_measurement(setup, tmp_
     from dataclasses import replace
 
     ended = evaluate.evaluate_recipe(replace(setup, rungs=(1, 3)), RECIPE, tmp_path, at_rung=lambda metrics: False)
-    assert ended[evaluate.RUNG_METRIC] == 1.0 and "accuracy" in ended and evaluate.STOPPED not in ended
+    assert ended[evaluate.RUNG_METRIC] == 1.0 and ended["rung_index"] == 1.0 and "accuracy" in ended and evaluate.STOPPED not in ended
     assert ended["seconds_training"] > 0

@@ -95,3 +95,16 @@ def test_every_accuracy_shown_carries_its_split_and_its_95_percent_interval(tmp_
     card = render_card(facts)
     assert f"| accuracy, test split (held out: quote this) | 96.67% [" in card and shown in card
     assert "| accuracy, validation split (selected this model) | 97.50% [" in card and "95% Wilson intervals" in card
+
+
+def test_a_point_measured_at_a_rung_before_the_last_says_so_in_the_front_table():
+    from rich.console import Console
+
+    from search.front import TrialPoint, front_table
+
+    at_rung = TrialPoint("r1", "trial-003", 0.95, 100.0, 1.0, "{}", "pruning", {"rung_index": 1.0, "rung_of": 3.0})
+    full = TrialPoint("r2", "trial-004", 0.96, 200.0, 1.0, "{}", "pruning", {"rung_index": 3.0, "rung_of": 3.0})
+    console = Console(width=300, record=True)
+    console.print(front_table([at_rung, full], None, "front"))
+    text = console.export_text()
+    assert "trial-003 (rung 1/3)" in text and "trial-004 (rung" not in text
