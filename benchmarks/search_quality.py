@@ -17,7 +17,9 @@ Configurations (``--configs``):
 - ``nsga2``, ``tpe``, ``gp``, ``botorch``: the default with that sampler (the sampler comparison; ``botorch`` needs
   ``pip install 'netshrink[botorch]'``);
 - ``before``: netshrink before issue 24 (NSGA-II, informed start, no multi-fidelity), under the same budget;
-- ``eta2``, ``eta4``, ``min2``: the default with another reduction factor or first rung (the rung defaults' evidence).
+- ``eta2``, ``eta4``, ``min2``: the default with another reduction factor or first rung (the rung defaults' evidence);
+- ``rungs15``: refinement folded into the rungs (1, 3, 9, 15 epochs; no refinement after the trials), so promising
+  trials reach their long fine-tuning while the search runs instead of at its end.
 
 Figures, per search and as mean and spread over seeds:
 
@@ -89,6 +91,8 @@ CONFIGS = {
     "eta2": {"search": {"multi_fidelity": {"reduction_factor": 2}}},  # the rung defaults, measured against their neighbours
     "eta4": {"search": {"multi_fidelity": {"reduction_factor": 4}}},
     "min2": {"search": {"multi_fidelity": {"min_epochs": 2}}},
+    # refinement as the top rungs: trials promoted past 3 epochs go on to 15 during the search, no refinement after it
+    "rungs15": {"finetune": {"epochs": 15}, "refine": {"epochs": 0}},
 }
 REQUIRED = ["default", "no-mf", "random"]
 
