@@ -260,7 +260,7 @@ def run_search(
             console.print(f"The time budget leaves no room for another trial at the measured pace; {'refining, then ' if experiment.refine.epochs else ''}writing the front.")
         refine_started = time.time()
         if experiment.refine.epochs > 0:
-            refine_front(experiment, setup, tracker, experiment_id, run_name, concurrency, state_dir, console)
+            refine_front(experiment, setup, tracker, experiment_id, run_name, concurrency, state_dir, console, deadline=deadline)
         spent = {"before the trials": trials_started - started, "trials": refine_started - trials_started, "refinement": time.time() - refine_started}
         summary = summarise(tracker, experiment_id, record, constraints, repeats, spent, config=experiment)  # writes too: the Pareto flags, the outcome
     except KeyboardInterrupt:

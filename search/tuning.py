@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +255,8 @@ def points_to_refine(trials: list[TrialPoint], experiment: Experiment, baseline:
 
 
 def refine_front(
-    experiment: Experiment, setup: TrialSetup, tracker: Tracker, experiment_id: str, run_name: str, concurrency: int, state_dir: Path, console: Console
+    experiment: Experiment, setup: TrialSetup, tracker: Tracker, experiment_id: str, run_name: str, concurrency: int, state_dir: Path, console: Console,
+    deadline: Deadline | None = None,
 ) -> None:
     """Fine-tune the chosen front points for ``refine.epochs`` on Ray Tune, each as a child run of its own.
 
@@ -273,6 +275,18 @@ def refine_front(
     chosen = [point for point in points_to_refine(trials, experiment, setup.baseline_metrics, setup.constraints) if point.run_id not in done]
     if not chosen:
         return
+    if deadline is not None:  # a time budget: as many points, best first, as the time left fits at the measured pace
+        point_s = deadline.refined_point()
+        if point_s is not None:
+            rounds = int(max(0.0, deadline.end - time.time()) // point_s)
+            fits = rounds * concurrency
+            if fits < len(chosen):
+                console.print(
+                    f"The time budget leaves room for {fits} of the {len(chosen)} point(s) to refine (about {point_s:.0f} s each, {concurrency} at a time)."
+                )
+                chosen = chosen[:fits]
+            if not chosen:
+                return
     refine = experiment.refine
     console.print(f"Refining {len(chosen)} front point(s) ({', '.join(p.name for p in chosen)}) with {refine.epochs} epochs of fine-tuning ...")
     longer = replace(

@@ -50,3 +50,11 @@ def test_a_budget_is_minutes_or_hours_and_the_trial_count_is_given_once():
         Experiment.model_validate({"name": "x", "space": {"pruning": None}, "search": {"trials": 3, "budget": {"hours": 1, "trials": 4}}})
     both = Experiment.model_validate({"name": "x", "space": {"pruning": None}, "search": {"trials": 3, "budget": {"hours": 1}}})
     assert both.search.trial_budget == 3 and both.search.seconds == 3600.0
+
+
+def test_the_refined_points_pace_is_the_slow_end_of_the_trials_and_ignores_trials_stopped_in_their_first_epoch(monkeypatch):
+    deadline = Deadline(end=1000.0, refine_rounds=1, refine_epochs=10)
+    for index, per_epoch in enumerate([1.0, 1.0, 1.0, 4.0]):  # the front's big model is the slow one refinement will pick
+        ended(deadline, f"t{index}", 0.0, 10.0, {"seconds_training": 2 * per_epoch, "seconds_trial": 2 * per_epoch + 1.0, "epochs_trained": 2.0}, monkeypatch)
+    ended(deadline, "stopped", 0.0, 1.0, {"seconds_training": 3.0, "seconds_trial": 3.5, "epochs_trained": 0.25}, monkeypatch)
+    assert deadline.refined_point() == 1.0 + 4.0 * 10  # not the median's 1 s an epoch, and not 12 s from the quarter-epoch trial
