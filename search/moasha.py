@@ -121,9 +121,12 @@ class MultiObjectiveASHA(FIFOScheduler):
         return sum(max(0.0, v) for v in self.constraints.violations(values).values())
 
     def decide(self, trial_id: str, result: dict) -> str:
-        epochs = int(round(result[RUNG_METRIC]))
-        if epochs not in self.recorded:
-            return TrialScheduler.CONTINUE  # the last rung: the trial ends by itself
+        if result.get("final") or result.get("stopped_early"):
+            return TrialScheduler.CONTINUE  # a trial's last report (it ended by itself, or early stopping ended it): no rung
+        measured = float(result[RUNG_METRIC])
+        epochs = int(measured)
+        if epochs != measured or epochs not in self.recorded:
+            return TrialScheduler.CONTINUE  # the last rung, or no rung at all: the trial ends by itself
         share = epochs / self.rungs[-1]
         at_rung = self.recorded[epochs]
         at_rung[trial_id] = ([float(result[name]) for name in self.objectives], self.violation(result, share))

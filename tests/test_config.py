@@ -54,7 +54,7 @@ def test_every_problem_is_reported_at_once_with_its_field(tmp_path):
     for fragment in (
         "task.train.epochs: Input should be greater than or equal to 0",
         "task.train.lrr: unknown key",
-        "search.sampler: Input should be 'tpe', 'nsga2', 'gp' or 'random' (got 'bayes')",
+        "search.sampler: Input should be 'tpe', 'nsga2', 'gp', 'botorch' or 'random' (got 'bayes')",
         "search.trials:",
         "resources.gpu:",
         "objectives: unknown objective(s) ['flops']",

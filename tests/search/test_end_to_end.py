@@ -323,7 +323,7 @@ def test_a_trial_in_a_reused_worker_process_gets_the_same_result_as_the_first(tm
             name: reuse
             task: {dataset_args: {image_size: 16}, train: {epochs: 3}}
             finetune: {epochs: 2}
-            search: {trials: 3, max_concurrent: 1, sampler: random, skip_repeats: false}
+            search: {trials: 3, max_concurrent: 1, sampler: random, skip_repeats: false, multi_fidelity: false}
             measure: {warmup: 1, repeats: 10}
             space:
               distillation: {enabled: true, temperature: 4.0, alpha: 0.5}

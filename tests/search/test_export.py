@@ -322,12 +322,13 @@ def test_a_damaged_artifact_in_the_store_is_refused_naming_it_and_nothing_is_wri
 def test_a_model_onnx_scoring_other_than_logged_is_refused_and_force_writes_it_with_a_warning_on_the_card(workdir, client):
     run_id, run = next(iter(trials(client, "plain").items()))
     logged = run.data.metrics["onnx_accuracy"]
-    client.log_metric(run_id, "onnx_accuracy", logged - 0.3)  # the latest value is the run's figure: what export compares with
+    # the value at the highest step is the run's figure (a trial logs at step = its rung's epochs): what export compares with
+    client.log_metric(run_id, "onnx_accuracy", logged - 0.3, step=1_000)
     try:
         refused = netshrink("export", "-e", "plain", "--pick", run_id, "--out", "unfaithful", cwd=workdir)
         forced = netshrink("export", "-e", "plain", "--pick", run_id, "--out", "forced", "--force", cwd=workdir)
     finally:
-        client.log_metric(run_id, "onnx_accuracy", logged)
+        client.log_metric(run_id, "onnx_accuracy", logged, step=1_001)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr and not (workdir / "unfaithful").exists(), refused.stderr
     both = [f"{logged:.2%}", f"{logged - 0.3:.2%}"]
     assert all(figure in refused.stderr for figure in both) and "--force" in refused.stderr, refused.stderr

@@ -125,7 +125,7 @@ name: resumed
 task: {{dataset_args: {{image_size: 16}}, train: {{epochs: 1}}}}
 finetune: {{epochs: 12}}  # a trial long enough to be interrupted in the middle
 # early stopping off: on this 1-epoch baseline a 2-bit trial can be stopped as hopeless, and the test counts finished trials
-search: {{trials: {RESUMED_TRIALS}, max_concurrent: 1, sampler: random, seed: 5, early_stopping: false}}
+search: {{trials: {RESUMED_TRIALS}, max_concurrent: 1, sampler: random, seed: 5, early_stopping: false, multi_fidelity: false}}
 measure: {{warmup: 1, repeats: 10}}
 space:
   pruning: {{ratio: {{low: 0.2, high: 0.8}}}}

@@ -33,6 +33,10 @@ def test_the_first_trial_at_a_rung_goes_on_and_the_top_third_of_those_seen_go_on
     # rungs are separate: the first at rung 3 goes on, whatever rung 1 held
     assert scheduler.decide("a", result(0.5, 1000, epochs=3, run="ra")) == TrialScheduler.CONTINUE
     assert scheduler.decide("a", result(0.5, 1000, epochs=9, run="ra")) == TrialScheduler.CONTINUE  # the last rung: the trial ends by itself
+    # a trial that early stopping ended after 0.75 epochs reports once, at no rung: it is neither ranked nor recorded
+    assert scheduler.decide("d", {**result(0.1, 10, epochs=0.75, run="rd"), "stopped_early": 1.0}) == TrialScheduler.CONTINUE
+    assert scheduler.decide("e", {**result(0.1, 10, epochs=1, run="re"), "final": 1.0}) == TrialScheduler.CONTINUE
+    assert "d" not in scheduler.recorded[1] and "e" not in scheduler.recorded[1] and "rd" not in logged
 
 
 def test_a_trial_under_the_floor_by_less_than_the_recovery_still_expected_is_not_cut_for_it():
