@@ -101,7 +101,7 @@ class RunningTrials:
                 print(f"  {run.info.run_name}: {line}", flush=True)
 
 
-OPEN_ENDED = 100_000  # a trial count this large is a time budget's (search/runner.py's TIME_ONLY_CAP)
+OPEN_ENDED = 100_000  # the trial count of a search that only a time budget limits (search.budget without trials)
 
 
 def progress_printer(

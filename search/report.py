@@ -58,6 +58,12 @@ def collect_points(
     return points, failed
 
 
+def finished_only(points: list[TrialPoint]) -> list[TrialPoint]:
+    """``collect_points(..., include_stopped=True)``'s points less the trials early stopping ended: what ``collect_points``
+    gives without them (a FINISHED run never carries ``stopped_early``)."""
+    return [point for point in points if not point.extra.get(STOPPED)]
+
+
 def load_front(experiment_name: str, tracking_uri: str | None = None, search_run: str | None = None) -> LoadedFront:
     tracker = Tracker(tracking_uri or default_tracking_uri())
     experiment_id = tracker.experiment_id(experiment_name, create=False)
@@ -72,12 +78,10 @@ def load_front(experiment_name: str, tracking_uri: str | None = None, search_run
         record = tracker.latest_search(experiment_id)
         if record is None:
             raise UserError(f"--experiment: {experiment_name!r} has no search runs yet")
-    points, _failed = collect_points(tracker, experiment_id, record.run_id, record.metric)
-    if not points and not collect_points(tracker, experiment_id, record.run_id, record.metric, include_stopped=True)[0]:
+    measured, _failed = collect_points(tracker, experiment_id, record.run_id, record.metric, include_stopped=True)
+    if not measured:
         raise UserError(f"search {record.run_id} of {experiment_name!r} has no finished trials")
+    points = finished_only(measured)
     front = pareto_front(points, record.objectives, record.directions, record.constraints)
-    closest = []
-    if not front and record.constraints:
-        measured, _ = collect_points(tracker, experiment_id, record.run_id, record.metric, include_stopped=True)
-        closest = closest_to_feasible(measured, record.constraints, record.objectives, record.directions)
+    closest = closest_to_feasible(measured, record.constraints, record.objectives, record.directions) if not front and record.constraints else []
     return LoadedFront(search=record, front=front, points=points, closest=closest)

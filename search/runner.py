@@ -104,7 +104,6 @@ def optuna_storage_url(tracking_uri: str, state_dir: Path) -> str:
 
 
 RESUME_LATEST = "latest"  # --resume with no run id
-TIME_ONLY_CAP = OPEN_ENDED  # the trial count of a search that only a time budget limits (search.budget without trials)
 
 
 def time_budget(experiment: Experiment, started: float, concurrency: int) -> Deadline | None:
@@ -166,7 +165,7 @@ def run_search(
     interrupted = find_interrupted_search(tracker, experiment_id, experiment.name, config_path, named) if resume else None
     if interrupted is not None and overrides.trials not in (None, interrupted.trials):
         raise UserError(f"--trials: search {interrupted.run_id} was started with {interrupted.trials} trials; a resumed search keeps its budget")
-    trials = interrupted.trials if interrupted else overrides.trials or experiment.search.trial_budget or TIME_ONLY_CAP
+    trials = interrupted.trials if interrupted else overrides.trials or experiment.search.trial_budget or OPEN_ENDED
     concurrency = overrides.concurrency or experiment.search.max_concurrent
     owns_ray = not ray.is_initialized()
     if owns_ray:
@@ -234,12 +233,12 @@ def run_search(
         remaining = trials - progress.ended
         deadline = time_budget(experiment, started, concurrency)
         if interrupted:
-            done = f"{progress.ended} of {trials}" if trials != TIME_ONLY_CAP else f"{progress.ended}"
+            done = f"{progress.ended} of {trials}" if trials != OPEN_ENDED else f"{progress.ended}"
             console.print(f"Resuming: {done} trials were done before the interruption." + (" The time budget starts again from now." if deadline else ""))
         if remaining <= 0:
             console.print("Every trial of the budget has run; writing the front.")
         else:
-            count = "trials" if trials == TIME_ONLY_CAP else f"up to {remaining} trials" if deadline else f"{remaining} trials"
+            count = "trials" if trials == OPEN_ENDED else f"up to {remaining} trials" if deadline else f"{remaining} trials"
             within = f" within {describe_seconds(experiment.search.seconds)} (refinement included)" if deadline else ""
             rungs = setup.rungs
             ladder = (

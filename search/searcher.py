@@ -60,7 +60,7 @@ REPEAT_OF = "repeat_of"  # user attribute of a repeat's Optuna trial: the number
 UNCOMPRESSED = "uncompressed"  # user attribute of an Optuna trial that drew the baseline, answered with its figures
 
 STOPPED_ATTR = "stopped_early"  # user attribute of an Optuna trial that early stopping ended: the share of fine-tuning done
-RUNG_ATTR = "rung_epochs"  # user attribute of an Optuna trial answered with the figures of a rung before the last (MO-ASHA stopped it)
+RUNG_ATTR = RUNG_METRIC  # user attribute of an Optuna trial answered with the figures of a rung before the last (MO-ASHA stopped it)
 Evaluated = dict[str, tuple[int, dict[str, float]]]  # recipe -> (Optuna trial number, its logged metrics)
 
 

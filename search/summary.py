@@ -11,7 +11,7 @@ from netshrink.deploy.evaluate import STOPPED
 from .constraints import Constraints
 from .front import TrialPoint, closest_to_feasible, front_json, pareto_front, print_front
 from .plots import log_plots
-from .report import collect_points
+from .report import collect_points, finished_only
 from .moasha import MF_STOPPED_TAG, RUNG_TAG
 from .tracking import PARETO_TAG, REFINED_FROM_TAG, STOPPED_TAG, SearchRecord, Tracker, is_local
 
@@ -36,7 +36,8 @@ def summarise(
     """Take the front over the search's finished runs (trials and refined runs), tag every run ``pareto``, log the
     counts, ``front.json`` and the plots to the parent run, and mark it finished."""
     parent = record.run_id
-    points, failed = collect_points(tracker, experiment_id, parent, record.metric)
+    measured, failed = collect_points(tracker, experiment_id, parent, record.metric, include_stopped=True)
+    points = finished_only(measured)
     front = pareto_front(points, record.objectives, record.directions, constraints)
     on_front = {p.run_id for p in front}
     for point in points:
@@ -48,10 +49,8 @@ def summarise(
     spending = time_spent(tracker.trial_runs(experiment_id, parent), spent) if spent is not None else None
     if spending:
         tracker.log(parent, tags={SPENDING_TAG: spending[:5000]})
-    closest = []
-    if not front:  # the trials early stopping ended count too: measured as they stood, they may be the nearest
-        measured, _ = collect_points(tracker, experiment_id, parent, record.metric, include_stopped=True)
-        closest = closest_to_feasible(measured, constraints, record.objectives, record.directions)
+    # the trials early stopping ended count too: measured as they stood, they may be the nearest
+    closest = closest_to_feasible(measured, constraints, record.objectives, record.directions) if not front else []
     advice = what_to_change(closest, constraints, config) if not front and config is not None else None
     if advice:
         tracker.log(parent, tags={ADVICE_TAG: advice[:5000]})

@@ -17,7 +17,7 @@ import optuna
 from rich.console import Console
 
 from netshrink.config import Experiment
-from netshrink.deploy.stopping import Recovery, StopRule
+from netshrink.deploy.stopping import Recovery, allowance
 from netshrink.spaces import SearchSpace
 from netshrink.spaces.start import start_params
 
@@ -211,8 +211,8 @@ def scheduler_for(experiment: Experiment, setup: TrialSetup, recovery: Recovery 
         return None
     tracker = Tracker(setup.tracking_uri, timeout_s=setup.tracking_timeout_s)
 
-    def allowance(share: float) -> float:
-        return StopRule(0.0, recovery.table()).allowance(share)[0] if recovery is not None else 0.0
+    def expected_rise(share: float) -> float:
+        return allowance(recovery.table(), share)[0] if recovery is not None else 0.0
 
     def log(run_id: str, tags: dict[str, str]) -> None:
         try:
@@ -222,7 +222,7 @@ def scheduler_for(experiment: Experiment, setup: TrialSetup, recovery: Recovery 
 
     return MultiObjectiveASHA(
         experiment.objectives, experiment.directions(), setup.rungs, experiment.search.multi_fidelity.reduction_factor, experiment.metric,
-        constraints=setup.constraints, allowance=allowance, log=log,
+        constraints=setup.constraints, allowance=expected_rise, log=log,
     )
 
 

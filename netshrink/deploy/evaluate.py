@@ -100,8 +100,9 @@ def evaluate_recipe(
         rounds=pipeline.fine_tune_rounds(), epochs=rungs[0] if rungs else settings.epochs, last_epochs=settings.epochs,
         evaluate=lambda model: score(task, model, data.val, device), rule=setup.stop_rule, report=report,
     )
-    timings: dict[str, float] = {}
     started = time.perf_counter()
+    inputs = (example, task.calibration(), task.dynamic_axes())  # what the exports need, the same at every rung
+    first_latency: dict[str, float] = {}  # the latency figures of the trial's first measurement
 
     def fine_tune(model: torch.nn.Module, loss_fn, checkpoint=None) -> None:
         if monitor.skip or monitor.before_fine_tuning(model):
@@ -127,18 +128,20 @@ def evaluate_recipe(
         fine_tune(model, loss_fn, checkpoint)
 
     def measured(compressed: Compressed, epochs: float) -> dict[str, float]:
-        timings["seconds_training"] = time.perf_counter() - started  # the techniques and their fine-tuning so far
-        timings["epochs"] = float(epochs)
-        metrics = measure_compressed(setup, task, baseline, compressed, workdir, timings, reuse_latency=timings.get("latency"))
+        metrics, latency = measure_compressed(
+            setup, task, baseline, compressed, workdir, inputs, seconds_training=time.perf_counter() - started, epochs=epochs,
+            latency=first_latency or None,
+        )
+        first_latency.update(latency)
         metrics[RUNG_METRIC] = float(epochs)
-        metrics["epochs_trained"] = float(max(monitor.rounds - 1, 0) * monitor.epochs + epochs)  # fine-tuning epochs over every round
+        metrics["epochs_trained"] = monitor.curve[-1].epochs if monitor.curve else 0.0  # fine-tuning epochs over every round
         metrics["rung_of"] = float(len(rungs) + 1)  # how many rungs a trial that goes all the way is measured at
         metrics["rung_index"] = float(rungs.index(epochs) + 1 if epochs in rungs else len(rungs) + 1)  # which of them this is (1: the first)
         return metrics
 
     try:
         compressed = compress(
-            baseline, pipeline, example, fine_tune=fine_tune, seed=setup.seed, sensitivity=setup.sensitivity, calibration_inputs=task.calibration(),
+            baseline, pipeline, example, fine_tune=fine_tune, seed=setup.seed, sensitivity=setup.sensitivity, calibration_inputs=inputs[1],
             loss_fn=task.loss, final_fine_tune=final_fine_tune if rungs else None,
         )
     except StoppedAtRung as stop:
@@ -151,38 +154,38 @@ def evaluate_recipe(
 
 
 def measure_compressed(
-    setup: RecipeSetup, task: Task, baseline: torch.nn.Module, compressed: Compressed, workdir: Path, timings: dict, reuse_latency: dict | None = None
-) -> dict[str, float]:
-    """Write ``compressed`` as the artifact, reload it, export it to ONNX and measure it: the metrics a trial logs.
+    setup: RecipeSetup, task: Task, baseline: torch.nn.Module, compressed: Compressed, workdir: Path, inputs: tuple, *,
+    seconds_training: float, epochs: float, latency: dict[str, float] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Write ``compressed`` as the artifact, reload it, export it to ONNX and measure it: the metrics a trial logs, and
+    the latency figures among them. ``inputs``: the example, the calibration inputs and the dynamic axes the exports take.
 
-    ``reuse_latency``: the latency figures of an earlier measurement of the same graph (an earlier rung), kept
-    instead of timing again; ``timings`` gets this measurement's under ``latency`` for the next.
+    ``latency``: the figures of an earlier measurement of the same graph (an earlier rung), kept instead of timing
+    again (a model with early exits is timed every time: its exits depend on the weights).
     """
-    data, metric, example = task.data, task.metric, task.example()
+    data, metric = task.data, task.metric
+    example, calibration, axes = inputs
     artifact = workdir / ARTIFACT_FILE
     reference = workdir / "baseline.onnx"
-    calibration, axes = task.calibration(), task.dynamic_axes()
     with compute_slot():  # heavy enough to disturb a neighbour's latency measurement (not nested: no slot inside)
         size_bytes = save_artifact(artifact, compressed.model, compressed.encodings, compressed.pipeline.recipe())
         loaded = load_artifact(artifact, task.build_model())
         onnx_bytes = export_artifact(loaded, example, workdir / ONNX_FILE, calibration, axes)  # as `netshrink export` will write it
-        export_onnx(baseline, example, reference, {}, axes)
-    restored = loaded.model
+        restored = loaded.model
+        exits = has_exits(restored)
+        timing = latency is None or exits
+        if timing:
+            export_onnx(baseline, example, reference, {}, axes)
     # the recipe as applied: the layers, ranks and cut points the techniques chose from the model written out
     (workdir / RECIPE_FILE).write_text(json.dumps(compressed.pipeline.model_dump(mode="json"), indent=2))
     if compressed.notes:
         (workdir / NOTES_FILE).write_text("\n".join(compressed.notes))
     started = time.perf_counter()
-    exits = has_exits(restored)
-    try:
-        if reuse_latency is not None and not exits:
-            latency = dict(reuse_latency)
-        else:
-            latency = time_latency(setup, task, workdir / ONNX_FILE, reference)
-            latency["latency_rung_epochs"] = float(timings.get("epochs", 0.0))
-    finally:
-        reference.unlink()
-    timings["latency"] = latency
+    if timing:
+        try:
+            latency = {**time_latency(setup, task, workdir / ONNX_FILE, reference), "latency_rung_epochs": float(epochs)}
+        finally:
+            reference.unlink()
     seconds_latency = time.perf_counter() - started
     started = time.perf_counter()
     exported = onnx_evaluate(workdir / ONNX_FILE, data.val, task.batches, metric)  # the exported model, checked on the same split
@@ -191,16 +194,15 @@ def measure_compressed(
     scores[f"onnx_{metric.name}"] = exported.value
     seconds_evaluation = time.perf_counter() - started
     base = setup.baseline_metrics
-    ratio = latency["_ratio"]
     metrics = {
         **scores,
         "size_bytes": float(size_bytes),
-        **{key: value for key, value in latency.items() if key != "_ratio"},
+        **latency,
         "onnx_bytes": float(onnx_bytes),
         "parameters": float(sum(p.numel() for p in restored.parameters())),
         "nonzero_parameters": float(sum(int((p != 0).sum()) for p in restored.parameters())),
         # where the trial's time went (wall seconds in this worker); run_trial adds seconds_trial
-        "seconds_training": timings.get("seconds_training", 0.0),
+        "seconds_training": seconds_training,
         "seconds_latency": seconds_latency,
         "seconds_evaluation": seconds_evaluation,
     }
@@ -212,20 +214,19 @@ def measure_compressed(
     if bad:
         raise FloatingPointError(f"non-finite metrics: {bad}")
     metrics["size_ratio"] = base["size_bytes"] / metrics["size_bytes"]
-    metrics["speedup"] = 1.0 / ratio
+    metrics["speedup"] = base["latency_ms"] / metrics["latency_ms"]  # the inverse of the timed ratio to the baseline
     metrics[f"{metric.name}_delta"] = metrics[metric.name] - base[metric.name]
-    return metrics
+    return metrics, latency
 
 
 def time_latency(setup: RecipeSetup, task: Task, model_file: Path, reference: Path) -> dict[str, float]:
     """The latency figures of ``model_file``, timed in alternation with the baseline's ``reference``, on the validation inputs (a
     model with early exits over all of them, with its exit logic), in the session options the exported file records for its
-    deployment; ``_ratio``: the candidate's time over the baseline's."""
+    deployment."""
     data, base = task.data, setup.baseline_metrics
     feeds = task.batches.feeds(data.val)
     timed = measure_relative_latency(model_file, reference, feeds, setup.measure)
     figures = {
-        "_ratio": timed.ratio,
         # drift-corrected: the ratio to the baseline, timed in alternation, times the baseline's latency
         "latency_ms": timed.ratio * base["latency_ms"],
         "latency_raw_ms": timed.candidate.ms,  # this trial's own figure, under whatever the machine did meanwhile

@@ -89,6 +89,13 @@ class Recovery:
         return tuple(rows)
 
 
+def allowance(table: RecoveryTable, fraction: float) -> tuple[float, int]:
+    """The rise ``table`` allows from ``fraction`` of fine-tuning done, and the trials behind it (0: the prior)."""
+    shares = [row[0] for row in table]
+    _, rise, curves = table[max(bisect.bisect_right(shares, fraction) - 1, 0)]
+    return rise, curves
+
+
 def bucket(share: float) -> float:
     return SHARES[max(bisect.bisect_right(SHARES, share) - 1, 0)]
 
@@ -114,9 +121,7 @@ class StopRule:
     metric: str = "accuracy"
 
     def allowance(self, fraction: float) -> tuple[float, int]:
-        shares = [row[0] for row in self.recovery]
-        _, rise, curves = self.recovery[max(bisect.bisect_right(shares, fraction) - 1, 0)]
-        return rise, curves
+        return allowance(self.recovery, fraction)
 
     def reason(self, point: Checkpoint) -> str | None:
         """Why the trial should stop at ``point``, or None if it may go on."""
