@@ -34,13 +34,20 @@ Figures, per search and as mean and spread over seeds:
   search's front (chosen on validation, then judged on held-out data);
 - **hopeless time**: the share of trial time spent on trials whose last validation metric ended more than 10 points
   under the baseline's;
-- **trials** run (refinements not counted).
+- **trials** run (refinements not counted);
+- **measure share**: the share of trial time that is not compression and fine-tuning (writing the artifact, the ONNX
+  export, latency timing, scoring the splits), summed over the trials' last reports. Successive halving over
+  fine-tuning can save at most the other share: on a model whose trials are mostly measurement it has nothing to save.
 
 It states the machine, the budgets and the seeds, asserts nothing, and resumes: a search that finished is read
 back, a half-finished one is run again from scratch (its folder removed), so an interrupted benchmark goes on with
 the same command. Each model's baseline is trained once, before any timed search (``warm-up``).
 
+The whole comparison (default, no-mf, random, no-start, nsga2, gp, botorch; three models, three seeds: 63 searches of
+1.5 to 2 minutes) takes about 2 hours on 2 cores; the three required configurations alone about 55 minutes.
+
     .venv/bin/python benchmarks/search_quality.py --keep /tmp/sq                  # the three required configurations
+    .venv/bin/python benchmarks/search_quality.py --keep /tmp/sq --configs default no-mf random no-start nsga2 gp botorch
     .venv/bin/python benchmarks/search_quality.py --keep /tmp/sq --configs nsga2 tpe gp --models lenet5
 """
 
@@ -68,15 +75,15 @@ REACH = 0.9  # time to 90% of the reference front's useful hypervolume
 
 DROP = "<drop>"  # an override that removes the preset's key
 MODELS = {  # name -> (preset, overrides, budget minutes)
-    "lenet5": ("digits.yaml", {}, 3.0),
+    "lenet5": ("digits.yaml", {}, 1.5),
     "residual_cnn": (
         "digits.yaml",
         # early_exit.after of the preset names LeNet-5's layers: this model's exits go where the default puts them (the middle cut point)
         {"task": {"model": "quality_models:residual_cnn", "dataset_args": {"image_size": 8, "seed": 0}, "train": {"epochs": 40, "lr": 0.003}},
          "space": {"early_exit": {"after": DROP}}},
-        3.0,
+        1.5,
     ),
-    "vit": ("digits-vit.yaml", {}, 4.0),
+    "vit": ("digits-vit.yaml", {}, 2.0),
 }
 CONFIGS = {
     "default": {},
@@ -119,6 +126,7 @@ class Search:
     trials: int
     trial_seconds: float
     hopeless_seconds: float
+    training_seconds: float  # compression + fine-tuning (+ earlier rungs' measurement), as trials log `seconds_training`
     figures: dict[str, float | None] = field(default_factory=dict)
 
 
@@ -223,17 +231,19 @@ def read_search(done, model: str, config: str, seed: int, minutes: float) -> Sea
     by_id = {id(p): p for p in points}
     front = [by_id[int(p.extra["t"])] for p in pareto_front(as_trial, ["accuracy", "size_bytes", "latency_ms"], ["max", "min", "min"], record.constraints)]
     trials = [r for r in runs if "refined_from" not in r.data.tags]
-    seconds = hopeless = 0.0
+    seconds = hopeless = training = 0.0
     for run in trials:
         metrics = run.data.metrics
         spent = metrics.get("seconds_trial", 0.0)
         seconds += spent
+        training += min(spent, metrics.get("seconds_training", 0.0))
         last = metrics.get("accuracy", metrics.get("stopped_accuracy"))
         if last is not None and last < baseline["accuracy"] - HOPELESS:
             hopeless += spent
     return Search(
         model=model, config=config, seed=seed, budget_s=60 * minutes, wall_s=(parent.info.end_time - start) / 1000, baseline=baseline,
         points=points, front=front, trials=len(trials), trial_seconds=seconds, hopeless_seconds=hopeless,
+        training_seconds=training,
     )
 
 
@@ -288,6 +298,7 @@ def figure(searches: list[Search]) -> None:
                 "speed1": best_within(s.front, baseline, 0.01)[1],
                 "hopeless": s.hopeless_seconds / s.trial_seconds if s.trial_seconds else 0.0,
                 "trials": float(s.trials),
+                "measure": 1 - s.training_seconds / s.trial_seconds if s.trial_seconds else 0.0,
             }
 
 
@@ -303,20 +314,20 @@ def spread(values: list[float | None], fmt: str) -> str:
 def report(searches: list[Search]) -> None:
     ratio = lambda v: f"{v:.1f}x" if v else "none"  # noqa: E731
     print("\nPer search (time to 90%: '>' never reached, counted as the budget):")
-    print(f"  {'search':<26} {'t90 s':>7} {'useful HV':>9} {'size<=.5':>8} {'fast<=.5':>8} {'size<=1':>8} {'fast<=1':>8} {'hopeless':>8} {'trials':>6} {'wall s':>6}")
+    print(f"  {'search':<26} {'t90 s':>7} {'useful HV':>9} {'size<=.5':>8} {'fast<=.5':>8} {'size<=1':>8} {'fast<=1':>8} {'hopeless':>8} {'trials':>6} {'wall s':>6} {'measure':>7}")
     for s in searches:
         f = s.figures
         t90 = f"{'' if f['time90_reached'] else '>'}{f['time90']:.0f}"
         print(
             f"  {s.model + '-' + s.config + f'-s{s.seed}':<26} {t90:>7} {f['hv']:>9.3f} {ratio(f['size05']):>8} {ratio(f['speed05']):>8} "
-            f"{ratio(f['size1']):>8} {ratio(f['speed1']):>8} {f['hopeless']:>8.1%} {s.trials:>6} {s.wall_s:>6.0f}"
+            f"{ratio(f['size1']):>8} {ratio(f['speed1']):>8} {f['hopeless']:>8.1%} {s.trials:>6} {s.wall_s:>6.0f} {f['measure']:>7.0%}"
         )
     print("\nMean +- spread (population standard deviation) over seeds:")
     groups: dict[tuple[str, str], list[Search]] = {}
     for s in searches:
         groups.setdefault((s.model, s.config), []).append(s)
     print(f"  {'model':<13} {'config':<9} {'seeds':>5} {'time to 90% (s)':>18} {'useful HV':>15} {'size x <=0.5pt':>16} {'faster <=0.5pt':>15} "
-          f"{'size x <=1pt':>15} {'faster <=1pt':>14} {'hopeless time':>15} {'trials':>11}")
+          f"{'size x <=1pt':>15} {'faster <=1pt':>14} {'hopeless time':>15} {'trials':>11} {'measure share':>15}")
     for (model, config), group in groups.items():
         f = [s.figures for s in group]
         unreached = sum(not x["time90_reached"] for x in f)
@@ -325,7 +336,7 @@ def report(searches: list[Search]) -> None:
             f"  {model:<13} {config:<9} {len(group):>5} {t90:>18} {spread([x['hv'] for x in f], '{:.3f}'):>15} "
             f"{spread([x['size05'] for x in f], '{:.1f}'):>16} {spread([x['speed05'] for x in f], '{:.2f}'):>15} "
             f"{spread([x['size1'] for x in f], '{:.1f}'):>15} {spread([x['speed1'] for x in f], '{:.2f}'):>14} "
-            f"{spread([x['hopeless'] for x in f], '{:.2f}'):>15} {spread([x['trials'] for x in f], '{:.1f}'):>11}"
+            f"{spread([x['hopeless'] for x in f], '{:.2f}'):>15} {spread([x['trials'] for x in f], '{:.1f}'):>11} {spread([x['measure'] for x in f], '{:.2f}'):>15}"
         )
     print("\nTargets (means over seeds):")
     for model in dict.fromkeys(s.model for s in searches):
