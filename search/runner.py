@@ -114,7 +114,7 @@ def time_budget(experiment: Experiment, started: float, concurrency: int) -> Dea
         return None
     refine = experiment.refine
     rounds = math.ceil(refine.count / concurrency) if refine.epochs > 0 and refine.points in ("knee", "potential") else (1 if refine.epochs > 0 else 0)
-    return Deadline(end=started + seconds, refine_rounds=rounds, refine_epochs=refine.epochs)
+    return Deadline(end=started + seconds, refine_rounds=rounds, refine_epochs=refine.epochs, budget=seconds)
 
 
 def abandon_search(experiment: Experiment, config_path: Path, run_id: str, overrides: Overrides = Overrides(), console: Console | None = None) -> None:

@@ -39,6 +39,9 @@ def test_a_promoted_trial_goes_on_from_its_rung_and_ends_where_one_without_rungs
     assert {"accuracy", "test_accuracy", "onnx_accuracy", "size_bytes", "onnx_bytes", "latency_ms"} <= rung.keys()  # measured in full at the rung
     assert rung["size_bytes"] == laddered["size_bytes"]  # the same compressed structure at every rung
     assert rung["latency_ms"] == laddered["latency_ms"] and laddered["latency_rung_epochs"] == 1.0  # timed once, at the first rung
+    # the fine-tuning clock: pure fine-tuning, the compression and the rung's measurement left out
+    assert 0 < rung[evaluate.FINE_TUNING_METRIC] < laddered[evaluate.FINE_TUNING_METRIC] < laddered["seconds_training"]
+    assert laddered[evaluate.FINE_TUNING_METRIC] < laddered["seconds_training"] - rung["seconds_latency"] - rung["seconds_evaluation"]
     # measuring at the rung neither retrains nor perturbs training: the model after 3 epochs is the one without rungs
     assert laddered["accuracy"] == plain["accuracy"] and laddered["test_accuracy"] == plain["test_accuracy"]
     assert (tmp_path / evaluate.ARTIFACT_FILE).is_file()

@@ -58,3 +58,21 @@ def test_the_refined_points_pace_is_the_slow_end_of_the_trials_and_ignores_trial
         ended(deadline, f"t{index}", 0.0, 10.0, {"seconds_training": 2 * per_epoch, "seconds_trial": 2 * per_epoch + 1.0, "epochs_trained": 2.0}, monkeypatch)
     ended(deadline, "stopped", 0.0, 1.0, {"seconds_training": 3.0, "seconds_trial": 3.5, "epochs_trained": 0.25}, monkeypatch)
     assert deadline.refined_point() == 1.0 + 4.0 * 10  # not the median's 1 s an epoch, and not 12 s from the quarter-epoch trial
+
+
+def test_the_pace_is_the_pure_fine_tuning_time_where_a_trial_reports_it(monkeypatch):
+    deadline = Deadline(end=1000.0, refine_rounds=1, refine_epochs=10)
+    # 9 s before measuring, of which 3 s fine-tuning 3 epochs (the rest: compression and the first rung's measurement)
+    ended(deadline, "a", 0.0, 12.0, {"seconds_fine_tuning": 3.0, "seconds_training": 9.0, "seconds_trial": 11.0, "epochs_trained": 3.0}, monkeypatch)
+    assert deadline.epoch_seconds == [1.0] and deadline.overheads == [8.0]
+    assert deadline.refined_point() == 8.0 + 10 * 1.0
+
+
+def test_refinement_keeps_at_most_a_third_of_the_budget(monkeypatch):
+    from search.searcher import REFINE_SHARE
+
+    deadline = Deadline(end=90.0, refine_rounds=2, refine_epochs=15, budget=90.0)
+    assert deadline.reserve() == REFINE_SHARE * 90.0  # nothing measured: a third, not everything
+    ended(deadline, "a", 0.0, 6.0, {"seconds_fine_tuning": 6.0, "seconds_training": 6.5, "seconds_trial": 7.0, "epochs_trained": 3.0}, monkeypatch)
+    assert deadline.refined_point() == 1.0 + 15 * 2.0 and deadline.reserve() == 30.0  # 2 rounds of 31 s capped at 30 s
+    assert deadline.allows(now=90.0 - 30.0 - 6.0) and not deadline.allows(now=90.0 - 30.0 - 5.0)
