@@ -108,6 +108,29 @@ class Deadline:
             return None
         return high(self.overheads) + high(self.epoch_seconds) * self.refine_epochs
 
+    def refined_seconds(self, metrics: dict[str, float]) -> float | None:
+        """Seconds refining the trial with these ``metrics`` should take: its own overhead plus ``refine_epochs`` at its
+        own pace of fine-tuning (on LeNet-5 the front's points fine-tuned at 0.4 to 3.2 s an epoch, and the slow end
+        of every trial left no room for any); the search's ``refined_point`` where the trial reported neither."""
+        fine, total, epochs = metrics.get("seconds_fine_tuning"), metrics.get("seconds_trial"), metrics.get("epochs_trained")
+        if fine is None or total is None or not epochs or epochs < 1:
+            return self.refined_point()
+        return max(0.0, total - fine) + fine / epochs * self.refine_epochs
+
+    def fitting(self, seconds: list[float | None], concurrency: int, now: float | None = None) -> int:
+        """How many refinements of these expected ``seconds`` (best first) end before ``end``, ``concurrency`` at a time,
+        each started on the first free slot; an unknown cost counts as nothing."""
+        left = self.end - (time.time() if now is None else now)
+        slots = [0.0] * max(1, concurrency)
+        count = 0
+        for cost in seconds:
+            slot = min(range(len(slots)), key=slots.__getitem__)
+            if slots[slot] + (cost or 0.0) > left:
+                break
+            slots[slot] += cost or 0.0
+            count += 1
+        return count
+
     def reserve(self) -> float:
         """The seconds kept for refinement: its rounds of a refined point, at most ``REFINE_SHARE`` of the budget (what
         does not fit is trimmed: ``tuning.refine_front``)."""

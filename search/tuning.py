@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -275,18 +274,16 @@ def refine_front(
     chosen = [point for point in points_to_refine(trials, experiment, setup.baseline_metrics, setup.constraints) if point.run_id not in done]
     if not chosen:
         return
-    if deadline is not None:  # a time budget: as many points, best first, as the time left fits at the measured pace
-        point_s = deadline.refined_point()
-        if point_s is not None:
-            rounds = int(max(0.0, deadline.end - time.time()) // point_s)
-            fits = rounds * concurrency
-            if fits < len(chosen):
-                console.print(
-                    f"The time budget leaves room for {fits} of the {len(chosen)} point(s) to refine (about {point_s:.0f} s each, {concurrency} at a time)."
-                )
-                chosen = chosen[:fits]
-            if not chosen:
-                return
+    if deadline is not None:  # a time budget: as many points, best first, as the time left fits, each at its own trial's pace
+        seconds = [deadline.refined_seconds(point.extra) for point in chosen]
+        fits = deadline.fitting(seconds, concurrency)
+        if fits < len(chosen):
+            known = [s for s in seconds if s is not None]
+            each = f"about {min(known):.0f} to {max(known):.0f} s each" if known else "their time unknown"
+            console.print(f"The time budget leaves room for {fits} of the {len(chosen)} point(s) to refine ({each}, {concurrency} at a time).")
+            chosen = chosen[:fits]
+        if not chosen:
+            return
     refine = experiment.refine
     console.print(f"Refining {len(chosen)} front point(s) ({', '.join(p.name for p in chosen)}) with {refine.epochs} epochs of fine-tuning ...")
     longer = replace(

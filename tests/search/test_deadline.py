@@ -76,3 +76,15 @@ def test_refinement_keeps_at_most_a_third_of_the_budget(monkeypatch):
     ended(deadline, "a", 0.0, 6.0, {"seconds_fine_tuning": 6.0, "seconds_training": 6.5, "seconds_trial": 7.0, "epochs_trained": 3.0}, monkeypatch)
     assert deadline.refined_point() == 1.0 + 15 * 2.0 and deadline.reserve() == 30.0  # 2 rounds of 31 s capped at 30 s
     assert deadline.allows(now=90.0 - 30.0 - 6.0) and not deadline.allows(now=90.0 - 30.0 - 5.0)
+
+
+def test_refinement_plans_each_point_at_its_own_trials_pace_and_takes_the_points_that_fit_best_first():
+    deadline = Deadline(end=100.0, refine_rounds=2, refine_epochs=15)
+    deadline.epoch_seconds, deadline.overheads = [3.2], [6.0]  # the search's slow end: 54 s a point
+    quick = {"seconds_fine_tuning": 1.2, "seconds_trial": 5.2, "epochs_trained": 3.0}  # 0.4 s an epoch, 4 s besides
+    assert deadline.refined_seconds(quick) == 4.0 + 0.4 * 15
+    assert deadline.refined_seconds({}) == deadline.refined_point() == 6.0 + 3.2 * 15  # a trial that reported no pace
+    # 35 s left, 2 at a time: 10 s and 10 s on the two slots, 20 s after the first; 30 s after the second would end at 40 s
+    assert deadline.fitting([10.0, 10.0, 20.0, 30.0], concurrency=2, now=65.0) == 3
+    assert deadline.fitting([40.0, 1.0], concurrency=2, now=65.0) == 0  # best first: a point that does not fit ends the list
+    assert deadline.fitting([None, None], concurrency=1, now=99.0) == 2
