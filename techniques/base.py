@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .encoding import TensorEncoding, to_half_grid
-from .inputs import ExitLogits, Inputs, call, logits_of
+from .inputs import ExitLogits, Inputs, WidthLogits, call, logits_of
 
 
 class Stage(IntEnum):
@@ -221,14 +221,25 @@ def all_outputs(model: nn.Module, inputs: Inputs) -> Any:
 
 
 def summed_over_exits(loss_fn: LossFn) -> LossFn:
-    """``loss_fn`` summed over every exit when the model returns several logits (early exits, in training mode)."""
+    """``loss_fn`` summed over every exit when the model returns several logits (early exits, in training mode); for a
+    slimmable network's ``WidthLogits``, the sandwich rule's loss: ``loss_fn`` on the widest network plus in-place
+    distillation of each narrower width drawn for the batch from the widest one's predictions, detached (Yu and
+    Huang, ICCV 2019)."""
 
     def loss(outputs, labels, inputs: Inputs) -> torch.Tensor:
         if isinstance(outputs, ExitLogits):
             return sum(loss_fn(logits, labels, inputs) for logits in outputs)
+        if isinstance(outputs, WidthLogits):
+            teacher = torch.softmax(outputs[0].detach(), dim=-1)
+            return loss_fn(outputs[0], labels, inputs) + sum(soft_cross_entropy(narrower, teacher) for narrower in outputs[1:])
         return loss_fn(outputs, labels, inputs)
 
     return loss
+
+
+def soft_cross_entropy(logits: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against predicted ``probabilities`` (in-place distillation's loss)."""
+    return -(probabilities * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _inputs: Inputs) -> torch.Tensor:

@@ -24,6 +24,11 @@ class ExitLogits(tuple):
     last). A tuple of another kind that a user's model returns is read as ``(logits, ...)``."""
 
 
+class WidthLogits(tuple):
+    """The logits of a slimmable network in training mode: the widest first, then the narrower widths of this batch.
+    The loss trains the widest on the task and the others on its predictions (``base.summed_over_exits``)."""
+
+
 def call(model: nn.Module, inputs: Inputs) -> Any:
     """``model(x)``, ``model(*inputs)`` or ``model(**inputs)``, as the structure says."""
     if isinstance(inputs, Mapping):
@@ -35,9 +40,9 @@ def call(model: nn.Module, inputs: Inputs) -> Any:
 
 def logits_of(outputs: Any) -> Any:
     """The logits in a model's output: the tensor itself, ``outputs["logits"]`` / ``outputs.logits`` (a dict or a
-    Hugging Face ``ModelOutput``), or the first element of a tuple. ``ExitLogits`` pass through whole.
+    Hugging Face ``ModelOutput``), or the first element of a tuple. ``ExitLogits`` and ``WidthLogits`` pass through whole.
     ``TypeError`` naming what came back when none of these holds."""
-    if isinstance(outputs, (torch.Tensor, ExitLogits)):
+    if isinstance(outputs, (torch.Tensor, ExitLogits, WidthLogits)):
         return outputs
     if isinstance(outputs, Mapping):
         if "logits" in outputs and isinstance(outputs["logits"], torch.Tensor):

@@ -1,0 +1,106 @@
+"""Slimmable networks: widths that share one set of weights (``techniques/slimmable.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from netshrink.techniques.base import CompressionContext, summed_over_exits, cross_entropy
+from netshrink.techniques.inputs import WidthLogits
+from netshrink.techniques.pipeline import output_layers
+from netshrink.techniques.slimmable import Slimmable, SlimmableConfig, SlimmableNet, sliced
+from netshrink.tasks.models import lenet5
+from tests.families import mobilenet_v2, resnet18
+from tests.models import Concat, CustomLayer, ResidualBN
+
+SLIM = Slimmable()
+
+
+def apply(model: nn.Module, inputs: torch.Tensor, config: SlimmableConfig = SlimmableConfig()) -> tuple[SlimmableNet, SlimmableConfig]:
+    ctx = CompressionContext(example_inputs=inputs, encodings={}, protected_modules=output_layers(model, inputs), calibration_inputs=inputs)
+    config = SLIM.resolve(model, config, ctx)
+    return SLIM.apply(model, config, ctx), config
+
+
+MODELS = {
+    "lenet5": (lambda: lenet5(image_size=16), (8, 1, 16, 16)),
+    "residual_bn": (ResidualBN, (8, 1, 8, 8)),
+    "concat": (Concat, (8, 1, 8, 8)),
+    "resnet18": (lambda: resnet18(width=16), (4, 3, 32, 32)),
+    "mobilenet_v2": (lambda: mobilenet_v2(width_mult=0.5), (4, 3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_width_sliced_computes_what_it_computes_masked_and_keeps_the_widest_as_it_was(name):
+    torch.manual_seed(0)
+    build, shape = MODELS[name]
+    model = build().eval()
+    inputs = torch.randn(*shape)
+    with torch.no_grad():
+        reference = model(inputs)
+    net, config = apply(model, inputs)  # apply checks masked against sliced at every width (check_widths)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(net(inputs), reference, atol=1e-4)  # reordered channels: the same function at full width
+    sizes = []
+    for index, width in enumerate(net.widths):
+        sub = sliced(net, index, inputs)
+        sizes.append(sum(p.numel() for p in sub.parameters()))
+        with torch.no_grad(), net.at_width(index):
+            assert torch.allclose(sub(inputs), net(inputs), atol=1e-4)
+    assert sizes == sorted(sizes) and sizes[0] < 0.5 * sizes[-1]  # narrower widths are smaller networks
+    assert all(counts[-1] == max(counts) for counts in config.channels.values())
+
+
+def test_training_returns_every_drawn_width_and_the_sandwich_loss_trains_the_narrow_ones_on_the_widest():
+    torch.manual_seed(0)
+    model = ResidualBN()
+    inputs = torch.randn(8, 1, 8, 8)
+    net, _ = apply(model, inputs, SlimmableConfig(narrowest=0.25, count=4, sandwich=1))
+    net.train()
+    outputs = net(inputs)
+    assert isinstance(outputs, WidthLogits) and len(outputs) == 3  # the widest, the narrowest and one drawn between
+    labels = torch.randint(0, 10, (8,))
+    loss = summed_over_exits(cross_entropy)(outputs, labels, inputs)
+    assert loss > cross_entropy(outputs[0], labels, inputs)
+    loss.backward()
+    assert net.model.stem[0].weight.grad is not None
+
+
+def test_running_statistics_move_only_with_the_widest_network():
+    import copy
+
+    torch.manual_seed(0)
+    net, _ = apply(ResidualBN(), torch.randn(8, 1, 8, 8), SlimmableConfig(sandwich=2))
+    widest = copy.deepcopy(net.model).train()
+    batch = torch.randn(8, 1, 8, 8)
+    net.train()
+    with torch.no_grad():
+        assert isinstance(net(batch), WidthLogits)  # the widest and three narrower widths ran on the batch
+        widest(batch)  # the widest alone
+    for (name, norm), twin in zip(((n, m) for n, m in net.model.named_modules() if isinstance(m, nn.BatchNorm2d)), (m for m in widest.modules() if isinstance(m, nn.BatchNorm2d))):
+        assert torch.allclose(norm.running_mean, twin.running_mean) and torch.allclose(norm.running_var, twin.running_var), name
+        assert norm.momentum == twin.momentum
+
+
+def test_a_parameter_outside_known_layers_moves_and_slices_with_its_channels():
+    torch.manual_seed(0)
+    model = CustomLayer().eval()
+    with torch.no_grad():
+        model.scale.gain.copy_(torch.rand_like(model.scale.gain) + 0.5)
+    inputs = torch.randn(4, 1, 8, 8)
+    net, _ = apply(model, inputs)  # reordering checked against the model's outputs, each width's slice against its mask
+    assert sliced(net, 0, inputs).scale.gain.shape[1] < 8
+
+
+def test_group_norm_on_a_sliced_width_is_refused_naming_the_layer():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    with pytest.raises(ValueError, match=r"slimmable: '1' \(GroupNorm\)"):
+        apply(model, torch.randn(4, 1, 8, 8))
+
+
+def test_widths_are_evenly_spaced_from_the_narrowest_to_one():
+    assert SlimmableConfig().widths() == (0.25, 0.5, 0.75, 1.0)
+    assert SlimmableConfig(narrowest=0.5, count=2).widths() == (0.5, 1.0)
