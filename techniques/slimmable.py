@@ -45,7 +45,7 @@ from torch import nn
 
 from .attention import find_head_splits
 from .base import APPLIED, CompressionContext, Stage, Technique, TechniqueConfig, all_outputs
-from .inputs import Inputs, WidthLogits, batch_size, call, logits_of, take
+from .inputs import Inputs, WidthLogits, batch_size, call, logits_of, map_tensors, take
 from .pruning import rounded_kept, whole_width_layers
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -505,6 +505,98 @@ class Slimmable(Technique):
     def rebuild(self, model: nn.Module, config: SlimmableConfig) -> nn.Module:
         """The wrapper with placeholder statistics; the channel groups are attached where a width is run (``attach``)."""
         return SlimmableNet(model, config.widths(), config.channels or {}, config.sandwich)
+
+
+def kept_axes(net: SlimmableNet, index: int, example_inputs: Inputs) -> dict[str, list[torch.Tensor]]:
+    """Per parameter of the width's sub-network (``sliced``), the indices of the widest network's tensor it keeps along
+    each axis. Read by slicing a copy whose every parameter holds its own flat positions (float64: exact to 2^53), so
+    the indices are what Torch-Pruning's slicing took, however the groups couple (concatenations, flattened features)."""
+    positions = copy.deepcopy(net).double()
+    positions.groups = net.groups
+    with torch.no_grad():
+        for parameter in positions.model.parameters():
+            parameter.copy_(torch.arange(parameter.numel(), dtype=torch.float64).reshape(parameter.shape))
+    sub = sliced(positions, index, map_tensors(example_inputs, lambda t: t.double() if t.is_floating_point() else t))
+    shapes = {name: p.shape for name, p in net.model.named_parameters()}
+    kept: dict[str, list[torch.Tensor]] = {}
+    for name, parameter in sub.named_parameters():
+        flat = parameter.detach().to(torch.int64)
+        coordinates = torch.unravel_index(flat, shapes[name])
+        axes = []
+        for axis, coordinate in enumerate(coordinates):
+            line = coordinate.movedim(axis, 0).reshape(coordinate.shape[axis], -1)[:, 0] if coordinate.dim() else coordinate.reshape(1)
+            axes.append(line)
+        expected = torch.arange(math.prod(shapes[name])).reshape(shapes[name])
+        for axis, line in enumerate(axes):
+            expected = expected.index_select(axis, line)
+        if not torch.equal(expected, flat):
+            raise ValueError(f"slimmable: the width {width_name(net.widths[index])} of {name!r} is no slice along its axes")
+        kept[name] = axes
+    return kept
+
+
+class WidthView(nn.Module):
+    """Width ``index`` of a slimmable network as one module to export: the widest network's parameters, each indexed
+    (``index_select``) down to the width's, run through the sub-network's structure. Exported without constant folding,
+    the graph holds the widest weights and the indices, so every width's graph can share one weight file; ONNX
+    Runtime folds the indexing into the weights when the session is made."""
+
+    def __init__(self, net: SlimmableNet, index: int, example_inputs: Inputs) -> None:
+        super().__init__()
+        self.model = net.model  # first: the exported initializers are named as the slimmable network's weights
+        self.skeleton = sliced(net, index, example_inputs)
+        self.kept = kept_axes(net, index, example_inputs) if index < len(net.widths) - 1 else {}
+        self.keys = list(example_inputs) if isinstance(example_inputs, dict) else None
+        self.single = isinstance(example_inputs, torch.Tensor)
+        for name, axes in self.kept.items():
+            for axis, line in enumerate(axes):
+                self.register_buffer(_index_name(name, axis), line, persistent=False)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        full = dict(self.model.named_parameters())
+        if not self.kept:
+            return dict(full)
+        chosen = {}
+        for name, axes in self.kept.items():
+            tensor = full[name]
+            for axis, line in enumerate(axes):
+                if len(line) == tensor.shape[axis]:
+                    continue
+                if torch.equal(line, torch.arange(len(line))):  # a prefix (the common case): a Slice of two numbers, no index list
+                    tensor = tensor.narrow(axis, 0, len(line))
+                else:  # channels of several groups (a concatenation's): a Gather
+                    tensor = tensor.index_select(axis, getattr(self, _index_name(name, axis)))
+            chosen[name] = tensor
+        return chosen
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        modules = dict(self.skeleton.named_modules())
+        swapped = []
+        for name, tensor in self.weights().items():
+            owner, _, attribute = name.rpartition(".")
+            module = modules[owner]
+            swapped.append((module, attribute, module._parameters.pop(attribute)))
+            setattr(module, attribute, tensor)
+        try:
+            inputs = dict(zip(self.keys, tensors)) if self.keys is not None else tensors[0] if self.single else tuple(tensors)
+            return logits_of(call(self.skeleton, inputs))
+        finally:
+            for module, attribute, parameter in swapped:
+                delattr(module, attribute)
+                module._parameters[attribute] = parameter
+
+
+def _index_name(name: str, axis: int) -> str:
+    return f"kept__{name.replace('.', '__')}__{axis}"
+
+
+def attached(net: SlimmableNet, example_inputs: Inputs) -> SlimmableNet:
+    """``net`` with its channel groups, read from its model where it has none yet (a model loaded from an artifact)."""
+    if net.groups is None:
+        from .pipeline import output_layers  # the pipeline imports the registry, which imports this module
+
+        net.attach(channel_groups(net.model, example_inputs, output_layers(net.model, example_inputs)))
+    return net
 
 
 def find_slimmable(model: nn.Module) -> SlimmableNet | None:

@@ -29,6 +29,7 @@ from torch import nn
 from netshrink.techniques import BlockExitNet, EarlyExitNet, TensorEncoding
 from netshrink.techniques.activations import set_enabled as set_activation_quant
 from netshrink.techniques.artifact import LoadedArtifact
+from netshrink.techniques.slimmable import SlimmableNet
 from netshrink.techniques.encoding import INTEGER_BITS, channel_scales, quantize_codes
 from netshrink.techniques.inputs import Inputs, batch_size, describe, forward_logits, input_names, map_tensors, numpy_feed, take, tensors, to_device
 
@@ -99,6 +100,10 @@ def export_onnx(
     """
     model = model.eval().cpu()
     example_inputs = to_device(example_inputs, "cpu")
+    if isinstance(model, SlimmableNet):
+        from .slimmable_export import export_widths
+
+        return export_widths(model, example_inputs, Path(path), encodings, dynamic_axes)
     if isinstance(model, EarlyExitNet):
         graph_model = early_exit_graph(model, example_inputs, encodings)
     elif isinstance(model, BlockExitNet):
@@ -250,12 +255,13 @@ def attention_fast_path_off() -> Iterator[None]:
 
 def export_module(
     module: nn.Module, example_inputs: Inputs, output_names: list[str], encodings: dict[str, TensorEncoding], find_transposed: bool = True,
-    dynamic_axes: DynamicAxes | None = None, wrapped: bool = False,
+    dynamic_axes: DynamicAxes | None = None, wrapped: bool = False, fold_constants: bool = True,
 ) -> onnx.ModelProto:
     """``find_transposed``: also store the weights the exporter transposed into renamed initializers at their width.
     Off for the stages of an early-exit model: inside an ``If`` branch, ONNX Runtime's default QDQ rewrite of
     such a weight (``TransposeDQWeightsForMatMulNBits``) looks for it in the main graph and fails to load.
-    ``wrapped``: ``module`` already takes positional tensors and returns the outputs to export (``encodings`` under its names)."""
+    ``wrapped``: ``module`` already takes positional tensors and returns the outputs to export (``encodings`` under its names).
+    ``fold_constants`` off keeps computations on weights as nodes (a slimmable width indexing the widest weights)."""
     names = input_names(example_inputs)
     with torch.no_grad(), attention_fast_path_off():
         plain = wrapped or isinstance(example_inputs, torch.Tensor) and isinstance(module(example_inputs), (torch.Tensor, tuple))
@@ -277,6 +283,7 @@ def export_module(
             input_names=names,
             output_names=output_names,
             dynamic_axes=axes,
+            do_constant_folding=fold_constants,
             # BatchNorm stays a node: the exporter's own folding writes each convolution's weight anew, as float32 under a
             # made-up name, and a quantized ResNet-18 shipped 44.67 MB of float convolutions (``fold_batchnorm`` folds it after)
             training=torch.onnx.TrainingMode.PRESERVE,

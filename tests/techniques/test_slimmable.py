@@ -104,3 +104,29 @@ def test_group_norm_on_a_sliced_width_is_refused_naming_the_layer():
 def test_widths_are_evenly_spaced_from_the_narrowest_to_one():
     assert SlimmableConfig().widths() == (0.25, 0.5, 0.75, 1.0)
     assert SlimmableConfig(narrowest=0.5, count=2).widths() == (0.5, 1.0)
+
+
+def test_every_width_exports_to_its_own_graph_over_one_weight_file_and_onnx_runtime_computes_what_torch_computes(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from netshrink.deploy.onnx_export import export_onnx
+    from netshrink.deploy.slimmable_export import all_width_files, width_path
+
+    torch.manual_seed(0)
+    model = lenet5(image_size=16).eval()
+    inputs = torch.randn(8, 1, 16, 16)
+    net, _ = apply(model, inputs)
+    net.eval()
+    written = export_onnx(net, inputs[:1], tmp_path / "model.onnx", {})
+    files = all_width_files(tmp_path / "model.onnx", net.widths)
+    assert written == sum(f.stat().st_size for f in files)
+    full_bytes = sum(p.numel() * 4 for p in net.model.parameters())
+    assert full_bytes <= files[-1].stat().st_size < 1.1 * full_bytes  # the weights once
+    assert all(f.stat().st_size < 0.05 * full_bytes for f in files[:-1])  # graphs: structure, indices, statistics
+    for index, width in enumerate(net.widths):
+        session = ort.InferenceSession(str(width_path(tmp_path / "model.onnx", width)), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            expected = sliced(net, index, inputs)(inputs).numpy()
+        computed = session.run(None, {"input": inputs.numpy()})[0]
+        np.testing.assert_allclose(computed, expected, rtol=1e-4, atol=1e-5)
