@@ -210,16 +210,27 @@ def export(
         errors.print(f"[yellow]warning (--force): {result.forced}[/yellow]", highlight=False)
     if result.chosen.infeasible:
         errors.print(f"[yellow]warning: this trial is infeasible: {result.chosen.infeasible}[/yellow]", highlight=False)
+    from netshrink.deploy.slimmable_export import width_path
+    from netshrink.search.front import WIDTH_KEY
+
+    width = point.extra.get(WIDTH_KEY)
+    graph = width_path(Path("model.onnx"), width).name if width is not None else "model.onnx"
     console.print(f"Exported {point.name} (run {point.run_id}), picked {result.chosen.pick}: {point.summary}")
     console.print(
         f"{point.metric_name} {format_metric(point.metric_name, point.accuracy)} "
-        f"(model.onnx on the validation split: {format_metric(point.metric_name, result.onnx_accuracy)}), "
+        f"({graph} on the validation split: {format_metric(point.metric_name, result.onnx_accuracy)}), "
         f"{point.size_bytes / 1e3:.1f} KB, {point.latency_ms:.4f} ms"
     )
     for name, size in result.files.items():
         console.print(f"  {result.folder / name}  {size:,} bytes")
     console.print(f"  {result.folder / 'MODEL_CARD.md'}")
-    console.print(f"Run {result.folder / 'model.onnx'} with numpy and onnxruntime alone (from {result.folder}):")
+    if width is not None:
+        graphs = ", ".join(name for name in result.files if name.endswith(".onnx"))
+        console.print(
+            f"A slimmable network: one set of weights (model.weights) that runs at each width; choose the width by the graph you "
+            f"open ({graphs}), keeping the files together. MODEL_CARD.md gives each width's figures."
+        )
+    console.print(f"Run {result.folder / graph} with numpy and onnxruntime alone (from {result.folder}):")
     console.print(result.snippet.removeprefix("```python\n").removesuffix("\n```"), markup=False, highlight=False)
     if result.registered_version:
         console.print(f"Registered in MLflow as model {register!r}, version {result.registered_version}")

@@ -23,7 +23,10 @@ from netshrink.errors import UserError, describe_validation_error
 from netshrink.integrity import damage, file_sha256
 from netshrink.yaml_file import DuplicateKeyError, read_yaml
 
-from .front import TrialPoint, format_metric, knee_point
+from netshrink.deploy.slimmable_export import all_width_files, width_path
+from netshrink.techniques.slimmable import find_slimmable
+
+from .front import WIDTH_KEY, TrialPoint, format_metric, knee_point
 from .model_card import CardFacts, onnx_snippet, render_card
 from .report import collect_points, load_front
 from .tracking import ARTIFACT_SHA_TAG, CONFIG_ARTIFACT, PARENT_TAG, RECIPE_FILE, ROLE_TAG, SearchRecord, Tracker, default_tracking_uri, is_local, text_sha256
@@ -50,6 +53,7 @@ class Chosen:
     pick: str  # how it was picked, in words
     search: SearchRecord
     infeasible: str = ""  # picked by run id though it misses the search's constraints: which, in words
+    siblings: tuple[TrialPoint, ...] = ()  # a slimmable trial: the points of all its widths (the picked one among them)
 
     @property
     def search_run_id(self) -> str:
@@ -103,7 +107,8 @@ def _choose_on_front(tracker: Tracker, experiment: str, pick: str, min_accuracy:
         best = max(p.accuracy for p in loaded.front)
         raise UserError(f"--min-accuracy {min_accuracy}: no trial on the front of search {loaded.parent_run_id} reaches it (the best has {best:.4f})")
     point = pick_from_front(candidates, pick, loaded.search.objectives)
-    return Chosen(point=point, pick=PICKS[pick], search=loaded.search)
+    siblings = tuple(p for p in loaded.points if p.run_id == point.run_id and WIDTH_KEY in p.extra)
+    return Chosen(point=point, pick=PICKS[pick], search=loaded.search, siblings=siblings)
 
 
 def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: float | None, search_run: str | None) -> Chosen:
@@ -111,6 +116,7 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
     experiment_id = tracker.experiment_id(experiment, create=False)
     if experiment_id is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {tracker.uri}")
+    run_id, _, width_text = run_id.partition("@")  # trial@0.5: a width of a slimmable trial
     run = tracker.find_run(run_id) or _run_by_prefix(tracker, experiment_id, run_id)
     if run is None:
         raise UserError(f"--pick: {run_id!r} is none of {', '.join(PICKS)}, and no MLflow run has that id (or starts with it) at {tracker.uri}")
@@ -122,14 +128,25 @@ def _choose_run(tracker: Tracker, experiment: str, run_id: str, min_accuracy: fl
         raise UserError(f"--search: trial {run_id} belongs to search {parent_id}, not {search_run}")
     search = tracker.search_record(parent_id)
     measured = collect_points(tracker, experiment_id, parent_id, search.metric, include_stopped=True)[0]  # stopped early: measured as it stood
-    point = next((p for p in measured if p.run_id == run_id), None)
-    if point is None:
+    points = sorted((p for p in measured if p.run_id == run_id), key=lambda p: p.extra.get(WIDTH_KEY, 1.0))
+    if not points:
         raise UserError(f"--pick: trial {run_id} did not finish (status {run.info.status}); only finished trials can be exported")
+    point = points[-1]  # a slimmable trial named by its run id alone: its widest width (model.onnx)
+    if width_text:
+        widths = [p.extra[WIDTH_KEY] for p in points if WIDTH_KEY in p.extra]
+        try:
+            point = next(p for p in points if p.extra.get(WIDTH_KEY) == float(width_text))
+        except (ValueError, StopIteration):
+            which = f"its widths are {', '.join(f'{w:g}' for w in widths)}" if widths else "it is no slimmable trial (no widths)"
+            raise UserError(f"--pick: trial {run_id} has no width {width_text!r}: {which}") from None
     if min_accuracy is not None and point.accuracy < min_accuracy:
         raise UserError(f"--min-accuracy {min_accuracy}: trial {run_id} has accuracy {point.accuracy:.4f}, below it")
     misses = search.constraints.misses(point.metrics()) if search.constraints is not None else []
     infeasible = f"it misses the search's constraints: {'; '.join(misses)}" if misses else ""
-    return Chosen(point=point, pick="by its MLflow run id" + (" (INFEASIBLE)" if misses else ""), search=search, infeasible=infeasible)
+    return Chosen(
+        point=point, pick="by its MLflow run id" + (" (INFEASIBLE)" if misses else ""), search=search, infeasible=infeasible,
+        siblings=tuple(p for p in points if WIDTH_KEY in p.extra),
+    )
 
 
 def _run_by_prefix(tracker: Tracker, experiment_id: str, prefix: str):
@@ -305,11 +322,21 @@ def write_files(
     example = task.example()
     # the path the trial took to the ONNX it measured
     export_artifact(loaded, example, folder / ONNX_FILE, task.calibration(), task.dynamic_axes())
-    onnx_accuracy = onnx_evaluate(folder / ONNX_FILE, task.data.val, task.batches, task.metric).value
-    forced = unfaithful(chosen.point, onnx_accuracy)
+    slimmable = find_slimmable(model)
+    width = chosen.point.extra.get(WIDTH_KEY)
+    onnx_file = width_path(folder / ONNX_FILE, width) if width is not None else folder / ONNX_FILE  # the picked width's own graph
+    onnx_accuracy = onnx_evaluate(onnx_file, task.data.val, task.batches, task.metric).value
+    forced = unfaithful(chosen.point, onnx_accuracy, onnx_file.name)
     if forced and not force:
         raise UserError(f"trial {run_id}: {forced}; nothing was written. {redo}, or pass --force to write it anyway (the card then says so)")
-    files = {name: os.path.getsize(folder / name) for name in (ONNX_FILE, ARTIFACT_FILE, RECIPE_FILE)}
+    graphs = [ONNX_FILE] if slimmable is None else [file.name for file in all_width_files(folder / ONNX_FILE, slimmable.widths)]
+    files = {name: os.path.getsize(folder / name) for name in (*graphs, ARTIFACT_FILE, RECIPE_FILE)}
+    widths = ()
+    if slimmable is not None:  # every width's figures, as the search measured them
+        siblings = {p.extra[WIDTH_KEY]: p for p in chosen.siblings}
+        widths = tuple(
+            (w, width_path(folder / ONNX_FILE, w).name, siblings[w].metrics()) for w in slimmable.widths if w in siblings
+        )
     exits = has_exits(model)
     from netshrink.deploy.sizes import size_note
     from netshrink.techniques.inputs import input_names, tensors
@@ -328,17 +355,19 @@ def write_files(
         metric=task.metric.name,
         exit_cuts=tuple(model.cut_names) if exits else (),
         exit_threshold=model.threshold if exits else None,
-        session_config=deployment_config(folder / ONNX_FILE),
+        session_config=deployment_config(onnx_file),
         sha256={name: file_sha256(folder / name) for name in files},
         forced=forced,
         infeasible=chosen.infeasible,
-        size_note=size_note(loaded.encodings, files[ARTIFACT_FILE], files[ONNX_FILE]),
+        size_note=size_note(loaded.encodings, files[ARTIFACT_FILE], sum(files[name] for name in graphs)),
+        widths=widths,
+        onnx_file=onnx_file.name,
     )
     (folder / CARD_FILE).write_text(render_card(facts))
     return Written(files=files, sha256=facts.sha256, onnx_accuracy=onnx_accuracy, snippet=onnx_snippet(facts), forced=forced)
 
 
-def unfaithful(point: TrialPoint, onnx_value: float) -> str:
+def unfaithful(point: TrialPoint, onnx_value: float, onnx_file: str = ONNX_FILE) -> str:
     """Why model.onnx is not the model the trial measured, in words, when its metric on the validation split (``onnx_value``)
     is further than ``FAITHFUL_TOLERANCE`` (relative, for metrics beyond 1) from the one the trial logged for its own
     model.onnx (``onnx_<metric>``; its torch figure for a search that logged none); "" when it is within."""
@@ -348,7 +377,7 @@ def unfaithful(point: TrialPoint, onnx_value: float) -> str:
     if abs(onnx_value - logged) <= FAITHFUL_TOLERANCE * max(1.0, abs(logged)):
         return ""
     return (
-        f"model.onnx scores {name} {format_metric(name, onnx_value)} on the validation split, but the trial logged "
+        f"{onnx_file} scores {name} {format_metric(name, onnx_value)} on the validation split, but the trial logged "
         f"{format_metric(name, logged)} ({key}): more than {FAITHFUL_TOLERANCE:g} apart, so it is not the model the search measured"
     )
 

@@ -36,6 +36,38 @@ class TrialPoint:
         return {self.metric_name: self.accuracy, "size_bytes": self.size_bytes, "latency_ms": self.latency_ms, **self.extra}
 
 
+WIDTH_KEY = "width"  # a slimmable trial's point: its width multiplier (``extra``); every width shares the trial's artifact
+
+
+SHARED_NOTE = (
+    "trial@w: the width w of a slimmable trial, one artifact that runs at each of its widths (the width chosen when it runs); "
+    "its size (shared) is the whole artifact's, the same for every width of it"
+)
+
+
+def width_figures(metrics: dict[str, float]) -> list[tuple[float, dict[str, float]]]:
+    """A slimmable trial's widths, narrowest first, each with its figures under the trial's own names (``accuracy``,
+    ``test_accuracy``, ``latency_ms``, ...; ``size_bytes``: the one artifact's, which every width shares); [] for a trial
+    that is not slimmable."""
+    widths = sorted({float(key[len("width_"):].split("/", 1)[0]) for key in metrics if key.startswith("width_") and "/" in key})
+    found = []
+    for width in widths:
+        prefix = f"width_{width:g}/"
+        figures = {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
+        figures["size_bytes"] = metrics["size_bytes"]
+        found.append((width, figures))
+    return found
+
+
+def operating_point(metrics: dict[str, float], constraints: Constraints | None) -> tuple[float, dict[str, float]] | None:
+    """The width a slimmable trial is judged by where one number per objective is needed (the sampler, MO-ASHA): the
+    narrowest width that meets the constraints, else the widest; None for a trial that is not slimmable."""
+    widths = width_figures(metrics)
+    if not widths:
+        return None
+    return next(((w, f) for w, f in widths if constraints is None or constraints.feasible(f)), widths[-1])
+
+
 PROPORTIONS = ("accuracy", "top5")  # metrics that are shares of samples: shown in %, with Wilson intervals
 
 
@@ -179,8 +211,9 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
         metrics = point.metrics()
         throughput = [f"{metrics['throughput']:,.0f}" if "throughput" in metrics else "-"] if batched else []
         rung = f" (rung {metrics['rung_index']:.0f}/{metrics['rung_of']:.0f})" if metrics.get("rung_index", 1) < metrics.get("rung_of", 1) else ""
+        shared = " (shared)" if WIDTH_KEY in point.extra else ""  # a slimmable width: the one artifact of all its widths
         table.add_row(
-            point.name + rung, with_interval(metrics, metric), with_interval(metrics, f"test_{metric}"), _size(point.size_bytes), smaller,
+            point.name + rung, with_interval(metrics, metric), with_interval(metrics, f"test_{metric}"), _size(point.size_bytes) + shared, smaller,
             _size(metrics["onnx_bytes"]) if "onnx_bytes" in metrics else "-", f"{point.latency_ms:.4f}", faster, *throughput,
             *(["; ".join(misses.get(point.run_id, []))] if misses is not None else []), point.summary,
         )
@@ -208,6 +241,8 @@ def print_front(
         "size: bytes of the compressed artifact file; latency: batch-1 ONNX Runtime CPU time, each trial timed "
         f"in alternation with the baseline (ratio x baseline figure); {accuracy_note(baseline, metric_of(front))}"
     )
+    if any(WIDTH_KEY in point.extra for point in front):
+        console.print(SHARED_NOTE)
 
 
 def front_json(front: list[TrialPoint], baseline: dict[str, float] | None, misses: dict[str, list[str]] | None = None) -> str:
@@ -229,6 +264,8 @@ def front_json(front: list[TrialPoint], baseline: dict[str, float] | None, misse
         if baseline:
             row["size_ratio"] = baseline["size_bytes"] / point.size_bytes
             row["speedup"] = baseline["latency_ms"] / point.latency_ms
+        if WIDTH_KEY in point.extra:
+            row["shares_artifact"] = True  # a slimmable width: the size is the one artifact of all its widths
         row["feasible"] = misses is None
         if misses is not None:
             row["misses"] = misses.get(point.run_id, [])

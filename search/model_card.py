@@ -21,6 +21,16 @@ FILE_ROLES = {
 }
 
 
+def file_role(name: str, slimmable: bool = False) -> str:
+    if slimmable and name == "model.onnx":
+        return "the ONNX graph of the widest width (opset 17), its weights in model.weights: runs with numpy and onnxruntime alone"
+    if name in FILE_ROLES:
+        return FILE_ROLES[name]
+    if name == WEIGHTS_FILE:
+        return "the weights of every width's graph, stored once (ONNX external data)"
+    return "the ONNX graph of one width of the slimmable network (its weights in model.weights)"
+
+
 @dataclass(frozen=True)
 class CardFacts:
     """Everything the card states; gathered by the export, rendered here."""
@@ -43,6 +53,8 @@ class CardFacts:
     forced: str = ""  # written with --force: why export would have refused it
     infeasible: str = ""  # picked by run id though it misses the search's constraints: which
     size_note: str | None = None  # why model.onnx and the artifact differ in size by more than 10% (``deploy.sizes``)
+    widths: tuple[tuple[float, str, dict[str, float]], ...] = ()  # slimmable: (width, its graph's file, its figures), narrowest first
+    onnx_file: str = "model.onnx"  # the graph of the picked point (a slimmable width's own graph)
 
 
 def session_options_in_words(config: dict[str, str]) -> str:
@@ -76,8 +88,9 @@ def metrics_table(facts: CardFacts) -> str:
         f"| size (compressed artifact file) | {base['size_bytes']:,.0f} B | {point.size_bytes:,.0f} B | {_ratio(base['size_bytes'], point.size_bytes, 'smaller', 'larger')} |",
     ]
     if "onnx_bytes" in base and "onnx_bytes" in point.extra:
+        shipped = "every width's ONNX graph and model.weights, the files that ship" if facts.widths else "model.onnx, the file that ships"
         rows.append(
-            f"| size (model.onnx, the file that ships) | {base['onnx_bytes']:,.0f} B | {point.extra['onnx_bytes']:,.0f} B "
+            f"| size ({shipped}) | {base['onnx_bytes']:,.0f} B | {point.extra['onnx_bytes']:,.0f} B "
             f"| {_ratio(base['onnx_bytes'], point.extra['onnx_bytes'], 'smaller', 'larger')} |"
         )
     rows += [
@@ -120,7 +133,7 @@ def onnx_snippet(facts: CardFacts) -> str:
         "options = ort.SessionOptions()  # the options the latency above was measured with\n"
         f"{options}"
         "options.intra_op_num_threads = 1\n"
-        'session = ort.InferenceSession("model.onnx", options, providers=["CPUExecutionProvider"])\n'
+        f'session = ort.InferenceSession("{facts.onnx_file}", options, providers=["CPUExecutionProvider"])\n'
         f"{arrays}"
         f"{run}\n"
         "```"
@@ -147,6 +160,43 @@ def torch_snippet(facts: CardFacts) -> str:
     )
 
 
+def widths_section(facts: CardFacts) -> list[str]:
+    """A slimmable model's widths: one artifact, one graph per width over one weight file, the width chosen by the file opened."""
+    name, base = facts.metric, facts.baseline
+    picked = facts.point.extra.get("width")
+    rows = [
+        f"| width | graph | {name}, validation | {name}, test | latency ms | x faster than the baseline |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for width, file, figures in facts.widths:
+        mark = " (picked)" if width == picked else ""
+        rows.append(
+            f"| {width:g}{mark} | `{file}` | {with_interval(figures, name)} | {with_interval(figures, f'test_{name}')} | "
+            f"{figures['latency_ms']:.4f} | {base['latency_ms'] / figures['latency_ms']:.2f} |"
+        )
+    return [
+        "## Widths",
+        "",
+        "This is a slimmable network: one set of weights that runs at each of these widths (the share of each layer's channels "
+        "it keeps), chosen when it runs. Each width has its own ONNX graph; every graph reads the weights from the one file "
+        f"`{WEIGHTS_FILE}`, which must stay beside them. The size above is the whole artifact's, which all widths share.",
+        "",
+        *rows,
+        "",
+        "Choose the width by the graph you open, with onnxruntime alone (keep the files together):",
+        "",
+        "```python\n"
+        "import onnxruntime as ort\n\n"
+        f'sessions = {{{", ".join(f"{w:g}: ort.InferenceSession({f!r})" for w, f, _ in facts.widths)}}}\n'
+        f"session = sessions[{facts.widths[0][0]:g} if on_battery else {facts.widths[-1][0]:g}]  # e.g. the narrowest when the device saves power\n"
+        "```",
+        "",
+    ]
+
+
+WEIGHTS_FILE = "model.weights"
+
+
 def render_card(facts: CardFacts) -> str:
     point = facts.point
     lines = [
@@ -164,7 +214,7 @@ def render_card(facts: CardFacts) -> str:
         "played no part in the choice, which is why its figure is the one to quote. Size is the compressed artifact file's "
         "size; latency is batch-1 ONNX Runtime CPU time, timed in alternation with the baseline (ratio x the baseline's figure), "
         f"in the session options below ({session_options_in_words(facts.session_config)}). "
-        f"`model.onnx`, checked at export: {facts.metric} {format_metric(facts.metric, facts.onnx_accuracy)} on the validation split, one sample per call.",
+        f"`{facts.onnx_file}`, checked at export: {facts.metric} {format_metric(facts.metric, facts.onnx_accuracy)} on the validation split, one sample per call.",
     ]
     if facts.infeasible:
         lines += ["", f"**Warning, infeasible:** {facts.infeasible}. No trial of the search met its constraints; this one came closest or was chosen by hand."]
@@ -178,6 +228,8 @@ def render_card(facts: CardFacts) -> str:
             f"Early exits: share of the validation samples each exit answered: {where}. "
             "The latency is the mean over the validation set, each sample leaving where it does.",
         ]
+    if facts.widths:
+        lines += ["", *widths_section(facts)]
     lines += [
         "",
         "## Techniques",
@@ -190,7 +242,7 @@ def render_card(facts: CardFacts) -> str:
         "",
         "| file | bytes | SHA-256 | what it is |",
         "|---|---:|---|---|",
-        *[f"| `{name}` | {size:,} | `{facts.sha256.get(name, '')}` | {FILE_ROLES[name]} |" for name, size in facts.files.items()],
+        *[f"| `{name}` | {size:,} | `{facts.sha256.get(name, '')}` | {file_role(name, bool(facts.widths))} |" for name, size in facts.files.items()],
         "",
         "Check that the files are the ones exported: `sha256sum model.onnx compressed.safetensors recipe.json` prints the hashes above.",
         "",

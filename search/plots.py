@@ -24,7 +24,7 @@ from matplotlib.text import Text
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 
 
-from .front import PROPORTIONS, TrialPoint, base_metric, format_metric, metric_of, with_interval
+from .front import PROPORTIONS, WIDTH_KEY, TrialPoint, base_metric, format_metric, metric_of, with_interval
 from .hypervolume import BOX_OVER_BASELINE, front_hypervolume, hypervolume_history
 from .report import LoadedFront
 from .tracking import Tracker
@@ -96,6 +96,18 @@ BELOW_BASELINE = 0.10  # without min_accuracy, the accuracy axis starts 10 point
 BELOW_STYLE = {"s": 22, "marker": "v", "color": "#e0e0e0", "edgecolors": "#909090", "linewidths": 0.6, "zorder": 2}
 
 
+SERIES_STYLE = {"color": "#2b8cbe", "linewidth": 1.0, "alpha": 0.7, "zorder": 1, "marker": None}
+
+
+def width_series(points: Sequence[TrialPoint]) -> list[list[TrialPoint]]:
+    """The points of each slimmable trial, narrowest width first (trials of one point are no series)."""
+    runs: dict[str, list[TrialPoint]] = {}
+    for point in points:
+        if WIDTH_KEY in point.extra:
+            runs.setdefault(point.run_id, []).append(point)
+    return [sorted(series, key=lambda p: p.extra[WIDTH_KEY]) for series in runs.values() if len(series) > 1]
+
+
 def accuracy_window(points: Sequence[TrialPoint], baseline: dict[str, float], min_accuracy: float | None) -> tuple[float, float]:
     """The accuracy axis: from just under ``min_accuracy`` (else the baseline minus 10 points) to just over the best."""
     metric = metric_of(points)
@@ -120,7 +132,7 @@ def pareto_figure(
     """
     figure = Figure(figsize=(11, 5.5), layout="constrained")
     by_size, by_latency = figure.subplots(1, 2, sharey=True)
-    on_front = {point.run_id for point in front}
+    on_front = {(point.run_id, point.name) for point in front}  # a slimmable trial has a point per width, under one run
     tooltips: dict[str, str] = {}
     metric = metric_of(points)
     floor, top = accuracy_window(points, baseline, min_accuracy)
@@ -134,7 +146,7 @@ def pareto_figure(
     for axes, panel, x_of, x_label in panels:
         legend: dict[str, object] = {}
         for index, point in enumerate(points):
-            is_front = point.run_id in on_front
+            is_front = (point.run_id, point.name) in on_front
             under = point.accuracy < floor
             label = "Pareto front" if is_front else f"{len(below)} under {format_metric(metric, floor, 1)} (in the grey strip)" if under else "other finished trials"
             x = x_of(point)
@@ -145,6 +157,9 @@ def pareto_figure(
             legend.setdefault(label, artist)
             if is_front and not under:
                 labels.setdefault(panel, []).append((point.name, x, point.accuracy))
+        for series in width_series(points):  # a slimmable artifact's widths: one connected series
+            line = axes.plot([x_of(p) for p in series], [strip_center if p.accuracy < floor else p.accuracy for p in series], **SERIES_STYLE)[0]
+            legend.setdefault("widths of one slimmable artifact", line)
         base_x = baseline["size_bytes"] / 1e3 if panel == "size" else baseline["latency_ms"]
         artist = axes.scatter([base_x], [baseline[metric]], **BASELINE_STYLE)
         artist.set_gid(f"point-{panel}-baseline")

@@ -174,6 +174,8 @@ def progress_printer(
             elif "rung_epochs" in r and not r.get("final") and r.get("rung_of", 1) > 1:
                 epochs = r["rung_epochs"]
                 stopped = f"stopped at its rung of {epochs:g} epoch{'s' if epochs != 1 else ''} (MO-ASHA), "
+            if "operating_width" in r:  # a slimmable trial: the width it is judged by (trial.as_judged); MLflow has every width
+                stopped += f"at width {r['operating_width']:g} of {r.get('widths', 0):.0f}, "
             print(
                 f"[{label}{self.count()}] {stopped}{_score(metric, r[metric])}  size {r['size_bytes'] / 1e3:.1f} KB "
                 f"({baseline['size_bytes'] / r['size_bytes']:.1f}x smaller)  latency {r['latency_ms']:.4f} ms "

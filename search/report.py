@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from netshrink.errors import UserError
 
-from .front import TrialPoint, closest_to_feasible, pareto_front
+from .front import WIDTH_KEY, TrialPoint, closest_to_feasible, pareto_front, width_figures
 from netshrink.deploy.evaluate import STOPPED
 
 from .tracking import RECIPE_TAG, REFINED_FROM_TAG, SUMMARY_TAG, SearchRecord, Tracker, default_tracking_uri
@@ -41,20 +41,27 @@ def collect_points(
         if (run.info.status != "FINISHED" and not stopped) or not {metric, "size_bytes", "latency_ms"} <= metrics.keys():
             failed += run.info.status == "FAILED"
             continue
-        points.append(
-            TrialPoint(
-                run_id=run.info.run_id,
-                name=run.info.run_name,
-                accuracy=metrics[metric],
-                size_bytes=metrics["size_bytes"],
-                latency_ms=metrics["latency_ms"],
-                recipe=run.data.tags.get(RECIPE_TAG, "{}"),
-                summary=run.data.tags.get(SUMMARY_TAG, ""),
-                extra={k: v for k, v in metrics.items() if k not in {metric, "size_bytes", "latency_ms"}},
-                refined_from=run.data.tags.get(REFINED_FROM_TAG),
-                metric_name=metric,
+        # a slimmable trial: one point per width, each at the width's metric and latency and the one artifact's size
+        widths = width_figures(metrics) or [(None, metrics)]
+        for width, figures in widths:
+            extra = {k: v for k, v in metrics.items() if k not in {metric, "size_bytes", "latency_ms"} and not k.startswith("width_")}
+            if width is not None:
+                extra.update({k: v for k, v in figures.items() if k not in {metric, "size_bytes", "latency_ms"}})
+                extra[WIDTH_KEY] = width
+            points.append(
+                TrialPoint(
+                    run_id=run.info.run_id,
+                    name=run.info.run_name if width is None else f"{run.info.run_name}@{width:g}",
+                    accuracy=figures[metric],
+                    size_bytes=metrics["size_bytes"],
+                    latency_ms=figures["latency_ms"],
+                    recipe=run.data.tags.get(RECIPE_TAG, "{}"),
+                    summary=run.data.tags.get(SUMMARY_TAG, ""),
+                    extra=extra,
+                    refined_from=run.data.tags.get(REFINED_FROM_TAG),
+                    metric_name=metric,
+                )
             )
-        )
     return points, failed
 
 

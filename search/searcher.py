@@ -53,7 +53,7 @@ from netshrink.deploy.stopping import Recovery
 from netshrink.techniques import Pipeline
 
 from .constraints import Constraints
-from .trial import CURVE_KEY, FINAL_KEY, RECOVERY_KEY
+from .trial import CURVE_KEY, FINAL_KEY, OPERATING_WIDTH, RECOVERY_KEY
 
 MAX_REPEATS_IN_A_ROW = 100
 REPEAT_OF = "repeat_of"  # user attribute of a repeat's Optuna trial: the number of the trial it repeats
@@ -65,8 +65,8 @@ Evaluated = dict[str, tuple[int, dict[str, float]]]  # recipe -> (Optuna trial n
 
 
 def annotate(trial, metrics: dict[str, float], constraints: Constraints | None) -> None:
-    """What an answered Optuna trial carries: its constraint values, how far it got if stopped early, and its rung if
-    its figures are a rung's before the last."""
+    """What an answered Optuna trial carries: its constraint values, how far it got if stopped early, its rung if
+    its figures are a rung's before the last, and the width its values are of for a slimmable trial."""
     if constraints is not None:
         for name, value in constraints.violations(metrics).items():
             trial.set_constraint(name, value)
@@ -75,6 +75,8 @@ def annotate(trial, metrics: dict[str, float], constraints: Constraints | None) 
     if RUNG_METRIC in metrics and not metrics.get(FINAL_KEY) and not metrics.get(STOPPED_ATTR):
         trial.set_user_attr(RUNG_ATTR, metrics[RUNG_METRIC])
         trial.set_user_attr("rung_of", metrics.get("rung_of", 0.0))
+    if OPERATING_WIDTH in metrics:  # a slimmable trial: its values are this width's (``trial.as_judged``)
+        trial.set_user_attr(OPERATING_WIDTH, metrics[OPERATING_WIDTH])
 
 
 # The most of a time budget that refinement keeps. Refining a front point fine-tunes it refine.epochs (15 by default,

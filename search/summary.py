@@ -136,7 +136,9 @@ def time_spent(runs: list, spent: dict[str, float]) -> str:
 def print_summary(summary: Summary, name: str, seconds: float, tracking_uri: str, console: Console) -> None:
     if summary.repeats:
         console.print(f"The sampler proposed {summary.repeats} pipeline(s) already evaluated; their earlier results were reused, not retrained.")
-    title = f"Pareto front of {name!r}: {len(summary.front)} of {len(summary.points)} finished trials ({summary.failed} failed), {seconds:.0f} s"
+    runs = len({point.run_id for point in summary.points})
+    widths = f" ({len(summary.points)} points: slimmable trials count a point per width)" if runs < len(summary.points) else ""
+    title = f"Pareto front of {name!r}: {len(summary.front)} of {runs} finished trials{widths} ({summary.failed} failed), {seconds:.0f} s"
     print_front(summary.front, summary.baseline, title=title, console=console, closest=summary.closest, constraints=summary.constraints)
     if summary.advice:
         console.print(summary.advice, highlight=False)

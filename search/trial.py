@@ -24,6 +24,7 @@ from netshrink.memory import PeakMemory
 from netshrink.techniques import Pipeline
 
 from .constraints import Constraints
+from .front import operating_point
 from .tracking import (
     ARTIFACT_SHA_TAG, ONNX_SHA_TAG, DEVICE_TAG, ERROR_TAG, FEASIBLE_TAG, NODE_TAG, NOTES_TAG, OPTUNA_TRIAL_TAG, RECIPE_FILE, RECIPE_TAG, REFINED_FROM_TAG,
     PROGRESS_TAG, STOP_REASON_TAG, STOPPED_AT_TAG, STOPPED_TAG, SUMMARY_TAG, TUNE_TRIAL_TAG, DEFAULT_TIMEOUT_S, Tracker, flatten,
@@ -133,7 +134,7 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             """A rung: the figures and the artifact logged as the run's own (a trial stopped here ends with them), then
             reported; Tune's scheduler answers by letting ``tune.report`` return (go on) or by ending this thread."""
             record(metrics, peak=None)
-            tune.report({**metrics, "mlflow_run_id": run_id, CURVE_KEY: encode_curve(curve)})
+            tune.report({**as_judged(metrics, setup.constraints), "mlflow_run_id": run_id, CURVE_KEY: encode_curve(curve)})
             return True
 
         def record(metrics: dict[str, float], peak: PeakMemory | None) -> None:
@@ -179,7 +180,21 @@ def _run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         tracker.stopped(run_id)
     else:
         tracker.finish(run_id)
-    tune.report({**metrics, "mlflow_run_id": run_id, CURVE_KEY: encode_curve(curve), FINAL_KEY: 1.0})
+    tune.report({**as_judged(metrics, setup.constraints), "mlflow_run_id": run_id, CURVE_KEY: encode_curve(curve), FINAL_KEY: 1.0})
+
+
+def as_judged(metrics: dict[str, float], constraints) -> dict[str, float]:
+    """The figures the sampler and MO-ASHA judge a trial by: its own, or for a slimmable trial those of its operating
+    width (``front.operating_point``: the narrowest that meets the constraints), with ``OPERATING_WIDTH`` saying which.
+    MLflow keeps the trial's own figures (the widest width's) and every width's under ``width_<w>/``."""
+    point = operating_point(metrics, constraints)
+    if point is None:
+        return metrics
+    width, figures = point
+    return {**metrics, **figures, OPERATING_WIDTH: width}
+
+
+OPERATING_WIDTH = "operating_width"
 
 
 RECOVERY_KEY = "recovery"  # key of a trial's config: the stop rule's recovery table as the search had calibrated it

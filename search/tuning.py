@@ -272,6 +272,7 @@ def refine_front(
     done = {point.refined_from for point in points if point.refined_from}
     trials = [p for p in points if p.refined_from is None]
     chosen = [point for point in points_to_refine(trials, experiment, setup.baseline_metrics, setup.constraints) if point.run_id not in done]
+    chosen = list({point.run_id: point for point in reversed(chosen)}.values())[::-1]  # a slimmable trial once, not once per width
     if not chosen:
         return
     if deadline is not None:  # a time budget: as many points, best first, as the time left fits, each at its own trial's pace

@@ -12,6 +12,7 @@ from .lowrank import LowRank
 from .pruning import Pruning
 from .quantization import Quantization
 from .separable import Separable
+from .slimmable import Slimmable
 
 REGISTRY: dict[str, Technique] = {
     technique.kind: technique
@@ -19,6 +20,7 @@ REGISTRY: dict[str, Technique] = {
         Separable(),
         LowRank(),
         EarlyExit(),
+        Slimmable(),
         Distillation(),
         Pruning(),
         Quantization(),

@@ -19,10 +19,12 @@ from netshrink.node_lock import compute_slot
 from netshrink.metrics import interval_metrics
 from netshrink.tasks.task import Task, load_task
 from netshrink.techniques import Compressed, Pipeline, compress, has_exits, load_artifact, save_artifact
+from netshrink.techniques.slimmable import SlimmableNet, attached, find_slimmable, sliced, width_name
 from netshrink.training import predict, train
 
 from .measure import measure_relative_latency, onnx_evaluate, throughput
 from .onnx_export import deployment_config, export_artifact, export_onnx
+from .slimmable_export import width_path
 from .stopping import Checkpoint, FineTuneMonitor, StopRule
 
 ARTIFACT_FILE = "compressed.safetensors"
@@ -222,10 +224,15 @@ def measure_compressed(
     (workdir / RECIPE_FILE).write_text(json.dumps(compressed.pipeline.model_dump(mode="json"), indent=2))
     if compressed.notes:
         (workdir / NOTES_FILE).write_text("\n".join(compressed.notes))
+    slimmable = find_slimmable(restored)
+    narrower = list(enumerate(slimmable.widths[:-1])) if slimmable is not None else []  # the widest is model.onnx itself
     started = time.perf_counter()
     if timing:
         try:
             latency = {**time_latency(setup, task, workdir / ONNX_FILE, reference), "latency_rung_epochs": float(epochs)}
+            for _, width in narrower:  # each width as deployed: its own graph over the shared weights
+                figures = time_latency(setup, task, width_path(workdir / ONNX_FILE, width), reference)
+                latency.update({f"{width_prefix(width)}{name}": value for name, value in figures.items()})
         finally:
             reference.unlink()
     seconds_latency = time.perf_counter() - started
@@ -234,6 +241,8 @@ def measure_compressed(
     # with early exits: each sample answered by the exit it leaves at
     scores = split_scores(task, restored)
     scores[f"onnx_{metric.name}"] = exported.value
+    if slimmable is not None:
+        scores.update(width_scores(task, slimmable, example, workdir / ONNX_FILE, scores, latency))
     seconds_evaluation = time.perf_counter() - started
     base = setup.baseline_metrics
     metrics = {
@@ -259,6 +268,30 @@ def measure_compressed(
     metrics["speedup"] = base["latency_ms"] / metrics["latency_ms"]  # the inverse of the timed ratio to the baseline
     metrics[f"{metric.name}_delta"] = metrics[metric.name] - base[metric.name]
     return metrics, latency
+
+
+def width_prefix(width: float) -> str:
+    """``width_0.5/``: the prefix of a slimmable width's metrics (``width_0.5/accuracy``, ``width_0.5/latency_ms``)."""
+    return f"width_{width_name(width)}/"
+
+
+def width_scores(task: Task, net: SlimmableNet, example, onnx_file: Path, widest: dict[str, float], latency: dict[str, float]) -> dict[str, float]:
+    """Each width of a slimmable network measured as it is deployed: the metric of its sliced network on the validation
+    and test splits (with their intervals), and of its own ONNX graph on the validation split, under ``width_<w>/``; the
+    widest's are the trial's own figures (``model.onnx`` is the widest), repeated under its prefix with its latency."""
+    name = task.metric.name
+    net = attached(net, example)
+    scores: dict[str, float] = {"widths": float(len(net.widths))}
+    for index, width in enumerate(net.widths):
+        prefix = width_prefix(width)
+        if index == len(net.widths) - 1:
+            figures = {key: value for key, value in widest.items()}
+            figures.update({key: value for key, value in latency.items() if not key.startswith("width_")})
+        else:
+            figures = split_scores(task, sliced(net, index, example))
+            figures[f"onnx_{name}"] = onnx_evaluate(width_path(onnx_file, width), task.data.val, task.batches, task.metric).value
+        scores.update({f"{prefix}{key}": value for key, value in figures.items() if key != "latency_rung_epochs"})
+    return scores
 
 
 def time_latency(setup: RecipeSetup, task: Task, model_file: Path, reference: Path) -> dict[str, float]:

@@ -37,6 +37,11 @@ SEARCHES = {
         space:
           early_exit: {enabled: true, after: "pool1+pool2", threshold: 0.8}
         """,
+    "slimmable": """
+        search: {trials: 1, max_concurrent: 1, sampler: random, seed: 1}
+        space:
+          slimmable: {enabled: true, narrowest: 0.5, count: 2}
+        """,
     "static": """
         search: {trials: 1, max_concurrent: 1, sampler: random, seed: 1}
         space:
@@ -76,7 +81,7 @@ def netshrink(*args, cwd):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """Three searches in one folder (they share the cached baseline): plain, with early exits, static int8."""
+    """Four searches in one folder (they share the cached baseline): plain, with early exits, slimmable, static int8."""
     folder = tmp_path_factory.mktemp("export")
     (folder / "tinynet.py").write_text(TINYNET)
     for name, rest in SEARCHES.items():
@@ -117,19 +122,26 @@ def static_export(workdir):
     return workdir / "static-out", result.stdout
 
 
+@pytest.fixture(scope="module")
+def slimmable_export(workdir):
+    result = netshrink("export", "-e", "slimmable", "--pick", "fastest", "--out", "slim-out", cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir / "slim-out", result.stdout
+
+
 def exported_run_id(stdout: str) -> str:
     return re.search(r"\(run ([0-9a-f]{32})\)", stdout).group(1)
 
 
-def run_onnx_alone(folder: Path, tmp_path: Path) -> dict:
-    """The validation split through model.onnx in an interpreter with only numpy and onnxruntime."""
+def run_onnx_alone(folder: Path, tmp_path: Path, graph: str = "model.onnx") -> dict:
+    """The validation split through ``graph`` in an interpreter with only numpy and onnxruntime."""
     val = load_data("digits", {"image_size": 16}).val
     inputs = np.stack([np.asarray(val[i][0], dtype=np.float32) for i in range(len(val))])
     labels = np.array([int(val[i][1]) for i in range(len(val))])
     np.savez(tmp_path / "val.npz", inputs=inputs, labels=labels)
     (tmp_path / "onnx_only.py").write_text(ONNX_ONLY)
     result = subprocess.run(
-        [sys.executable, "-I", str(tmp_path / "onnx_only.py"), str(folder / "model.onnx"), str(tmp_path / "val.npz")],
+        [sys.executable, "-I", str(tmp_path / "onnx_only.py"), str(folder / graph), str(tmp_path / "val.npz")],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -335,3 +347,26 @@ def test_a_model_onnx_scoring_other_than_logged_is_refused_and_force_writes_it_w
     assert forced.returncode == 0, forced.stderr
     card = (workdir / "forced" / "MODEL_CARD.md").read_text()
     assert "exported with `--force`:** model.onnx scores" in card and all(figure in card for figure in both) and "warning (--force)" in forced.stderr
+
+
+def test_a_slimmable_trial_exports_a_graph_per_width_over_one_weight_file_each_at_its_logged_accuracy(slimmable_export, client, workdir, tmp_path):
+    folder, stdout = slimmable_export
+    run = trials(client, "slimmable")[exported_run_id(stdout)]
+    metrics = run.data.metrics
+    assert "trial-000@0.5" in stdout and "model.width_0.5.onnx" in stdout  # the fastest point: the narrow width's own graph
+    assert sorted(os.listdir(folder)) == ["MODEL_CARD.md", "compressed.safetensors", "model.onnx", "model.weights", "model.width_0.5.onnx", "recipe.json"]
+    for width, graph in ((0.5, "model.width_0.5.onnx"), (1.0, "model.onnx")):  # onnxruntime alone, every width
+        measured = run_onnx_alone(folder, tmp_path, graph)
+        assert abs(measured["accuracy"] - metrics[f"width_{width:g}/onnx_accuracy"]) <= 0.001
+        assert abs(measured["accuracy"] - metrics[f"width_{width:g}/accuracy"]) <= 0.001  # the sliced torch network the trial scored
+    assert metrics["width_0.5/latency_ms"] < metrics["width_1/latency_ms"]
+    # the weights once: the one weight file holds what the artifact holds (float32 here), the graphs only indices and statistics
+    assert os.path.getsize(folder / "model.weights") <= metrics["size_bytes"] < 1.01 * os.path.getsize(folder / "model.weights")
+    assert os.path.getsize(folder / "model.width_0.5.onnx") < 0.05 * metrics["size_bytes"]
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "## Widths" in card and "| 0.5 (picked) | `model.width_0.5.onnx` |" in card and "ort.InferenceSession('model.width_0.5.onnx')" in card
+    # a width named by its run id and the width, as the front lists it
+    again = netshrink("export", "-e", "slimmable", "--pick", f"{run.info.run_id[:8]}@1", "--out", "slim-wide", cwd=workdir)
+    assert again.returncode == 0 and "trial-000@1 " in again.stdout, again.stdout + again.stderr
+    wrong = netshrink("export", "-e", "slimmable", "--pick", f"{run.info.run_id[:8]}@0.3", "--out", "slim-none", cwd=workdir)
+    assert wrong.returncode == 2 and "has no width '0.3': its widths are 0.5, 1" in wrong.stdout + wrong.stderr

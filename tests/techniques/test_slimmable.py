@@ -130,3 +130,42 @@ def test_every_width_exports_to_its_own_graph_over_one_weight_file_and_onnx_runt
             expected = sliced(net, index, inputs)(inputs).numpy()
         computed = session.run(None, {"input": inputs.numpy()})[0]
         np.testing.assert_allclose(computed, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_recipe_replays_every_width_and_the_artifact_reloads_each_one(tmp_path):
+    from netshrink.techniques import Pipeline, compress, load_artifact, save_artifact
+    from netshrink.techniques.slimmable import attached, find_slimmable
+
+    torch.manual_seed(0)
+    model = ResidualBN().eval()
+    inputs = torch.randn(16, 1, 8, 8)
+    pipeline = Pipeline(steps=[SlimmableConfig(narrowest=0.25, count=3)])
+    first = compress(model, pipeline, inputs[:1], calibration_inputs=inputs, seed=2)
+    replayed = compress(model, Pipeline.from_recipe(first.pipeline.recipe()), inputs[:1], calibration_inputs=inputs, seed=2)
+    assert first.pipeline.steps[0].channels and replayed.pipeline == first.pipeline  # the channels each width keeps, recorded
+    save_artifact(tmp_path / "m.safetensors", first.model, first.encodings, first.pipeline.recipe())
+    loaded = attached(find_slimmable(load_artifact(tmp_path / "m.safetensors", ResidualBN()).model), inputs[:1])
+    nets = [attached(find_slimmable(first.model), inputs[:1]), attached(find_slimmable(replayed.model), inputs[:1]), loaded]
+    for index in range(3):
+        with torch.no_grad():
+            outputs = [sliced(net, index, inputs[:1])(inputs) for net in nets]
+        assert torch.equal(outputs[0], outputs[1]) and torch.allclose(outputs[0], outputs[2], atol=1e-6)
+
+
+def test_one_slimmable_artifact_is_smaller_than_a_separate_model_per_width(tmp_path):
+    """The bytes counted: the slimmable artifact (every width) against the separately pruned artifacts, one per narrower
+    width (channel pruning keeping the same share), plus the widest model itself."""
+    from netshrink.techniques import Pipeline, PruningConfig, compress, save_artifact
+
+    torch.manual_seed(0)
+    model = lenet5(image_size=16).eval()
+    inputs = torch.randn(16, 1, 16, 16)
+    config = SlimmableConfig(narrowest=0.25, count=4)
+    slim = compress(model, Pipeline(steps=[config]), inputs[:1], calibration_inputs=inputs)
+    slim_bytes = save_artifact(tmp_path / "slim.safetensors", slim.model, slim.encodings, slim.pipeline.recipe())
+    separate = [save_artifact(tmp_path / "base.safetensors", model, {}, Pipeline().recipe())]
+    for width in config.widths()[:-1]:
+        pruned = compress(model, Pipeline(steps=[PruningConfig(granularity="channel", ratio=1 - width)]), inputs[:1])
+        separate.append(save_artifact(tmp_path / f"w{width}.safetensors", pruned.model, pruned.encodings, pruned.pipeline.recipe()))
+    print(f"slimmable {slim_bytes:,} B against separate models {separate} = {sum(separate):,} B")
+    assert slim_bytes < sum(separate) and slim_bytes < 1.02 * separate[0]  # the widest once, plus a few statistics
