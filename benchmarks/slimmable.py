@@ -14,7 +14,15 @@ Both fine-tune ``--epochs`` (the slimmable network's epoch trains every width dr
 spread over seeds, the test accuracy and its change from the baseline, the latency and the speedup over the widest
 width, and the bytes that ship: the one slimmable artifact against the sum of the separate ones. Then the issue's
 target: the widest within 1 point of the baseline's test accuracy, the narrowest at least 3x faster than the widest and
-within 3 points. A benchmark, not a test: it asserts nothing.
+within 3 points.
+
+Last, the ONNX layout (``--layouts``, on the first seed's network): the two ways to run a width chosen at run time,
+each width timed at batch 1 in alternation between them (ONNX Runtime, 1 thread):
+
+- ``graph per width``: what netshrink ships, one graph per width over one shared weight file (``slimmable_export``);
+- ``width input``: one graph with a ``width`` input (an index) and an ``If`` per width over the same initializers.
+
+A benchmark, not a test: it asserts nothing.
 
     .venv/bin/python benchmarks/slimmable.py                       # seeds 0 1 2, 10 epochs
     .venv/bin/python benchmarks/slimmable.py --seeds 0 --epochs 3 --keep /tmp/slim
@@ -35,7 +43,7 @@ WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
 def spread(values: list[float], fmt: str) -> str:
     sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{fmt.format(statistics.fmean(values))} +- {fmt.format(sd)}"
+    return f"{fmt.format(statistics.fmean(values))} +- {fmt.replace('+', '').format(sd)}"
 
 
 def main() -> None:
@@ -43,6 +51,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs of every model (default 10)")
     parser.add_argument("--keep", type=Path, help="working folder (the cached baseline); default: a temporary one")
+    parser.add_argument("--layouts", action=argparse.BooleanOptionalAction, default=True, help="also time the two ONNX layouts (default on)")
     args = parser.parse_args()
     workdir = (args.keep or Path(tempfile.mkdtemp(prefix="netshrink-slimmable-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -64,12 +73,16 @@ def main() -> None:
     print(f"Baseline: test accuracy {base['test_accuracy']:.2%}, {base['size_bytes'] / 1e3:.1f} KB, {base['latency_ms']:.4f} ms at batch 1")
 
     slim: dict[float, list[dict]] = {w: [] for w in WIDTHS}
+    first_artifact: Path | None = None
     separate: dict[float, list[dict]] = {w: [] for w in WIDTHS[:-1]}
     sizes: dict[str, list[float]] = {"slimmable": [], "separate": []}
     for seed in args.seeds:
         setup = make_setup(experiment, baseline, seed, early_stopping=False)
         with tempfile.TemporaryDirectory() as folder:
             metrics = evaluate_recipe(setup, Pipeline(steps=[SlimmableConfig(narrowest=WIDTHS[0], count=len(WIDTHS))]), Path(folder))
+            if first_artifact is None:
+                first_artifact = workdir / "slimmable.safetensors"
+                first_artifact.write_bytes((Path(folder) / "compressed.safetensors").read_bytes())
         sizes["slimmable"].append(metrics["size_bytes"])
         for width in WIDTHS:
             prefix = f"width_{width_name(width)}/"
@@ -114,6 +127,95 @@ def main() -> None:
         f"narrowest at least 3x faster than the widest, within 3 points: {speedup:.2f}x, {narrow_drop:+.2f} pt under the baseline "
         f"({'met' if speedup >= 3 and narrow_drop <= 3 else 'missed'})"
     )
+
+    if args.layouts and first_artifact is not None:
+        layouts(first_artifact, experiment)
+
+
+def layouts(artifact: Path, experiment, repeats: int = 2000, rounds: int = 5) -> None:
+    """Each width of the slimmable network in ``artifact``, timed at batch 1 as one graph per width over a shared weight
+    file and as one graph with a width input, in alternation (``rounds`` of ``repeats`` calls each, the median round)."""
+    import time
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from netshrink.deploy.onnx_export import export_module
+    from netshrink.deploy.slimmable_export import export_widths, fold_index_arithmetic, width_path
+    from netshrink.tasks.task import load_task
+    from netshrink.techniques import load_artifact
+    from netshrink.techniques.slimmable import WidthView, attached, find_slimmable
+
+    task = load_task(experiment.task, str(ROOT / "spaces"))
+    example = task.example()
+    net = attached(find_slimmable(load_artifact(artifact, task.build_model()).model), example)
+    folder = Path(tempfile.mkdtemp(prefix="netshrink-layouts-"))
+    export_widths(net, example, folder / "model.onnx", {})
+    graphs = []
+    for index in range(len(net.widths)):
+        graph = export_module(WidthView(net, index, example).eval(), example, ["logits"], {}, wrapped=True, fold_constants=False)
+        fold_index_arithmetic(graph)
+        graphs.append(graph)
+    shared = {init.name: init for init in graphs[-1].graph.initializer}
+
+    def branch(graph: onnx.ModelProto, index: int) -> onnx.GraphProto:
+        outer = {value.name for value in graph.graph.input} | set(shared)
+        rename = lambda name: name if (not name or name in outer) else f"w{index}/{name}"  # noqa: E731
+        nodes, inner = [], [init for init in graph.graph.initializer if init.name not in shared]
+        for node in graph.graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            del copy.input[:], copy.output[:]
+            copy.input.extend(rename(n) for n in node.input)
+            copy.output.extend(rename(n) for n in node.output)
+            copy.name = f"w{index}/{node.name}"
+            nodes.append(copy)
+        for init in inner:
+            init.name = rename(init.name)
+        return helper.make_graph(nodes, f"width{index}", [], [helper.make_tensor_value_info(rename("logits"), TensorProto.FLOAT, None)], initializer=inner)
+
+    def chain(index: int) -> onnx.GraphProto:
+        if index == len(graphs) - 1:
+            return branch(graphs[index], index)
+        nodes = [
+            helper.make_node("Constant", [], [f"c{index}"], value=helper.make_tensor(f"c{index}v", TensorProto.INT64, [], [index])),
+            helper.make_node("Equal", ["width", f"c{index}"], [f"is{index}"]),
+            helper.make_node("If", [f"is{index}"], [f"out{index}"], then_branch=branch(graphs[index], index), else_branch=chain(index + 1)),
+        ]
+        return helper.make_graph(nodes, f"chain{index}", [], [helper.make_tensor_value_info(f"out{index}", TensorProto.FLOAT, None)])
+
+    top = chain(0)
+    inputs = [*graphs[-1].graph.input, helper.make_tensor_value_info("width", TensorProto.INT64, [])]
+    main = helper.make_graph(list(top.node), "slimmable", inputs, [helper.make_tensor_value_info("out0", TensorProto.FLOAT, None)], initializer=list(shared.values()))
+    single = helper.make_model(main, opset_imports=graphs[-1].opset_import)
+    onnx.save(single, folder / "width_input.onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    one = ort.InferenceSession(str(folder / "width_input.onnx"), options, providers=["CPUExecutionProvider"])
+    sample = task.batches.feeds(task.data.val)[0]
+    print(f"\nONNX layouts (batch 1, 1 thread, median of {rounds} alternating rounds of {repeats} calls; first seed's network):")
+    print(f"  {'width':>5} {'graph per width (ms)':>21} {'width input (ms)':>17} {'ratio':>7}")
+    for index, width in enumerate(net.widths):
+        per_width = ort.InferenceSession(str(width_path(folder / "model.onnx", width)), options, providers=["CPUExecutionProvider"])
+        feeds = (per_width, sample), (one, {**sample, "width": np.array(index, dtype=np.int64)})
+        expected = per_width.run(None, sample)[0]
+        assert np.allclose(one.run(None, feeds[1][1])[0], expected, atol=1e-5)
+        times: list[list[float]] = [[], []]
+        for session, feed in feeds:
+            for _ in range(200):
+                session.run(None, feed)
+        for _ in range(rounds):
+            for slot, (session, feed) in enumerate(feeds):
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    session.run(None, feed)
+                times[slot].append(1e3 * (time.perf_counter() - started) / repeats)
+        a, b = (statistics.median(t) for t in times)
+        print(f"  {width:>5g} {a:>21.4f} {b:>17.4f} {b / a:>7.2f}")
+    sizes = sum(f.stat().st_size for f in folder.glob("model*"))
+    print(f"  files: graph per width {sizes:,} B in all; width input {(folder / 'width_input.onnx').stat().st_size:,} B")
 
 
 if __name__ == "__main__":

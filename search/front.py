@@ -182,6 +182,20 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes:.0f} B"
 
 
+def series_together(points: list[TrialPoint]) -> list[TrialPoint]:
+    """``points`` in their order, but each slimmable trial's widths in one run of rows, widest first, where its first
+    width stands: one artifact reads as one series."""
+    ordered: list[TrialPoint] = []
+    placed: set[str] = set()
+    for point in points:
+        if WIDTH_KEY not in point.extra:
+            ordered.append(point)
+        elif point.run_id not in placed:
+            placed.add(point.run_id)
+            ordered += sorted((p for p in points if p.run_id == point.run_id and WIDTH_KEY in p.extra), key=lambda p: -p.extra[WIDTH_KEY])
+    return ordered
+
+
 def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, title: str, misses: dict[str, list[str]] | None = None) -> Table:
     """The front as a table; ``misses`` (run id -> the constraints it breaks) adds that column, for infeasible trials."""
     table = Table(title=title, title_justify="left")
@@ -205,7 +219,7 @@ def front_table(front: list[TrialPoint], baseline: dict[str, float] | None, titl
             _size(baseline["onnx_bytes"]) if "onnx_bytes" in baseline else "-", f"{baseline['latency_ms']:.4f}", "1.0", *throughput,
             *([""] if misses is not None else []), "uncompressed", style="dim",
         )
-    for point in front:
+    for point in series_together(front):
         smaller = f"{baseline['size_bytes'] / point.size_bytes:.1f}" if baseline else "-"
         faster = f"{baseline['latency_ms'] / point.latency_ms:.2f}" if baseline else "-"
         metrics = point.metrics()

@@ -40,7 +40,6 @@ INFORMED_START: tuple[StartPoint, ...] = (
     {"lowrank": {"rank_fraction": 0.2}},
     {"separable": {"which": "last"}},
     {"early_exit": {"threshold": 0.9}},
-    {"slimmable": {"narrowest": 0.25, "count": 4}},
     {"distillation": {"temperature": 4.0, "alpha": 0.5}, "pruning": {"granularity": "channel", "ratio": 0.5, "steps": 1}},
     {"pruning": {"granularity": "channel", "ratio": 0.45, "steps": 1, "importance": "l2"}, "quantization": {"allocation": "uniform", "bits": 2}},
     {"pruning": {"granularity": "channel", "ratio": 0.65, "steps": 1, "importance": "l2"}, "quantization": {"allocation": "uniform", "bits": 4}},
@@ -49,6 +48,8 @@ INFORMED_START: tuple[StartPoint, ...] = (
     {"pruning": {"granularity": "weight", "ratio": 0.95, "steps": 2, "scope": "global"}, "quantization": {"allocation": "uniform", "bits": 4}},
     {"pruning": {"granularity": "weight", "ratio": 0.95, "steps": 2, "scope": "global"}, "quantization": {"allocation": "sensitivity", "average_bits": 2.0}},
     {"pruning": {"granularity": "weight", "ratio": 0.95, "steps": 2, "scope": "global"}, "quantization": {"allocation": "uniform", "bits": 2}},
+    # dynamic width, last: a width per budget from one artifact (README, "Dynamic width"; benchmarks/slimmable.py)
+    {"slimmable": {"narrowest": 0.25, "count": 4}},
 )
 
 

@@ -21,16 +21,16 @@ from .inputs import ExitLogits, Inputs, WidthLogits, call, logits_of
 
 
 class Stage(IntEnum):
-    """Where a technique sits in a pipeline: architecture -> early exits -> distillation -> pruning -> quantization."""
+    """Where a technique sits in a pipeline: architecture -> early exits or widths -> distillation -> pruning -> quantization."""
 
     ARCHITECTURE = 0
-    DYNAMIC = 1  # early exits attach to the final architecture; everything after trains and compresses them too
+    DYNAMIC = 1  # early exits or slimmable widths attach to the final architecture; everything after trains and compresses them too
     DISTILLATION = 2
     PRUNING = 3
     QUANTIZATION = 4
 
 
-ORDER = "architecture -> early exits -> distillation -> pruning -> quantization"
+ORDER = "architecture -> early exits or widths -> distillation -> pruning -> quantization"
 
 
 # ``Field(json_schema_extra=APPLIED)`` marks a field that the technique fills in when it applies (the layers

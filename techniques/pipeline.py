@@ -27,7 +27,7 @@ Step = Annotated[
 
 
 class Pipeline(BaseModel):
-    """Techniques in application order: architecture -> early exits -> distillation -> pruning -> quantization."""
+    """Techniques in application order: architecture -> early exits or widths -> distillation -> pruning -> quantization."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -23,6 +23,7 @@ from .base import (
     PER_LAYER, CompressionContext, Stage, Technique, TechniqueConfig, attribute_of, compressible_weights, per_layer, round_bias_to_half,
 )
 from . import activations
+from .slimmable import find_slimmable
 from .allocation import allocated_widths
 from .encoding import INTEGER_BITS, Bits, TensorEncoding, channel_scales, dequantize, quantize_codes
 
@@ -103,6 +104,9 @@ class Quantization(Technique):
         static quantization does not reach), with a note and the recipe saying so."""
         if config.activations == "int8" and hasattr(model, "all_outputs"):
             ctx.notes.append("quantization: activations left float: static int8 export does not reach an early-exit model's exit branches")
+            return config.model_copy(update={"activations": "float"})
+        if config.activations == "int8" and find_slimmable(model) is not None:
+            ctx.notes.append("quantization: activations left float: static int8 is calibrated per graph, and a slimmable network's widths share one weight file")
             return config.model_copy(update={"activations": "float"})
         if config.allocation == "uniform" or config.layer_bits is not None:
             return config

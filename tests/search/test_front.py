@@ -108,3 +108,43 @@ def test_a_point_measured_at_a_rung_before_the_last_says_so_in_the_front_table()
     console.print(front_table([at_rung, full], None, "front"))
     text = console.export_text()
     assert "trial-003 (rung 1/3)" in text and "trial-004 (rung" not in text
+
+
+SLIMMABLE = {  # a slimmable trial's logged metrics: the widest's as its own, every width's under width_<w>/
+    "accuracy": 0.97, "test_accuracy": 0.96, "size_bytes": 1000.0, "latency_ms": 0.10, "widths": 3.0,
+    "width_0.25/accuracy": 0.90, "width_0.25/test_accuracy": 0.89, "width_0.25/latency_ms": 0.02,
+    "width_0.5/accuracy": 0.95, "width_0.5/test_accuracy": 0.94, "width_0.5/latency_ms": 0.04,
+    "width_1/accuracy": 0.97, "width_1/test_accuracy": 0.96, "width_1/latency_ms": 0.10,
+}
+
+
+def test_a_slimmable_trial_has_figures_per_width_and_is_judged_by_the_narrowest_width_that_meets_the_constraints():
+    from netshrink.search.front import operating_point, width_figures
+    from netshrink.search.trial import OPERATING_WIDTH, as_judged
+
+    widths = width_figures(SLIMMABLE)
+    assert [w for w, _ in widths] == [0.25, 0.5, 1.0]
+    assert widths[1][1] == {"accuracy": 0.95, "test_accuracy": 0.94, "latency_ms": 0.04, "size_bytes": 1000.0}  # the artifact's size, shared
+    assert operating_point(SLIMMABLE, Constraints(min_accuracy=0.93))[0] == 0.5
+    assert operating_point(SLIMMABLE, Constraints(min_accuracy=0.99))[0] == 1.0  # none feasible: the widest
+    judged = as_judged(SLIMMABLE, Constraints(min_accuracy=0.93))
+    assert (judged["accuracy"], judged["latency_ms"], judged[OPERATING_WIDTH]) == (0.95, 0.04, 0.5)
+    assert as_judged({"accuracy": 0.9, "size_bytes": 1.0, "latency_ms": 1.0}, None) == {"accuracy": 0.9, "size_bytes": 1.0, "latency_ms": 1.0}
+
+
+def test_each_width_is_a_point_its_size_marked_shared_and_the_table_keeps_a_trials_widths_together(capsys):
+    from netshrink.search.front import WIDTH_KEY, series_together
+
+    widths = [
+        TrialPoint(run_id="slim", name=f"trial-001@{w:g}", accuracy=a, size_bytes=1000.0, latency_ms=l, recipe='{"steps": []}', summary="", extra={WIDTH_KEY: w})
+        for w, a, l in ((0.25, 0.90, 0.02), (0.5, 0.95, 0.04), (1.0, 0.97, 0.10))
+    ]
+    other = point("other", 0.96, 500.0, 0.05)
+    front = pareto_front([*widths, other], OBJECTIVES, DIRECTIONS)
+    assert {p.name for p in front} == {"trial-001@1", "other", "trial-001@0.5", "trial-001@0.25"}
+    assert [p.name for p in series_together(front)] == ["trial-001@1", "trial-001@0.5", "trial-001@0.25", "other"]
+    print_front(front, None, "front")
+    out = capsys.readouterr().out
+    assert "(shared)" in out and "trial@w: the width w of a slimmable trial" in out
+    rows = json.loads(front_json(front, None))
+    assert all(row.get("shares_artifact") is True for row in rows if row["name"].startswith("trial-001@"))

@@ -7,7 +7,7 @@ from netshrink.techniques import Pipeline, PruningConfig, QuantizationConfig, re
 
 
 def test_order_is_enforced_with_the_rule_named():
-    with pytest.raises(ValidationError, match="architecture -> early exits -> distillation -> pruning -> quantization"):
+    with pytest.raises(ValidationError, match="architecture -> early exits or widths -> distillation -> pruning -> quantization"):
         Pipeline(steps=[QuantizationConfig(bits=8), PruningConfig()])
 
 

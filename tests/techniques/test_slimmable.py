@@ -169,3 +169,32 @@ def test_one_slimmable_artifact_is_smaller_than_a_separate_model_per_width(tmp_p
         separate.append(save_artifact(tmp_path / f"w{width}.safetensors", pruned.model, pruned.encodings, pruned.pipeline.recipe()))
     print(f"slimmable {slim_bytes:,} B against separate models {separate} = {sum(separate):,} B")
     assert slim_bytes < sum(separate) and slim_bytes < 1.02 * separate[0]  # the widest once, plus a few statistics
+
+
+@pytest.mark.parametrize("then", [{"kind": "quantization", "bits": 4}, {"kind": "quantization", "bits": 8, "activations": "int8"}, {"kind": "clustering", "clusters": 16}])
+def test_quantization_and_clustering_after_it_act_on_the_shared_weights_and_every_width_exports_faithfully(then, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from netshrink.deploy.onnx_export import export_artifact
+    from netshrink.deploy.slimmable_export import width_path
+    from netshrink.techniques import Pipeline, compress, load_artifact, save_artifact
+    from netshrink.techniques.slimmable import attached, find_slimmable
+
+    torch.manual_seed(0)
+    model = lenet5(image_size=16).eval()
+    inputs = torch.randn(16, 1, 16, 16)
+    pipeline = Pipeline.model_validate({"steps": [{"kind": "slimmable", "narrowest": 0.5, "count": 2}, then]})
+    compressed = compress(model, pipeline, inputs[:1], calibration_inputs=inputs)
+    if then.get("activations") == "int8":  # static int8 is per graph: left float, with a note
+        assert compressed.pipeline.steps[1].activations == "float" and any("slimmable" in note for note in compressed.notes)
+    size = save_artifact(tmp_path / "m.safetensors", compressed.model, compressed.encodings, compressed.pipeline.recipe())
+    assert size < 0.5 * sum(p.numel() * 4 for p in model.parameters())  # the shared weights are stored compressed
+    loaded = load_artifact(tmp_path / "m.safetensors", lenet5(image_size=16))
+    export_artifact(loaded, inputs[:1], tmp_path / "model.onnx", inputs)
+    net = attached(find_slimmable(loaded.model), inputs[:1])
+    for index, width in enumerate(net.widths):
+        session = ort.InferenceSession(str(width_path(tmp_path / "model.onnx", width)), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            expected = sliced(net, index, inputs[:1])(inputs).numpy()
+        np.testing.assert_allclose(session.run(None, {"input": inputs.numpy()})[0], expected, rtol=1e-3, atol=1e-4)
