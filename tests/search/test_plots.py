@@ -127,3 +127,20 @@ def test_the_accuracy_axis_covers_the_useful_region_with_the_rest_in_a_strip_and
         assert len(boxes) == len(crowded)
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     assert any("accuracy 20.00%" in text for text in tooltips.values())
+
+
+def test_a_slimmable_trials_widths_are_drawn_as_one_series_in_both_panels():
+    from netshrink.search.front import WIDTH_KEY
+    from netshrink.search.plots import SERIES_STYLE, pareto_figure
+
+    widths = [
+        TrialPoint(run_id="slim", name=f"trial-009@{w:g}", accuracy=a, size_bytes=200_000, latency_ms=l, recipe="{}", summary="slimmable", extra={WIDTH_KEY: w})
+        for w, a, l in ((0.25, 0.93, 0.03), (0.5, 0.96, 0.05), (1.0, 0.975, 0.12))
+    ]
+    points = [*POINTS, *widths]
+    figure, _ = pareto_figure(points, pareto_front(points, ALL, ["max", "min", "min"]), BASELINE, ALL)
+    for axes in figure.axes[:2]:
+        series = [line for line in axes.get_lines() if line.get_color() == SERIES_STYLE["color"]]
+        assert len(series) == 1 and len(series[0].get_xdata()) == 3  # one line through the trial's three widths
+        assert list(series[0].get_ydata()) == [0.93, 0.96, 0.975]
+    assert "widths of one slimmable artifact" in [text.get_text() for text in figure.axes[1].get_legend().get_texts()]
