@@ -239,8 +239,13 @@ def channel_count(module: nn.Module) -> int:
 
 
 def _masking_hook(mask: torch.Tensor, linear: bool):
+    placed: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # the mask on the output's device, copied there once
+
     def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        scale = mask.to(output.device, output.dtype)
+        key = (output.device, output.dtype)
+        if key not in placed:
+            placed[key] = mask.to(output.device, output.dtype)
+        scale = placed[key]
         return output * (scale if linear else scale.view(1, -1, *([1] * (output.dim() - 2))))
 
     return hook
@@ -276,12 +281,14 @@ class SlimmableNet(nn.Module):
         norms = {name: m.num_features for name, m in model.named_modules() if isinstance(m, NORMS) and m.track_running_stats}
         self.statistics = nn.ModuleList([WidthStatistics(norms) for _ in self.widths[:-1]])
         self.groups: list[ChannelGroup] | None = None  # set by ``attach``: needed to run a narrower width (not stored)
+        self._hooks: dict[int, dict[str, Any]] = {}  # width index -> module name -> its masking hook
 
     def attach(self, groups: list[ChannelGroup]) -> "SlimmableNet":
         missing = sorted({group.root for group in groups} ^ set(self.kept))
         if missing:
             raise ValueError(f"slimmable.channels: the groups of this model and the recipe's differ at {missing[:3]}: the model is not the one the recipe was written on")
         self.groups = groups
+        self._hooks = {}
         return self
 
     @contextmanager
@@ -290,10 +297,11 @@ class SlimmableNet(nn.Module):
         if self.groups is None:
             raise RuntimeError("slimmable: the channel groups are not attached (SlimmableNet.attach)")
         modules = dict(self.model.named_modules())
-        hooks = [
-            modules[name].register_forward_hook(_masking_hook(mask, isinstance(modules[name], nn.Linear)))
-            for name, mask in channel_masks(self.groups, self.kept, index, modules).items()
-        ]
+        if index not in self._hooks:  # the masks of a width, worked out once (a batch runs several widths)
+            self._hooks[index] = {
+                name: _masking_hook(mask, isinstance(modules[name], nn.Linear)) for name, mask in channel_masks(self.groups, self.kept, index, modules).items()
+            }
+        hooks = [modules[name].register_forward_hook(hook) for name, hook in self._hooks[index].items()]
         try:
             yield
         finally:
