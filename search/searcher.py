@@ -100,38 +100,50 @@ class Deadline:
     durations: list[float] = field(default_factory=list)  # wall seconds of each ended trial, as the driver saw it
     epoch_seconds: list[float] = field(default_factory=list)  # seconds per epoch of fine-tuning, per ended trial
     overheads: list[float] = field(default_factory=list)  # a trial's seconds besides fine-tuning
+    refined: list[float] = field(default_factory=list)  # per ended trial, what refining it would take (``refined_seconds``)
     refused: bool = False  # a trial was refused for lack of time: the search has ended its trials
 
     def refined_point(self) -> float | None:
-        """Seconds a refined point is expected to take: a trial's overhead plus ``refine_epochs`` epochs, each at the 90th
-        percentile of what the trials measured (refinement picks the front's points, often the larger, slower models:
-        on the built-in ViT the median underestimated them by half). None before a trial has fine-tuned a whole epoch."""
-        if not self.epoch_seconds:
-            return None
-        return high(self.overheads) + high(self.epoch_seconds) * self.refine_epochs
+        """Seconds a refined point is expected to take: the 90th percentile, over the trials so far, of what refining
+        each would take (refinement picks the front's points, often the larger, slower models: on the built-in ViT the
+        median underestimated them by half). None before a trial has fine-tuned a whole epoch."""
+        return high(self.refined) if self.refined else None
 
-    def refined_seconds(self, metrics: dict[str, float]) -> float | None:
-        """Seconds refining the trial with these ``metrics`` should take: its own overhead plus ``refine_epochs`` at its
-        own pace of fine-tuning (on LeNet-5 the front's points fine-tuned at 0.4 to 3.2 s an epoch, and the slow end
-        of every trial left no room for any); the search's ``refined_point`` where the trial reported neither."""
-        fine, total, epochs = metrics.get("seconds_fine_tuning"), metrics.get("seconds_trial"), metrics.get("epochs_trained")
-        if fine is None or total is None or not epochs or epochs < 1:
-            return self.refined_point()
-        return max(0.0, total - fine) + fine / epochs * self.refine_epochs
+    def refined_seconds(self, metrics: dict[str, float], epochs: int | None = None) -> float | None:
+        """Seconds refining the trial with these ``metrics`` should take: its own overhead plus its fine-tuning rounds
+        (``fine_tune_rounds``: iterative pruning fine-tunes between its steps, and refinement lengthens every round; on
+        the built-in ViT a 3-step pruning took 62 s to refine where one round was planned, 27 s) of ``epochs`` (default
+        ``refine_epochs``) each, at its own pace: on LeNet-5 the front's points fine-tuned at 0.4 to 3.2 s an epoch, and
+        the slow end of every trial left no room for any. The search's ``refined_point`` where the trial reported neither."""
+        epochs = self.refine_epochs if epochs is None else epochs
+        fine, total, trained = metrics.get("seconds_fine_tuning"), metrics.get("seconds_trial"), metrics.get("epochs_trained")
+        if fine is None or total is None or not trained or trained < 1:
+            point = self.refined_point()
+            return None if point is None else point * epochs / max(1, self.refine_epochs)
+        return max(0.0, total - fine) + fine / trained * metrics.get("fine_tune_rounds", 1.0) * epochs
 
-    def fitting(self, seconds: list[float | None], concurrency: int, now: float | None = None) -> int:
-        """How many refinements of these expected ``seconds`` (best first) end before ``end``, ``concurrency`` at a time,
-        each started on the first free slot; an unknown cost counts as nothing."""
+    def epochs_fitting(self, metrics: dict[str, float], now: float | None = None) -> int:
+        """The most epochs of refinement of this trial that end before ``end`` (0 when not even one does)."""
+        left = self.end - (time.time() if now is None else now)
+        one, two = self.refined_seconds(metrics, 1), self.refined_seconds(metrics, 2)
+        if one is None or two is None or one > left:
+            return 0
+        per_epoch = max(two - one, 1e-9)
+        return int((left - (one - per_epoch)) // per_epoch)
+
+    def fitting(self, seconds: list[float | None], concurrency: int, now: float | None = None) -> list[int]:
+        """Which refinements of these expected ``seconds`` (best first) end before ``end``, ``concurrency`` at a time,
+        each started on the first free slot: best first, passing over one that does not fit for a shorter one after it;
+        an unknown cost counts as nothing."""
         left = self.end - (time.time() if now is None else now)
         slots = [0.0] * max(1, concurrency)
-        count = 0
-        for cost in seconds:
+        chosen = []
+        for index, cost in enumerate(seconds):
             slot = min(range(len(slots)), key=slots.__getitem__)
-            if slots[slot] + (cost or 0.0) > left:
-                break
-            slots[slot] += cost or 0.0
-            count += 1
-        return count
+            if slots[slot] + (cost or 0.0) <= left:
+                slots[slot] += cost or 0.0
+                chosen.append(index)
+        return chosen
 
     def reserve(self) -> float:
         """The seconds kept for refinement: its rounds of a refined point, at most ``REFINE_SHARE`` of the budget (what
@@ -164,6 +176,7 @@ class Deadline:
         if training is not None and total is not None and epochs and epochs >= 1:  # a trial stopped in its first epoch says little
             self.epoch_seconds.append(training / epochs)
             self.overheads.append(max(0.0, total - training))
+            self.refined.append(max(0.0, total - training) + training / epochs * result.get("fine_tune_rounds", 1.0) * self.refine_epochs)
 
 
 def high(values: list[float], share: float = 0.9) -> float:

@@ -275,20 +275,26 @@ def refine_front(
     chosen = list({point.run_id: point for point in reversed(chosen)}.values())[::-1]  # a slimmable trial once, not once per width
     if not chosen:
         return
-    if deadline is not None:  # a time budget: as many points, best first, as the time left fits, each at its own trial's pace
+    refine = experiment.refine
+    epochs = refine.epochs
+    if deadline is not None:  # a time budget: the points that fit, best first, each at its own trial's pace
         seconds = [deadline.refined_seconds(point.extra) for point in chosen]
         fits = deadline.fitting(seconds, concurrency)
-        if fits < len(chosen):
-            known = [s for s in seconds if s is not None]
-            each = f"about {min(known):.0f} to {max(known):.0f} s each" if known else "their time unknown"
-            console.print(f"The time budget leaves room for {fits} of the {len(chosen)} point(s) to refine ({each}, {concurrency} at a time).")
-            chosen = chosen[:fits]
-        if not chosen:
-            return
-    refine = experiment.refine
-    console.print(f"Refining {len(chosen)} front point(s) ({', '.join(p.name for p in chosen)}) with {refine.epochs} epochs of fine-tuning ...")
+        known = [s for s in seconds if s is not None]
+        each = f"about {min(known):.0f} to {max(known):.0f} s each" if known else "their time unknown"
+        if not fits:  # not one at full length: the best point, with the epochs the time left holds, if more than a trial's
+            fit = deadline.epochs_fitting(chosen[0].extra)
+            if fit <= experiment.finetune.epochs:
+                console.print(f"The time budget leaves no room to refine any of the {len(chosen)} point(s) ({each}).")
+                return
+            console.print(f"The time budget leaves room to refine {chosen[0].name} for {fit} of its {refine.epochs} epochs ({each} at full length).")
+            chosen, epochs = chosen[:1], fit
+        elif len(fits) < len(chosen):
+            console.print(f"The time budget leaves room for {len(fits)} of the {len(chosen)} point(s) to refine ({each}, {concurrency} at a time).")
+            chosen = [chosen[index] for index in fits]
+    console.print(f"Refining {len(chosen)} front point(s) ({', '.join(p.name for p in chosen)}) with {epochs} epochs of fine-tuning ...")
     longer = replace(
-        setup, finetune=experiment.finetune.model_copy(update={"epochs": refine.epochs, "lr": refine.lr or experiment.finetune.lr}), rungs=(),
+        setup, finetune=experiment.finetune.model_copy(update={"epochs": epochs, "lr": refine.lr or experiment.finetune.lr}), rungs=(),
     )
     trainable = tune.with_resources(
         tune.with_parameters(refine_trial, setup=longer), {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu}

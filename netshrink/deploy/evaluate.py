@@ -179,6 +179,7 @@ def evaluate_recipe(
         first_latency.update(latency)
         metrics[RUNG_METRIC] = float(epochs)
         metrics["epochs_trained"] = monitor.curve[-1].epochs if monitor.curve else 0.0  # fine-tuning epochs over every round
+        metrics["fine_tune_rounds"] = float(monitor.rounds)  # its fine-tunings (iterative pruning's between steps, and the last)
         metrics["rung_of"] = float(len(rungs) + 1)  # how many rungs a trial that goes all the way is measured at
         metrics["rung_index"] = float(rungs.index(epochs) + 1 if epochs in rungs else len(rungs) + 1)  # which of them this is (1: the first)
         return metrics

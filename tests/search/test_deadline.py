@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from netshrink.config import Experiment
 from search.runner import time_budget
 from search.searcher import Deadline
@@ -80,11 +82,26 @@ def test_refinement_keeps_at_most_a_third_of_the_budget(monkeypatch):
 
 def test_refinement_plans_each_point_at_its_own_trials_pace_and_takes_the_points_that_fit_best_first():
     deadline = Deadline(end=100.0, refine_rounds=2, refine_epochs=15)
-    deadline.epoch_seconds, deadline.overheads = [3.2], [6.0]  # the search's slow end: 54 s a point
+    ended_trial = {"seconds_fine_tuning": 9.6, "seconds_training": 10.0, "seconds_trial": 15.6, "epochs_trained": 3.0}  # 3.2 s an epoch
+    deadline.started["slow"] = 0.0
+    deadline.ended("slow", ended_trial)
     quick = {"seconds_fine_tuning": 1.2, "seconds_trial": 5.2, "epochs_trained": 3.0}  # 0.4 s an epoch, 4 s besides
-    assert deadline.refined_seconds(quick) == 4.0 + 0.4 * 15
-    assert deadline.refined_seconds({}) == deadline.refined_point() == 6.0 + 3.2 * 15  # a trial that reported no pace
+    assert deadline.refined_seconds(quick) == pytest.approx(4.0 + 0.4 * 15)
+    assert deadline.refined_seconds({}) == deadline.refined_point() == pytest.approx(6.0 + 3.2 * 15)  # a trial that reported no pace
     # 35 s left, 2 at a time: 10 s and 10 s on the two slots, 20 s after the first; 30 s after the second would end at 40 s
-    assert deadline.fitting([10.0, 10.0, 20.0, 30.0], concurrency=2, now=65.0) == 3
-    assert deadline.fitting([40.0, 1.0], concurrency=2, now=65.0) == 0  # best first: a point that does not fit ends the list
-    assert deadline.fitting([None, None], concurrency=1, now=99.0) == 2
+    assert deadline.fitting([10.0, 10.0, 20.0, 30.0], concurrency=2, now=65.0) == [0, 1, 2]
+    assert deadline.fitting([40.0, 1.0], concurrency=2, now=65.0) == [1]  # one that does not fit is passed over for a shorter one
+    assert deadline.fitting([None, None], concurrency=1, now=99.0) == [0, 1]
+
+
+def test_a_point_fine_tuned_in_several_rounds_is_refined_in_as_many_and_the_epochs_that_fit_are_counted():
+    deadline = Deadline(end=100.0, refine_rounds=1, refine_epochs=15)
+    # iterative pruning in 3 steps: 3 fine-tunings of 3 epochs, 2 s an epoch; refined, 3 fine-tunings of 15 epochs
+    three_rounds = {"seconds_fine_tuning": 18.0, "seconds_trial": 21.0, "epochs_trained": 9.0, "fine_tune_rounds": 3.0}
+    assert deadline.refined_seconds(three_rounds) == pytest.approx(3.0 + 2.0 * 3 * 15)
+    # 40 s left: 3 s besides and 6 s an epoch over the 3 rounds: 6 epochs fit (39 s), 7 do not
+    assert deadline.epochs_fitting(three_rounds, now=60.0) == 6
+    assert deadline.epochs_fitting(three_rounds, now=96.0) == 0
+    deadline.started["t"] = 0.0
+    deadline.ended("t", three_rounds)
+    assert deadline.refined_point() == pytest.approx(3.0 + 2.0 * 3 * 15)  # the forecast counts the rounds too
