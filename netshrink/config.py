@@ -153,13 +153,24 @@ class RefineSettings(Strict):
     )
 
 
+# ``multi_fidelity: auto`` (the default) turns successive halving on where its ladder has at least this many rungs.
+# Measured by benchmarks/search_quality.py (2026-12-07, README "Around time"): with two rungs (1 and 3 epochs, the presets'
+# 3-epoch fine-tuning) it paid on none of the three models, and on the built-in ViT it cost a quarter of the useful
+# hypervolume: a transformer one epoch into its fine-tuning ranks unlike where it ends, and each rung adds a measurement.
+MIN_AUTO_RUNGS = 3
+
+
 class MultiFidelity(Strict):
     """Multi-objective successive halving over fine-tuning (``search/moasha.py``). A trial is measured in full after
     ``min_epochs``, ``min_epochs x reduction_factor``, ... epochs of fine-tuning, up to ``finetune.epochs``; at each
     rung the top ``1 / reduction_factor`` of the trials measured there so far go on from where they stand, the rest
     stop with that rung's figures. With ``finetune.epochs`` at or under ``min_epochs`` there is a single rung."""
 
-    enabled: bool = Field(True, description="false: every trial fine-tunes finetune.epochs and is measured once, at the end")
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description="false: every trial fine-tunes finetune.epochs and is measured once, at the end; auto: on where the ladder has "
+        f"at least {MIN_AUTO_RUNGS} rungs (finetune.epochs of 9 or more with the defaults: 1, 3, 9)",
+    )
     min_epochs: int = Field(1, ge=1, le=10_000, description="the first rung: epochs of fine-tuning before a trial is first measured and ranked")
     reduction_factor: float = Field(3.0, gt=1, le=100, description="the share of trials a rung promotes is 1 / reduction_factor")
     rungs: list[int] | None = Field(
@@ -175,9 +186,16 @@ class MultiFidelity(Strict):
         return value
 
     def epochs(self, finetune_epochs: int) -> tuple[int, ...]:
-        """The rung epochs for trials of ``finetune_epochs``: () when off or when there is a single rung."""
-        if not self.enabled or finetune_epochs <= 0:
+        """The rung epochs for trials of ``finetune_epochs``: () when off, when there is a single rung, or under ``auto``
+        when there are fewer than ``MIN_AUTO_RUNGS``."""
+        if self.enabled is False or finetune_epochs <= 0:
             return ()
+        ladder = self._ladder(finetune_epochs)
+        if self.enabled == "auto" and self.rungs is None and len(ladder) < MIN_AUTO_RUNGS:
+            return ()  # rungs written out: the user asks for them
+        return ladder
+
+    def _ladder(self, finetune_epochs: int) -> tuple[int, ...]:
         if self.rungs is not None:
             rungs = [epochs for epochs in self.rungs if epochs < finetune_epochs]
         else:
@@ -239,7 +257,7 @@ class SearchSettings(Strict):
     @field_validator("multi_fidelity", mode="before")
     @classmethod
     def _switch(cls, value: Any) -> Any:
-        return {"enabled": value} if isinstance(value, bool) else value
+        return {"enabled": value} if isinstance(value, bool) or value == "auto" else value
 
     @model_validator(mode="after")
     def _trials_once(self) -> "SearchSettings":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from netshrink.config import Experiment
+from netshrink.config import MIN_AUTO_RUNGS, Experiment
 from netshrink.deploy.stopping import StopRule
 from netshrink.errors import SearchStopped, TrackingUnavailable, UserError, disk_full
 from netshrink.node_lock import exclusive_file, lock_files
@@ -241,9 +241,12 @@ def run_search(
             count = "trials" if trials == OPEN_ENDED else f"up to {remaining} trials" if deadline else f"{remaining} trials"
             within = f" within {describe_seconds(experiment.search.seconds)} (refinement included)" if deadline else ""
             rungs = setup.rungs
+            fidelity = experiment.search.multi_fidelity
             ladder = (
-                f"; multi-fidelity: measured after {', '.join(map(str, rungs))} epochs, the top 1/{experiment.search.multi_fidelity.reduction_factor:g} "
-                "of each rung going on" if rungs else ""
+                f"; multi-fidelity: measured after {', '.join(map(str, rungs))} epochs, the top 1/{fidelity.reduction_factor:g} "
+                "of each rung going on" if rungs else
+                f"; multi-fidelity off (auto: on from {MIN_AUTO_RUNGS} rungs, {experiment.finetune.epochs} epochs of fine-tuning give fewer)"
+                if fidelity.enabled == "auto" and experiment.finetune.epochs > fidelity.min_epochs else ""
             )
             console.print(f"Running {count}{within}, {concurrency} at a time{ladder} ...")
         trials_started = time.time()

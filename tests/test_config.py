@@ -24,12 +24,12 @@ def test_the_worked_example_is_valid():
     assert experiment.task.model == "lenet5" and experiment.task.dataset == "digits"
     assert experiment.objectives == ["accuracy", "size_bytes", "latency_ms"]
     assert experiment.directions() == ["max", "min", "min"]
-    assert list(experiment.space.techniques()) == ["separable", "lowrank", "early_exit", "distillation", "pruning", "quantization", "clustering"]
+    assert list(experiment.space.techniques()) == ["separable", "lowrank", "early_exit", "slimmable", "distillation", "pruning", "quantization", "clustering"]
 
 
 def test_minimal_file_gets_sensible_defaults(tmp_path):
     experiment = load_experiment(write(tmp_path, "name: mini\nspace:\n  pruning:\n"))
-    assert experiment.search.sampler == "tpe" and experiment.search.trial_budget == 32 and experiment.search.multi_fidelity.enabled
+    assert experiment.search.sampler == "tpe" and experiment.search.trial_budget == 32 and experiment.search.multi_fidelity.enabled == "auto"
     assert experiment.tracking_uri is None
     assert experiment.resources.cpu == 1 and experiment.resources.gpu == 0
 

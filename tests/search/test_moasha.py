@@ -52,9 +52,15 @@ def test_a_trial_under_the_floor_by_less_than_the_recovery_still_expected_is_not
 
 
 def test_the_rungs_follow_min_epochs_and_the_reduction_factor_up_to_finetune_epochs():
-    assert MultiFidelity().epochs(9) == (1, 3, 9) and MultiFidelity().epochs(3) == (1, 3)
-    assert MultiFidelity().epochs(1) == () and MultiFidelity(enabled=False).epochs(9) == ()
+    on = MultiFidelity(enabled=True)
+    assert on.epochs(9) == (1, 3, 9) and on.epochs(3) == (1, 3)
+    assert on.epochs(1) == () and MultiFidelity(enabled=False).epochs(9) == ()
     assert MultiFidelity(rungs=[2, 4]).epochs(9) == (2, 4, 9)
+    # the default, auto: on from three rungs; two (1 and 3 epochs) paid on no benchmark model
+    assert MultiFidelity().epochs(3) == () and MultiFidelity().epochs(9) == (1, 3, 9) and MultiFidelity().epochs(15) == (1, 3, 9, 15)
+    assert MultiFidelity(rungs=[1, 2]).epochs(3) == (1, 2, 3)  # rungs written out are what the user asks for
+    auto = Experiment.model_validate({"name": "x", "space": {"pruning": None}, "search": {"multi_fidelity": "auto"}, "finetune": {"epochs": 3}})
+    assert auto.rungs() == () and auto.search.multi_fidelity.enabled == "auto"
     experiment = Experiment.model_validate({"name": "x", "space": {"pruning": None}, "search": {"multi_fidelity": False}, "finetune": {"epochs": 9}})
     assert experiment.rungs() == ()
 

@@ -19,7 +19,7 @@ task:
   dataset_args: {{image_size: 16}}
   train: {{epochs: 3}}
 finetune: {{epochs: 3}}
-search: {{budget: {{minutes: {BUDGET_MINUTES}}}, max_concurrent: 2, sampler: random, seed: 1, informed_start: false}}
+search: {{budget: {{minutes: {BUDGET_MINUTES}}}, max_concurrent: 2, sampler: random, seed: 1, informed_start: false, multi_fidelity: true}}
 measure: {{warmup: 5, repeats: 30}}
 space:
   pruning: {{granularity: [channel], ratio: {{low: 0.2, high: 0.9}}, steps: 1}}
