@@ -10,8 +10,10 @@ budget (``search.budget``), the same for every configuration on a model, and is 
 
 Configurations (``--configs``):
 
-- ``default``: the experiment file as it is (TPE, informed start, multi-fidelity);
+- ``default``: the experiment file as it is (TPE, informed start, ``multi_fidelity: auto``, which is off for the
+  presets' 3 fine-tuning epochs);
 - ``no-mf``: the default without multi-fidelity (every trial fine-tunes ``finetune.epochs``);
+- ``mf``: the default with multi-fidelity forced on (rungs of 1 and 3 epochs);
 - ``random``: random sampling, no informed start, no multi-fidelity: what a user gets without steering;
 - ``no-start``: the default without the informed start (what the start contributes on each model);
 - ``nsga2``, ``tpe``, ``gp``, ``botorch``: the default with that sampler (the sampler comparison; ``botorch`` needs
@@ -38,6 +40,9 @@ Figures, per search and as mean and spread over seeds:
 - **measure share**: the share of trial time that is not compression and fine-tuning (writing the artifact, the ONNX
   export, latency timing, scoring the splits), summed over the trials' last reports. Successive halving over
   fine-tuning can save at most the other share: on a model whose trials are mostly measurement it has nothing to save.
+
+A configuration whose validated experiment file is the same as one listed before it in ``CONFIGS`` (``no-mf`` and
+``tpe`` under today's defaults) is that search, read back and reported under both names, not run twice.
 
 It states the machine, the budgets and the seeds, asserts nothing, and resumes: a search that finished is read
 back, a half-finished one is run again from scratch (its folder removed), so an interrupted benchmark goes on with
@@ -88,6 +93,7 @@ MODELS = {  # name -> (preset, overrides, budget minutes)
 CONFIGS = {
     "default": {},
     "no-mf": {"search": {"multi_fidelity": False}},
+    "mf": {"search": {"multi_fidelity": True}},
     "random": {"search": {"sampler": "random", "informed_start": False, "multi_fidelity": False}},
     "no-start": {"search": {"informed_start": False}},
     "nsga2": {"search": {"sampler": "nsga2"}},
@@ -128,6 +134,7 @@ class Search:
     hopeless_seconds: float
     training_seconds: float  # compression + fine-tuning (+ earlier rungs' measurement), as trials log `seconds_training`
     figures: dict[str, float | None] = field(default_factory=dict)
+    same_as: str | None = None  # the configuration whose search this one is (the same experiment once validated)
 
 
 def deep_update(target: dict, changes: dict) -> dict:
@@ -141,11 +148,35 @@ def deep_update(target: dict, changes: dict) -> dict:
     return target
 
 
-def experiment_file(model: str, config: str, seed: int, folder: Path, budget_minutes: float | None) -> Path:
-    preset, overrides, minutes = MODELS[model]
+def experiment(model: str, config: str) -> dict:
+    """The experiment file of ``config`` on ``model``, as a dict, before the name, seed, budget and tracking are set."""
+    preset, overrides, _ = MODELS[model]
     raw = yaml.safe_load((ROOT / "spaces" / preset).read_text())
     deep_update(raw, yaml.safe_load(yaml.safe_dump(overrides)))
     deep_update(raw, yaml.safe_load(yaml.safe_dump(CONFIGS.get(config, {}))))
+    return raw
+
+
+def same_search(model: str, config: str) -> str | None:
+    """The configuration run earlier in ``CONFIGS`` whose search ``config`` is, once validated (``tpe`` where TPE is the
+    default sampler, ``no-mf`` where multi-fidelity is off by default): it is read, not run twice."""
+    from netshrink.config import Experiment
+
+    def resolved(name: str) -> dict:
+        raw = experiment(model, name)
+        raw.get("search", {}).pop("trials", None)
+        validated = Experiment.model_validate(raw)
+        dumped = validated.model_dump(mode="json")
+        dumped["search"]["multi_fidelity"] = validated.search.multi_fidelity.epochs(validated.finetune.epochs)  # auto, resolved
+        return dumped
+
+    mine = resolved(config)
+    return next((other for other in CONFIGS if other != config and list(CONFIGS).index(other) < list(CONFIGS).index(config) and resolved(other) == mine), None)
+
+
+def experiment_file(model: str, config: str, seed: int, folder: Path, budget_minutes: float | None) -> Path:
+    _, _, minutes = MODELS[model]
+    raw = experiment(model, config)
     raw["name"] = f"{model}-{config}-s{seed}"
     search = raw.setdefault("search", {})
     search.pop("trials", None)
@@ -197,6 +228,11 @@ def finished(folder: Path, name: str):
 
 
 def search(workdir: Path, model: str, config: str, seed: int, budget_minutes: float | None) -> Search:
+    twin = same_search(model, config)
+    if twin is not None:
+        found = search(workdir, model, twin, seed, budget_minutes)
+        found.config, found.same_as = config, twin
+        return found
     name = f"{model}-{config}-s{seed}"
     folder = workdir / model / name
     done = finished(folder, name)
@@ -382,8 +418,9 @@ def main() -> None:
                 started = time.time()
                 s = search(workdir, model, config, seed, args.minutes)
                 searches.append(s)
+                twin = f" (the same search as {s.same_as}: read, not run again)" if s.same_as else ""
                 print(f"  {model}-{config}-s{seed}: {s.trials} trials, {len(s.points)} points, wall {s.wall_s:.0f} s "
-                      f"(this run {time.time() - started:.0f} s)", flush=True)
+                      f"(this run {time.time() - started:.0f} s){twin}", flush=True)
     figure(searches)
     report(searches)
 

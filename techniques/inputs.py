@@ -38,6 +38,23 @@ def call(model: nn.Module, inputs: Inputs) -> Any:
     return model(inputs)
 
 
+def output_layers(model: nn.Module, example_inputs: Inputs) -> frozenset[str]:
+    """Names of the layers that produce the model's outputs (their output size is the class count)."""
+    order: list[str] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name))
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
+    try:
+        with torch.no_grad():
+            call(model.eval(), example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return frozenset(order[-1:])
+
+
 def logits_of(outputs: Any) -> Any:
     """The logits in a model's output: the tensor itself, ``outputs["logits"]`` / ``outputs.logits`` (a dict or a
     Hugging Face ``ModelOutput``), or the first element of a tuple. ``ExitLogits`` and ``WidthLogits`` pass through whole.

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from .base import ORDER, CompressionContext, FineTune, LossFn, TechniqueConfig, cross_entropy, is_applied_field, is_quiet_field, summed_over_exits
 from .encoding import TensorEncoding
-from .inputs import Inputs, call
+from .inputs import Inputs, output_layers
 from .registry import REGISTRY, conflicts, knob_applies
 
 Step = Annotated[
@@ -125,23 +125,6 @@ class Compressed:
     encodings: dict[str, TensorEncoding]
     pipeline: Pipeline
     notes: list[str] = field(default_factory=list)  # layers a technique left out, and why
-
-
-def output_layers(model: nn.Module, example_inputs: Inputs) -> frozenset[str]:
-    """Names of the layers that produce the model's outputs (their output size is the class count)."""
-    order: list[str] = []
-    hooks = [
-        module.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name))
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
-    ]
-    try:
-        with torch.no_grad():
-            call(model.eval(), example_inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return frozenset(order[-1:])
 
 
 def compress(

@@ -45,7 +45,7 @@ from torch import nn
 
 from .attention import find_head_splits
 from .base import APPLIED, CompressionContext, Stage, Technique, TechniqueConfig, all_outputs
-from .inputs import Inputs, WidthLogits, batch_size, call, logits_of, map_tensors, take
+from .inputs import Inputs, WidthLogits, batch_size, call, logits_of, map_tensors, output_layers, take
 from .pruning import rounded_kept, whole_width_layers
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -601,8 +601,6 @@ def _index_name(name: str, axis: int) -> str:
 def attached(net: SlimmableNet, example_inputs: Inputs) -> SlimmableNet:
     """``net`` with its channel groups, read from its model where it has none yet (a model loaded from an artifact)."""
     if net.groups is None:
-        from .pipeline import output_layers  # the pipeline imports the registry, which imports this module
-
         net.attach(channel_groups(net.model, example_inputs, output_layers(net.model, example_inputs)))
     return net
 

@@ -86,12 +86,19 @@ def fold_index_arithmetic(graph_model: onnx.ModelProto) -> None:
     graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name) for name, value in zip(needed, values))
 
 
+SHAPE_TYPES = (TensorProto.INT64, TensorProto.INT32)
+
+
 def share_weights(graphs: list[onnx.ModelProto], weights: Path) -> None:
     """Move the widest graph's initializers (``graphs[-1]``) into ``weights``, once, and point every graph's identical
-    initializer at the same bytes; what only a narrower graph holds (its BatchNorm statistics) stays inside it."""
+    initializer at the same bytes; what only a narrower graph holds (its BatchNorm statistics) stays inside it, and so do
+    integer tensors (shapes, axes, indices: ONNX Runtime's shape inference reads them when it loads the graph and cannot
+    read them from external data)."""
     stored: dict[str, tuple[int, bytes]] = {}  # name -> (offset, bytes)
     with open(weights, "wb") as file:
         for initializer in graphs[-1].graph.initializer:
+            if initializer.data_type in SHAPE_TYPES:
+                continue
             data = raw_bytes(initializer)
             stored[initializer.name] = (file.tell(), data)
             file.write(data)
