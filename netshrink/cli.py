@@ -96,6 +96,34 @@ def validate(config: Path = typer.Argument(..., help="Experiment YAML file.")) -
 
 
 @app.command()
+def schema(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the schema to this file instead of printing it."),
+) -> None:
+    """Print the experiment file's JSON Schema, for editors that validate and complete YAML.
+
+    With the YAML extension of VS Code (or any editor using yaml-language-server),
+    a first line '# yaml-language-server: $schema=experiment.schema.json' in your
+    experiment file points the editor at a schema saved beside it:
+
+        netshrink schema -o experiment.schema.json
+
+    The presets in spaces/ carry that line, and the schema beside them. The schema
+    checks keys, types, bounds and the forms of each knob; 'netshrink validate'
+    checks the rest (your factories, the model, the ONNX export).
+    """
+    import json
+
+    from netshrink.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        console.print(f"Schema written to {output}", markup=False, highlight=False)
+
+
+@app.command()
 def front(
     experiment: str = typer.Option(..., "--experiment", "-e", help="MLflow experiment name (the 'name' in the experiment file)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI. Default: sqlite mlflow.db here."),

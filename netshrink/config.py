@@ -154,7 +154,7 @@ class RefineSettings(Strict):
 
 
 # ``multi_fidelity: auto`` (the default) turns successive halving on where its ladder has at least this many rungs.
-# Measured by benchmarks/search_quality.py (2026-12-07, README "Around time"): with two rungs (1 and 3 epochs, the presets'
+# Measured by benchmarks/search_quality.py (2026-12-07, docs/benchmarks.md, "Around time"): with two rungs (1 and 3 epochs, the presets'
 # 3-epoch fine-tuning) it paid on none of the three models, and on the built-in ViT it cost a quarter of the useful
 # hypervolume: a transformer one epoch into its fine-tuning ranks unlike where it ends, and each rung adds a measurement.
 MIN_AUTO_RUNGS = 3
@@ -237,16 +237,16 @@ class SearchSettings(Strict):
         "left cannot fit at the measured pace, and time is kept for refinement"
     )
     multi_fidelity: MultiFidelity = Field(default_factory=MultiFidelity, description="true, false, or its settings: successive halving over fine-tuning")
-    max_concurrent: int = Field(2, ge=1)
+    max_concurrent: int = Field(2, ge=1, description="trials running at once (each reserves resources.cpu and resources.gpu)")
     sampler: Literal["tpe", "nsga2", "gp", "botorch", "random"] = Field(
         "tpe",
         description="Optuna's multi-objective sampler: tpe (multivariate TPE, Optuna 5's default), nsga2, gp (GPSampler, logEHVI), "
         "botorch (BoTorch's qLogNEHVI through optuna-integration: pip install 'netshrink[botorch]'; tens of seconds a suggestion on "
         "2 CPU cores, worth it only when a trial takes far longer), or random; every one reads the trials' constraint values. "
-        "The README's search-quality table is the evidence",
+        "docs/benchmarks.md's search-quality tables are the evidence",
     )
     population_size: int = Field(8, ge=2, description="NSGA-II generation size")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the sampler and of the trials' fine-tuning (with trials running at once, the order they finish in can still differ between runs)")
     skip_repeats: bool = Field(True, description="a pipeline already evaluated in this search is not trained again")
     early_stopping: bool = Field(True, description="stop a trial whose validation accuracy during fine-tuning shows it cannot reach min_accuracy")
     informed_start: bool = Field(
@@ -254,7 +254,7 @@ class SearchSettings(Strict):
     )
     max_failures: int = Field(1, ge=0, description="times a failed trial is run again (a worker process that died, an error) before it counts as failed")
 
-    @field_validator("multi_fidelity", mode="before")
+    @field_validator("multi_fidelity", mode="before", json_schema_input_type=bool | Literal["auto"] | MultiFidelity)
     @classmethod
     def _switch(cls, value: Any) -> Any:
         return {"enabled": value} if isinstance(value, bool) or value == "auto" else value
@@ -281,8 +281,8 @@ class SearchSettings(Strict):
 class Resources(Strict):
     """Per trial; fractions are allowed (e.g. gpu: 0.25 puts four trials on one card)."""
 
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    cpu: float = Field(1.0, gt=0, description="CPU cores Ray reserves for each trial")
+    gpu: float = Field(0.0, ge=0, description="GPUs Ray reserves for each trial (0.25: four trials share a card); 0: trials run on the CPU")
 
 
 class TrackingSettings(Strict):
@@ -301,16 +301,16 @@ class MeasureSettings(Strict):
     options its deployment uses (see ``netshrink.deploy.measure``)."""
 
     threads: int = Field(1, ge=1, le=256, description="ONNX Runtime's intra-op threads for every measurement")
-    warmup: int = Field(100, ge=0)
-    repeats: int = Field(2000, ge=10)
+    warmup: int = Field(100, ge=0, description="untimed batch-1 runs before timing")
+    repeats: int = Field(2000, ge=10, description="timed batch-1 runs, in 40 rounds alternating with the baseline")
     batch_size: int = Field(32, ge=1, le=4096, description="samples per call for the throughput objective")
 
 
 class Experiment(Strict):
     name: str = Field(description="MLflow experiment name")
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
-    refine: RefineSettings = Field(default_factory=RefineSettings)
+    task: TaskConfig = Field(default_factory=TaskConfig, description="the dataset, the model (built-in or your own module:factory), its weights, loss and metric")
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, description="each trial's fine-tuning after compression")
+    refine: RefineSettings = Field(default_factory=RefineSettings, description="after the trials, longer fine-tuning of the front points with most to gain")
     objectives: list[str] | None = Field(
         None,
         description="what the search optimises: the task's metric (by its name, e.g. accuracy or f1_macro), size_bytes, latency_ms, "
@@ -327,11 +327,11 @@ class Experiment(Strict):
     )
     max_size_bytes: float | None = Field(None, gt=0, description="largest artifact a model may have to count (a constraint); default: none")
     max_latency_ms: float | None = Field(None, gt=0, description="largest latency a model may have to count (a constraint); default: none")
-    search: SearchSettings = Field(default_factory=SearchSettings)
-    resources: Resources = Field(default_factory=Resources)
-    measure: MeasureSettings = Field(default_factory=MeasureSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings, description="the budget (trials, time), the sampler and how trials are scheduled")
+    resources: Resources = Field(default_factory=Resources, description="what each trial reserves on the Ray cluster")
+    measure: MeasureSettings = Field(default_factory=MeasureSettings, description="how latency and throughput are measured (ONNX Runtime, CPU)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite mlflow.db in the working directory")
-    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="how long a search waits for an MLflow tracking server that stops answering")
     space: SearchSpace = Field(description="techniques to search and the ranges of their knobs")  # type: ignore[valid-type]
 
     @field_validator("name")
@@ -432,3 +432,21 @@ def load_experiment(path: str | Path) -> Experiment:
         return Experiment.model_validate(raw)
     except ValidationError as error:
         raise UserError(describe_validation_error(error), title=f"{path}: invalid experiment file") from None
+
+
+SCHEMA_FILE = "experiment.schema.json"  # beside the presets (spaces/) and in the docs site
+
+
+def json_schema() -> dict[str, Any]:
+    """The experiment file's JSON Schema (draft 2020-12), generated from these models: every key with its type,
+    default, bounds and description, and each knob's three forms (a value, a list of choices, a range)."""
+    from netshrink import __version__
+
+    generated = Experiment.model_json_schema(mode="validation")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"netshrink experiment file (netshrink {__version__})",
+        "description": "One search: the task, the search space of compression techniques, the objectives and the budget. "
+        "Generated by `netshrink schema` from netshrink/config.py; `netshrink validate FILE` checks what a schema cannot.",
+        **{key: value for key, value in generated.items() if key != "title"},
+    }

@@ -26,7 +26,7 @@ def trial_device(requested_gpus: float) -> torch.device:
     cause = "a CPU-only build of torch" if torch.version.cuda is None else "no NVIDIA driver or no GPU visible to this process"
     message = (
         f"resources.gpu is {requested_gpus:g} but CUDA is not available here (torch {torch.__version__}: {cause}); "
-        "fine-tuning on the CPU. GPU nodes need a CUDA build of torch (README, 'Running on a Ray cluster')."
+        "fine-tuning on the CPU. GPU nodes need a CUDA build of torch (docs/cluster.md)."
     )
     logger.warning(message)  # logging, not warnings: Ray's launcher runs nodes with PYTHONWARNINGS=ignore
     return torch.device("cpu")

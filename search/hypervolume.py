@@ -120,7 +120,7 @@ def most_to_gain(
     Why the baseline's accuracy: a few epochs rank trials, and they rank aggressive structural compression low.
     On the built-in task, 15 epochs took distillation + channel pruning 0.75 + 4 bits from -4.4 points (after 3
     epochs) to -0.3, and channel pruning 0.65 + 4 bits from -1.4 to +0.0 (``benchmarks/evidence.py``'s kind of
-    measurement; README, "Refinement"); the fastest, smallest trials are what refinement pays for most.
+    measurement; docs/search.md, "Refinement"); the fastest, smallest trials are what refinement pays for most.
     """
     ceiling = baseline[metric_of(candidates)]
 

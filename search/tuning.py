@@ -238,7 +238,7 @@ def points_to_refine(trials: list[TrialPoint], experiment: Experiment, baseline:
 
     Why the reach: 3 epochs leave distillation + channel pruning 0.75 + 4 bits 4.4 to 7 points under the baseline
     on the built-in task, at or under ``min_accuracy``, and 15 epochs (at lr 0.002) bring it back to within 0.3
-    points, at under a fifth of the baseline's latency (README, "Refinement"): the trial that refinement pays
+    points, at under a fifth of the baseline's latency (docs/search.md, "Refinement"): the trial that refinement pays
     most for is often the one its short fine-tuning left infeasible."""
     refine = experiment.refine
     if refine.points == "all":

@@ -92,6 +92,44 @@ def _as_option(raw: Any, checked: Any) -> Scalar:
     return checked if isinstance(checked, Scalar) else raw
 
 
+def as_yaml(knob: Knob) -> Any:
+    """The knob as written in an experiment file (the inverse of ``parse_knob``)."""
+    if isinstance(knob, Fixed):
+        return list(knob.value) if isinstance(knob.value, tuple) else knob.value
+    if isinstance(knob, Choice):
+        return list(knob.options)
+    written = {"low": knob.low, "high": knob.high}
+    if knob.log:
+        written["log"] = True
+    if knob.step is not None:
+        written["step"] = knob.step
+    return written
+
+
+def knob_json_schema(field: FieldInfo) -> dict[str, Any]:
+    """The JSON Schema of the forms ``parse_knob`` takes for ``field``: its value (with the field's own bounds), a list
+    of choices, and for a numeric field a ``{low, high, log, step}`` range; what editors validate and complete."""
+    value = _field_adapter(field).json_schema(mode="validation")
+    if "$defs" in value or "$ref" in value:  # not a plain value: accept what validation accepts, validation checks it
+        value = {}
+    forms: list[dict[str, Any]] = [
+        {**value, "title": "a fixed value"},
+        {"type": "array", "items": value, "minItems": 1, "title": "choices", "description": "the sampler picks one of these"},
+    ]
+    numeric, integer = _is_numeric(field)
+    if numeric:
+        bound = {key: item for key, item in value.items() if key in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")}
+        forms.append({
+            "type": "object", "title": "a range", "required": ["low", "high"], "additionalProperties": False,
+            "properties": {
+                "low": bound, "high": bound,
+                "log": {"type": "boolean", "description": "sample on a log scale (needs low > 0; not with step)"},
+                "step": {"type": "integer" if integer else "number", "exclusiveMinimum": 0, "description": "sample on a grid of this step"},
+            },
+        })
+    return {"anyOf": forms}
+
+
 def parse_knob(raw: Any, field: FieldInfo) -> Knob:
     """Turn a YAML value into a knob, checking every value it can take against the field's own rules."""
     if isinstance(raw, (Fixed, Choice, Range)):

@@ -20,13 +20,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
 from netshrink.techniques import REGISTRY, Pipeline, TechniqueConfig, exclusion
 from netshrink.techniques.base import is_applied_field
 from netshrink.techniques.registry import compresses, conflicts, knob_applies
 
-from .knobs import Choice, Fixed, Knob, Range, Trial, parse_knob
+from .knobs import Choice, Fixed, Knob, Range, Trial, as_yaml, knob_json_schema, parse_knob
 
 def _parse_switch(value: Any) -> Any:
     if value == "search" or isinstance(value, bool):
@@ -58,8 +58,8 @@ def _technique_space_model(kind: str) -> type[TechniqueSpace]:
             continue
         default = parse_knob(defaults[name], info) if name in defaults else Fixed(info.default)
         fields[name] = (
-            Annotated[Knob, BeforeValidator(partial(parse_knob, field=info))],
-            Field(default, description=info.description),
+            Annotated[Knob, BeforeValidator(partial(parse_knob, field=info)), WithJsonSchema(knob_json_schema(info))],
+            Field(default, description=info.description, json_schema_extra={"default": as_yaml(default)}),
         )
     return create_model(f"{config_type.__name__.removesuffix('Config')}Space", __base__=TechniqueSpace, **fields)
 
@@ -179,5 +179,5 @@ class _SearchSpaceBase(BaseModel):
 SearchSpace: type[_SearchSpaceBase] = create_model(
     "SearchSpace",
     __base__=_SearchSpaceBase,
-    **{kind: (Optional[model], None) for kind, model in TECHNIQUE_SPACES.items()},
+    **{kind: (Optional[model], Field(None, description=REGISTRY[kind].summary)) for kind, model in TECHNIQUE_SPACES.items()},
 )

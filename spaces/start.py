@@ -15,7 +15,7 @@ user's space. ``start_params`` turns the points into Optuna parameters, which th
 searcher enqueues (``optuna.Study.enqueue_trial``): they run first, and the sampler
 sees them as trials like any other.
 
-The evidence for each point is in the README ("The informed start"), measured by
+The evidence for each point is in docs/search.md ("The informed start"), measured by
 ``benchmarks/evidence.py``.
 """
 
@@ -31,7 +31,7 @@ from .knobs import Choice, Fixed, Range
 StartPoint = dict[str, dict[str, Any]]  # technique kind -> the knobs it sets
 
 # Each technique alone, at a moderate setting; then combinations measured to work. The figures for each are in
-# the README ("The informed start"), measured by benchmarks/evidence.py.
+# docs/search.md ("The informed start"), measured by benchmarks/evidence.py.
 INFORMED_START: tuple[StartPoint, ...] = (
     {"pruning": {"granularity": "channel", "ratio": 0.35, "steps": 1, "importance": "l2"}},
     {"pruning": {"granularity": "weight", "ratio": 0.9, "steps": 2, "scope": "global"}},
@@ -48,7 +48,7 @@ INFORMED_START: tuple[StartPoint, ...] = (
     {"pruning": {"granularity": "weight", "ratio": 0.95, "steps": 2, "scope": "global"}, "quantization": {"allocation": "uniform", "bits": 4}},
     {"pruning": {"granularity": "weight", "ratio": 0.95, "steps": 2, "scope": "global"}, "quantization": {"allocation": "sensitivity", "average_bits": 2.0}},
     {"pruning": {"granularity": "weight", "ratio": 0.95, "steps": 2, "scope": "global"}, "quantization": {"allocation": "uniform", "bits": 2}},
-    # dynamic width, last: a width per budget from one artifact (README, "Dynamic width"; benchmarks/slimmable.py)
+    # dynamic width, last: a width per budget from one artifact (docs/techniques/slimmable.md; benchmarks/slimmable.py)
     {"slimmable": {"narrowest": 0.25, "count": 4}},
 )
 

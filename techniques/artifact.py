@@ -1,6 +1,6 @@
 """The compressed artifact: one safetensors file, no pickle.
 
-Layout (documented in the README):
+Layout (documented in docs/artifact.md):
 - tensors: one per state entry ``name``. A float entry is one uint8 tensor, the
   concatenation of its *parts*: ``values`` (all values, or only the nonzeros in a
   sparse layout; float32, float16, int8 codes, 4/2/1-bit codes packed into uint8,

@@ -159,6 +159,8 @@ class Technique:
     # False for a technique that makes a model neither smaller nor faster by itself (distillation): the space
     # never samples a pipeline of such techniques alone
     compresses: ClassVar[bool] = True
+    # one line, what it does and what it saves: the experiment file's reference and the schema describe it by this
+    summary: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -118,6 +118,7 @@ def cluster_weight(weight: torch.Tensor, clusters: int, sparse: bool) -> SharedW
 
 
 class Clustering(Technique):
+    summary = 'weight clustering: k-means shared values per layer, the indices optionally Huffman-coded (smaller, not faster)'
     config_type: ClassVar[type[TechniqueConfig]] = ClusteringConfig
     stage: ClassVar[Stage] = Stage.QUANTIZATION
     default_space: ClassVar[dict[str, Any]] = {

@@ -55,6 +55,7 @@ def teacher_loss(teacher: nn.Module, temperature: float, alpha: float, task_loss
 
 
 class Distillation(Technique):
+    summary = 'knowledge distillation from the uncompressed model during fine-tuning (compresses nothing by itself)'
     config_type: ClassVar[type[TechniqueConfig]] = DistillationConfig
     stage: ClassVar[Stage] = Stage.DISTILLATION
     # it changes how the model is fine-tuned, not the model: alone it would spend a trial on the baseline

@@ -53,7 +53,7 @@ def _split_names(value: Any) -> Any:
 
 class EarlyExitConfig(TechniqueConfig):
     kind: Literal["early_exit"] = "early_exit"
-    after: Annotated[tuple[str, ...], BeforeValidator(_split_names)] = Field(
+    after: Annotated[tuple[str, ...], BeforeValidator(_split_names, json_schema_input_type=str | list[str])] = Field(
         (),
         description="cut points followed by an exit head, in forward order ('pool1+pool2' for two); "
         "empty: one exit at the middle cut point",
@@ -337,6 +337,7 @@ def build_exits(model: nn.Module, config: EarlyExitConfig) -> EarlyExitNet:
 
 
 class EarlyExit(Technique):
+    summary = 'early exits: classifier heads at cut points, a sample leaving at the first confident one (saves time, not bytes)'
     config_type: ClassVar[type[TechniqueConfig]] = EarlyExitConfig
     stage: ClassVar[Stage] = Stage.DYNAMIC
     default_space: ClassVar[dict[str, Any]] = {"threshold": {"low": 0.5, "high": 0.99}}

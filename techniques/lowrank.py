@@ -154,6 +154,7 @@ def factor_layers(model: nn.Module, config: LowRankConfig, initialise: Initialis
 
 
 class LowRank(Technique):
+    summary = "low-rank factorization: a layer's weight becomes the product of two thin ones (truncated SVD), smaller and a little faster"
     config_type: ClassVar[type[TechniqueConfig]] = LowRankConfig
     stage: ClassVar[Stage] = Stage.ARCHITECTURE
     default_space: ClassVar[dict[str, Any]] = {

@@ -408,6 +408,7 @@ def check_heads(model: nn.Module, config: PruningConfig, splits: dict[str, HeadS
 
 
 class Pruning(Technique):
+    summary = "pruning: weights (unstructured, stored sparse: smaller) or whole channels and heads (structured, Torch-Pruning's dependency graph: smaller and faster)"
     config_type: ClassVar[type[TechniqueConfig]] = PruningConfig
     stage: ClassVar[Stage] = Stage.PRUNING
     default_space: ClassVar[dict[str, Any]] = {

@@ -89,6 +89,7 @@ def fake_quantize(weight: torch.Tensor, bits: int, sparse: bool = False) -> torc
 
 
 class Quantization(Technique):
+    summary = 'quantization of the weights to 16, 8, 4, 2 or 1 bits (binary with a straight-through estimator), optionally static int8 activations'
     config_type: ClassVar[type[TechniqueConfig]] = QuantizationConfig
     stage: ClassVar[Stage] = Stage.QUANTIZATION
     default_space: ClassVar[dict[str, Any]] = {"allocation": ["uniform", "sensitivity"], "bits": [16, 8, 4, 2, 1], "average_bits": {"low": 1.0, "high": 6.0}}

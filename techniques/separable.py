@@ -101,6 +101,7 @@ def separate_convs(model: nn.Module, config: SeparableConfig, initialise: Initia
 
 
 class Separable(Technique):
+    summary = 'depthwise-separable substitution: a k x k convolution becomes a depthwise and a pointwise one (fewer multiply-adds, faster)'
     config_type: ClassVar[type[TechniqueConfig]] = SeparableConfig
     stage: ClassVar[Stage] = Stage.ARCHITECTURE
     default_space: ClassVar[dict[str, Any]] = {"which": ["all", "all_but_first", "last"]}

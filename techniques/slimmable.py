@@ -451,6 +451,7 @@ def check_widths(net: SlimmableNet, example_inputs: Inputs) -> None:
 
 
 class Slimmable(Technique):
+    summary = 'dynamic width: one network trained to run at several channel widths (sandwich rule, in-place distillation), the width chosen when it runs'
     config_type: ClassVar[type[TechniqueConfig]] = SlimmableConfig
     stage: ClassVar[Stage] = Stage.DYNAMIC
     default_space: ClassVar[dict[str, Any]] = {

@@ -1,4 +1,4 @@
-"""cluster.yaml is a cluster file Ray's launcher accepts, laid out as the README describes.
+"""cluster.yaml is a cluster file Ray's launcher accepts, laid out as docs/cluster.md describes.
 
 ``ray up`` prepares a cluster file (merges the provider's defaults, fills in
 per-type worker counts) and validates it against Ray's JSON schema before it
@@ -104,9 +104,9 @@ def test_the_checkout_is_mounted_and_its_ignored_files_are_left_behind(prepared)
     assert ".gitignore" in prepared["rsync_filter"]
 
 
-def test_the_readme_gives_the_same_cuda_torch_install():
+def test_the_docs_give_the_same_cuda_torch_install():
     [command] = [c for c in raw_config()["worker_setup_commands"] if "download.pytorch.org/whl/cu" in c]
-    assert command.removeprefix("pip install ").strip() in (ROOT / "README.md").read_text()
+    assert command.removeprefix("pip install ").strip() in (ROOT / "docs" / "cluster.md").read_text()
 
 
 def test_no_server_it_starts_or_documents_listens_on_every_interface():

@@ -1,6 +1,6 @@
 """Users' transformers through the whole path, as a user runs it: validate, baseline, every applicable technique,
 the artifact, the ONNX export and its accuracy check. One model per style: PyTorch's own layers, and attention
-written by hand as timm writes it. The built-in ViT's 24-trial search is ``slow`` (its figures are in the README)."""
+written by hand as timm writes it. The built-in ViT's 24-trial search is ``slow`` (its figures are in docs/techniques/transformers.md)."""
 
 from __future__ import annotations
 
