@@ -374,6 +374,19 @@ def report(searches: list[Search]) -> None:
             f"{spread([x['size1'] for x in f], '{:.1f}'):>15} {spread([x['speed1'] for x in f], '{:.2f}'):>14} "
             f"{spread([x['hopeless'] for x in f], '{:.2f}'):>15} {spread([x['trials'] for x in f], '{:.1f}'):>11} {spread([x['measure'] for x in f], '{:.2f}'):>15}"
         )
+    print("\nThe same, as a markdown table (the docs' form):\n")
+    print("| model | config | time to 90% (s) | useful HV | x smaller within 0.5 pt (test) | x faster within 0.5 pt | x smaller within 1 pt | x faster within 1 pt | hopeless time | trials | measure share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (model, config), group in groups.items():
+        f = [s.figures for s in group]
+        unreached = sum(not x["time90_reached"] for x in f)
+        t90 = spread([x["time90"] for x in f], "{:.0f}") + (f" ({unreached} of {len(f)} >)" if unreached else "")
+        twin = f" (= {group[0].same_as})" if group[0].same_as else ""
+        print(
+            f"| {model} | {config}{twin} | {t90} | {spread([x['hv'] for x in f], '{:.3f}')} | {spread([x['size05'] for x in f], '{:.1f}')} | "
+            f"{spread([x['speed05'] for x in f], '{:.2f}')} | {spread([x['size1'] for x in f], '{:.1f}')} | {spread([x['speed1'] for x in f], '{:.2f}')} | "
+            f"{statistics.fmean(x['hopeless'] for x in f):.0%} | {statistics.fmean(x['trials'] for x in f):.1f} | {statistics.fmean(x['measure'] for x in f):.0%} |"
+        )
     print("\nTargets (means over seeds):")
     for model in dict.fromkeys(s.model for s in searches):
         get = lambda config, key: [s.figures[key] for s in searches if s.model == model and s.config == config]  # noqa: E731

@@ -209,6 +209,42 @@ def kept_channels(channels: int, widths: tuple[float, ...], round_to: int) -> li
     return [min(channels, max(1, count)) for count in kept]
 
 
+def blocks(group: ChannelGroup) -> list[list[int]]:
+    """The group's channels (its root's positions) split where a layer holds only some of them: the two halves of a
+    concatenation feeding one residual stage are one group of Torch-Pruning's, but a channel of the left branch can
+    never move to the right one's place. Channels are reordered within a block, and a width keeps a share of each."""
+    signature: dict[int, list[int]] = {root: [] for root in range(group.channels)}
+    for number, item in enumerate(group.items):
+        covered = set(item.roots)
+        if len(covered) < group.channels:
+            for root in covered:
+                signature[root].append(number)
+    found: dict[tuple[int, ...], list[int]] = {}
+    for root in range(group.channels):
+        found.setdefault(tuple(signature[root]), []).append(root)
+    return sorted(found.values())
+
+
+def kept_roots(group: ChannelGroup, count: int) -> set[int]:
+    """The channels (root positions) a width of ``count`` channels keeps: the first ``count`` of a group of one block,
+    else each block's first share of ``count``, at least one channel of each (nested from width to width)."""
+    parts = blocks(group)
+    if len(parts) == 1:
+        return set(range(count))
+    return {root for part in parts for root in part[: max(1, round(count * len(part) / group.channels))]}
+
+
+def block_order(group: ChannelGroup, scores: torch.Tensor) -> list[int]:
+    """The order of the group's channels, most important first within each block, each block keeping its places:
+    ``order[position]`` is the channel that moves to ``position``."""
+    order = list(range(group.channels))
+    for part in blocks(group):
+        ranked = sorted(part, key=lambda root: (-float(scores[root]), root))
+        for position, root in zip(part, ranked):
+            order[position] = root
+    return order
+
+
 def channel_masks(groups: list[ChannelGroup], kept: dict[str, list[int]], index: int, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Per module whose outputs a group holds: 1 for the output channels width ``index`` keeps, 0 for the others;
     only modules that lose a channel at that width."""
@@ -217,6 +253,7 @@ def channel_masks(groups: list[ChannelGroup], kept: dict[str, list[int]], index:
         count = kept[group.root][index]
         if count >= group.channels:
             continue
+        keep = kept_roots(group, count)
         for item in group.items:
             if item.side != "out":
                 continue
@@ -224,7 +261,7 @@ def channel_masks(groups: list[ChannelGroup], kept: dict[str, list[int]], index:
             size = channel_count(module)
             mask = masks.get(item.module, torch.ones(size))
             for idx, root in zip(item.idxs, item.roots):
-                if root >= count:
+                if root not in keep:
                     mask[idx] = 0.0
             masks[item.module] = mask
     return masks
@@ -421,8 +458,10 @@ def sliced(net: SlimmableNet, index: int, example_inputs: Inputs) -> nn.Module:
         count = net.kept[group.root][index]
         if count < group.channels:
             root = modules[group.root]
+            keep = kept_roots(group, count)
+            removed = [channel for channel in range(group.channels) if channel not in keep]
             with torch.no_grad():
-                graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=list(range(count, group.channels))).prune()
+                graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=removed).prune()
     return model
 
 
@@ -489,7 +528,7 @@ class Slimmable(Technique):
         for group in groups:
             root = modules[group.root]
             scores = importance(graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=list(range(group.channels))))
-            reorder(model, group, torch.argsort(scores, descending=True, stable=True).tolist())
+            reorder(model, group, block_order(group, scores))
         with torch.no_grad():
             gap = float((logits_of(call(model, ctx.example_inputs)) - before).abs().max())
         model.train(was_training)

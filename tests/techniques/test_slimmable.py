@@ -14,6 +14,8 @@ from netshrink.tasks.models import lenet5
 from tests.families import mobilenet_v2, resnet18
 from tests.models import Concat, CustomLayer, ResidualBN
 
+from benchmarks.quality_models import ResidualCNN  # a concatenation feeding a residual stage: one group, two blocks
+
 SLIM = Slimmable()
 
 
@@ -27,6 +29,7 @@ MODELS = {
     "lenet5": (lambda: lenet5(image_size=16), (8, 1, 16, 16)),
     "residual_bn": (ResidualBN, (8, 1, 8, 8)),
     "concat": (Concat, (8, 1, 8, 8)),
+    "concat_into_residual": (ResidualCNN, (8, 1, 8, 8)),
     "resnet18": (lambda: resnet18(width=16), (4, 3, 32, 32)),
     "mobilenet_v2": (lambda: mobilenet_v2(width_mult=0.5), (4, 3, 32, 32)),
 }
