@@ -102,7 +102,7 @@ def mlflow_screenshot(workdir: Path) -> None:
         with tempfile.TemporaryDirectory() as profile:
             subprocess.run(
                 [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-                 "--window-size=1600,800", "--virtual-time-budget=20000", f"--screenshot={IMAGES / 'mlflow-ui.png'}", url],
+                 "--window-size=2400,700", "--virtual-time-budget=20000", f"--screenshot={IMAGES / 'mlflow-ui.png'}", url],
                 check=True, capture_output=True, timeout=180,
             )
         print(f"Wrote {IMAGES / 'mlflow-ui.png'} (from {url})")
