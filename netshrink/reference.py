@@ -115,7 +115,7 @@ class _Reader:
                 out += [" ".join(doc.split()), ""]
             lines, nested = self.rows(section, path)
             out += lines + [""]
-            queue += nested
+            queue[:0] = nested  # a section's own sections follow it (task, task.train, finetune, ...)
         return "\n".join(out)
 
 
