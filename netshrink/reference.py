@@ -74,13 +74,6 @@ class _Reader:
         bounds = [f"{sign} {node[key]:g}" for key, sign in BOUNDS if key in node]
         return f"{text} ({', '.join(bounds)})" if bounds else text
 
-    def bounds_of(self, node: dict[str, Any]) -> dict[str, Any]:
-        for form in [node, *node.get("anyOf", [])]:
-            found = {key: form[key] for key, _ in BOUNDS if key in form}
-            if found:
-                return found
-        return {}
-
     def rows(self, section: dict[str, Any], path: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
         required = set(section.get("required", []))
         lines = ["| key | type | default | description |", "|---|---|---|---|"]
@@ -130,11 +123,7 @@ def experiment_reference_markdown() -> str:
         "A **knob** (a key under `space.<technique>`) is a single value (fixed), a list (the sampler picks one) or, "
         "for a number, a range `{low, high, log, step}`; see [The experiment file](../experiment-file.md)."
     )
-    return experiment_schema_page(json_schema(), "Experiment file reference", intro)
-
-
-def experiment_schema_page(schema: dict[str, Any], title: str, intro: str) -> str:
-    return _Reader(schema).page(title, intro)
+    return _Reader(json_schema()).page("Experiment file reference", intro)
 
 
 def cli_reference_markdown() -> str:
