@@ -119,7 +119,10 @@ def schema(
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as error:
+            raise UserError(f"--output {output}: cannot write it ({error.strerror or error}); name a file in a folder that exists") from None
         console.print(f"Schema written to {output}", markup=False, highlight=False)
 
 

@@ -96,6 +96,12 @@ def test_netshrink_schema_prints_the_schema(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text()) == json_schema()
 
 
+def test_netshrink_schema_into_a_folder_that_does_not_exist_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "netshrink.cli", "schema", "-o", str(tmp_path / "missing" / "s.json")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--output" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_the_reference_pages_cover_every_key_and_command():
     from netshrink.reference import cli_reference_markdown, experiment_reference_markdown
 
